@@ -1,0 +1,105 @@
+"""The `aloe` command: a Typer root that imports a command's module only when it runs.
+
+`aloe --help` must stay fast and must not import torch or transformers, so the
+root knows each command by name and module path; heavy imports live inside
+the command functions.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from aloe_cli import __version__
+from aloe_cli.errors import AloeError
+
+# name -> (module under aloe_cli.commands, one-line help shown by `aloe --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "dedup": ("dedup", "Remove training records whose images leak from evaluation sets (perceptual hash)."),
+    "sample-data": ("sample_data", "Write the bundled demo data set (train JSONL + evaluation TSV with leaks)."),
+}
+
+
+class LazyGroup(TyperGroup):
+    """Resolve subcommands on demand so unrelated modules are never imported."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module = importlib.import_module(f"aloe_cli.commands.{COMMANDS[name][0]}")
+        command = typer.main.get_command(module.app)
+        command.name = name
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Listing commands from the table avoids importing every command module for --help.
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, short) for name, (_, short) in COMMANDS.items()])
+
+
+app = typer.Typer(
+    cls=LazyGroup,
+    name="aloe",
+    help="Build medical vision-language models: curate leak-free, filtered, token-balanced data; train; evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"aloe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Build medical vision-language models: curate leak-free, filtered, token-balanced data; train; evaluate."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors, exit 1 for bad input, 2 for bad usage."""
+    try:
+        code = app(args=argv, prog_name="aloe", standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except click.exceptions.Exit as done:  # --help, --version, typer.Exit
+        sys.exit(done.exit_code)
+    except click.ClickException as usage:
+        usage.show()
+        sys.exit(usage.exit_code)
+    except click.exceptions.Abort:
+        print("aloe: aborted", file=sys.stderr)
+        sys.exit(130)
+    except AloeError as error:
+        print(f"aloe: error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except BrokenPipeError:
+        _quiet_closed_pipe()
+    except KeyboardInterrupt:
+        print("aloe: interrupted", file=sys.stderr)
+        sys.exit(130)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _quiet_closed_pipe()
+
+
+def _quiet_closed_pipe() -> None:
+    """`aloe ... | head`: the reader left, which is not an error. Point stdout at
+    devnull so the interpreter's final flush does not raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(0)

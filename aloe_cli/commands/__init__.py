@@ -1,0 +1,1 @@
+"""One module per subcommand. Each is thin: options -> core call -> summary."""

@@ -1,0 +1,84 @@
+"""Everything that talks to people goes to stderr, through here.
+
+stdout is reserved for records. When stderr is a terminal we use rich
+(progress bars, tables); otherwise plain lines, so SLURM logs stay readable.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+from rich.console import Console
+
+_console: Console | None = None
+
+
+def console() -> Console:
+    global _console
+    if _console is None:
+        _console = Console(stderr=True, highlight=False, soft_wrap=True)
+    return _console
+
+
+def interactive() -> bool:
+    return sys.stderr.isatty()
+
+
+def log(message: str) -> None:
+    if interactive():
+        console().print(message)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    log(f"aloe: warning: {message}")
+
+
+class _NullProgress:
+    def advance(self, n: int = 1) -> None:
+        pass
+
+
+class _RichProgress:
+    def __init__(self, progress, task):
+        self._progress = progress
+        self._task = task
+
+    def advance(self, n: int = 1) -> None:
+        self._progress.advance(self._task, n)
+
+
+@contextmanager
+def progress(description: str, total: int | None = None) -> Iterator[_NullProgress | _RichProgress]:
+    """A progress bar on a terminal, nothing otherwise."""
+    if not interactive():
+        yield _NullProgress()
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console(), transient=True) as bar:
+        yield _RichProgress(bar, bar.add_task(description, total=total))
+
+
+def print_table(title: str, headers: list[str], rows: list[list[object]]) -> None:
+    """A table on a terminal, aligned plain text otherwise."""
+    if interactive():
+        from rich.table import Table
+
+        table = Table(title=title)
+        for header in headers:
+            table.add_column(header, justify="left" if header == headers[0] else "right")
+        for row in rows:
+            table.add_row(*(str(cell) for cell in row))
+        console().print(table)
+        return
+    cells = [headers] + [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = [title]
+    for row in cells:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    print("\n".join(lines), file=sys.stderr, flush=True)

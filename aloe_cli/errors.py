@@ -1,0 +1,44 @@
+"""The one error type for user mistakes, and its per-record flavour.
+
+Anything raised as `AloeError` is printed as a single line on stderr and exits
+with status 1; no traceback is shown. `RecordError` additionally knows which
+file, line and field went wrong and carries a short machine-readable `reason`
+that becomes the reject reason under `--on-error skip`.
+"""
+
+from __future__ import annotations
+
+
+class AloeError(Exception):
+    """A mistake in the user's input, options or environment."""
+
+
+class RecordError(AloeError):
+    """One record cannot be processed.
+
+    `reason` is a stable snake_case code used for counters and rejects
+    (e.g. `invalid_json`, `missing_field`, `image_missing`); the message is for
+    people. `where` is "file:line" (or "file row N") when known.
+    """
+
+    def __init__(self, reason: str, message: str, *, where: str | None = None, field: str | None = None):
+        self.reason = reason
+        self.message = message
+        self.where = where
+        self.field = field
+        super().__init__(self.format())
+
+    def format(self) -> str:
+        parts = []
+        if self.where:
+            parts.append(self.where)
+        if self.field:
+            parts.append(f"field '{self.field}'")
+        parts.append(self.message)
+        return ": ".join(parts)
+
+    def located(self, where: str) -> "RecordError":
+        """Return a copy that names `where` (used when the raiser did not know it)."""
+        if self.where:
+            return self
+        return RecordError(self.reason, self.message, where=where, field=self.field)

@@ -1,0 +1,55 @@
+"""Option types shared by every command (typer `Annotated` aliases).
+
+Commands declare e.g. `input: InputOpt = None` so the same flag has the same
+name, short form and help text everywhere.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+class OnError(str, Enum):
+    fail = "fail"
+    skip = "skip"
+
+
+InputOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("-i", "--input", help="Input file(s) or globs (JSONL[.gz], parquet, dataset folder, VLMEvalKit TSV). "
+                 "Repeatable. Default: stdin."),
+]
+OutputOpt = Annotated[
+    str, typer.Option("-o", "--output", help="Output file (.jsonl, .jsonl.gz, .parquet). Default: stdout.")
+]
+RejectsOpt = Annotated[
+    Optional[Path], typer.Option("--rejects", help="Write dropped records here, each with aloe.reject = {stage, reason}.")
+]
+ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Write the closing summary as JSON.")]
+ShardOpt = Annotated[
+    Optional[str],
+    typer.Option("--shard", help="Process shard K/N (0-based) of the input. Default: from SLURM_ARRAY_TASK_ID/"
+                 "SLURM_ARRAY_TASK_COUNT, else 0/1."),
+]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="Worker processes for CPU-bound work.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Records per batch.")]
+OnErrorOpt = Annotated[
+    OnError, typer.Option("--on-error", help="fail: stop at the first bad record (exit 1). skip: send it to --rejects.")
+]
+KeepAllOpt = Annotated[
+    bool, typer.Option("--keep-all", help="Annotate and flag records but drop none (thresholds can be applied later).")
+]
+ImageRootOpt = Annotated[
+    Optional[Path],
+    typer.Option("--image-root", help="Folder that relative image paths resolve against. Default: the input file's folder "
+                 "(the working directory for stdin)."),
+]
+
+
+def command_app() -> typer.Typer:
+    """The Typer app a command module registers its one command on."""
+    return typer.Typer(add_completion=False, rich_markup_mode="rich", pretty_exceptions_enable=False)

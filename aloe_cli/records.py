@@ -1,0 +1,197 @@
+"""The record schema (TRL's conversational vision format plus provenance).
+
+A record is a plain dict so that fields we do not know about pass through
+untouched. This module validates records and converts the other shapes users
+bring (LLaVA/ShareGPT, question/answer columns) into the schema. The
+VLMEvalKit TSV conversion lives in `io.py` next to its reader because it needs
+the whole file (rows refer to each other's images).
+
+    {"id": ..., "source": ..., "domain": "medical" | "general",
+     "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ...}]}, ...],
+     "images": [path | data URI | {"bytes": ..., "path": ...}],
+     "aloe": {<stage>: {...}}}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aloe_cli.errors import RecordError
+
+Record = dict[str, Any]
+
+ROLES = ("system", "user", "assistant")
+DOMAINS = ("medical", "general")
+IMAGE_MARKER = "<image>"
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system", "bot": "assistant", "model": "assistant"}
+_IMAGE_COLUMNS = ("images", "image", "image_path")
+
+
+def modality(record: Record) -> str:
+    """'multimodal' iff the record has at least one image."""
+    return "multimodal" if record.get("images") else "text"
+
+
+def annotate(record: Record, stage: str, values: dict[str, Any]) -> None:
+    """Write a stage's annotations under `aloe.<stage>`, leaving everything else alone."""
+    record.setdefault("aloe", {})[stage] = values
+
+
+def image_placeholder_count(messages: list[dict]) -> int:
+    count = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            count += sum(1 for part in content if isinstance(part, dict) and part.get("type") == "image")
+    return count
+
+
+def validate(record: Any) -> Record:
+    """Check the schema; raise RecordError naming the first bad field."""
+    if not isinstance(record, dict):
+        raise RecordError("invalid_record", f"expected a JSON object, got {type(record).__name__}")
+    messages = record.get("messages")
+    if messages is None:
+        raise RecordError("missing_field", "missing (every record needs 'messages')", field="messages")
+    if not isinstance(messages, list) or not messages:
+        raise RecordError("invalid_field", "must be a non-empty list of messages", field="messages")
+    placeholders = 0
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise RecordError("invalid_field", "must be an object", field=f"messages[{i}]")
+        if message.get("role") not in ROLES:
+            raise RecordError("invalid_field", f"role must be one of {', '.join(ROLES)}, got {message.get('role')!r}",
+                              field=f"messages[{i}].role")
+        content = message.get("content")
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise RecordError("invalid_field", "must be a string or a list of parts", field=f"messages[{i}].content")
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "image":
+                placeholders += 1
+            elif kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise RecordError("invalid_field", "must be a string", field=f"messages[{i}].content[{j}].text")
+            else:
+                raise RecordError("invalid_field", f"part type must be 'text' or 'image', got {kind!r}",
+                                  field=f"messages[{i}].content[{j}].type")
+    images = record.get("images")
+    if images is None:
+        images = []
+    if not isinstance(images, list):
+        raise RecordError("invalid_field", "must be a list", field="images")
+    if placeholders != len(images):
+        raise RecordError(
+            "image_count_mismatch",
+            f"{placeholders} image placeholder(s) in messages but {len(images)} entr{'y' if len(images) == 1 else 'ies'} in images",
+            field="images",
+        )
+    domain = record.get("domain")
+    if domain is not None and domain not in DOMAINS:
+        raise RecordError("invalid_field", f"must be one of {', '.join(DOMAINS)}, got {domain!r}", field="domain")
+    return record
+
+
+def normalize(raw: Any, default_source: str | None = None) -> Record:
+    """Bring a record of any supported shape into the schema, then validate it.
+
+    Records already in the schema (they have `messages`) are returned as they
+    are; only other shapes are rebuilt.
+    """
+    if not isinstance(raw, dict):
+        raise RecordError("invalid_record", f"expected a JSON object, got {type(raw).__name__}")
+    if "messages" in raw:
+        return validate(raw)
+    if "conversations" in raw:
+        record = from_sharegpt(raw)
+    elif "question" in raw:
+        record = from_question_answer(raw)
+    else:
+        raise RecordError("missing_field", "missing (need 'messages', 'conversations' or 'question')",
+                          field="messages")
+    if default_source and not record.get("source"):
+        record["source"] = default_source
+    return validate(record)
+
+
+def _image_list(raw: Record) -> list:
+    for column in _IMAGE_COLUMNS:
+        value = raw.get(column)
+        if value is None or value == "" or value == []:
+            continue
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+    return []
+
+
+def _passthrough(raw: Record, consumed: tuple[str, ...]) -> Record:
+    return {key: value for key, value in raw.items() if key not in consumed}
+
+
+def _split_image_markers(text: str) -> list[dict]:
+    pieces = text.split(IMAGE_MARKER)
+    if len(pieces) == 1:
+        return [{"type": "text", "text": text}] if text else []
+    parts: list[dict] = []
+    for i, piece in enumerate(pieces):
+        if i > 0:
+            parts.append({"type": "image"})
+        piece = piece.strip("\n")  # the newline that separates a marker from its text
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def from_sharegpt(raw: Record) -> Record:
+    """LLaVA / ShareGPT: `conversations: [{from, value}]` with `<image>` markers."""
+    turns = raw.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise RecordError("invalid_field", "must be a non-empty list", field="conversations")
+    images = _image_list(raw)
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RecordError("invalid_field", "must be an object", field=f"conversations[{i}]")
+        role = _SHAREGPT_ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
+        if role is None:
+            raise RecordError("invalid_field", f"unknown speaker {turn.get('from')!r}", field=f"conversations[{i}].from")
+        value = turn.get("value", turn.get("content"))
+        if not isinstance(value, str):
+            raise RecordError("invalid_field", "must be a string", field=f"conversations[{i}].value")
+        messages.append({"role": role, "content": _split_image_markers(value) or [{"type": "text", "text": ""}]})
+    # LLaVA convention: images without markers belong at the start of the first user turn.
+    if images and image_placeholder_count(messages) == 0:
+        first_user = next((m for m in messages if m["role"] == "user"), messages[0])
+        first_user["content"] = [{"type": "image"} for _ in images] + first_user["content"]
+    record = _passthrough(raw, ("conversations",) + _IMAGE_COLUMNS)
+    record["messages"] = messages
+    record["images"] = images
+    return record
+
+
+def from_question_answer(raw: Record) -> Record:
+    """Plain `question` / `answer` columns with optional image column(s)."""
+    question = raw.get("question")
+    if not isinstance(question, str):
+        raise RecordError("invalid_field", "must be a string", field="question")
+    images = _image_list(raw)
+    content = _split_image_markers(question) if IMAGE_MARKER in question else (
+        [{"type": "image"} for _ in images] + [{"type": "text", "text": question}])
+    messages = [{"role": "user", "content": content}]
+    answer = raw.get("answer")
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": str(answer)}]})
+    record = _passthrough(raw, ("question", "answer") + _IMAGE_COLUMNS)
+    record["messages"] = messages
+    record["images"] = images
+    return record
+
+
+def text_of(message: dict) -> str:
+    """All text of one message, parts joined (image placeholders dropped)."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if part.get("type") == "text")

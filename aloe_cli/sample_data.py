@@ -1,0 +1,123 @@
+"""The bundled demo data: a small training set and a VLMEvalKit-style benchmark with planted leaks.
+
+Images are synthesised (scan-like blobs and shapes) so the demo needs no
+download. Some benchmark rows reuse training images byte-for-byte (exact
+leaks) and one reuses a training image re-encoded at another JPEG quality
+(a near-duplicate that `--max-distance` catches).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# (source, domain, multimodal, count)
+SOURCES = [
+    ("rad-vqa", "medical", True, 16),
+    ("path-vqa", "medical", True, 10),
+    ("med-text", "medical", False, 10),
+    ("general-vqa", "general", True, 8),
+    ("general-text", "general", False, 8),
+]
+ORGANS = ["liver", "left lung", "right kidney", "spleen", "heart", "brain", "pancreas", "bladder"]
+FINDINGS = ["a hypodense lesion", "no abnormality", "a small nodule", "mild effusion", "a calcification",
+            "an enlarged contour", "a fluid collection", "normal appearance"]
+GENERAL_OBJECTS = ["a red circle", "two blue squares", "a green triangle", "a yellow stripe"]
+EXACT_LEAKS = 4
+
+
+@dataclass
+class SampleData:
+    train: Path
+    eval_tsv: Path
+    leaked_ids: list[str]
+    near_duplicate_id: str
+
+
+def synthetic_scan(rng: np.random.Generator, size: int = 256, color: bool = False) -> Image.Image:
+    """A smooth random image with structure at the scales a perceptual hash looks at."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    field = np.zeros((size, size))
+    for _ in range(6):
+        cy, cx = rng.uniform(0.1, 0.9, 2)
+        sy, sx = rng.uniform(0.05, 0.3, 2)
+        field += rng.uniform(-1, 1) * np.exp(-(((yy - cy) / sy) ** 2 + ((xx - cx) / sx) ** 2))
+    field = (field - field.min()) / (np.ptp(field) + 1e-9)
+    gray = (field * 200 + rng.normal(0, 6, field.shape)).clip(0, 255).astype(np.uint8)
+    image = Image.fromarray(gray, "L").convert("RGB" if color else "L")
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        x0, y0 = rng.integers(0, size - 60, 2)
+        w, h = rng.integers(15, 60, 2)
+        fill = tuple(int(v) for v in rng.integers(0, 255, 3)) if color else int(rng.integers(0, 255))
+        draw.ellipse([int(x0), int(y0), int(x0 + w), int(y0 + h)], fill=fill)
+    return image
+
+
+def _jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _record(rng: np.random.Generator, source: str, domain: str, number: int, image: str | None) -> dict:
+    if domain == "medical":
+        organ, finding = ORGANS[rng.integers(len(ORGANS))], FINDINGS[rng.integers(len(FINDINGS))]
+        question = f"What does the image show in the {organ}?" if image else f"What is the usual cause of {finding} in the {organ}?"
+        answer = (f"The {organ} shows {finding}." if image else
+                  f"{finding.capitalize()} in the {organ} has several causes; imaging and history narrow them down.")
+    else:
+        thing = GENERAL_OBJECTS[rng.integers(len(GENERAL_OBJECTS))]
+        question = "What shapes are in the picture?" if image else f"Describe {thing} in one sentence."
+        answer = f"There is {thing}." if image else f"It is {thing}, a simple geometric figure."
+    user = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+    return {"id": f"{source}-{number:04d}", "source": source, "domain": domain,
+            "messages": [{"role": "user", "content": user},
+                         {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+            "images": [image] if image else []}
+
+
+def write_sample_data(out_dir: str | Path, seed: int = 0) -> SampleData:
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    records, train_images = [], []
+    for source, domain, multimodal, count in SOURCES:
+        for number in range(count):
+            image_rel = None
+            if multimodal:
+                image = synthetic_scan(rng, color=domain == "general")
+                image_rel = f"images/{source}-{number:04d}.jpg"
+                data = _jpeg_bytes(image)
+                (out / image_rel).write_bytes(data)
+                train_images.append((f"{source}-{number:04d}", image, data))
+            records.append(_record(rng, source, domain, number, image_rel))
+    train = out / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    # Benchmark: unrelated images, exact copies of some training images, one re-encoded copy,
+    # and a row that refers to another row's image by index (as VLMEvalKit files do).
+    leaked = [train_images[i] for i in rng.choice(len(train_images), EXACT_LEAKS + 1, replace=False)]
+    rows = []
+    for index in range(8):
+        rows.append((index, _jpeg_bytes(synthetic_scan(rng)), None))
+    for offset, (train_id, _, data) in enumerate(leaked[:EXACT_LEAKS]):
+        rows.append((100 + offset, data, train_id))
+    near_id, near_image, _ = leaked[EXACT_LEAKS]
+    rows.append((200, _jpeg_bytes(near_image, quality=60), near_id))
+    eval_tsv = out / "eval.tsv"
+    with eval_tsv.open("w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+        writer.writerow(["index", "image", "question", "A", "B", "answer", "category"])
+        for index, data, _ in rows:
+            writer.writerow([index, base64.b64encode(data).decode(), "Is there an abnormality?", "yes", "no", "A",
+                             "abnormality"])
+        writer.writerow([300, "0", "Which side is affected?", "left", "right", "B", "laterality"])
+    return SampleData(train, eval_tsv, [r[0] for r in leaked[:EXACT_LEAKS]], near_id)
