@@ -438,11 +438,18 @@ def _jsonl_to_parquet(jsonl_path: str, parquet_path: str, chunk: int = 2048) -> 
             if batch:
                 yield batch
 
-    schemas = [pa.Table.from_pylist(batch).schema for batch in chunks()]
+    def table(batch: list[dict], schema: "pa.Schema | None" = None) -> "pa.Table":
+        # from_pylist alone takes its columns from the first row; every key of the chunk must count.
+        keys = list(dict.fromkeys(key for row in batch for key in row))
+        if schema is None:
+            return pa.table({key: pa.array([row.get(key) for row in batch]) for key in keys})
+        return pa.Table.from_pylist(batch, schema=schema)
+
+    schemas = [table(batch).schema for batch in chunks()]
     if not schemas:
         pq.write_table(pa.table({}), parquet_path)
         return
     schema = pa.unify_schemas(schemas, promote_options="permissive")
     with pq.ParquetWriter(parquet_path, schema) as writer:
         for batch in chunks():
-            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+            writer.write_table(table(batch, schema))

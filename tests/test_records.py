@@ -1,0 +1,74 @@
+import pytest
+
+from aloe_cli.errors import RecordError
+from aloe_cli.records import modality, normalize, validate
+from support import chat
+
+
+def test_trl_records_pass_through_untouched():
+    record = chat("Which organ?", "The liver.", ["a.png"], id="x1", source="slake", extra={"k": [1, 2]})
+    before = repr(record)
+    assert normalize(record) is record
+    assert repr(record) == before
+    assert modality(record) == "multimodal"
+    assert modality(chat("q", "a")) == "text"
+
+
+@pytest.mark.parametrize("record, reason, field", [
+    ({"images": []}, "missing_field", "messages"),
+    ({"messages": []}, "invalid_field", "messages"),
+    ({"messages": [{"role": "doctor", "content": "hi"}]}, "invalid_field", "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, "invalid_field", "messages[0].content[0].type"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]}, "invalid_field",
+     "messages[0].content[0].text"),
+    (chat("q", "a", ["a.png", "b.png"]) | {"images": ["a.png"]}, "image_count_mismatch", "images"),
+    (chat("q", "a") | {"images": ["a.png"]}, "image_count_mismatch", "images"),
+    (chat("q", "a") | {"domain": "veterinary"}, "invalid_field", "domain"),
+])
+def test_validation_names_reason_and_field(record, reason, field):
+    with pytest.raises(RecordError) as info:
+        validate(record)
+    assert info.value.reason == reason
+    assert info.value.field == field
+    assert field in str(info.value)
+
+
+def test_sharegpt_with_image_markers():
+    raw = {"id": "llava-1", "image": "coco/1.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is shown?"},
+        {"from": "gpt", "value": "A cat."},
+        {"from": "human", "value": "Color?"},
+        {"from": "gpt", "value": "Black."}]}
+    record = normalize(raw, default_source="llava")
+    assert record["images"] == ["coco/1.jpg"]
+    assert record["source"] == "llava" and record["id"] == "llava-1"
+    assert "conversations" not in record and "image" not in record
+    assert record["messages"][0] == {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}
+    assert [m["role"] for m in record["messages"]] == ["user", "assistant", "user", "assistant"]
+
+
+def test_sharegpt_without_markers_puts_images_first_and_keeps_marker_count_honest():
+    raw = {"images": ["a.png", "b.png"], "conversations": [{"from": "human", "value": "Compare."},
+                                                          {"from": "gpt", "value": "Same."}]}
+    record = normalize(raw)
+    assert [p["type"] for p in record["messages"][0]["content"]] == ["image", "image", "text"]
+    bad = {"images": ["a.png"], "conversations": [{"from": "human", "value": "<image><image> two?"},
+                                                   {"from": "gpt", "value": "no"}]}
+    with pytest.raises(RecordError) as info:
+        normalize(bad)
+    assert info.value.reason == "image_count_mismatch"
+
+
+def test_question_answer_columns():
+    record = normalize({"question": "Is there a fracture?", "answer": "No.", "image_path": "x.png", "id": 7})
+    assert record["images"] == ["x.png"]
+    assert record["messages"][1]["content"][0]["text"] == "No."
+    assert record["id"] == 7
+
+
+def test_unknown_shape_is_a_missing_messages_error():
+    with pytest.raises(RecordError) as info:
+        normalize({"text": "hello"})
+    assert info.value.field == "messages"
+    with pytest.raises(RecordError):
+        normalize(["not", "an", "object"])
