@@ -11,12 +11,11 @@ import importlib
 import os
 import sys
 
-import click
 import typer
 from typer.core import TyperGroup
 
 from aloe_cli import __version__
-from aloe_cli.errors import AloeError
+from aloe_cli.errors import AloeError, OutputClosed
 
 # name -> (module under aloe_cli.commands, one-line help shown by `aloe --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -28,10 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 class LazyGroup(TyperGroup):
     """Resolve subcommands on demand so unrelated modules are never imported."""
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    def list_commands(self, ctx: typer.Context) -> list[str]:
         return list(COMMANDS)
 
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+    def get_command(self, ctx: typer.Context, name: str) -> object:
         if name not in COMMANDS:
             return None
         module = importlib.import_module(f"aloe_cli.commands.{COMMANDS[name][0]}")
@@ -39,7 +38,7 @@ class LazyGroup(TyperGroup):
         command.name = name
         return command
 
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    def format_commands(self, ctx: typer.Context, formatter) -> None:
         # Listing commands from the table avoids importing every command module for --help.
         with formatter.section("Commands"):
             formatter.write_dl([(name, short) for name, (_, short) in COMMANDS.items()])
@@ -70,31 +69,20 @@ def root(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: one-line errors, exit 1 for bad input, 2 for bad usage."""
+    """Console entry point: one-line errors, exit 1 for bad input, 2 for bad usage (typer's own)."""
     try:
-        code = app(args=argv, prog_name="aloe", standalone_mode=False)
-        if isinstance(code, int) and code:
-            sys.exit(code)
-    except click.exceptions.Exit as done:  # --help, --version, typer.Exit
-        sys.exit(done.exit_code)
-    except click.ClickException as usage:
-        usage.show()
-        sys.exit(usage.exit_code)
-    except click.exceptions.Abort:
-        print("aloe: aborted", file=sys.stderr)
-        sys.exit(130)
+        try:
+            app(args=argv, prog_name="aloe")
+        finally:
+            sys.stdout.flush()  # surface a closed pipe here, not at interpreter shutdown
     except AloeError as error:
         print(f"aloe: error: {error}", file=sys.stderr)
         sys.exit(1)
-    except BrokenPipeError:
+    except (OutputClosed, BrokenPipeError):
         _quiet_closed_pipe()
     except KeyboardInterrupt:
         print("aloe: interrupted", file=sys.stderr)
         sys.exit(130)
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        _quiet_closed_pipe()
 
 
 def _quiet_closed_pipe() -> None:

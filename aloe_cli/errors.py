@@ -42,3 +42,7 @@ class RecordError(AloeError):
         if self.where:
             return self
         return RecordError(self.reason, self.message, where=where, field=self.field)
+
+
+class OutputClosed(Exception):
+    """stdout was closed by the reader (`aloe ... | head`): stop quietly, exit 0."""

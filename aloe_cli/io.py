@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TextIO
 
-from aloe_cli.errors import AloeError, RecordError
+from aloe_cli.errors import AloeError, OutputClosed, RecordError
 from aloe_cli.images import to_data_uri
 from aloe_cli.records import normalize
 
@@ -380,13 +380,19 @@ class RecordWriter:
         return self
 
     def write(self, record: dict) -> None:
-        self._stream.write(dumps(record) + "\n")
+        try:
+            self._stream.write(dumps(record) + "\n")
+        except BrokenPipeError:
+            raise OutputClosed() from None
         self.count += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.path == STDIO:
             if exc_type is None:
-                self._stream.flush()
+                try:
+                    self._stream.flush()
+                except BrokenPipeError:
+                    raise OutputClosed() from None
             return
         self._stream.close()
         if exc_type is not None:

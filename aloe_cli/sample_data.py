@@ -39,6 +39,7 @@ class SampleData:
     eval_tsv: Path
     leaked_ids: list[str]
     near_duplicate_id: str
+    repeated_id: str  # a later record repeats this record's image
 
 
 def synthetic_scan(rng: np.random.Generator, size: int = 256, color: bool = False) -> Image.Image:
@@ -65,6 +66,26 @@ def _jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def _near_duplicate(image: Image.Image) -> bytes:
+    """A slightly rotated or cropped, re-encoded copy whose pHash differs by 1-4 bits.
+
+    pHash shrugs off plain re-encoding (distance 0), so the edit grows until the
+    copy is a true near-duplicate: missed by exact matching, caught by a small
+    --max-distance.
+    """
+    import imagehash
+
+    original = imagehash.phash(image)
+    size = image.width
+    edits = [lambda im, a=a / 2: im.rotate(a) for a in range(1, 16)]
+    edits += [lambda im, m=m: im.crop((m, m, size - m, size - m)).resize(im.size) for m in range(1, size // 8)]
+    for edit in edits:
+        data = _jpeg_bytes(edit(image), quality=60)
+        if 1 <= imagehash.phash(Image.open(io.BytesIO(data))) - original <= 4:
+            return data
+    raise RuntimeError("no near-duplicate edit found")
 
 
 def _record(rng: np.random.Generator, source: str, domain: str, number: int, image: str | None) -> dict:
@@ -99,19 +120,24 @@ def write_sample_data(out_dir: str | Path, seed: int = 0) -> SampleData:
                 (out / image_rel).write_bytes(data)
                 train_images.append((f"{source}-{number:04d}", image, data))
             records.append(_record(rng, source, domain, number, image_rel))
+    # One training image repeated under another name: what `--within` removes.
+    repeat_id, _, repeat_data = train_images[0]
+    (out / "images" / "repeat-0000.jpg").write_bytes(repeat_data)
+    repeat = _record(rng, "rad-vqa", "medical", 9999, "images/repeat-0000.jpg")
+    records.append(repeat)
     train = out / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in records))
 
     # Benchmark: unrelated images, exact copies of some training images, one re-encoded copy,
     # and a row that refers to another row's image by index (as VLMEvalKit files do).
-    leaked = [train_images[i] for i in rng.choice(len(train_images), EXACT_LEAKS + 1, replace=False)]
+    leaked = [train_images[i] for i in 1 + rng.choice(len(train_images) - 1, EXACT_LEAKS + 1, replace=False)]
     rows = []
     for index in range(8):
         rows.append((index, _jpeg_bytes(synthetic_scan(rng)), None))
     for offset, (train_id, _, data) in enumerate(leaked[:EXACT_LEAKS]):
         rows.append((100 + offset, data, train_id))
     near_id, near_image, _ = leaked[EXACT_LEAKS]
-    rows.append((200, _jpeg_bytes(near_image, quality=60), near_id))
+    rows.append((200, _near_duplicate(near_image), near_id))
     eval_tsv = out / "eval.tsv"
     with eval_tsv.open("w", newline="") as handle:
         writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
@@ -120,4 +146,4 @@ def write_sample_data(out_dir: str | Path, seed: int = 0) -> SampleData:
             writer.writerow([index, base64.b64encode(data).decode(), "Is there an abnormality?", "yes", "no", "A",
                              "abnormality"])
         writer.writerow([300, "0", "Which side is affected?", "left", "right", "B", "laterality"])
-    return SampleData(train, eval_tsv, [r[0] for r in leaked[:EXACT_LEAKS]], near_id)
+    return SampleData(train, eval_tsv, [r[0] for r in leaked[:EXACT_LEAKS]], near_id, repeat_id)

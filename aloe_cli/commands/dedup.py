@@ -79,7 +79,8 @@ def dedup(
         if against:
             eval_index = build_eval_index(against, hasher, max_distance=max_distance, skip_errors=skip)
             for name, stats in eval_index.sets.items():
-                console.log(f"aloe dedup: {name}: {stats.images} evaluation image(s) hashed"
+                how = f"loaded from {stats.index_file}" if stats.index_file else "hashed"
+                console.log(f"aloe dedup: {name}: {stats.images} evaluation image(s) {how}"
                             + (f", {stats.unreadable} unreadable (not checked)" if stats.unreadable else ""))
         if save_index is not None:
             if eval_index is None:

@@ -1,0 +1,199 @@
+"""`aloe dedup` end to end, through the real CLI in subprocesses and real pipes."""
+
+import base64
+import json
+import subprocess
+import sys
+
+import pytest
+
+from aloe_cli.sample_data import write_sample_data
+from support import ROOT, aloe, chat, jpeg_bytes, read_jsonl, scan, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return write_sample_data(tmp_path_factory.mktemp("demo"))
+
+
+def ids(records):
+    return [r["id"] for r in records]
+
+
+def test_exact_leaks_are_removed_through_a_pipe(demo, tmp_path):
+    rejects, report = tmp_path / "rejects.jsonl", tmp_path / "report.json"
+    result = aloe("dedup", "--against", str(demo.eval_tsv), "--image-root", str(demo.train.parent),
+                  "--rejects", str(rejects), "--report", str(report), stdin=demo.train.read_text())
+    assert result.returncode == 0, result.stderr
+    kept, rejected = read_jsonl(result.stdout), read_jsonl(rejects)
+    train = read_jsonl(demo.train)
+    assert sorted(ids(rejected)) == sorted(demo.leaked_ids)
+    assert ids(kept) == [r["id"] for r in train if r["id"] not in demo.leaked_ids]  # order kept
+    for record in rejected:
+        assert record["aloe"]["reject"]["reason"] == "eval_leak"
+        assert str(demo.eval_tsv) in record["aloe"]["reject"]["detail"] and " row 10" in record["aloe"]["reject"]["detail"]
+    summary = json.loads(report.read_text())
+    assert summary["read"] == len(train) == summary["kept"] + summary["rejected"]
+    assert summary["eval_sets"][str(demo.eval_tsv)]["leaked_records"] == len(demo.leaked_ids)
+    assert result.stdout.count("\n") == len(kept)  # stdout carries records only
+    assert "leaked from" in result.stderr
+
+
+def test_phash_annotation_is_imagehash_phash(demo):
+    import imagehash
+    from PIL import Image
+
+    result = aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv))
+    for record in read_jsonl(result.stdout):
+        for image, value in zip(record["images"], record["aloe"]["dedup"]["phash"]):
+            assert value == str(imagehash.phash(Image.open(demo.train.parent / image)))
+
+
+def test_near_duplicates_and_within(demo, tmp_path):
+    exact = read_jsonl(aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv)).stdout)
+    assert demo.near_duplicate_id in ids(exact)  # re-encoded copy: not bit-equal
+    near = aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv), "--max-distance", "6", "--within",
+                "--rejects", str(tmp_path / "r.jsonl"))
+    assert near.returncode == 0, near.stderr
+    reasons = {r["id"]: r["aloe"]["reject"]["reason"] for r in read_jsonl(tmp_path / "r.jsonl")}
+    assert reasons[demo.near_duplicate_id] == "eval_leak"
+    assert reasons["rad-vqa-9999"] == "duplicate_within"  # repeats an earlier record's image
+    assert demo.repeated_id in ids(read_jsonl(near.stdout))  # the first occurrence stays
+
+
+def test_saved_index_gives_the_same_result(demo, tmp_path):
+    index = tmp_path / "eval.idx"
+    built = aloe("dedup", "--against", str(demo.eval_tsv), "--save-index", str(index))
+    assert built.returncode == 0 and built.stdout == "" and index.exists()
+    direct = aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv))
+    loaded = aloe("dedup", "-i", str(demo.train), "--against", str(index))
+    assert loaded.returncode == 0 and loaded.stdout == direct.stdout
+    mismatch = aloe("dedup", "-i", str(demo.train), "--against", str(index), "--hash", "dhash")
+    assert mismatch.returncode == 1 and "rebuild it or match the options" in mismatch.stderr
+
+
+def test_shards_from_flag_and_slurm_cover_the_input_once(demo):
+    seen = []
+    for k in range(3):
+        env = {"SLURM_ARRAY_TASK_ID": str(k), "SLURM_ARRAY_TASK_COUNT": "3"}
+        seen += ids(read_jsonl(aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv), env=env).stdout))
+    whole = ids(read_jsonl(aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv)).stdout))
+    assert sorted(seen) == sorted(whole)
+    flag = aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv), "--shard", "1/3")
+    assert ids(read_jsonl(flag.stdout)) == ids(read_jsonl(aloe(
+        "dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv),
+        env={"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3"}).stdout))
+
+
+def test_workers_and_fast_catch_the_leaks(demo):
+    result = aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv), "--workers", "2", "--fast")
+    assert result.returncode == 0, result.stderr
+    assert not set(demo.leaked_ids) & set(ids(read_jsonl(result.stdout)))
+
+
+def test_text_only_and_formats(tmp_path, demo):
+    text = write_jsonl(tmp_path / "t.jsonl", [chat(f"q{i}", "a", id=str(i)) for i in range(20)])
+    out = tmp_path / "o.parquet"
+    result = aloe("dedup", "-i", str(text), "--against", str(demo.eval_tsv), "-o", str(out))
+    assert result.returncode == 0 and out.exists()
+    back = aloe("dedup", "-i", str(out), "--against", str(demo.eval_tsv))
+    assert ids(read_jsonl(back.stdout)) == [str(i) for i in range(20)]
+
+
+def test_eval_jsonl_with_data_uris_and_keep_all(tmp_path):
+    leaked = jpeg_bytes(scan(11))
+    (tmp_path / "a.jpg").write_bytes(leaked)
+    (tmp_path / "b.jpg").write_bytes(jpeg_bytes(scan(12)))
+    train = write_jsonl(tmp_path / "train.jsonl", [chat("q", "a", ["a.jpg"], id="a"), chat("q", "b", ["b.jpg"], id="b")])
+    uri = "data:image/jpeg;base64," + base64.b64encode(leaked).decode()
+    bench = write_jsonl(tmp_path / "bench.jsonl", [chat("q", "x", [uri], id="bench-7")])
+    result = aloe("dedup", "-i", str(train), "--against", str(bench), "--keep-all")
+    kept = read_jsonl(result.stdout)
+    assert ids(kept) == ["a", "b"]
+    assert kept[0]["aloe"]["dedup"]["flag"]["reason"] == "eval_leak"
+    assert kept[0]["aloe"]["dedup"]["leaks"][0]["id"] == "bench-7"
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def one_line_error(result, *needles):
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("aloe: error:")]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    good = jpeg_bytes(scan(21))
+    (tmp_path / "good.jpg").write_bytes(good)
+    (tmp_path / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "notimage.png").write_text("hello")
+    return tmp_path
+
+
+@pytest.mark.parametrize("line, reason, field", [
+    ('{"messages": [', "invalid_json", None),
+    ('{"images": []}', "missing_field", "messages"),
+    (json.dumps(chat("q", "a", ["good.jpg", "good.jpg"]) | {"images": ["good.jpg"]}), "image_count_mismatch", "images"),
+    (json.dumps(chat("q", "a", ["missing.jpg"])), "image_missing", "images[0]"),
+    (json.dumps(chat("q", "a", ["truncated.jpg"])), "image_truncated", "images[0]"),
+    (json.dumps(chat("q", "a", ["empty.jpg"])), "image_corrupt", "images[0]"),
+    (json.dumps(chat("q", "a", ["notimage.png"])), "image_corrupt", "images[0]"),
+])
+def test_bad_records_fail_with_one_line_or_go_to_rejects(bad_inputs, demo, line, reason, field):
+    good = json.dumps(chat("fine", "ok", ["good.jpg"], id="good"))
+    data = bad_inputs / "train.jsonl"
+    data.write_text(good + "\n" + line + "\n" + good + "\n")
+    failed = aloe("dedup", "-i", str(data), "--against", str(demo.eval_tsv))
+    message = one_line_error(failed, "train.jsonl:2")
+    if field:
+        assert f"field '{field}'" in message
+    rejects = bad_inputs / "rejects.jsonl"
+    skipped = aloe("dedup", "-i", str(data), "--against", str(demo.eval_tsv), "--on-error", "skip",
+                   "--rejects", str(rejects), "--workers", "2")
+    assert skipped.returncode == 0, skipped.stderr
+    assert len(read_jsonl(skipped.stdout)) == 2
+    rejected = read_jsonl(rejects)
+    assert [r["aloe"]["reject"]["reason"] for r in rejected] == [reason]
+    assert "3 read = 2 kept + 1 rejected" in skipped.stderr
+
+
+def test_eval_tsv_missing_column(tmp_path, demo):
+    bad = tmp_path / "bench.tsv"
+    bad.write_text("index\tquestion\n0\tq\n")
+    one_line_error(aloe("dedup", "-i", str(demo.train), "--against", str(bad)), "bench.tsv", "image")
+
+
+def test_empty_input_and_usage_errors(tmp_path, demo):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = aloe("dedup", "-i", str(empty), "--against", str(demo.eval_tsv))
+    assert result.returncode == 0 and result.stdout == "" and "0 read = 0 kept + 0 rejected" in result.stderr
+    assert aloe("dedup", "-i", str(empty)).returncode == 2  # nothing to compare against
+    assert aloe("dedup", "--against", str(demo.eval_tsv), "--hash", "md5", "-i", str(empty)).returncode == 2
+    one_line_error(aloe("dedup", "-i", str(tmp_path / "nope.jsonl"), "--against", str(demo.eval_tsv)), "nope.jsonl")
+
+
+def test_closed_pipe_ends_quietly(demo):
+    big = "".join(json.dumps(chat(f"q{i}", "a" * 200, id=str(i))) + "\n" for i in range(20000))
+    pipeline = subprocess.run(
+        f"{sys.executable} -m aloe_cli dedup --within | head -1", shell=True, input=big.encode(),
+        capture_output=True, cwd=ROOT, timeout=120)
+    assert pipeline.returncode == 0
+    assert pipeline.stdout.decode().count("\n") == 1
+    assert b"Traceback" not in pipeline.stderr and b"Error" not in pipeline.stderr
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from aloe_cli.app import main\n"
+            "try:\n    main(['dedup', '--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "--against" in result.stdout
