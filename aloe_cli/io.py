@@ -25,7 +25,9 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TextIO
+from typing import Any, BinaryIO, Iterable, Iterator, TextIO
+
+import orjson
 
 from aloe_cli.errors import AloeError, OutputClosed, RecordError
 from aloe_cli.images import to_data_uri
@@ -132,30 +134,26 @@ def _display(path: str) -> str:
     return "<stdin>" if path == STDIO else path
 
 
-def _open_text(path: str) -> TextIO:
+def _open_binary(path: str) -> BinaryIO:
     if path == STDIO:
         buffer = sys.stdin.buffer
         if buffer.peek(2)[:2] == _GZIP_MAGIC:  # type: ignore[attr-defined]
-            return io.TextIOWrapper(gzip.GzipFile(fileobj=buffer), encoding="utf-8")
-        return io.TextIOWrapper(buffer, encoding="utf-8", errors="strict")
+            return gzip.GzipFile(fileobj=buffer)
+        return buffer
     with open(path, "rb") as probe:
         gzipped = probe.read(2) == _GZIP_MAGIC
-    if gzipped:
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+    return gzip.open(path, "rb") if gzipped else open(path, "rb", buffering=1 << 20)
 
 
 def _read_jsonl(path: str) -> Iterator[Item]:
     display = _display(path)
     default_source = source_name(path)
-    stream = _open_text(path)
+    stream = _open_binary(path)
     try:
         line_no = 0
         while True:
             try:
                 line = stream.readline()
-            except UnicodeDecodeError as exc:
-                raise AloeError(f"{display}:{line_no + 1}: not valid UTF-8 ({exc.reason})") from None
             except (OSError, EOFError) as exc:  # truncated gzip
                 raise AloeError(f"{display}:{line_no + 1}: cannot read input ({exc})") from None
             if not line:
@@ -165,10 +163,10 @@ def _read_jsonl(path: str) -> Iterator[Item]:
                 continue
             where = f"{display}:{line_no}"
             try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as exc:
-                error = RecordError("invalid_json", f"invalid JSON ({exc.msg} at column {exc.colno})", where=where)
-                yield Item(None, where, display, error=error, raw=line.rstrip("\n"))
+                raw = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                error = RecordError("invalid_json", f"invalid JSON ({exc})", where=where)
+                yield Item(None, where, display, error=error, raw=line.decode("utf-8", "replace").rstrip("\n"))
                 continue
             yield _normalized_item(raw, where, display, default_source)
     finally:
@@ -342,8 +340,12 @@ def _json_images(record: dict) -> dict:
     return {**record, "images": converted}
 
 
-def dumps(record: dict) -> str:
-    return json.dumps(_json_images(record), ensure_ascii=False, separators=(", ", ": "))
+def dumps(record: dict) -> bytes:
+    """One JSONL line (with its newline) as UTF-8 bytes."""
+    try:
+        return orjson.dumps(_json_images(record), option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:  # a value orjson does not take (e.g. an int over 64 bits): fall back to json
+        return (json.dumps(_json_images(record), ensure_ascii=False, default=str) + "\n").encode()
 
 
 class RecordWriter:
@@ -366,7 +368,9 @@ class RecordWriter:
 
     def __enter__(self) -> "RecordWriter":
         if self.path == STDIO:
-            self._stream = sys.stdout
+            sys.stdout.flush()  # nothing written through the text layer may come after our bytes
+            # Our own large buffer: sys.stdout.buffer can be unbuffered (python -u, PYTHONUNBUFFERED).
+            self._stream = open(sys.stdout.fileno(), "wb", buffering=1 << 16, closefd=False)
             return self
         target = Path(self.path)
         if not target.parent.exists():
@@ -374,24 +378,24 @@ class RecordWriter:
         fd, self._tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         os.close(fd)
         if self.format == "jsonl.gz":
-            self._stream = gzip.open(self._tmp, "wt", encoding="utf-8")
+            self._stream = gzip.open(self._tmp, "wb")
         else:  # parquet is spooled as JSONL, then converted with one unified schema on close
-            self._stream = open(self._tmp, "w", encoding="utf-8")
+            self._stream = open(self._tmp, "wb", buffering=1 << 20)
         return self
 
     def write(self, record: dict) -> None:
         try:
-            self._stream.write(dumps(record) + "\n")
+            self._stream.write(dumps(record))
         except BrokenPipeError:
             raise OutputClosed() from None
         self.count += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.path == STDIO:
-            if exc_type is None:
-                try:
-                    self._stream.flush()
-                except BrokenPipeError:
+            try:
+                self._stream.close()  # flushes; closefd=False leaves fd 1 open
+            except BrokenPipeError:
+                if exc_type is None:
                     raise OutputClosed() from None
             return
         self._stream.close()
@@ -434,10 +438,10 @@ def _jsonl_to_parquet(jsonl_path: str, parquet_path: str, chunk: int = 2048) -> 
     import pyarrow.parquet as pq
 
     def chunks() -> Iterator[list[dict]]:
-        with open(jsonl_path, encoding="utf-8") as handle:
+        with open(jsonl_path, "rb") as handle:
             batch: list[dict] = []
             for line in handle:
-                batch.append(_parquet_images(json.loads(line)))
+                batch.append(_parquet_images(orjson.loads(line)))
                 if len(batch) == chunk:
                     yield batch
                     batch = []

@@ -48,7 +48,70 @@ def image_placeholder_count(messages: list[dict]) -> int:
 
 
 def validate(record: Any) -> Record:
-    """Check the schema; raise RecordError naming the first bad field."""
+    """Check the schema; raise RecordError naming the first bad field.
+
+    The common case (a well-formed record) takes one tight pass; only a
+    record that fails it is walked again to say precisely what is wrong.
+    """
+    try:
+        placeholders = _count_placeholders_fast(record)
+    except _Malformed:
+        _explain_messages(record)
+        raise AssertionError("unreachable: _explain_messages raises")  # pragma: no cover
+    images = record.get("images")
+    if images is None:
+        images = []
+    if type(images) is not list:
+        raise RecordError("invalid_field", "must be a list", field="images")
+    if placeholders != len(images):
+        raise RecordError(
+            "image_count_mismatch",
+            f"{placeholders} image placeholder(s) in messages but {len(images)} entr{'y' if len(images) == 1 else 'ies'} in images",
+            field="images",
+        )
+    domain = record.get("domain")
+    if domain is not None and domain not in DOMAINS:
+        raise RecordError("invalid_field", f"must be one of {', '.join(DOMAINS)}, got {domain!r}", field="domain")
+    return record
+
+
+class _Malformed(Exception):
+    pass
+
+
+_ROLE_SET = frozenset(ROLES)
+
+
+def _count_placeholders_fast(record: Any) -> int:
+    try:
+        messages = record["messages"]
+        if type(messages) is not list or not messages:
+            raise _Malformed
+        placeholders = 0
+        for message in messages:
+            if message["role"] not in _ROLE_SET:
+                raise _Malformed
+            content = message["content"]
+            if type(content) is str:
+                continue
+            if type(content) is not list:
+                raise _Malformed
+            for part in content:
+                kind = part["type"]
+                if kind == "text":
+                    if type(part["text"]) is not str:
+                        raise _Malformed
+                elif kind == "image":
+                    placeholders += 1
+                else:
+                    raise _Malformed
+        return placeholders
+    except (KeyError, TypeError):
+        raise _Malformed from None
+
+
+def _explain_messages(record: Any) -> None:
+    """Raise the precise RecordError for a record the fast pass refused."""
     if not isinstance(record, dict):
         raise RecordError("invalid_record", f"expected a JSON object, got {type(record).__name__}")
     messages = record.get("messages")
@@ -56,7 +119,6 @@ def validate(record: Any) -> Record:
         raise RecordError("missing_field", "missing (every record needs 'messages')", field="messages")
     if not isinstance(messages, list) or not messages:
         raise RecordError("invalid_field", "must be a non-empty list of messages", field="messages")
-    placeholders = 0
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise RecordError("invalid_field", "must be an object", field=f"messages[{i}]")
@@ -70,29 +132,12 @@ def validate(record: Any) -> Record:
             raise RecordError("invalid_field", "must be a string or a list of parts", field=f"messages[{i}].content")
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "image":
-                placeholders += 1
-            elif kind == "text":
-                if not isinstance(part.get("text"), str):
-                    raise RecordError("invalid_field", "must be a string", field=f"messages[{i}].content[{j}].text")
-            else:
+            if kind == "text" and not isinstance(part.get("text"), str):
+                raise RecordError("invalid_field", "must be a string", field=f"messages[{i}].content[{j}].text")
+            if kind not in ("text", "image"):
                 raise RecordError("invalid_field", f"part type must be 'text' or 'image', got {kind!r}",
                                   field=f"messages[{i}].content[{j}].type")
-    images = record.get("images")
-    if images is None:
-        images = []
-    if not isinstance(images, list):
-        raise RecordError("invalid_field", "must be a list", field="images")
-    if placeholders != len(images):
-        raise RecordError(
-            "image_count_mismatch",
-            f"{placeholders} image placeholder(s) in messages but {len(images)} entr{'y' if len(images) == 1 else 'ies'} in images",
-            field="images",
-        )
-    domain = record.get("domain")
-    if domain is not None and domain not in DOMAINS:
-        raise RecordError("invalid_field", f"must be one of {', '.join(DOMAINS)}, got {domain!r}", field="domain")
-    return record
+    raise RecordError("invalid_field", "malformed", field="messages")
 
 
 def normalize(raw: Any, default_source: str | None = None) -> Record:
