@@ -7,8 +7,8 @@ stdout is reserved for records. When stderr is a terminal we use rich
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from rich.console import Console
 
@@ -80,5 +80,6 @@ def print_table(title: str, headers: list[str], rows: list[list[object]]) -> Non
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = [title]
     for row in cells:
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        cells_aligned = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        lines.append("  ".join(cells_aligned))
     print("\n".join(lines), file=sys.stderr, flush=True)

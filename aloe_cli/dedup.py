@@ -9,9 +9,10 @@ an image of an earlier kept training record is rejected as `duplicate_within`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from aloe_cli.errors import AloeError, RecordError
 from aloe_cli.hashing import Hasher, HashIndex, to_hex

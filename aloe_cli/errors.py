@@ -37,7 +37,7 @@ class RecordError(AloeError):
         parts.append(self.message)
         return ": ".join(parts)
 
-    def located(self, where: str) -> "RecordError":
+    def located(self, where: str) -> RecordError:
         """Return a copy that names `where` (used when the raiser did not know it)."""
         if self.where:
             return self

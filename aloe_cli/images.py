@@ -99,7 +99,8 @@ def read_source(entry: Any, image_root: str | os.PathLike | None) -> tuple[bytes
     return path, path.suffix.lower() == ".dcm"
 
 
-def load_image(entry: Any, image_root: str | os.PathLike | None = None, *, draft_size: int | None = None) -> Image.Image:
+def load_image(entry: Any, image_root: str | os.PathLike | None = None, *,
+               draft_size: int | None = None) -> Image.Image:
     """Decode one image entry to a PIL image in mode 'RGB' or 'L'.
 
     `draft_size` asks JPEG decoders for a reduced-size decode (at least that
@@ -118,8 +119,9 @@ def load_image(entry: Any, image_root: str | os.PathLike | None = None, *, draft
                 image.draft("RGB" if image.mode in ("RGB", "YCbCr", "CMYK") else image.mode, (draft_size, draft_size))
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        limit = Image.MAX_IMAGE_PIXELS
         raise RecordError("image_too_large",
-                          f"image exceeds Pillow's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels: {name}") from None
+                          f"image exceeds Pillow's decompression-bomb limit of {limit} pixels: {name}") from None
     except UnidentifiedImageError:
         raise RecordError("image_corrupt", f"not a readable image: {name}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

@@ -18,14 +18,14 @@ import ast
 import csv
 import glob
 import gzip
-import io
 import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import orjson
 
@@ -113,10 +113,14 @@ def read_items(inputs: Iterable[str] | None, image_root: str | os.PathLike | Non
         yield from read_file(path, image_root)
 
 
-def read_file(path: str, image_root: str | os.PathLike | None = None, *, require_images: bool = False) -> Iterator[Item]:
+def read_file(path: str, image_root: str | os.PathLike | None = None, *,
+              require_images: bool = False) -> Iterator[Item]:
     fmt = input_format(path)
     # Relative image paths resolve against --image-root, else the input's folder.
-    root = Path(image_root) if image_root is not None else (Path.cwd() if path == STDIO else Path(path).resolve().parent)
+    if image_root is not None:
+        root = Path(image_root)
+    else:
+        root = Path.cwd() if path == STDIO else Path(path).resolve().parent
     if fmt == "jsonl":
         items = _read_jsonl(path)
     elif fmt == "parquet":
@@ -366,7 +370,7 @@ class RecordWriter:
             raise AloeError(f"{self.path}: unknown output format (expected .jsonl, .jsonl.gz or .parquet)")
         self._stream: Any = None
 
-    def __enter__(self) -> "RecordWriter":
+    def __enter__(self) -> RecordWriter:
         if self.path == STDIO:
             sys.stdout.flush()  # nothing written through the text layer may come after our bytes
             # Our own large buffer: sys.stdout.buffer can be unbuffered (python -u, PYTHONUNBUFFERED).
@@ -448,7 +452,7 @@ def _jsonl_to_parquet(jsonl_path: str, parquet_path: str, chunk: int = 2048) -> 
             if batch:
                 yield batch
 
-    def table(batch: list[dict], schema: "pa.Schema | None" = None) -> "pa.Table":
+    def table(batch: list[dict], schema: pa.Schema | None = None) -> pa.Table:
         # from_pylist alone takes its columns from the first row; every key of the chunk must count.
         keys = list(dict.fromkeys(key for row in batch for key in row))
         if schema is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,7 +19,7 @@ class OnError(str, Enum):
 
 
 InputOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("-i", "--input", help="Input file(s) or globs (JSONL[.gz], parquet, dataset folder, VLMEvalKit TSV). "
                  "Repeatable. Default: stdin."),
 ]
@@ -27,11 +27,11 @@ OutputOpt = Annotated[
     str, typer.Option("-o", "--output", help="Output file (.jsonl, .jsonl.gz, .parquet). Default: stdout.")
 ]
 RejectsOpt = Annotated[
-    Optional[Path], typer.Option("--rejects", help="Write dropped records here, each with aloe.reject = {stage, reason}.")
+    Path | None, typer.Option("--rejects", help="Write dropped records here, each with aloe.reject = {stage, reason}.")
 ]
-ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Write the closing summary as JSON.")]
+ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the closing summary as JSON.")]
 ShardOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--shard", help="Process shard K/N (0-based) of the input. Default: from SLURM_ARRAY_TASK_ID/"
                  "SLURM_ARRAY_TASK_COUNT, else 0/1."),
 ]
@@ -44,8 +44,9 @@ KeepAllOpt = Annotated[
     bool, typer.Option("--keep-all", help="Annotate and flag records but drop none (thresholds can be applied later).")
 ]
 ImageRootOpt = Annotated[
-    Optional[Path],
-    typer.Option("--image-root", help="Folder that relative image paths resolve against. Default: the input file's folder "
+    Path | None,
+    typer.Option("--image-root",
+                 help="Folder that relative image paths resolve against. Default: the input file's folder "
                  "(the working directory for stdin)."),
 ]
 

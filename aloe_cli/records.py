@@ -56,8 +56,8 @@ def validate(record: Any) -> Record:
     try:
         placeholders = _count_placeholders_fast(record)
     except _Malformed:
-        _explain_messages(record)
-        raise AssertionError("unreachable: _explain_messages raises")  # pragma: no cover
+        _explain_messages(record)  # always raises
+        raise
     images = record.get("images")
     if images is None:
         images = []
@@ -66,7 +66,7 @@ def validate(record: Any) -> Record:
     if placeholders != len(images):
         raise RecordError(
             "image_count_mismatch",
-            f"{placeholders} image placeholder(s) in messages but {len(images)} entr{'y' if len(images) == 1 else 'ies'} in images",
+            f"{placeholders} image placeholder(s) in messages but {len(images)} in images",
             field="images",
         )
     domain = record.get("domain")
@@ -201,7 +201,8 @@ def from_sharegpt(raw: Record) -> Record:
             raise RecordError("invalid_field", "must be an object", field=f"conversations[{i}]")
         role = _SHAREGPT_ROLES.get(str(turn.get("from", turn.get("role", ""))).lower())
         if role is None:
-            raise RecordError("invalid_field", f"unknown speaker {turn.get('from')!r}", field=f"conversations[{i}].from")
+            raise RecordError("invalid_field", f"unknown speaker {turn.get('from')!r}",
+                              field=f"conversations[{i}].from")
         value = turn.get("value", turn.get("content"))
         if not isinstance(value, str):
             raise RecordError("invalid_field", "must be a string", field=f"conversations[{i}].value")

@@ -91,7 +91,8 @@ def _near_duplicate(image: Image.Image) -> bytes:
 def _record(rng: np.random.Generator, source: str, domain: str, number: int, image: str | None) -> dict:
     if domain == "medical":
         organ, finding = ORGANS[rng.integers(len(ORGANS))], FINDINGS[rng.integers(len(FINDINGS))]
-        question = f"What does the image show in the {organ}?" if image else f"What is the usual cause of {finding} in the {organ}?"
+        question = (f"What does the image show in the {organ}?" if image else
+                    f"What is the usual cause of {finding} in the {organ}?")
         answer = (f"The {organ} shows {finding}." if image else
                   f"{finding.capitalize()} in the {organ} has several causes; imaging and history narrow them down.")
     else:

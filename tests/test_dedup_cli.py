@@ -31,7 +31,8 @@ def test_exact_leaks_are_removed_through_a_pipe(demo, tmp_path):
     assert ids(kept) == [r["id"] for r in train if r["id"] not in demo.leaked_ids]  # order kept
     for record in rejected:
         assert record["aloe"]["reject"]["reason"] == "eval_leak"
-        assert str(demo.eval_tsv) in record["aloe"]["reject"]["detail"] and " row 10" in record["aloe"]["reject"]["detail"]
+        detail = record["aloe"]["reject"]["detail"]
+        assert str(demo.eval_tsv) in detail and " row 10" in detail
     summary = json.loads(report.read_text())
     assert summary["read"] == len(train) == summary["kept"] + summary["rejected"]
     assert summary["eval_sets"][str(demo.eval_tsv)]["leaked_records"] == len(demo.leaked_ids)
@@ -45,7 +46,7 @@ def test_phash_annotation_is_imagehash_phash(demo):
 
     result = aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv))
     for record in read_jsonl(result.stdout):
-        for image, value in zip(record["images"], record["aloe"]["dedup"]["phash"]):
+        for image, value in zip(record["images"], record["aloe"]["dedup"]["phash"], strict=True):
             assert value == str(imagehash.phash(Image.open(demo.train.parent / image)))
 
 
@@ -104,7 +105,8 @@ def test_eval_jsonl_with_data_uris_and_keep_all(tmp_path):
     leaked = jpeg_bytes(scan(11))
     (tmp_path / "a.jpg").write_bytes(leaked)
     (tmp_path / "b.jpg").write_bytes(jpeg_bytes(scan(12)))
-    train = write_jsonl(tmp_path / "train.jsonl", [chat("q", "a", ["a.jpg"], id="a"), chat("q", "b", ["b.jpg"], id="b")])
+    train = write_jsonl(tmp_path / "train.jsonl",
+                        [chat("q", "a", ["a.jpg"], id="a"), chat("q", "b", ["b.jpg"], id="b")])
     uri = "data:image/jpeg;base64," + base64.b64encode(leaked).decode()
     bench = write_jsonl(tmp_path / "bench.jsonl", [chat("q", "x", [uri], id="bench-7")])
     result = aloe("dedup", "-i", str(train), "--against", str(bench), "--keep-all")
@@ -197,3 +199,26 @@ def test_help_does_not_import_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "--against" in result.stdout
+
+
+def test_dicom_patient_data_never_reaches_outputs_or_logs(tmp_path):
+    import pydicom
+    from test_images import DICOM_DIR
+
+    dataset = pydicom.dcmread(DICOM_DIR / "CT_small.dcm")
+    dataset.PatientName, dataset.PatientID, dataset.PatientBirthDate = "SECRET^PATIENT", "ID-424242", "19700101"
+    dataset.save_as(tmp_path / "scan.dcm")
+    dataset.PixelData = dataset.PixelData[:100]  # truncated pixel data: an error path
+    dataset.save_as(tmp_path / "broken.dcm")
+    train = write_jsonl(tmp_path / "train.jsonl", [chat("q", "a", ["scan.dcm"], id="ok"),
+                                                   chat("q", "a", ["broken.dcm"], id="bad")])
+    bench = write_jsonl(tmp_path / "bench.jsonl", [chat("q", "a", ["scan.dcm"], id="b1")])
+    report, rejects = tmp_path / "report.json", tmp_path / "rejects.jsonl"
+    result = aloe("dedup", "-i", str(train), "--against", str(bench), "--on-error", "skip", "--report", str(report),
+                  "--rejects", str(rejects))
+    assert result.returncode == 0, result.stderr
+    rejected = read_jsonl(rejects)
+    assert {r["id"]: r["aloe"]["reject"]["reason"] for r in rejected} == {"ok": "eval_leak", "bad": "image_corrupt"}
+    for text in (result.stdout, result.stderr, report.read_text(), rejects.read_text()):
+        for secret in ("SECRET", "424242", "19700101"):
+            assert secret not in text

@@ -43,7 +43,8 @@ def test_sharegpt_with_image_markers():
     assert record["images"] == ["coco/1.jpg"]
     assert record["source"] == "llava" and record["id"] == "llava-1"
     assert "conversations" not in record and "image" not in record
-    assert record["messages"][0] == {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}
+    assert record["messages"][0] == {"role": "user",
+                                     "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}
     assert [m["role"] for m in record["messages"]] == ["user", "assistant", "user", "assistant"]
 
 

@@ -41,7 +41,8 @@ def items(questions, input_name="in.jsonl"):
 
 def test_counts_order_and_rejects():
     out, rejects = ListWriter(), ListWriter()
-    summary = run_stage(EvenLengthFilter(), items(["aa", "b", "cccc", "ddd", "ee"]), out, rejects, RunConfig(batch_size=2))
+    batch = items(["aa", "b", "cccc", "ddd", "ee"])
+    summary = run_stage(EvenLengthFilter(), batch, out, rejects, RunConfig(batch_size=2))
     assert [r["id"] for r in out.records] == ["0", "2", "4"]
     assert [r["aloe"]["reject"]["reason"] for r in rejects.records] == ["odd_length", "odd_length"]
     assert rejects.records[0]["aloe"]["reject"]["stage"] == "toy"

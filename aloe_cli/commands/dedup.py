@@ -20,12 +20,24 @@ Examples:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from aloe_cli.options import (BatchSizeOpt, command_app, ImageRootOpt, InputOpt, KeepAllOpt, OnError, OnErrorOpt, OutputOpt,
-                              RejectsOpt, ReportOpt, ShardOpt, WorkersOpt)
+from aloe_cli.options import (
+    BatchSizeOpt,
+    ImageRootOpt,
+    InputOpt,
+    KeepAllOpt,
+    OnError,
+    OnErrorOpt,
+    OutputOpt,
+    RejectsOpt,
+    ReportOpt,
+    ShardOpt,
+    WorkersOpt,
+    command_app,
+)
 
 app = command_app()
 
@@ -34,8 +46,9 @@ HASH_KINDS = ("phash", "dhash", "ahash", "whash")
 
 @app.command(help=__doc__, no_args_is_help=False)
 def dedup(
-    against: Annotated[list[str], typer.Option(
-        "--against", help="Evaluation set (TSV, JSONL, parquet, dataset folder) or a saved .idx index. Repeatable.")] = [],
+    against: Annotated[list[str] | None, typer.Option(
+        "--against",
+        help="Evaluation set (TSV, JSONL, parquet, dataset folder) or a saved .idx index. Repeatable.")] = None,
     hash_kind: Annotated[str, typer.Option("--hash", help="Perceptual hash: phash (default, bit-identical to "
                                                             "imagehash.phash), dhash, ahash or whash.")] = "phash",
     max_distance: Annotated[int, typer.Option("--max-distance", min=0, max=16,
@@ -44,7 +57,7 @@ def dedup(
                                                            "(first occurrence kept).")] = False,
     fast: Annotated[bool, typer.Option("--fast", help="Hash JPEGs from a reduced-size decode (faster; both sides "
                                                        "of a comparison must use it).")] = False,
-    save_index: Annotated[Optional[Path], typer.Option("--save-index", help="Write the evaluation hash index "
+    save_index: Annotated[Path | None, typer.Option("--save-index", help="Write the evaluation hash index "
                                                                             "here (.idx) for later --against.")] = None,
     input: InputOpt = None,
     output: OutputOpt = "-",
@@ -65,6 +78,7 @@ def dedup(
     from aloe_cli.io import read_items
     from aloe_cli.stage import RunConfig
 
+    against = against or []
     if hash_kind not in HASH_KINDS:
         raise typer.BadParameter(f"must be one of {', '.join(HASH_KINDS)}", param_hint="--hash")
     if not against and not within:
