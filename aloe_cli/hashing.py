@@ -156,9 +156,10 @@ class Hasher:
     """
 
     # Upper bound on images per pool chunk: big enough to amortise the IPC
-    # round-trip (~0.1 ms) against a hash (~1-20 ms), small enough that slow
-    # DICOMs bunched in one chunk do not leave other workers idle at the end.
-    MAX_CHUNKSIZE = 32
+    # round-trip (~0.1 ms) against a hash (~1-20 ms), small enough that the
+    # last chunk of a batch (every stage batch ends in a barrier) or a run of
+    # slow DICOMs does not leave the other workers idle for long.
+    MAX_CHUNKSIZE = 8
 
     def __init__(self, kind: str = "phash", fast: bool = False, workers: int = 1):
         _check_kind(kind)
