@@ -54,3 +54,33 @@ ImageRootOpt = Annotated[
 def command_app() -> typer.Typer:
     """The Typer app a command module registers its one command on."""
     return typer.Typer(add_completion=False, rich_markup_mode="rich", pretty_exceptions_enable=False)
+
+
+# ----------------------------------------------------------------------------- model-backed commands
+
+class Dtype(str, Enum):
+    auto = "auto"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+ModelOpt = Annotated[
+    str,
+    typer.Option("--model", help="Model folder or Hub id (Qwen2-VL family), loaded with AutoProcessor + "
+                 "AutoModelForImageTextToText."),
+]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
+]
+DtypeOpt = Annotated[
+    Dtype, typer.Option("--dtype", help="Weights/compute dtype. auto: bfloat16 on a GPU, float32 on the CPU.")
+]
+TrustRemoteCodeOpt = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Allow the checkpoint to run its own Python code (off by default).")
+]
+AttnImplementationOpt = Annotated[
+    str | None,
+    typer.Option("--attn-implementation", help="Passed to transformers (eager, sdpa, flash_attention_2, ...). "
+                 "Default: flash_attention_2 when installed and on a GPU in half precision, else sdpa."),
+]

@@ -1,0 +1,142 @@
+"""aloe perplexity: flag trivial (too predictable) and noisy (too surprising) answers.
+
+Scores the assistant turns of every record with a model (conditioned on the
+prompt and images), writes aloe.perplexity = {value, tokens, per_turn}, and
+with a thresholds file rejects answers below a source's min (trivial_answer)
+or above its max (noisy_answer). Without a thresholds file nothing is dropped.
+
+Examples:
+
+    # look at the distributions first: annotate, keep everything, plot per source
+    aloe perplexity -i train.jsonl --model Qwen/Qwen2-VL-2B-Instruct --keep-all \\
+        --plot ppl_plots/ -o train.ppl.jsonl
+
+    # then filter with per-source thresholds (absolute or percentiles such as p2/p98)
+    aloe perplexity -i train.jsonl --model Qwen/Qwen2-VL-2B-Instruct --thresholds thresholds.yaml \\
+        -o kept.jsonl --rejects dropped.jsonl --report ppl.json
+
+    # change thresholds later without recomputing (values already in aloe.perplexity)
+    aloe perplexity -i train.ppl.jsonl --model Qwen/Qwen2-VL-2B-Instruct --reuse --thresholds t.yaml -o kept.jsonl
+
+    # SLURM array, one GPU per task
+    aloe perplexity -i train.jsonl --model M --keep-all -o ppl.$SLURM_ARRAY_TASK_ID.jsonl
+
+thresholds.yaml:
+
+    default: {min: p2, max: p98}
+    slake:   {min: 1.5, max: 40}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from aloe_cli.options import (
+    AttnImplementationOpt,
+    BatchSizeOpt,
+    DeviceOpt,
+    Dtype,
+    DtypeOpt,
+    ImageRootOpt,
+    InputOpt,
+    KeepAllOpt,
+    ModelOpt,
+    OnError,
+    OnErrorOpt,
+    OutputOpt,
+    RejectsOpt,
+    ReportOpt,
+    ShardOpt,
+    TrustRemoteCodeOpt,
+    command_app,
+)
+
+app = command_app()
+
+
+@app.command(help=__doc__, no_args_is_help=False)
+def perplexity(
+    model: ModelOpt,
+    thresholds: Annotated[Path | None, typer.Option(
+        "--thresholds", help="YAML/JSON per-source {min, max}: numbers or percentiles (p2, p98); a 'default' "
+                             "entry covers other sources. Without it nothing is dropped.")] = None,
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", help="Write one histogram PNG per source (thresholds drawn) into this folder.")] = None,
+    ifd: Annotated[bool, typer.Option(
+        "--ifd", help="Also score each answer without its prompt and write aloe.perplexity.ifd = "
+                      "ppl(answer | prompt) / ppl(answer).")] = False,
+    max_tokens: Annotated[int | None, typer.Option(
+        "--max-tokens", min=1, help="Records longer than this (tokens, images included) are errors "
+                                    "(reason too_long). Default: no limit.")] = None,
+    reuse: Annotated[bool, typer.Option(
+        "--reuse", help="Keep values already in aloe.perplexity (from an earlier run) instead of recomputing; "
+                        "the model is loaded only if some record needs scoring.")] = False,
+    input: InputOpt = None,
+    output: OutputOpt = "-",
+    rejects: RejectsOpt = None,
+    report: ReportOpt = None,
+    image_root: ImageRootOpt = None,
+    batch_size: BatchSizeOpt = 16,
+    shard: ShardOpt = None,
+    on_error: OnErrorOpt = OnError.fail,
+    keep_all: KeepAllOpt = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    attn_implementation: AttnImplementationOpt = None,
+) -> None:
+    from aloe_cli import console
+    from aloe_cli.commands._common import resolve_shard, run_data_command
+    from aloe_cli.io import read_items
+    from aloe_cli.models import ModelSpec, check_model_reference, load_model
+    from aloe_cli.perplexity import PerplexityConfig, PerplexityStage, percentile_rows, plot_histograms
+    from aloe_cli.stage import RunConfig
+    from aloe_cli.thresholds import annotate_ahead, load_thresholds
+
+    # Everything that can be wrong with the options is checked before any model is loaded.
+    bounds = load_thresholds(thresholds, "perplexity") if thresholds is not None else None
+    if plot is not None:
+        _require_matplotlib()
+    check_model_reference(model)
+    spec = ModelSpec(model, device=device, dtype=dtype.value, trust_remote_code=trust_remote_code,
+                     attn_implementation=attn_implementation)
+
+    def load():
+        loaded = load_model(spec)
+        console.log(f"aloe perplexity: scoring with {loaded.describe()}")
+        return loaded
+
+    stage = PerplexityStage(load, PerplexityConfig(batch_size=batch_size, ifd=ifd, max_tokens=max_tokens,
+                                                   reuse=reuse), bounds, model_name=model)
+    config = RunConfig(batch_size=stage.runner_batch_size(), shard=resolve_shard(shard), keep_all=keep_all,
+                       on_error=on_error.value)
+    items = read_items(input, image_root)
+    if bounds is not None and bounds.needs_distribution():
+        # Percentiles need every value before the first decision: score everything, then decide.
+        with console.progress("perplexity (measuring)") as bar:
+            items = annotate_ahead(items, stage.annotate, config=config, distribution=stage.distribution,
+                                   on_progress=bar.advance)
+        console.log("aloe perplexity: distribution measured; applying percentile thresholds")
+    summary = run_data_command(stage, items, output=output, rejects=rejects, report=report, config=config)
+
+    rows = percentile_rows(summary.extra)
+    if rows:
+        console.print_table("answer perplexity per source", ["source", "n", "p1", "p5", "p50", "p95", "p99",
+                                                             "min", "max"], rows)
+    console.log(f"  {summary.extra['tokens_scored']} answer token(s) scored in {summary.extra['records_scored']} "
+                f"record(s)" + (f", {summary.extra['records_reused']} reused" if reuse else ""))
+    if plot is not None:
+        written = plot_histograms(stage.distribution, stage.resolved_thresholds(), plot)
+        console.log(f"  wrote {len(written)} histogram(s) to {plot}")
+
+
+def _require_matplotlib() -> None:
+    import importlib.util
+
+    from aloe_cli.errors import AloeError
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise AloeError("--plot needs matplotlib: pip install 'aloe-cli[plot]'")

@@ -1,0 +1,607 @@
+"""Answer perplexity: how surprised a model is by a record's assistant turns, given the rest.
+
+For each record the conversation is rendered with the model's chat template
+and processor (images included, so the answer is conditioned on them). Only
+assistant tokens are scored: the template's `{% generation %}` mask defines
+them (each assistant turn's content and its end-of-turn token); templates
+without generation markers fall back to the ChatML rule (from
+`<|im_start|>assistant\\n` up to and including `<|im_end|>`). System text,
+user turns and image tokens are context only.
+
+    perplexity = exp(sum of answer-token NLL / number of answer tokens)
+
+and `per_turn` is the same per assistant turn. With `ifd`, the answer is
+scored a second time without its prompt (the assistant turns alone, no user
+turns, no images) and `ifd = perplexity(answer | prompt) / perplexity(answer)`
+(instruction-following difficulty: near or above 1 means the prompt does not
+help predict the answer).
+
+Batching: records are sorted by length inside a window, padded on the right
+and run through the model under `torch.inference_mode`; results go back to
+their records, so output order is input order. Right padding keeps every real
+token at the same position and attention span as when run alone (see
+`collate`), so values do not depend on batch size or order. Logits are computed only at the scored
+positions, in float32, a chunk at a time: memory does not grow with the vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aloe_cli.errors import AloeError, RecordError
+from aloe_cli.images import load_image
+from aloe_cli.io import Item
+from aloe_cli.records import annotate
+from aloe_cli.stage import Reject, Stage
+from aloe_cli.thresholds import ANNOTATED_AHEAD, Distribution, ResolvedThresholds, Thresholds, check_value, source_of
+
+STAGE = "perplexity"
+SUMMARY_PERCENTILES = (1, 5, 50, 95, 99)
+# Tokens whose logits are materialised at once (x vocabulary x 4 bytes).
+LOGIT_CHUNK = 1024
+# Runner batches hold this many model batches, so length sorting has something to sort.
+SORT_WINDOW = 8
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+@dataclass(frozen=True)
+class PerplexityConfig:
+    batch_size: int = 16  # records per forward pass
+    ifd: bool = False
+    max_tokens: int | None = None  # longer records are errors (reason too_long)
+    reuse: bool = False  # keep values already present in aloe.perplexity
+
+
+# ----------------------------------------------------------------------------- encoding
+
+@dataclass
+class Encoded:
+    """One conversation as model inputs, with the turn index of every scored token (-1: context)."""
+
+    input_ids: Any  # 1-D LongTensor
+    turn_ids: Any  # 1-D LongTensor, same length
+    mm_token_type_ids: Any | None = None
+    pixel_values: Any | None = None
+    image_grid_thw: Any | None = None
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def has_generation_markers(template: str | None) -> bool:
+    return bool(template) and _GENERATION_TAG.search(template) is not None
+
+
+def chatml_assistant_mask(input_ids: list[int], tokenizer) -> list[int]:
+    """1 for the tokens of every assistant turn (content and `<|im_end|>`), by the ChatML layout."""
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    mask = [0] * len(input_ids)
+    position = 0
+    while position < len(input_ids):
+        if input_ids[position] != start:
+            position += 1
+            continue
+        header_end = position + 1  # the role name runs up to the first newline
+        while header_end < len(input_ids) and "\n" not in tokenizer.decode([input_ids[header_end]]):
+            header_end += 1
+        role = tokenizer.decode(input_ids[position + 1:header_end + 1]).strip()
+        position = header_end + 1
+        if role != "assistant":
+            continue
+        while position < len(input_ids):
+            mask[position] = 1
+            position += 1
+            if input_ids[position - 1] == end:
+                break
+    return mask
+
+
+def turn_ids_from_mask(mask: list[int]) -> list[int]:
+    """Number the contiguous runs of 1s: [0,1,1,0,1] -> [-1,0,0,-1,1]."""
+    turns, current, previous = [], -1, 0
+    for bit in mask:
+        if bit and not previous:
+            current += 1
+        turns.append(current if bit else -1)
+        previous = bit
+    return turns
+
+
+def conversation_with_images(record: dict, images: list) -> list[dict]:
+    """The record's messages with the n-th image placeholder carrying the n-th loaded image."""
+    remaining = iter(images)
+    messages = []
+    for message in record["messages"]:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = [{"type": "image", "image": next(remaining)} if part.get("type") == "image" else part
+                       for part in content]
+        messages.append({"role": message["role"], "content": content})
+    return messages
+
+
+def answer_only(messages: list[dict]) -> list[dict]:
+    """The assistant turns alone (for IFD): no system or user turns, no images."""
+    kept = []
+    for message in messages:
+        if message["role"] != "assistant":
+            continue
+        content = message["content"]
+        if isinstance(content, list):
+            content = [part for part in content if part.get("type") != "image"]
+        kept.append({"role": "assistant", "content": content})
+    return kept
+
+
+class ConversationEncoder:
+    """Record -> `Encoded`, through the model's own chat template and processor."""
+
+    def __init__(self, processor, max_tokens: int | None = None):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        template = getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise AloeError("the model's processor has no chat template")
+        self.uses_generation_mask = has_generation_markers(template)
+        if not self.uses_generation_mask and self.tokenizer.convert_tokens_to_ids("<|im_start|>") in (
+                None, self.tokenizer.unk_token_id):
+            raise AloeError("the model's chat template has no {% generation %} markers and is not ChatML, "
+                            "so its assistant tokens cannot be found")
+        self.max_tokens = max_tokens
+
+    def conversation(self, record: dict, image_root) -> list[dict]:
+        """The record's conversation with its images loaded (RecordError for a bad image or no answer)."""
+        if not any(message.get("role") == "assistant" for message in record["messages"]):
+            raise RecordError("no_answer", "record has no assistant turn to score", field="messages")
+        images = []
+        for position, entry in enumerate(record.get("images") or []):
+            try:
+                images.append(load_image(entry, image_root).convert("RGB"))
+            except RecordError as error:
+                raise RecordError(error.reason, error.message, field=f"images[{position}]") from None
+        return conversation_with_images(record, images)
+
+    def encode_many(self, conversations: list[list[dict]]) -> list[Encoded | RecordError]:
+        """Encode conversations in one processor call (much faster than one call each).
+
+        If the processor rejects the batch, each conversation is encoded on its
+        own so that only the offending ones fail.
+        """
+        if not conversations:
+            return []
+        try:
+            out = self._process(conversations)
+        except Exception as exc:  # the template or processor rejects something in this batch
+            if len(conversations) == 1:
+                return [RecordError("encode_failed", f"chat template/processor failed: {type(exc).__name__}: {exc}")]
+            return [result for conversation in conversations for result in self.encode_many([conversation])]
+        return self._split(out, [_image_count(conversation) for conversation in conversations])
+
+    def encode(self, conversation: list[dict]) -> Encoded:
+        result = self.encode_many([conversation])[0]
+        if isinstance(result, RecordError):
+            raise result
+        return result
+
+    def _process(self, conversations: list[list[dict]]):
+        return self.processor.apply_chat_template(
+            conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=self.uses_generation_mask)
+
+    def _split(self, out, image_counts: list[int]) -> list[Encoded | RecordError]:
+        """Per-conversation tensors from one batched processor output (unpadded lists + concatenated pixels)."""
+        grids = out.get("image_grid_thw")
+        pixels = out.get("pixel_values")
+        next_image = next_patch = 0
+        results: list[Encoded | RecordError] = []
+        for row, n_images in enumerate(image_counts):
+            ids = list(out["input_ids"][row])
+            row_grids = grids[next_image:next_image + n_images] if n_images else None
+            patches = int(row_grids.prod(dim=-1).sum()) if n_images else 0
+            row_pixels = pixels[next_patch:next_patch + patches] if n_images else None
+            next_image += n_images
+            next_patch += patches
+            results.append(self._encoded(ids, out, row, row_pixels, row_grids))
+        return results
+
+    def _encoded(self, ids: list[int], out, row: int, pixels, grids) -> Encoded | RecordError:
+        import torch
+
+        if self.max_tokens is not None and len(ids) > self.max_tokens:
+            return RecordError("too_long", f"{len(ids)} tokens, more than --max-tokens {self.max_tokens}")
+        if self.uses_generation_mask:
+            mask = list(out["assistant_masks"][row])
+        else:
+            mask = chatml_assistant_mask(ids, self.tokenizer)
+        mask[0] = 0  # the first token has nothing to be predicted from
+        if not any(mask):
+            return RecordError("no_answer", "the chat template marks no assistant tokens in this record",
+                               field="messages")
+        types = out.get("mm_token_type_ids")
+        return Encoded(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            turn_ids=torch.tensor(turn_ids_from_mask(mask), dtype=torch.long),
+            mm_token_type_ids=torch.tensor(list(types[row]), dtype=torch.long) if types is not None else None,
+            pixel_values=pixels,
+            image_grid_thw=grids,
+        )
+
+
+def _image_count(conversation: list[dict]) -> int:
+    return sum(1 for message in conversation if isinstance(message["content"], list)
+               for part in message["content"] if part.get("type") == "image")
+
+
+# ----------------------------------------------------------------------------- scoring
+
+@dataclass
+class AnswerLoss:
+    """Summed negative log-likelihood and token count per assistant turn."""
+
+    turn_nll: list[float]
+    turn_tokens: list[int]
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.turn_tokens)
+
+    @property
+    def perplexity(self) -> float:
+        return _exp_mean(sum(self.turn_nll), self.tokens)
+
+    @property
+    def per_turn(self) -> list[float]:
+        return [_exp_mean(nll, n) for nll, n in zip(self.turn_nll, self.turn_tokens)]
+
+
+def _exp_mean(total: float, count: int) -> float:
+    if count == 0:
+        return float("nan")
+    return math.exp(min(total / count, 709.0))  # beyond e^709 a float overflows
+
+
+def collate(examples: list[Encoded], pad_token_id: int) -> dict[str, Any]:
+    """A right-padded batch.
+
+    Real tokens keep the positions and attention they have alone: pads come
+    after every real token, so under causal attention no real token ever sees
+    one, and Qwen2-VL's rope positions for the real tokens do not change. That
+    is also why no attention mask is passed: the plain causal mask is exact for
+    every scored token, and SDPA can take its fast causal path. Pad positions
+    produce garbage that is never scored.
+    """
+    import torch
+
+    width = max(example.length for example in examples)
+    batch = len(examples)
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    turn_ids = torch.full((batch, width), -1, dtype=torch.long)
+    has_types = any(example.mm_token_type_ids is not None for example in examples)
+    token_types = torch.zeros((batch, width), dtype=torch.long) if has_types else None
+    for row, example in enumerate(examples):
+        n = example.length
+        input_ids[row, :n] = example.input_ids
+        turn_ids[row, :n] = example.turn_ids
+        if token_types is not None and example.mm_token_type_ids is not None:
+            token_types[row, :n] = example.mm_token_type_ids
+    inputs: dict[str, Any] = {"input_ids": input_ids}
+    if token_types is not None:
+        inputs["mm_token_type_ids"] = token_types
+    pixels = [example.pixel_values for example in examples if example.pixel_values is not None]
+    if pixels:
+        inputs["pixel_values"] = torch.cat(pixels, dim=0)
+        inputs["image_grid_thw"] = torch.cat([e.image_grid_thw for e in examples if e.image_grid_thw is not None])
+    return {"inputs": inputs, "turn_ids": turn_ids}
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), so padding stays small."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+class PerplexityScorer:
+    """Scores encoded conversations with a loaded model, in length-sorted padded batches."""
+
+    def __init__(self, loaded, batch_size: int = 16):
+        self.loaded = loaded
+        self.batch_size = batch_size
+        tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
+
+    def score(self, examples: list[Encoded]) -> list[AnswerLoss]:
+        results: list[AnswerLoss | None] = [None] * len(examples)
+        for indices in length_sorted_batches([e.length for e in examples], self.batch_size):
+            for index, loss in zip(indices, self._score_batch([examples[i] for i in indices])):
+                results[index] = loss
+        return results  # type: ignore[return-value]
+
+    def _score_batch(self, examples: list[Encoded]) -> list[AnswerLoss]:
+        import torch
+
+        batch = collate(examples, self.pad_token_id)
+        with torch.inference_mode():
+            nll, rows, turns = self._token_nll(batch["inputs"], batch["turn_ids"])
+        return _sum_per_turn(nll, rows, turns, len(examples))
+
+    def _token_nll(self, inputs: dict, turn_ids):
+        """NLL of every scored token, with its row and turn."""
+        import torch
+        import torch.nn.functional as F
+
+        model, device = self.loaded.model, self.loaded.device
+        inputs = {key: value.to(device) for key, value in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.loaded.dtype)
+        hidden = model.base_model(**inputs, use_cache=False).last_hidden_state
+        turn_ids = turn_ids.to(device)
+        scored = turn_ids[:, 1:] >= 0  # token t is predicted from the hidden state at t - 1
+        predictors = hidden[:, :-1][scored]
+        targets = inputs["input_ids"][:, 1:][scored]
+        rows = torch.arange(turn_ids.shape[0], device=device)[:, None].expand_as(scored)[scored]
+        turns = turn_ids[:, 1:][scored]
+        head = model.get_output_embeddings()
+        pieces = []
+        for start in range(0, predictors.shape[0], LOGIT_CHUNK):
+            logits = head(predictors[start:start + LOGIT_CHUNK]).float()
+            pieces.append(F.cross_entropy(logits, targets[start:start + LOGIT_CHUNK], reduction="none"))
+        nll = torch.cat(pieces) if pieces else torch.zeros(0, device=device)
+        return nll.double().cpu(), rows.cpu(), turns.cpu()
+
+
+def _sum_per_turn(nll, rows, turns, batch: int) -> list[AnswerLoss]:
+    import torch
+
+    n_turns = int(turns.max()) + 1 if turns.numel() else 0
+    key = rows * max(n_turns, 1) + turns
+    sums = torch.zeros(batch * max(n_turns, 1), dtype=torch.float64).index_add_(0, key, nll)
+    counts = torch.zeros(batch * max(n_turns, 1), dtype=torch.long).index_add_(0, key, torch.ones_like(key))
+    losses = []
+    for row in range(batch):
+        row_counts = counts[row * n_turns:(row + 1) * n_turns].tolist() if n_turns else []
+        row_sums = sums[row * n_turns:(row + 1) * n_turns].tolist() if n_turns else []
+        present = [i for i, count in enumerate(row_counts) if count > 0]
+        losses.append(AnswerLoss([row_sums[i] for i in present], [row_counts[i] for i in present]))
+    return losses
+
+
+# ----------------------------------------------------------------------------- the stage
+
+@dataclass
+class PerplexityCounters:
+    scored: int = 0
+    reused: int = 0
+    tokens: int = 0
+
+
+class PerplexityStage(Stage):
+    """`aloe perplexity`: annotate aloe.perplexity and reject outside the per-source thresholds."""
+
+    name = STAGE
+
+    def __init__(self, model_loader: Callable[[], Any], config: PerplexityConfig, thresholds: Thresholds | None = None,
+                 model_name: str = ""):
+        self._model_loader = model_loader
+        self._loaded = None
+        self._encoder: ConversationEncoder | None = None
+        self._scorer: PerplexityScorer | None = None
+        self.config = config
+        self.thresholds = thresholds
+        self.model_name = model_name
+        self.distribution = Distribution()
+        self.ifd_distribution = Distribution()
+        self.counters = PerplexityCounters()
+        self._resolved: ResolvedThresholds | None = None
+
+    # -- model, loaded on first need (a run that only re-applies thresholds with --reuse never loads it)
+    def _ensure_model(self) -> None:
+        if self._loaded is not None:
+            return
+        self._loaded = self._model_loader()
+        self._encoder = ConversationEncoder(self._loaded.processor, self.config.max_tokens)
+        self._scorer = PerplexityScorer(self._loaded, self.config.batch_size)
+
+    def runner_batch_size(self) -> int:
+        return self.config.batch_size * SORT_WINDOW
+
+    def annotate(self, batch: list[Item]) -> None:
+        todo = [item for item in batch if not item.annotations.get(ANNOTATED_AHEAD)]
+        if self.config.reuse:
+            todo = [item for item in todo if not self._reuse(item)]
+        if not todo:
+            return
+        self._ensure_model()
+        examples, slots = self._encode(todo)
+        losses = self._scorer.score(examples) if examples else []
+        for item in todo:
+            if item.error is None and id(item) in slots:
+                self._annotate_item(item, slots[id(item)], losses)
+
+    def _encode(self, items: list[Item]) -> tuple[list[Encoded], dict[int, dict[str, int]]]:
+        """Encode every item's conversation (and its answer alone, for IFD) in one processor call.
+
+        Returns the examples and, per item, where its "conditioned" (and "alone")
+        example sits in that list; items that fail get `item.error` instead.
+        """
+        conversations: list[list[dict]] = []
+        owners: list[tuple[Item, str]] = []
+        for item in items:
+            try:
+                conversation = self._encoder.conversation(item.record, item.image_root)
+            except RecordError as error:
+                item.error = error.located(item.where)
+                continue
+            conversations.append(conversation)
+            owners.append((item, "conditioned"))
+            if self.config.ifd:
+                conversations.append(answer_only(conversation))
+                owners.append((item, "alone"))
+        examples: list[Encoded] = []
+        slots: dict[int, dict[str, int]] = {}
+        for (item, role), result in zip(owners, self._encoder.encode_many(conversations)):
+            if isinstance(result, RecordError):
+                item.error = item.error or result.located(item.where)
+                continue
+            slots.setdefault(id(item), {})[role] = len(examples)
+            examples.append(result)
+        return examples, slots
+
+    def _annotate_item(self, item: Item, slots: dict[str, int], losses: list[AnswerLoss]) -> None:
+        loss = losses[slots["conditioned"]]
+        value = loss.perplexity
+        if not math.isfinite(value):
+            item.error = RecordError("perplexity_not_finite", f"the model gave a non-finite loss ({value})")
+            return
+        values: dict[str, Any] = {"value": value, "tokens": loss.tokens, "per_turn": loss.per_turn,
+                                  "model": self.model_name}
+        if "alone" in slots:
+            alone = losses[slots["alone"]].perplexity
+            values["value_alone"] = alone
+            values["ifd"] = value / alone if alone > 0 else None
+        annotate(item.record, self.name, values)
+        self.counters.scored += 1
+        self.counters.tokens += loss.tokens
+        self._count(item, values)
+
+    def _reuse(self, item: Item) -> bool:
+        previous = (item.record.get("aloe") or {}).get(self.name)
+        if not isinstance(previous, dict) or not _is_number(previous.get("value")):
+            return False
+        if self.config.ifd and not _is_number(previous.get("ifd")):
+            return False
+        previous.pop("flag", None)  # an old --keep-all flag; this run decides afresh
+        self.counters.reused += 1
+        self._count(item, previous)
+        return True
+
+    def _count(self, item: Item, values: dict) -> None:
+        source = source_of(item)
+        self.distribution.add(source, values["value"])
+        if _is_number(values.get("ifd")):
+            self.ifd_distribution.add(source, values["ifd"])
+
+    def decide(self, item: Item) -> Reject | None:
+        if self.thresholds is None:
+            return None
+        if self._resolved is None:
+            self._resolved = self.thresholds.resolve(self.distribution)
+        value = item.record["aloe"][self.name]["value"]
+        source = source_of(item)
+        limits = self._resolved.limits_for(source)
+        side = check_value(value, limits)
+        if side == "below":
+            return Reject("trivial_answer", f"perplexity {value:.4g} below min {limits.min:.4g} for {source}")
+        if side == "above":
+            return Reject("noisy_answer", f"perplexity {value:.4g} above max {limits.max:.4g} for {source}")
+        return None
+
+    def resolved_thresholds(self) -> ResolvedThresholds | None:
+        if self.thresholds is None:
+            return None
+        if self._resolved is None:
+            self.distribution.complete = True  # called after the run: every value is in
+            self._resolved = self.thresholds.resolve(self.distribution)
+        return self._resolved
+
+    def summary(self) -> dict[str, Any]:
+        resolved = self.resolved_thresholds()
+        sources = self.distribution.sources()
+        return {
+            "model": self._loaded.describe() if self._loaded is not None else self.model_name,
+            "records_scored": self.counters.scored,
+            "records_reused": self.counters.reused,
+            "tokens_scored": self.counters.tokens,
+            "percentiles": {source: {"count": self.distribution.count(source),
+                                     **self.distribution.percentiles(source, SUMMARY_PERCENTILES)}
+                            for source in sources},
+            **({"ifd_percentiles": {source: self.ifd_distribution.percentiles(source, SUMMARY_PERCENTILES)
+                                    for source in self.ifd_distribution.sources()}} if self.config.ifd else {}),
+            "thresholds": {source: resolved.limits_for(source).to_dict() for source in sources} if resolved else {},
+        }
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ----------------------------------------------------------------------------- plots
+
+def safe_file_name(source: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", source).strip("._") or "source"
+
+
+def plot_histograms(distribution: Distribution, resolved: ResolvedThresholds | None, out_dir: str | Path,
+                    *, label: str = "answer perplexity") -> list[Path]:
+    """One PNG per source: the histogram of values with the min/max thresholds drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AloeError(f"cannot create the plot folder {out}: {exc.strerror}") from None
+    written = []
+    for source in distribution.sources():
+        values = distribution.values(source)
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            continue
+        figure, axes = plt.subplots(figsize=(7, 4))
+        log_scale = bool(values.min() > 0 and values.max() / values.min() > 20)
+        bins = np.geomspace(values.min(), values.max(), 50) if log_scale and values.max() > values.min() else 50
+        axes.hist(values, bins=bins, color="#4C72B0", alpha=0.85)
+        if log_scale:
+            axes.set_xscale("log")
+        limits = resolved.limits_for(source) if resolved is not None else None
+        _draw_limit(axes, limits.min if limits else None, "min (trivial below)", "#DD8452")
+        _draw_limit(axes, limits.max if limits else None, "max (noisy above)", "#C44E52")
+        axes.set_title(f"{source}: {label} (n={values.size}, median {np.median(values):.4g})")
+        axes.set_xlabel(label)
+        axes.set_ylabel("records")
+        if limits is not None and (limits.min is not None or limits.max is not None):
+            axes.legend()
+        figure.tight_layout()
+        path = out / f"{safe_file_name(source)}.png"
+        try:
+            figure.savefig(path, dpi=100)
+        except OSError as exc:
+            raise AloeError(f"cannot write {path}: {exc.strerror}") from None
+        finally:
+            plt.close(figure)
+        written.append(path)
+    return written
+
+
+def _draw_limit(axes, value: float | None, label: str, color: str) -> None:
+    if value is not None:
+        axes.axvline(value, color=color, linestyle="--", linewidth=1.5, label=f"{label}: {value:.4g}")
+
+
+def percentile_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """Rows of the closing table: source, n, p1..p99, min, max."""
+    rows = []
+    for source, stats in summary.get("percentiles", {}).items():
+        limits = summary.get("thresholds", {}).get(source, {})
+        rows.append([source, str(stats["count"])] + [_fmt(stats[f"p{q}"]) for q in SUMMARY_PERCENTILES]
+                    + [_fmt(limits.get("min")), _fmt(limits.get("max"))])
+    return rows
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+__all__ = ["AnswerLoss", "ConversationEncoder", "Encoded", "PerplexityConfig", "PerplexityScorer",
+           "PerplexityStage", "chatml_assistant_mask", "collate", "has_generation_markers", "length_sorted_batches",
+           "percentile_rows", "plot_histograms", "turn_ids_from_mask"]
