@@ -128,8 +128,10 @@ def load_image(entry: Any, image_root: str | os.PathLike | None = None, *,
         reason = "image_truncated" if "truncated" in str(exc).lower() else "image_corrupt"
         raise RecordError(reason, f"cannot decode image {name}: {exc}") from None
     try:
-        image = ImageOps.exif_transpose(image)
-    except Exception:  # a broken EXIF block must not lose the image
+        # In place: the usual image has no orientation tag, and a copy of every
+        # decoded image would cost as much as a quarter of the hashing.
+        ImageOps.exif_transpose(image, in_place=True)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image
         pass
     return to_standard_mode(image)
 

@@ -134,3 +134,11 @@ def test_dicom_headers_are_never_read(tmp_path, monkeypatch):
     monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: seen.append(real_dcmread(*a, **k)) or seen[-1])
     load_image(str(tmp_path / "p.dcm"))
     assert "PatientName" not in seen[0] and "PatientID" not in seen[0] and "PixelData" in seen[0]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    assert load_image(str(tmp_path / "rotated.jpg")).size == (20, 40)
