@@ -21,6 +21,7 @@ from aloe_cli.errors import AloeError, OutputClosed
 COMMANDS: dict[str, tuple[str, str]] = {
     "dedup": ("dedup", "Remove training records whose images leak from evaluation sets (perceptual hash)."),
     "sample-data": ("sample_data", "Write the bundled demo data set (train JSONL + evaluation TSV with leaks)."),
+    "mix": ("mix", "Mix sources to target shares of loss tokens over domain x modality (shuffled, seeded)."),
     "perplexity": ("perplexity", "Answer perplexity per record; reject trivial/noisy answers per source."),
     "score": ("score", "LVLM judge rates each sample 1-5 (local model or OpenAI-compatible server); per-source min."),
 }

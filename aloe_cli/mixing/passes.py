@@ -1,0 +1,517 @@
+"""The two streaming passes of `aloe mix`.
+
+Pass 1 (count) reads every input once, normalises region annotations to
+grounding text, counts each record's loss tokens (cache first, then the
+tokenizer in batches) and keeps only two numbers per record: its group
+(source x cell, or NOT_AVAILABLE when rejected) and its loss-token count. That
+is 8 bytes a record, ~30 MB for 3.5 M records. Rejected records go to the
+rejects file here.
+
+The plan (plan.py) turns those arrays into copies per record.
+
+Pass 2 (write) reads the inputs again in the same order and sends each copy
+of a selected record to a spool bucket chosen by its position in the shuffled
+output; the buckets are then written out one by one in position order. Memory
+stays bounded by one bucket's index, whatever the size of the records.
+
+Standard input cannot be read twice, so it is copied to a temporary file
+during pass 1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from array import array
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from aloe_cli.errors import AloeError, RecordError
+from aloe_cli.grounding import ground_record
+from aloe_cli.io import STDIO, Item, RecordWriter, dumps, read_file, source_name
+from aloe_cli.mixing.plan import NOT_AVAILABLE, Group, Plan, make_plan, output_rng
+from aloe_cli.mixing.recipe import Recipe, SourceSpec
+from aloe_cli.records import DOMAINS, modality
+from aloe_cli.stage import reject_record
+from aloe_cli.tokens import LossTokenCounter, TokenCache, conversation_key, default_cache_path
+
+STAGE = "mix"
+_STDIN_DISPLAY = "<stdin>"
+_RECORDS_PER_BUCKET = 4096
+_MAX_BUCKETS = 256
+_PROGRESS_STEP = 1024
+
+ProgressFactory = Callable[[str, "int | None"], AbstractContextManager[Any]]
+
+
+@dataclass
+class MixOptions:
+    """How to run a recipe (everything that does not change which records are chosen)."""
+
+    output: str = STDIO
+    rejects: str | None = None
+    dry_run: bool = False
+    on_error: str = "fail"  # or "skip": bad records go to the rejects
+    batch_size: int = 1024
+    cache: bool = True
+    cache_path: str | None = None  # default: the recipe's `cache`, else tokens.default_cache_path()
+    spool_dir: str | None = None  # default: the output's folder (the system temp folder for stdout)
+
+
+@dataclass
+class InputTally:
+    read: int = 0
+    rejected: int = 0
+
+
+@dataclass
+class MixResult:
+    recipe: Recipe
+    plan: Plan
+    read: int
+    rejected: int
+    reasons: Counter
+    inputs: dict[str, InputTally]
+    written: int
+    dry_run: bool
+    rejects_written: bool
+    cache: dict | None
+    counting: dict
+    seconds: dict
+
+    @property
+    def available(self) -> int:
+        return self.read - self.rejected
+
+
+# ----------------------------------------------------------------------------- reading
+
+@dataclass
+class Prepared:
+    """A record ready to be counted or written: grounding applied, source and cell known."""
+
+    record: dict
+    source: str
+    domain: str
+    cell: str
+
+
+def prepare(item: Item, spec: SourceSpec, default_domain: str | None) -> Prepared:
+    """Decide a record's source and cell and normalise its region annotations (in place)."""
+    record = item.record
+    domain = spec.domain or record.get("domain") or default_domain
+    if domain is None:
+        raise RecordError("missing_domain", f"has no domain; set 'domain' ({' or '.join(DOMAINS)}) on the record, "
+                          "the source's domain in the recipe, or --domain", field="domain")
+    ground_record(record, spec.image_root or item.image_root, spec.bbox_format)
+    source = spec.name or record.get("source") or _default_source(item.input)
+    return Prepared(record, str(source), domain, f"{domain}/{modality(record)}")
+
+
+def _default_source(display: str) -> str:
+    return "stdin" if display == _STDIN_DISPLAY else source_name(display)
+
+
+class StdinCopy:
+    """Standard input, copied to a temporary file on first use so it can be read twice."""
+
+    def __init__(self, folder: str | None):
+        self._folder = folder
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self.path: str | None = None
+
+    def get(self) -> str:
+        if self.path is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix=".aloe-mix-stdin-", dir=self._folder)
+            self.path = os.path.join(self._tmp.name, "stdin.jsonl")
+            with open(self.path, "wb") as copy:
+                shutil.copyfileobj(sys.stdin.buffer, copy, 1 << 20)
+        return self.path
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def _as_stdin(item: Item, copy_path: str) -> Item:
+    item.where = item.where.replace(copy_path, _STDIN_DISPLAY, 1)
+    item.input = _STDIN_DISPLAY
+    if item.error is not None:
+        error = item.error
+        item.error = RecordError(error.reason, error.message, where=item.where, field=error.field)
+    return item
+
+
+def iter_items(recipe: Recipe, stdin: StdinCopy) -> Iterator[tuple[SourceSpec, Item]]:
+    """Every item of every source, always in the same order."""
+    for spec in recipe.sources:
+        for path in spec.paths:
+            if path == STDIO:
+                copy = stdin.get()
+                root = spec.image_root or os.getcwd()
+                for item in read_file(copy, root):
+                    yield spec, _as_stdin(item, copy)
+            else:
+                for item in read_file(path, spec.image_root):
+                    yield spec, item
+
+
+# ----------------------------------------------------------------------------- per-record state
+
+class GroupIndex:
+    """(source, cell) -> group number, created as records arrive."""
+
+    def __init__(self) -> None:
+        self.groups: list[Group] = []
+        self._numbers: dict[tuple[str, str], int] = {}
+
+    def number(self, prepared: Prepared, spec: SourceSpec) -> int:
+        key = (prepared.source, prepared.cell)
+        number = self._numbers.get(key)
+        if number is None:
+            number = self._numbers[key] = len(self.groups)
+            self.groups.append(Group(prepared.source, prepared.cell, spec.weight, spec.max_repeats))
+        return number
+
+    def find(self, prepared: Prepared) -> int | None:
+        return self._numbers.get((prepared.source, prepared.cell))
+
+
+class RecordState:
+    """Group number and loss tokens of every record read, 8 bytes a record."""
+
+    def __init__(self) -> None:
+        self.group = array("i")
+        self.tokens = array("I")
+
+    def add(self, group: int, tokens: int) -> None:
+        self.group.append(group)
+        self.tokens.append(tokens)
+
+    def __len__(self) -> int:
+        return len(self.group)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """numpy views (no copy) of the group numbers and the loss-token counts."""
+        return (np.frombuffer(self.group, dtype=np.dtype(f"i{self.group.itemsize}")),
+                np.frombuffer(self.tokens, dtype=np.dtype(f"u{self.tokens.itemsize}")))
+
+
+# ----------------------------------------------------------------------------- pass 1
+
+@dataclass
+class _Accounting:
+    on_error: str
+    rejects: RecordWriter | None
+    read: int = 0
+    rejected: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    inputs: dict[str, InputTally] = field(default_factory=dict)
+
+    def saw(self, item: Item) -> None:
+        self.read += 1
+        self.inputs.setdefault(item.input, InputTally()).read += 1
+
+    def bad(self, item: Item) -> None:
+        """A record that cannot be used: stop (--on-error fail) or reject it."""
+        if self.on_error != "skip":
+            raise item.error.located(item.where)
+        self.reject(item, item.error.reason, item.error.format())
+
+    def reject(self, item: Item, reason: str, detail: str) -> None:
+        self.rejected += 1
+        self.reasons[reason] += 1
+        self.inputs[item.input].rejected += 1
+        if self.rejects is not None:
+            self.rejects.write(reject_record(item, STAGE, reason, detail))
+
+
+@dataclass
+class _Batch:
+    """One batch of pass 1 between reading and accounting."""
+
+    entries: list[tuple[SourceSpec, Item]]
+    prepared: list[Prepared | None]
+    counts: list[int]  # -1 = still to be counted
+    keys: dict[int, bytes]  # batch index -> cache key (when there is a cache)
+    todo: list[int]  # batch indices sent to the tokenizer
+
+
+class _CountingPass:
+    """Reads, prepares and counts in batches; keeps 8 bytes a record; sends rejects on their way."""
+
+    def __init__(self, recipe: Recipe, counter: LossTokenCounter, cache: TokenCache | None, accounting: _Accounting,
+                 batch_size: int):
+        self.recipe = recipe
+        self.counter = counter
+        self.cache = cache
+        self.accounting = accounting
+        self.batch_size = batch_size
+        self.groups = GroupIndex()
+        self.state = RecordState()
+
+    def run(self, items: Iterator[tuple[SourceSpec, Item]], progress: Any) -> None:
+        # Tokenizing batch k overlaps reading and rendering batch k + 1 (see LossTokenCounter.count_pipelined).
+        for batch, results in self.counter.count_pipelined(self._jobs(items)):
+            self._finish(batch, results)
+            progress.advance(len(batch.entries))
+
+    def _jobs(self, items: Iterator[tuple[SourceSpec, Item]]) -> Iterator[tuple[_Batch, list[list[dict]]]]:
+        entries: list[tuple[SourceSpec, Item]] = []
+        for entry in items:
+            entries.append(entry)
+            if len(entries) >= self.batch_size:
+                yield self._start(entries)
+                entries = []
+        if entries:
+            yield self._start(entries)
+
+    def _start(self, entries: list[tuple[SourceSpec, Item]]) -> tuple[_Batch, list[list[dict]]]:
+        """Prepare a batch and look its records up in the cache; return what is left to count."""
+        prepared = [self._prepare(spec, item) for spec, item in entries]
+        batch = _Batch(entries, prepared, [0] * len(entries), {}, [])
+        todo = [i for i, ready in enumerate(prepared) if ready is not None]
+        if self.cache is not None and todo:
+            namespace = self.counter.fingerprint
+            batch.keys = {i: conversation_key(namespace, prepared[i].record["messages"]) for i in todo}
+            known = self.cache.get_many(list(batch.keys.values()))
+            for i in todo:
+                batch.counts[i] = known.get(batch.keys[i], -1)
+            todo = [i for i in todo if batch.counts[i] < 0]
+        batch.todo = todo
+        return batch, [prepared[i].record["messages"] for i in todo]
+
+    def _prepare(self, spec: SourceSpec, item: Item) -> Prepared | None:
+        if item.error is not None:
+            return None
+        try:
+            return prepare(item, spec, self.recipe.default_domain)
+        except RecordError as error:
+            item.error = error.located(item.where)
+            return None
+
+    def _finish(self, batch: _Batch, results: list[int | RecordError]) -> None:
+        fresh = []
+        for i, result in zip(batch.todo, results):
+            item = batch.entries[i][1]
+            if isinstance(result, RecordError):
+                item.error = result.located(item.where)
+                batch.counts[i] = 0
+            else:
+                batch.counts[i] = result
+                if i in batch.keys:
+                    fresh.append((batch.keys[i], result))
+        if fresh:
+            self.cache.put_many(fresh)
+        for (spec, item), ready, count in zip(batch.entries, batch.prepared, batch.counts):
+            self.accounting.saw(item)
+            if item.error is not None:
+                self.accounting.bad(item)
+                self.state.add(NOT_AVAILABLE, 0)
+            elif count == 0:
+                self.accounting.reject(item, "no_loss_tokens",
+                                       "no assistant token contributes to the loss (no answer to train on)")
+                self.state.add(NOT_AVAILABLE, 0)
+            else:
+                self.state.add(self.groups.number(ready, spec), count)
+
+
+# ----------------------------------------------------------------------------- pass 2
+
+class ShuffleSpool:
+    """Writes records in a given random order without holding them in memory.
+
+    Each copy goes to the bucket file of its output position; a bucket is
+    then read back in position order (only positions and file offsets are
+    held in memory) and written out.
+    """
+
+    def __init__(self, total: int, folder: str):
+        self.total = total
+        buckets = min(_MAX_BUCKETS, max(1, math.ceil(total / _RECORDS_PER_BUCKET)))
+        self.per_bucket = max(1, math.ceil(total / buckets))
+        self.folder = folder
+        self._files = [open(os.path.join(folder, f"bucket-{b:04d}"), "wb") for b in range(buckets)]
+
+    def add(self, position: int, line: bytes) -> None:
+        """`line` is one JSONL line (with its newline), as io.dumps writes it."""
+        self._files[position // self.per_bucket].write(b"%d\t%s" % (position, line))
+
+    def close(self) -> None:
+        for handle in self._files:
+            handle.close()
+
+    def drain(self, writer: RecordWriter) -> int:
+        """Write every bucket, in position order, to `writer`; return the number of records."""
+        self.close()
+        written = 0
+        for handle in self._files:
+            written += self._drain_bucket(handle.name, writer)
+            os.unlink(handle.name)
+        return written
+
+    @staticmethod
+    def _drain_bucket(path: str, writer: RecordWriter) -> int:
+        positions, offsets = array("q"), array("q")
+        with open(path, "rb") as bucket:
+            offset = 0
+            for line in bucket:
+                tab = line.index(b"\t")
+                positions.append(int(line[:tab]))
+                offsets.append(offset + tab + 1)
+                offset += len(line)
+            for index in np.argsort(np.frombuffer(positions, dtype=np.int64), kind="stable"):
+                bucket.seek(offsets[index])
+                writer.write(orjson.loads(bucket.readline()))
+        return len(positions)
+
+
+def _changed(where: str) -> AloeError:
+    return AloeError(f"{where}: the input changed between the counting and the writing pass; run again")
+
+
+def _write_pass(items: Iterator[tuple[SourceSpec, Item]], plan: Plan, group_of: np.ndarray, tokens: np.ndarray,
+                groups: GroupIndex, recipe: Recipe, spool: ShuffleSpool, progress: Any) -> None:
+    copies = plan.copies
+    positions = output_positions(plan.samples, recipe.seed)
+    next_copy = 0  # copies are numbered in reading order; copy k of the mixture goes to positions[k]
+    seen = 0
+    for seq, (spec, item) in enumerate(items):
+        seen = seq + 1
+        if seq >= len(copies):
+            raise _changed(item.where)
+        if seen % _PROGRESS_STEP == 0:
+            progress.advance(_PROGRESS_STEP)
+        count = int(copies[seq])
+        if count == 0:
+            continue
+        if item.error is not None:
+            raise _changed(item.where)
+        try:
+            ready = prepare(item, spec, recipe.default_domain)
+        except RecordError:
+            raise _changed(item.where) from None
+        if groups.find(ready) != group_of[seq]:
+            raise _changed(item.where)
+        _annotate(ready, int(tokens[seq]))
+        for copy in range(count):
+            ready.record["aloe"]["mix"]["copy"] = copy
+            spool.add(int(positions[next_copy]), dumps(ready.record))
+            next_copy += 1
+    if seen != len(copies):
+        raise AloeError("the input changed between the counting and the writing pass "
+                        f"({len(copies)} records, then {seen}); run again")
+
+
+def output_positions(total: int, seed: int) -> np.ndarray:
+    """A seeded random permutation of 0..total-1 (4 bytes a sample below 2**32 samples)."""
+    positions = np.arange(total, dtype=np.uint32 if total < 2 ** 32 else np.uint64)
+    output_rng(seed).shuffle(positions)
+    return positions
+
+
+def _annotate(ready: Prepared, tokens: int) -> None:
+    record = ready.record
+    record["domain"] = ready.domain
+    if not record.get("source"):
+        record["source"] = ready.source
+    aloe = record.get("aloe") if isinstance(record.get("aloe"), dict) else {}
+    aloe["mix"] = {"loss_tokens": tokens, "source": ready.source, "cell": ready.cell, "copy": 0}
+    record["aloe"] = aloe
+
+
+# ----------------------------------------------------------------------------- the run
+
+def _null_progress(description: str, total: int | None = None) -> AbstractContextManager[Any]:
+    class _Null:
+        def advance(self, n: int = 1) -> None:
+            pass
+
+    return nullcontext(_Null())
+
+
+@contextmanager
+def _open_cache(recipe: Recipe, options: MixOptions) -> Iterator[TokenCache | None]:
+    if not options.cache:
+        yield None
+        return
+    cache = TokenCache(options.cache_path or recipe.cache or default_cache_path())
+    try:
+        yield cache
+    finally:
+        cache.close()
+
+
+def run_mix(recipe: Recipe, options: MixOptions, counter: LossTokenCounter | None = None,
+            progress: ProgressFactory | None = None) -> MixResult:
+    """Count, plan and (unless dry_run) write a mixture. Raises AloeError for unusable input."""
+    from aloe_cli.tokens import load_counter
+
+    progress = progress or _null_progress
+    if options.rejects is not None and options.rejects == options.output and options.output != STDIO:
+        raise AloeError("--rejects and --output must be different files")
+    spool_dir = options.spool_dir or (str(Path(options.output).resolve().parent) if options.output != STDIO else None)
+    counter = counter or load_counter(recipe.tokenizer, recipe.chat_template)
+    seconds: dict[str, float] = {}
+    with ExitStack() as stack:
+        stdin = StdinCopy(spool_dir)
+        stack.callback(stdin.close)
+        output = None if options.dry_run else stack.enter_context(RecordWriter(options.output))
+        rejects = (None if options.dry_run or options.rejects is None
+                   else stack.enter_context(RecordWriter(options.rejects)))
+        cache = stack.enter_context(_open_cache(recipe, options))
+        accounting = _Accounting(options.on_error, rejects)
+        counting = _CountingPass(recipe, counter, cache, accounting, options.batch_size)
+
+        with _timed(seconds, "count"), progress("mix: counting loss tokens", None) as bar:
+            counting.run(iter_items(recipe, stdin), bar)
+        if not counting.groups.groups:
+            raise AloeError(f"nothing to mix: none of the {accounting.read} record(s) read is usable"
+                            + (f" ({_reason_list(accounting.reasons)})" if accounting.reasons else ""))
+        group_of, tokens = counting.state.arrays()
+        with _timed(seconds, "plan"):
+            plan = make_plan(group_of, tokens, counting.groups.groups, recipe.targets, seed=recipe.seed,
+                             balance=recipe.balance, total_samples=recipe.total_samples,
+                             total_tokens=recipe.total_tokens)
+        written = 0
+        if output is not None:
+            with _timed(seconds, "write"):
+                spool = ShuffleSpool(plan.samples, stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix=".aloe-mix-", dir=spool_dir)))
+                stack.callback(spool.close)
+                with progress("mix: writing", len(group_of)) as bar:
+                    _write_pass(iter_items(recipe, stdin), plan, group_of, tokens, counting.groups, recipe, spool,
+                                bar)
+                written = spool.drain(output)
+    return MixResult(
+        recipe=recipe, plan=plan, read=accounting.read, rejected=accounting.rejected, reasons=accounting.reasons,
+        inputs=accounting.inputs, written=written, dry_run=options.dry_run, rejects_written=rejects is not None,
+        cache=None if cache is None else {"path": str(cache.path), "hits": cache.hits, "misses": cache.misses},
+        counting={"records_counted": counter.stats.records, "texts_tokenized": counter.stats.tokenized_texts,
+                  "repeats_reused": counter.stats.memo_hits},
+        seconds={k: round(v, 3) for k, v in seconds.items()},
+    )
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = time.perf_counter() - started
+
+
+def _reason_list(reasons: Counter) -> str:
+    return ", ".join(f"{reason}={count}" for reason, count in sorted(reasons.items()))

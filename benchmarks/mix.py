@@ -1,0 +1,199 @@
+"""Benchmark `aloe mix`: loss-token counting speed, and a 1 M-record mixture end to end.
+
+    python benchmarks/mix.py [--count-records 6000] [--records 1000000] [--workdir bench_out/mix]
+
+Prints
+(a) records/s of the batched counter (aloe_cli.tokens) vs one
+    `apply_chat_template(..., tokenize=True, return_assistant_tokens_mask=True)`
+    call per record, and their ratio, on two sets: a realistic mix (VQA with
+    short, often repeated answers; open questions; long text answers;
+    multiple choice; multi-turn) and the same shapes with every answer
+    distinct. Counts are asserted identical. Target: >= 3x.
+(b) a synthetic text-only input of --records short records mixed end to end
+    through the CLI (`aloe mix --recipe ... -o ...`): wall time, records/s and
+    peak RSS of the child process (target < 1 GiB); then the same with a
+    changed recipe and a warm loss-token cache.
+
+The tokenizer is the tiny offline Qwen2-VL fixture's (byte-level BPE with
+Qwen2's pre-tokenizer and special tokens, 1024-entry vocabulary, so it cuts
+text into more tokens than the real one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the liver shows a small hypodense lesion with mild edema and no acute abnormality in the chest "
+         "left right lung heart brain kidney spine normal fracture mass effusion nodule contrast scan "
+         "patient history suggests follow up recommended findings consistent pneumonia").split()
+ORGANS = ["liver", "left lung", "right kidney", "spleen", "heart", "brain", "pancreas", "bladder"]
+
+
+# ----------------------------------------------------------------------------- (a) counting
+
+def words(rng: random.Random, low: int, high: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+
+
+def text_part(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def realistic_conversation(rng: random.Random, i: int, distinct: bool) -> list[dict]:
+    """One of five shapes seen in medical SFT data; `distinct` makes every answer unique."""
+    tag = f" (case {i})" if distinct else ""
+    kind = i % 5
+    if kind == 0:  # closed VQA: yes/no or one word
+        answer = rng.choice(["Yes.", "No.", "Liver.", "Left.", "CT.", "MRI."]) + tag
+        return [{"role": "user", "content": [{"type": "image"}, text_part(f"Is there a lesion in the "
+                                                                          f"{rng.choice(ORGANS)}?")]},
+                {"role": "assistant", "content": [text_part(answer)]}]
+    if kind == 1:  # open VQA
+        return [{"role": "user", "content": [{"type": "image"}, text_part("Describe the findings.")]},
+                {"role": "assistant", "content": [text_part(words(rng, 8, 30) + "." + tag)]}]
+    if kind == 2:  # long text answer (medical QA)
+        return [{"role": "user", "content": [text_part(words(rng, 15, 40) + "?")]},
+                {"role": "assistant", "content": [text_part(words(rng, 60, 180) + "." + tag)]}]
+    if kind == 3:  # multiple choice with a long prompt
+        options = "\n".join(f"{letter}. {words(rng, 2, 6)}" for letter in "ABCD")
+        return [{"role": "system", "content": "You are a careful radiologist."},
+                {"role": "user", "content": [{"type": "image"}, text_part(words(rng, 20, 50) + "?\n" + options)]},
+                {"role": "assistant", "content": [text_part(rng.choice("ABCD") + tag)]}]
+    turns = []  # multi-turn
+    for _ in range(rng.randint(2, 4)):
+        turns.append({"role": "user", "content": [text_part(words(rng, 4, 12) + "?")]})
+        turns.append({"role": "assistant", "content": [text_part(words(rng, 5, 25) + "." + tag)]})
+    return turns
+
+
+def bench_counting(model_dir: Path, count: int, runs: int = 5) -> None:
+    """Both ways of counting, alternated `runs` times (so both see the same machine load); best of each."""
+    from aloe_cli.tokens import load_counter, reference_count
+
+    print(f"(a) loss-token counting, {count} records, best of {runs} alternated runs")
+    for distinct in (False, True):
+        rng = random.Random(0)
+        conversations = [realistic_conversation(rng, i, distinct) for i in range(count)]
+        tokenizer = load_counter(str(model_dir)).tokenizer
+
+        def one_call_per_record(tokenizer, conversations):
+            return [reference_count(tokenizer, messages) for messages in conversations]
+
+        def batched(counter, conversations):
+            jobs = ((None, conversations[i:i + 1024]) for i in range(0, len(conversations), 1024))
+            return [n for _, results in counter.count_pipelined(jobs) for n in results]
+
+        slow_s = fast_s = float("inf")
+        for _ in range(runs):
+            start = time.perf_counter()
+            expected = one_call_per_record(tokenizer, conversations)
+            slow_s = min(slow_s, time.perf_counter() - start)
+            counter = load_counter(str(model_dir))  # fresh: nothing remembered from an earlier run
+            start = time.perf_counter()
+            counts = batched(counter, conversations)
+            fast_s = min(fast_s, time.perf_counter() - start)
+            assert counts == expected, "batched counts differ from apply_chat_template's assistant mask"
+        name = "every answer distinct" if distinct else "realistic mix"
+        print(f"    {name:22s} apply_chat_template per record: {count / slow_s:6.0f} rec/s   "
+              f"batched: {count / fast_s:6.0f} rec/s   ratio {slow_s / fast_s:4.1f}x   "
+              f"(counts identical, {sum(expected):,} loss tokens)")
+
+
+# ----------------------------------------------------------------------------- (b) end to end
+
+SOURCES = [("med-a", "medical"), ("med-b", "medical"), ("gen-a", "general"), ("gen-b", "general")]
+
+
+def write_large_input(folder: Path, records: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.jsonl" for name, _ in SOURCES]
+    marker = folder / f".complete-{records}"
+    if marker.exists():
+        return paths
+    rng = random.Random(1)
+    handles = [path.open("w") for path in paths]
+    for i in range(records):
+        s = i % len(SOURCES)
+        short = s % 2 == 0  # the -a sources answer in a few words, the -b sources at length
+        record = {"id": f"{SOURCES[s][0]}-{i}", "messages": [
+            {"role": "user", "content": [text_part(words(rng, 4, 10) + "?")]},
+            {"role": "assistant", "content": [text_part(words(rng, 2, 6) if short else words(rng, 10, 30))]}]}
+        handles[s].write(json.dumps(record) + "\n")
+    for handle in handles:
+        handle.close()
+    marker.touch()
+    return paths
+
+
+def recipe_text(model_dir: Path, medical_share: float) -> str:
+    lines = [f"tokenizer: {model_dir}", "seed: 0", "targets:", f"  medical/text: {medical_share}",
+             f"  general/text: {round(1 - medical_share, 6)}", "sources:"]
+    for name, domain in SOURCES:
+        lines += [f"  - name: {name}", f"    paths: data/{name}.jsonl", f"    domain: {domain}"]
+    return "\n".join(lines) + "\n"
+
+
+def run_cli(args: list[str]) -> tuple[float, float, str]:
+    """Run `python -m aloe_cli ARGS`; return (wall s, peak RSS MiB of the child, stderr)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "aloe_cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    stderr = proc.stderr.read().decode()
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"aloe {' '.join(args)} failed:\n{stderr}")
+    return elapsed, usage.ru_maxrss / 1024, stderr
+
+
+def bench_end_to_end(model_dir: Path, workdir: Path, records: int) -> None:
+    print(f"(b) end to end: {records:,} short text-only records, 4 sources, 2 cells")
+    write_large_input(workdir / "data", records)
+    cache = workdir / "tokens.sqlite"
+    cache.unlink(missing_ok=True)
+    for label, share in (("cold cache", 0.6), ("warm cache, changed recipe", 0.5)):
+        recipe = workdir / "recipe.yaml"
+        recipe.write_text(recipe_text(model_dir, share))
+        report = workdir / "report.json"
+        args = ["mix", "--recipe", str(recipe), "-o", str(workdir / "mixture.jsonl"), "--report", str(report),
+                "--cache", str(cache)]
+        elapsed, rss, _ = run_cli(args)
+        summary = json.loads(report.read_text())
+        shares = {cell: summary["cells"][cell]["share_after"] for cell in ("medical/text", "general/text")}
+        print(f"    {label:27s} {elapsed:6.1f} s  {summary['read'] / elapsed:8.0f} records/s read  "
+              f"peak RSS {rss:6.0f} MiB  wrote {summary['written']:,}  shares {shares}  "
+              f"(count {summary['seconds']['count']:.0f} s, write {summary['seconds'].get('write', 0):.0f} s, "
+              f"cache hits {summary['token_cache']['hits']:,})")
+        assert rss < 1024, f"peak RSS {rss:.0f} MiB is over 1 GiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--count-records", type=int, default=6000)
+    parser.add_argument("--records", type=int, default=1_000_000)
+    parser.add_argument("--workdir", type=Path, default=ROOT / "bench_out" / "mix")
+    parser.add_argument("--skip-end-to-end", action="store_true")
+    args = parser.parse_args()
+    from aloe_cli.testing.tiny import build_tiny_qwen2vl
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    model_dir = args.workdir / "tiny"
+    if not (model_dir / "tokenizer.json").exists():
+        build_tiny_qwen2vl(model_dir)
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPU(s), load average before the run "
+          f"{os.getloadavg()[0]:.2f}")
+    bench_counting(model_dir, args.count_records)
+    if not args.skip_end_to_end:
+        bench_end_to_end(model_dir.resolve(), args.workdir.resolve(), args.records)
+
+
+if __name__ == "__main__":
+    main()
