@@ -29,7 +29,8 @@ test: install
 	$(VENV)/bin/python -m pytest -q
 
 bench: install
-	$(VENV)/bin/python benchmarks/dedup.py
+	for script in benchmarks/dedup.py benchmarks/perplexity.py benchmarks/score.py benchmarks/mix.py; do \
+		$(VENV)/bin/python $$script || exit 1; done
 
 lint: install
 	$(VENV)/bin/python -m ruff check aloe_cli tests benchmarks
