@@ -218,6 +218,27 @@ def test_plan_never_repeats_beyond_max_repeats():
     assert plan.group_tallies[0].repeat_factor == pytest.approx(2.5, abs=0.02)
 
 
+def test_plan_works_in_chunks_without_changing_the_choice(monkeypatch):
+    from aloe_cli.mixing import plan as plan_module
+
+    rng = np.random.default_rng(1)
+    assert (plan_module.permutation(1000, np.random.default_rng(5)) == np.random.default_rng(5).permutation(1000)).all()
+    group_of = rng.integers(-1, 3, 5000).astype(np.int32)
+    tokens = rng.integers(1, 300, 5000).astype(np.uint32)
+    groups = [Group("a", "medical/text", max_repeats=2), Group("b", "general/text"), Group("c", "general/text")]
+    targets = {"medical/text": 0.7, "general/text": 0.3}
+    whole = make_plan(group_of, tokens, groups, targets, seed=3, total_tokens=400_000)
+    monkeypatch.setattr(plan_module, "_CHUNK", 7)  # many chunks, boundaries everywhere
+    chunked = make_plan(group_of, tokens, groups, targets, seed=3, total_tokens=400_000)
+    assert (whole.copies == chunked.copies).all() and whole.copies.max() == 2
+    assert [vars(t) for t in whole.group_tallies] == [vars(t) for t in chunked.group_tallies]
+    for g in range(3):  # the sums the plan works from
+        rows = group_of == g
+        tally = whole.group_tallies[g]
+        assert (tally.samples_available, tally.tokens_available) == (rows.sum(), tokens[rows].sum())
+        assert tally.tokens_selected == int((whole.copies[rows].astype(np.int64) * tokens[rows]).sum())
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 def write_recipe(folder, body: str):
@@ -289,6 +310,31 @@ def test_cli_pipe(tmp_path, tiny_model_dir):
     assert records and {r["source"] for r in records} == {"general-vqa", "general-essay"}
     assert token_shares(records)["general/multimodal"] == pytest.approx(0.7, abs=0.01)
     assert "aloe mix" in proc.stderr and "{" not in proc.stderr.splitlines()[0]
+
+
+# Runs the CLI like `python -m aloe_cli`, then says which heavy modules the process ended up importing.
+HEAVY_IMPORTS_PROBE = """
+import atexit, sys
+atexit.register(lambda: sys.stderr.write("heavy imports: %s\\n" % sorted(
+    {name.split(".")[0] for name in sys.modules} & {"torch", "transformers", "torchvision", "accelerate"})))
+sys.argv[0] = "aloe"
+from aloe_cli.app import main
+main()
+"""
+
+
+def test_cli_mix_imports_neither_torch_nor_transformers(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    paths = make_sources(tmp_path, SOURCES[:3])
+    output = tmp_path / "mixture.jsonl"
+    proc = subprocess.run([sys.executable, "-c", HEAVY_IMPORTS_PROBE, "mix", "-i", str(paths["vqa-short"]),
+                           "-i", str(paths["med-qa"]), "--tokenizer", str(tiny_model_dir), "--share",
+                           "medical/multimodal=0.5", "--share", "medical/text=0.5", "--cache",
+                           str(tmp_path / "c.sqlite"), "-o", str(output)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert read_jsonl(output) and proc.stderr.strip().splitlines()[-1] == "heavy imports: []", proc.stderr
 
 
 def test_cli_bad_record_fails_with_file_and_line(tmp_path, tiny_model_dir):

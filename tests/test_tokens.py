@@ -1,8 +1,17 @@
-"""Loss-token counting equals the chat template's generation mask; the cache remembers counts."""
+"""Loss-token counting equals the chat template's generation mask; the cache remembers counts.
+
+The counter reads tokenizer.json with `tokenizers` and renders the template
+with jinja2 itself; every count here is checked against transformers'
+`apply_chat_template(..., return_assistant_tokens_mask=True)` on the tiny
+offline model (transformers is imported by the tests only).
+"""
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
+import sys
 
 import pytest
 
@@ -15,11 +24,24 @@ from aloe_cli.tokens import (
     reference_count,
     tokens_overlapping,
 )
+from support import aloe, chat, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def counter(tiny_model_dir):
     return load_counter(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tiny_model_dir):
+    """The reference: transformers' fast tokenizer of the same checkpoint."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+def reference_counts(hf_tokenizer, conversations, chat_template=None):
+    return [reference_count(hf_tokenizer, messages, chat_template) for messages in conversations]
 
 
 def user(*parts):
@@ -54,17 +76,58 @@ def random_conversations(count, seed=0, pieces=PIECES):
     return conversations
 
 
-def test_counts_equal_the_chat_template_generation_mask(counter):
+def test_counts_equal_the_chat_template_generation_mask(counter, hf_tokenizer):
     conversations = random_conversations(300)
-    expected = [reference_count(counter.tokenizer, messages) for messages in conversations]
+    expected = reference_counts(hf_tokenizer, conversations)
     assert counter.count(conversations) == expected
     assert sum(expected) > 1000 and 0 in expected  # the set covers long answers and answer-less records
+
+
+def test_rendered_text_equals_transformers(counter, hf_tokenizer):
+    conversations = random_conversations(60, seed=1) + [CASES[name] for name in sorted(CASES)]
+    texts, _ = counter.render(conversations)
+    assert texts == [hf_tokenizer.apply_chat_template(messages, tokenize=False) for messages in conversations]
+
+
+def system(text):
+    return {"role": "system", "content": text}
+
+
+CASES = {
+    "multi_turn": [user("What is shown?"), assistant("A chest X-ray."), user("Any effusion?"),
+                   assistant("No.", as_string=True), user("And the heart?"), assistant("Cardiomegaly.")],
+    "system_message": [system("You are a careful radiologist."), user("Which organ?"), assistant("The liver.")],
+    "system_with_parts": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                          user("Organ?"), assistant("Liver.")],
+    "images": [user(None, None, "Compare the two scans."), assistant("The second shows a new nodule."),
+               user(None, "And this one?"), assistant("Unchanged.")],
+    "image_only_question": [user(None), assistant("A CT of the abdomen.")],
+    "other_placeholders": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}},
+                                                        {"type": "video"}, {"type": "text", "text": "What moves?"}]},
+                           assistant("The heart.")],
+    "unicode": [user("肝脏有病变吗？ Ist die Leber auffällig?"),
+                assistant("是的，肝右叶见一低密度灶 🙂 — Läsion, ½ cm, café, e\u0301, عربى, 👩‍⚕️, 𝔸.")],
+    "line_breaks": [user("Line one\r\nline two\n\n"), assistant("\n  Indented\tanswer\n\n")],
+    "special_look_alikes": [user("<|im_start|>assistant\nfake"),
+                            assistant("<|object_ref_start|>lesion<|object_ref_end|><|box_start|>(10,20),(30,40)"
+                                      "<|box_end|> and <|im_end|> inside")],
+    "empty_answer": [user("Say nothing."), assistant("")],
+    "ends_with_a_question": [user("Q1?"), assistant("A1."), user("Q2?")],
+    "reasoning_field": [user("Why?"), {"role": "assistant", "content": "Because.", "reasoning": "Think first."}],
+    "none_values": [user("Q?"), {"role": "assistant", "content": "A.", "tool_calls": None}],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_named_cases_equal_transformers(counter, hf_tokenizer, name):
+    messages = CASES[name]
+    assert counter.count([messages]) == reference_counts(hf_tokenizer, [messages])
 
 
 def test_answer_tokens_and_end_of_turn_count_prompt_and_images_do_not(counter):
     tokenizer = counter.tokenizer
     answer = "The liver shows a small nodule."
-    answer_tokens = len(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    answer_tokens = len(tokenizer.encode(answer, add_special_tokens=False).ids)
     plain = [user("What does the scan show?"), assistant(answer)]
     with_images = [user(None, None, "What does the scan show? Describe it at length, please."), assistant(answer)]
     assert counter.count([plain, with_images]) == [answer_tokens + 1, answer_tokens + 1]  # + <|im_end|>
@@ -113,6 +176,120 @@ def test_chatml_templates_without_markers_count_the_same_spans(tiny_model_dir, t
     assert chatml.count(conversations) == counter.count(conversations)
 
 
+# A template written against the rest of transformers' environment: tojson, namespace, loop controls,
+# raise_exception, special-token variables, a generation block that ends after the end-of-turn token.
+FEATURE_TEMPLATE = (
+    "{% set ns = namespace(turns=0) %}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + message['role']) }}"
+    "{% endif %}"
+    "{% if message['role'] == 'system' %}{% continue %}{% endif %}"
+    "{% set ns.turns = ns.turns + 1 %}"
+    "<|im_start|>{{ message['role'] }} {{ ns.turns }}\n"
+    "{% if message['content'] is string %}{% set text = message['content'] %}"
+    "{% else %}{% set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
+    " | join(' ') %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ text | trim }}{% if message.get('meta') %} {{ message['meta'] | tojson }}{% endif %}"
+    "{{ eos_token }}{% endgeneration %}"
+    "{% else %}{{ text }}{{ eos_token }}{% endif %}\n"
+    "{% if ns.turns >= 6 %}{% break %}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def test_a_template_using_the_rest_of_the_environment_counts_like_transformers(tiny_model_dir, hf_tokenizer):
+    counter = load_counter(str(tiny_model_dir), FEATURE_TEMPLATE)
+    conversations = random_conversations(120, seed=4)
+    conversations.append([user("q"), {"role": "assistant", "content": "a", "meta": {"lang": "fr", "é": [1, "<b>"]}}])
+    expected = reference_counts(hf_tokenizer, conversations, FEATURE_TEMPLATE)
+    assert counter.count(conversations) == expected and sum(expected) > 500
+    texts, _ = counter.render(conversations[-1:])
+    assert texts == [hf_tokenizer.apply_chat_template(conversations[-1], chat_template=FEATURE_TEMPLATE,
+                                                      tokenize=False)]
+    [error] = counter.count_each([[{"role": "tool", "content": "x"}]])
+    assert isinstance(error, RecordError) and "unknown role tool" in error.message
+
+
+def test_templates_cannot_escape_the_sandbox(tiny_model_dir):
+    escape = "{{ messages.__class__.__mro__ }}{% generation %}x{% endgeneration %}"
+    [error] = load_counter(str(tiny_model_dir), escape).count_each([[user("q")]])
+    assert isinstance(error, RecordError) and error.reason == "template_error"
+    with pytest.raises(AloeError, match="does not compile"):
+        load_counter(str(tiny_model_dir), "{% generation %}{{ x }")
+
+
+# ----------------------------------------------------------------------------- what is read from a checkpoint
+
+def checkpoint_variant(tiny_model_dir, folder, edit_config=None, template_in="chat_template.jinja"):
+    """A copy of the tiny tokenizer files with the chat template stored in `template_in`."""
+    folder.mkdir()
+    shutil.copy(tiny_model_dir / "tokenizer.json", folder / "tokenizer.json")
+    config = json.loads((tiny_model_dir / "tokenizer_config.json").read_text())
+    template = (tiny_model_dir / "chat_template.jinja").read_text()
+    if template_in == "chat_template.jinja":
+        (folder / "chat_template.jinja").write_text(template)
+    elif template_in == "tokenizer_config.json":
+        config["chat_template"] = template
+    elif template_in == "chat_template.json":
+        (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    (edit_config or (lambda config: None))(config)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_the_tiny_checkpoint_keeps_its_template_in_chat_template_jinja(tiny_model_dir):
+    assert (tiny_model_dir / "chat_template.jinja").is_file() and (tiny_model_dir / "tokenizer.json").is_file()
+    assert "chat_template" not in json.loads((tiny_model_dir / "tokenizer_config.json").read_text())
+
+
+@pytest.mark.parametrize("template_in", ["tokenizer_config.json", "chat_template.json"])
+def test_the_template_is_found_where_the_checkpoint_keeps_it(tiny_model_dir, tmp_path, counter, template_in):
+    folder = checkpoint_variant(tiny_model_dir, tmp_path / "variant", template_in=template_in)
+    other = load_counter(str(folder))
+    assert other.chat_template == counter.chat_template
+    conversations = random_conversations(40, seed=6)
+    assert other.count(conversations) == counter.count(conversations)
+
+
+def test_the_jinja_file_wins_over_the_config_template(tiny_model_dir, tmp_path, counter):
+    def stale(config):
+        config["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+    folder = checkpoint_variant(tiny_model_dir, tmp_path / "variant", stale)
+    assert load_counter(str(folder)).chat_template == counter.chat_template
+
+
+def add_tokens_and_named_specials(config):
+    config["added_tokens_decoder"] = {
+        "1030": {"content": "lesion", "lstrip": False, "rstrip": False, "normalized": True, "single_word": False,
+                 "special": False},
+        "1031": {"content": "<think>", "lstrip": False, "rstrip": False, "normalized": False, "single_word": False,
+                 "special": False}}
+    config["bos_token"] = {"__type": "AddedToken", "content": "<|endoftext|>", "lstrip": False, "rstrip": False,
+                           "normalized": False, "single_word": False, "special": True}
+    config["image_token"] = "<|image_pad|>"
+    config["extra_special_tokens"] = config["extra_special_tokens"] + ["<tag>"]
+
+
+def split_special_tokens(config):
+    config["split_special_tokens"] = True
+
+
+@pytest.mark.parametrize("edit", [add_tokens_and_named_specials, split_special_tokens])
+def test_added_and_special_tokens_of_the_config_are_handled_like_transformers(tiny_model_dir, tmp_path, edit):
+    from transformers import AutoTokenizer
+
+    folder = checkpoint_variant(tiny_model_dir, tmp_path / "variant", edit)
+    counter, reference = load_counter(str(folder)), AutoTokenizer.from_pretrained(str(folder))
+    assert counter.template_kwargs == reference.special_tokens_map
+    pieces = PIECES + ["lesion", " lesions", "<think>", "<tag>", "<|endoftext|>"]
+    conversations = random_conversations(200, seed=7, pieces=pieces)
+    conversations.append([user("q"), assistant("<think>lesion<tag>Yes<|im_end|>")])
+    assert counter.count(conversations) == reference_counts(reference, conversations)
+
+
 def test_templates_that_do_not_say_what_the_loss_sees_are_refused(tiny_model_dir, tmp_path):
     plain = tmp_path / "plain.jinja"
     plain.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
@@ -122,6 +299,56 @@ def test_templates_that_do_not_say_what_the_loss_sees_are_refused(tiny_model_dir
         load_counter(str(tiny_model_dir), str(tmp_path / "missing.jinja"))
     with pytest.raises(AloeError, match="cannot load tokenizer"):
         load_counter(str(tmp_path / "no-model"))
+    (tmp_path / "slow-only").mkdir()
+    with pytest.raises(AloeError, match="has no tokenizer.json"):
+        load_counter(str(tmp_path / "slow-only"))
+    template_less = checkpoint_variant(tiny_model_dir, tmp_path / "template-less", template_in=None)
+    with pytest.raises(AloeError, match="has no chat template"):
+        load_counter(str(template_less))
+
+
+def fake_hub_cache(cache, repo_id, folder, files):
+    """The layout huggingface_hub's cache has after downloading `files` of `repo_id` at one commit."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in files:
+        shutil.copy(folder / name, snapshot / name)
+
+
+def test_a_hub_id_is_read_from_the_hugging_face_cache_offline(tiny_model_dir, tmp_path):
+    cache = tmp_path / "hub"
+    fake_hub_cache(cache, "acme/tiny-vl", tiny_model_dir, ["tokenizer.json", "tokenizer_config.json",
+                                                           "chat_template.jinja"])
+    data = write_jsonl(tmp_path / "a.jsonl", [chat("Which organ?", "The liver.", domain="medical")])
+    args = ["mix", "-i", str(data), "--share", "medical/text=1", "--no-cache", "--dry-run", "--report",
+            str(tmp_path / "r.json"), "--tokenizer"]
+    # A cached snapshot is read without asking the Hub (the tests have no network, and need no HF_HUB_OFFLINE).
+    proc = aloe(*args, "acme/tiny-vl", env={"HF_HUB_CACHE": str(cache)}, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    from_hub = json.loads((tmp_path / "r.json").read_text())
+    proc = aloe(*args, str(tiny_model_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert from_hub["cells"] == json.loads((tmp_path / "r.json").read_text())["cells"]
+    proc = aloe(*args, "acme/not-downloaded", env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("aloe: error: cannot load tokenizer 'acme/not-downloaded'"), \
+        proc.stderr
+
+
+def test_counting_imports_neither_torch_nor_transformers(tiny_model_dir):
+    import subprocess
+
+    code = ("import sys; from aloe_cli.tokens import load_counter; "
+            f"c = load_counter({str(tiny_model_dir)!r}); "
+            "print(c.count([[{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'a'}]])); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[1] == "[]", out
 
 
 def test_cache_keys_separate_tokenizers_and_content_and_persist(tmp_path):

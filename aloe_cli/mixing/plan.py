@@ -35,6 +35,7 @@ from aloe_cli.mixing.recipe import CELLS
 NOT_AVAILABLE = -1  # group_of value of a record that was rejected
 _BISECTION_STEPS = 200
 _RELATIVE_EPS = 1e-9
+_CHUNK = 1 << 16  # records per chunk where a per-record int64 or float64 temporary would be needed
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ def output_rng(seed: int) -> np.random.Generator:
 def pick_copies(units: np.ndarray, budget: float, max_repeats: float, rng: np.random.Generator) -> np.ndarray:
     """Copies per record of one group so that their units come as close as possible to `budget`."""
     copies = np.zeros(len(units), dtype=np.uint16)
-    total = float(units.sum())
+    total = float(units.sum(dtype=np.int64))
     if budget <= 0 or total <= 0:
         return copies
     passes = min(int(math.floor(budget / total + _RELATIVE_EPS)), int(math.floor(max_repeats)))
@@ -194,15 +195,32 @@ def pick_copies(units: np.ndarray, budget: float, max_repeats: float, rng: np.ra
     rest = budget - passes * total
     if rest <= _RELATIVE_EPS * total:
         return copies
-    order = rng.permutation(len(units))
-    running = np.cumsum(units[order], dtype=np.int64)
-    take = int(np.searchsorted(running, rest))  # shortest prefix reaching `rest` is take + 1 records
-    if take < len(units):
-        below = running[take - 1] if take else 0.0
-        if running[take] - rest <= rest - below:
-            take += 1
-    copies[order[:take]] += 1
+    order = permutation(len(units), rng)
+    copies[order[:_closest_prefix(units, order, rest)]] += 1
     return copies
+
+
+def permutation(n: int, rng: np.random.Generator) -> np.ndarray:
+    """`rng.permutation(n)` (the same values from the same generator state) in 4 bytes an entry, not 8."""
+    order = np.arange(n, dtype=np.uint32 if n < 2 ** 32 else np.int64)
+    rng.shuffle(order)
+    return order
+
+
+def _closest_prefix(units: np.ndarray, order: np.ndarray, rest: float) -> int:
+    """How many records, taken in `order`, have units closest to `rest`: the shortest prefix reaching it, or
+    one record less when that is closer. Cumulative sums run over chunks so no per-record int64 array is built.
+    """
+    done = 0  # units of order[:start]
+    for start in range(0, len(order), _CHUNK):
+        running = np.cumsum(units[order[start:start + _CHUNK]], dtype=np.int64)
+        running += done
+        k = int(np.searchsorted(running, rest))
+        if k < len(running):
+            below = int(running[k - 1]) if k else done
+            return start + k + (1 if running[k] - rest <= rest - below else 0)
+        done = int(running[-1])
+    return len(order)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -213,17 +231,13 @@ def make_plan(group_of: np.ndarray, tokens: np.ndarray, groups: list[Group], tar
     """Copies per record for a mixture that meets `targets` (share of units per cell).
 
     `group_of[i]` is the group index of record i (NOT_AVAILABLE if rejected),
-    `tokens[i]` its loss tokens. Apart from the result (2 bytes a record), the
-    work arrays are one index per record plus one group at a time.
+    `tokens[i]` its loss tokens. Apart from the result (2 bytes a record),
+    the work memory is a 1-byte mask over the records plus about 12 bytes a
+    record of one group at a time: no per-record index of all groups is built.
     """
     group_of = np.asarray(group_of)
     tokens = np.asarray(tokens)
-    members = _members(group_of, len(groups))
-
-    def units_of(rows: np.ndarray) -> np.ndarray:
-        return tokens[rows] if balance == "loss_tokens" else np.ones(len(rows), dtype=np.int64)
-
-    pool = _pool(members, tokens, units_of, groups)
+    pool = _pool(group_of, tokens, groups, balance)
     shares = np.array([targets.get(cell, 0.0) for cell in CELLS])
 
     if total_samples is not None:
@@ -235,11 +249,15 @@ def make_plan(group_of: np.ndarray, tokens: np.ndarray, groups: list[Group], tar
     per_cell, per_group = _allocate(budget, pool, shares)
 
     copies = np.zeros(len(group_of), dtype=np.uint16)
+    group_tallies = []
     for g, group in enumerate(groups):
-        rows = members[g]
-        copies[rows] = pick_copies(units_of(rows), per_group[g], group.max_repeats,
-                                   group_rng(seed, group.source, group.cell))
-    group_tallies = [_tally(copies[rows], tokens[rows]) for rows in members]
+        members = group_of == g  # boolean indexing keeps input order, like an index array would
+        group_tokens = tokens[members]
+        units = group_tokens if balance == "loss_tokens" else np.ones(len(group_tokens), dtype=np.uint8)
+        picked = pick_copies(units, per_group[g], group.max_repeats, group_rng(seed, group.source, group.cell))
+        copies[members] = picked
+        group_tallies.append(_tally(picked, group_tokens))
+        del members, group_tokens, units, picked
     cell_tallies = {cell: Tally() for cell in CELLS}
     for group, tally in zip(groups, group_tallies):
         cell_tallies[group.cell].add(tally)
@@ -248,33 +266,40 @@ def make_plan(group_of: np.ndarray, tokens: np.ndarray, groups: list[Group], tar
     return plan
 
 
-def _members(group_of: np.ndarray, group_count: int) -> list[np.ndarray]:
-    """Record indices of each group, in input order (rejected records, NOT_AVAILABLE, sort first)."""
-    order = np.argsort(group_of, kind="stable")
-    sizes = np.bincount(group_of + 1, minlength=group_count + 1)  # index 0 counts NOT_AVAILABLE
-    bounds = np.cumsum(sizes)
-    return [order[bounds[g]:bounds[g + 1]] for g in range(group_count)]
-
-
-def _pool(members: list[np.ndarray], tokens: np.ndarray, units_of, groups: list[Group]) -> _Pool:
-    unit_sums = np.array([float(units_of(rows).sum(dtype=np.int64)) for rows in members])
+def _pool(group_of: np.ndarray, tokens: np.ndarray, groups: list[Group], balance: str) -> _Pool:
+    """Samples and loss tokens per group, summed a chunk of records at a time (bincount's float64 weights and
+    the shifted group numbers would otherwise be 12 bytes a record)."""
+    count = len(groups)
+    samples = np.zeros(count + 1, dtype=np.int64)  # index 0 counts NOT_AVAILABLE
+    token_sums = np.zeros(count + 1, dtype=np.int64)
+    for start in range(0, len(group_of), _CHUNK):
+        index = group_of[start:start + _CHUNK].astype(np.int64) + 1
+        samples += np.bincount(index, minlength=count + 1)
+        # float64 sums are exact here: a chunk's sum stays below 2**48 (2**16 counts under 2**32 each)
+        token_sums += np.rint(np.bincount(index, weights=tokens[start:start + _CHUNK],
+                                          minlength=count + 1)).astype(np.int64)
+    samples, token_sums = samples[1:].astype(np.float64), token_sums[1:].astype(np.float64)
+    units = token_sums if balance == "loss_tokens" else samples
     return _Pool(
-        samples=np.array([float(len(rows)) for rows in members]),
-        tokens=np.array([float(tokens[rows].sum(dtype=np.int64)) for rows in members]),
-        units=unit_sums,
-        caps=unit_sums * np.array([g.max_repeats for g in groups], dtype=np.float64),
+        samples=samples,
+        tokens=token_sums,
+        units=units,
+        caps=units * np.array([g.max_repeats for g in groups], dtype=np.float64),
         weights=np.array([g.weight for g in groups], dtype=np.float64),
         cell_of=np.array([CELLS.index(g.cell) for g in groups], dtype=np.int64),
     )
 
 
 def _tally(copies: np.ndarray, tokens: np.ndarray) -> Tally:
+    selected = sum(int(np.dot(copies[start:start + _CHUNK].astype(np.int64),
+                              tokens[start:start + _CHUNK].astype(np.int64)))
+                   for start in range(0, len(copies), _CHUNK))
     return Tally(
         samples_available=len(copies),
         tokens_available=int(tokens.sum(dtype=np.int64)),
         samples_selected=int(copies.sum(dtype=np.int64)),
         unique_selected=int(np.count_nonzero(copies)),
-        tokens_selected=int((copies.astype(np.int64) * tokens).sum()),
+        tokens_selected=selected,
     )
 
 
