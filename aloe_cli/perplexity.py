@@ -540,17 +540,12 @@ def safe_file_name(source: str) -> str:
 def plot_histograms(distribution: Distribution, resolved: ResolvedThresholds | None, out_dir: str | Path,
                     *, label: str = "answer perplexity") -> list[Path]:
     """One PNG per source: the histogram of values with the min/max thresholds drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise AloeError(f"cannot create the plot folder {out}: {exc.strerror}") from None
+    from aloe_cli.plotting import plot_folder, pyplot
+
+    plt = pyplot()
+    out = plot_folder(out_dir)
     written = []
     for source in distribution.sources():
         values = distribution.values(source)

@@ -96,7 +96,10 @@ def mix(
 ) -> None:
     from aloe_cli.commands._common import write_report
     from aloe_cli.mixing import MixOptions, build_report, load_recipe, plot_shares, run_mix
+    from aloe_cli.plotting import require_matplotlib
 
+    if plot is not None:
+        require_matplotlib()  # before hours of counting, not after
     if balance is not None and balance not in ("loss_tokens", "samples"):
         raise typer.BadParameter("must be loss_tokens or samples", param_hint="--balance")
     if domain is not None and domain not in ("medical", "general"):

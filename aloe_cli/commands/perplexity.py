@@ -93,13 +93,14 @@ def perplexity(
     from aloe_cli.io import read_items
     from aloe_cli.models import ModelSpec, check_model_reference, load_model
     from aloe_cli.perplexity import PerplexityConfig, PerplexityStage, percentile_rows, plot_histograms
+    from aloe_cli.plotting import require_matplotlib
     from aloe_cli.stage import RunConfig
     from aloe_cli.thresholds import annotate_ahead, load_thresholds
 
     # Everything that can be wrong with the options is checked before any model is loaded.
     bounds = load_thresholds(thresholds, "perplexity") if thresholds is not None else None
     if plot is not None:
-        _require_matplotlib()
+        require_matplotlib()
     check_model_reference(model)
     spec = ModelSpec(model, device=device, dtype=dtype.value, trust_remote_code=trust_remote_code,
                      attn_implementation=attn_implementation)
@@ -132,11 +133,3 @@ def perplexity(
         written = plot_histograms(stage.distribution, stage.resolved_thresholds(), plot)
         console.log(f"  wrote {len(written)} histogram(s) to {plot}")
 
-
-def _require_matplotlib() -> None:
-    import importlib.util
-
-    from aloe_cli.errors import AloeError
-
-    if importlib.util.find_spec("matplotlib") is None:
-        raise AloeError("--plot needs matplotlib: pip install 'aloe-cli[plot]'")

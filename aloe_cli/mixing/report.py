@@ -14,6 +14,7 @@ from aloe_cli.errors import AloeError
 from aloe_cli.mixing.passes import MixResult
 from aloe_cli.mixing.plan import Tally
 from aloe_cli.mixing.recipe import CELLS
+from aloe_cli.plotting import plot_folder, pyplot
 
 PLOT_FILES = ("mix_cells.png", "mix_sources.png")
 
@@ -126,18 +127,8 @@ def source_rows(report: dict[str, Any]) -> list[list[object]]:
 
 def plot_shares(report: dict[str, Any], folder: str | Path) -> list[Path]:
     """Bar charts of the loss-token shares before and after mixing (cells vs targets; sources)."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise AloeError("--plot needs matplotlib: pip install 'aloe-cli[plot]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise AloeError(f"cannot create plot folder {folder}: {exc.strerror or exc}") from None
+    plt = pyplot()
+    folder = plot_folder(folder)
     paths = [folder / name for name in PLOT_FILES]
     cells = list(report["cells"])
     series = [("target", [report["cells"][c]["target_share"] for c in cells]),
