@@ -50,7 +50,7 @@ class LazyGroup(TyperGroup):
 app = typer.Typer(
     cls=LazyGroup,
     name="aloe",
-    help="Build medical vision-language models: curate leak-free, filtered, token-balanced data; train; evaluate.",
+    help="Build medical vision-language models: leak-free, quality-filtered, token-balanced training data.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -68,7 +68,7 @@ def _version(value: bool) -> None:
 def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    """Build medical vision-language models: curate leak-free, filtered, token-balanced data; train; evaluate."""
+    """Build medical vision-language models: leak-free, quality-filtered, token-balanced training data."""
 
 
 def main(argv: list[str] | None = None) -> None:
