@@ -55,3 +55,20 @@ def print_summary(summary: RunSummary) -> None:
     if summary.rejected and not summary.rejects_written:
         console.log(f"  {summary.rejected} rejected record(s) were not saved; pass --rejects FILE to keep them")
     console.log(f"  {summary.read} read = {summary.kept} kept + {summary.rejected} rejected")
+
+
+def run_thresholded_command(stage: Stage, items: Iterable[Item], bounds, *, output: str, rejects: Path | None,
+                            report: Path | None, config: RunConfig) -> RunSummary:
+    """`run_data_command` for a stage whose thresholds may be percentiles of its own values.
+
+    Percentiles need every value before the first decision, so the stage
+    annotates (and spools) the whole shard first, then the runner decides.
+    """
+    if bounds is not None and bounds.needs_distribution():
+        from aloe_cli.thresholds import annotate_ahead
+
+        with console.progress(f"{stage.name} (measuring)") as bar:
+            items = annotate_ahead(items, stage.annotate, config=config, distribution=stage.distribution,
+                                   on_progress=bar.advance)
+        console.log(f"aloe {stage.name}: distribution measured; applying percentile thresholds")
+    return run_data_command(stage, items, output=output, rejects=rejects, report=report, config=config)

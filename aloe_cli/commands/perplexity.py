@@ -89,13 +89,13 @@ def perplexity(
     attn_implementation: AttnImplementationOpt = None,
 ) -> None:
     from aloe_cli import console
-    from aloe_cli.commands._common import resolve_shard, run_data_command
+    from aloe_cli.commands._common import resolve_shard, run_thresholded_command
     from aloe_cli.io import read_items
     from aloe_cli.models import ModelSpec, check_model_reference, load_model
     from aloe_cli.perplexity import PerplexityConfig, PerplexityStage, percentile_rows, plot_histograms
     from aloe_cli.plotting import require_matplotlib
     from aloe_cli.stage import RunConfig
-    from aloe_cli.thresholds import annotate_ahead, load_thresholds
+    from aloe_cli.thresholds import load_thresholds
 
     # Everything that can be wrong with the options is checked before any model is loaded.
     bounds = load_thresholds(thresholds, "perplexity") if thresholds is not None else None
@@ -114,14 +114,8 @@ def perplexity(
                                                    reuse=reuse), bounds, model_name=model)
     config = RunConfig(batch_size=stage.runner_batch_size(), shard=resolve_shard(shard), keep_all=keep_all,
                        on_error=on_error.value)
-    items = read_items(input, image_root)
-    if bounds is not None and bounds.needs_distribution():
-        # Percentiles need every value before the first decision: score everything, then decide.
-        with console.progress("perplexity (measuring)") as bar:
-            items = annotate_ahead(items, stage.annotate, config=config, distribution=stage.distribution,
-                                   on_progress=bar.advance)
-        console.log("aloe perplexity: distribution measured; applying percentile thresholds")
-    summary = run_data_command(stage, items, output=output, rejects=rejects, report=report, config=config)
+    summary = run_thresholded_command(stage, read_items(input, image_root), bounds, output=output, rejects=rejects,
+                                      report=report, config=config)
 
     rows = percentile_rows(summary.extra)
     if rows:

@@ -113,7 +113,7 @@ def score(
     attn_implementation: AttnImplementationOpt = None,
 ) -> None:
     from aloe_cli import console
-    from aloe_cli.commands._common import resolve_shard, run_data_command
+    from aloe_cli.commands._common import resolve_shard, run_thresholded_command
     from aloe_cli.io import read_items
     from aloe_cli.judge import (
         DEFAULT_MIN_SCORE,
@@ -127,7 +127,7 @@ def score(
         load_rubric,
     )
     from aloe_cli.stage import RunConfig
-    from aloe_cli.thresholds import Bounds, annotate_ahead, load_thresholds
+    from aloe_cli.thresholds import Bounds, load_thresholds
 
     rubric: Rubric = load_rubric(prompt_file)
     if show_prompt:
@@ -158,13 +158,9 @@ def score(
                        verdicts)
     config = RunConfig(batch_size=runner_batch, shard=resolve_shard(shard), keep_all=keep_all,
                        on_error=on_error.value)
-    items = read_items(input, image_root)
     try:
-        if bounds.needs_distribution():
-            with console.progress("score (measuring)") as bar:
-                items = annotate_ahead(items, stage.annotate, config=config, distribution=stage.distribution,
-                                       on_progress=bar.advance)
-        summary = run_data_command(stage, items, output=output, rejects=rejects, report=report, config=config)
+        summary = run_thresholded_command(stage, read_items(input, image_root), bounds, output=output,
+                                          rejects=rejects, report=report, config=config)
     finally:
         stage.close()
     _print_scores(summary.extra)
