@@ -15,6 +15,8 @@ gzip detected on input).
 from __future__ import annotations
 
 import ast
+import base64
+import binascii
 import csv
 import glob
 import gzip
@@ -30,7 +32,7 @@ from typing import Any, BinaryIO, TextIO
 import orjson
 
 from aloe_cli.errors import AloeError, OutputClosed, RecordError
-from aloe_cli.images import to_data_uri
+from aloe_cli.images import image_mime, to_data_uri
 from aloe_cli.records import normalize
 
 STDIO = "-"
@@ -316,15 +318,12 @@ def tsv_row_to_record(row: dict, source: str, shared_images: dict[str, str]) -> 
 
 
 def to_data_uri_from_base64(b64: str) -> str:
-    import base64
-    import binascii
-
+    """Wrap a TSV's base64 image as a data URI; the MIME type comes from the first decoded bytes."""
     try:
         head = base64.b64decode(b64[:64] + "=" * (-len(b64[:64]) % 4))
     except (binascii.Error, ValueError):
         raise RecordError("image_invalid", "image column is not valid base64", field="image") from None
-    mime = to_data_uri(head).split(";", 1)[0][5:]
-    return f"data:{mime};base64,{b64}"
+    return f"data:{image_mime(head)};base64,{b64}"
 
 
 # ----------------------------------------------------------------------------- writing
@@ -421,8 +420,6 @@ class RecordWriter:
 
 def _parquet_images(record: dict) -> dict:
     """Images as HF `Image` structs {bytes, path}, so `datasets` can read them back."""
-    import base64
-
     images = record.get("images")
     if images is None:
         return record
