@@ -9,13 +9,13 @@ an image of an earlier kept training record is rejected as `duplicate_within`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aloe_cli.errors import AloeError, RecordError
-from aloe_cli.hashing import Hasher, HashIndex, to_hex
+from aloe_cli.hashing import Hasher, HashIndex, HashResult, to_hex
 from aloe_cli.io import Item, read_file
 from aloe_cli.records import annotate
 from aloe_cli.stage import Reject, Stage
@@ -76,16 +76,29 @@ def build_eval_index(against: Iterable[str], hasher: Hasher, *, max_distance: in
     return result
 
 
+def hash_batch(hasher: Hasher, batch: list[Item]) -> Iterator[tuple[Item, list[HashResult]]]:
+    """Hash every image of a batch in one pool call; yield each item with its images' results, in order."""
+    tasks = [(entry, item.image_root) for item in batch for entry in item.record.get("images") or []]
+    results = iter(hasher.hash_many(tasks) if tasks else ())
+    for item in batch:
+        yield item, [next(results) for _ in item.record.get("images") or []]
+
+
+def _first_failure(item: Item, results: list[HashResult]) -> RecordError | None:
+    for position, (value, reason, message) in enumerate(results):
+        if value is None:
+            return RecordError(reason, message, where=item.where, field=f"images[{position}]")
+    return None
+
+
 def _index_batch(index: HashIndex, batch: list[Item], hasher: Hasher, name: str, stats: EvalSetStats,
                  skip_errors: bool) -> None:
-    tasks = [(entry, item.image_root) for item in batch for entry in item.record.get("images") or []]
-    results = iter(hasher.hash_many(tasks))
-    for item in batch:
-        for position, _ in enumerate(item.record.get("images") or []):
-            value, reason, message = next(results)
+    for item, results in hash_batch(hasher, batch):
+        failure = _first_failure(item, results)
+        if failure is not None and not skip_errors:
+            raise failure
+        for value, _, _ in results:
             if value is None:
-                if not skip_errors:
-                    raise RecordError(reason, message, where=item.where, field=f"images[{position}]")
                 stats.unreadable += 1
                 continue
             stats.images += 1
@@ -121,16 +134,10 @@ class DedupStage(Stage):
         self.within_duplicates = 0
 
     def annotate(self, batch: list[Item]) -> None:
-        tasks = [(entry, item.image_root) for item in batch for entry in item.record.get("images") or []]
-        results = iter(self.hasher.hash_many(tasks) if tasks else ())
-        for item in batch:
-            hashes: list[int] = []
-            for position, _ in enumerate(item.record.get("images") or []):
-                value, reason, message = next(results)
-                if value is None and item.error is None:
-                    item.error = RecordError(reason, message, where=item.where, field=f"images[{position}]")
-                hashes.append(value)
+        for item, results in hash_batch(self.hasher, batch):
+            item.error = _first_failure(item, results)
             if item.error is None:
+                hashes = [result.hash for result in results]
                 self.images_hashed += len(hashes)
                 item.annotations["hashes"] = hashes
                 annotate(item.record, self.name, {self.hasher.kind: [to_hex(h) for h in hashes]})
