@@ -41,7 +41,7 @@ def photo_source() -> Image.Image:
 
 def make_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
     """Half crops of a real photograph (random scale, rotation, colour), half synthetic scans."""
-    from aloe_cli.sample_data import synthetic_scan
+    from aloe_cli.data.sample_data import synthetic_scan
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"img{i:05d}.jpg" for i in range(count)]
@@ -109,7 +109,7 @@ def bench_hashing(work: Path, count: int) -> None:
     loop_rate = count / loop_s
     print(f"baseline loop imagehash.phash(Image.open(p)): {count} images in {loop_s:.2f} s = {loop_rate:.0f} images/s")
 
-    from aloe_cli.hashing import Hasher, to_hex
+    from aloe_cli.filters.hashing import Hasher, to_hex
 
     for fast in (False, True):
         start = time.perf_counter()

@@ -58,8 +58,8 @@ def naive_perplexities(loaded, records: list[dict]) -> list[float]:
     """One record at a time, full logits, the model's own position handling."""
     import torch
 
-    from aloe_cli.images import load_image
-    from aloe_cli.perplexity import conversation_with_images
+    from aloe_cli.data.images import load_image
+    from aloe_cli.filters.perplexity import conversation_with_images
 
     values = []
     for record in records:
@@ -80,8 +80,8 @@ def naive_perplexities(loaded, records: list[dict]) -> list[float]:
 
 def batched_perplexities(loaded, records: list[dict], batch_size: int) -> list[float]:
     """Through the real stage, in runner-sized windows, as `aloe perplexity` does."""
-    from aloe_cli.io import Item
-    from aloe_cli.perplexity import PerplexityConfig, PerplexityStage
+    from aloe_cli.data.io import Item
+    from aloe_cli.filters.perplexity import PerplexityConfig, PerplexityStage
 
     stage = PerplexityStage(lambda: loaded, PerplexityConfig(batch_size=batch_size), model_name="bench")
     items = [Item(record, record["id"], "bench") for record in records]
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from aloe_cli.models import ModelSpec, load_model
+    from aloe_cli.modeling.loading import ModelSpec, load_model
 
     with tempfile.TemporaryDirectory() as scratch:
         model = args.model

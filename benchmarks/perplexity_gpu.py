@@ -56,7 +56,7 @@ def random_model(processor, args):
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from aloe_cli.models import resolve_attn_implementation, resolve_device, resolve_dtype
+    from aloe_cli.modeling.loading import resolve_attn_implementation, resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -110,8 +110,8 @@ def measure(loaded, records: list[dict], batch_size: int, lengths: dict[str, int
 
     import torch
 
-    from aloe_cli.io import Item
-    from aloe_cli.perplexity import PerplexityConfig, PerplexityStage
+    from aloe_cli.data.io import Item
+    from aloe_cli.filters.perplexity import PerplexityConfig, PerplexityStage
 
     stage = PerplexityStage(lambda: loaded, PerplexityConfig(batch_size=batch_size), model_name="random-2b")
     items = [Item(copy.deepcopy(record), record["id"], "bench") for record in records]
@@ -135,7 +135,7 @@ def measure(loaded, records: list[dict], batch_size: int, lengths: dict[str, int
 
 def count_input_tokens(loaded, records: list[dict]) -> dict[str, int]:
     """Sequence length of every record (image tokens included), from the same encoder the stage uses."""
-    from aloe_cli.perplexity import ConversationEncoder
+    from aloe_cli.filters.perplexity import ConversationEncoder
 
     encoder = ConversationEncoder(loaded.processor)
     conversations = [encoder.conversation(record, None) for record in records]
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from aloe_cli.models import LoadedModel, ModelSpec
+    from aloe_cli.modeling.loading import LoadedModel, ModelSpec
 
     with tempfile.TemporaryDirectory() as scratch:
         processor = processor_with_real_pixel_limits(Path(scratch))

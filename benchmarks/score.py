@@ -58,9 +58,9 @@ def start_server(delay: float) -> tuple[subprocess.Popen, str]:
 
 def run_score(url: str, records: list[dict], concurrency: int, scratch: Path) -> float:
     """Seconds for the whole stage over `records`, as `aloe score` runs it."""
-    from aloe_cli.io import Item, RecordWriter
-    from aloe_cli.judge import OpenAIJudge, OpenAIJudgeConfig, Rubric, ScoreConfig, ScoreStage
-    from aloe_cli.stage import RunConfig, run_stage
+    from aloe_cli.data.io import Item, RecordWriter
+    from aloe_cli.data.stage import RunConfig, run_stage
+    from aloe_cli.filters.judge import OpenAIJudge, OpenAIJudgeConfig, Rubric, ScoreConfig, ScoreStage
 
     backend = OpenAIJudge(OpenAIJudgeConfig(base_url=url, model="fake", concurrency=concurrency))
     stage = ScoreStage(lambda: backend, ScoreConfig(judge="fake"), Rubric())

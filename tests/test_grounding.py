@@ -8,8 +8,7 @@ import random
 import pytest
 from PIL import Image
 
-from aloe_cli.errors import RecordError
-from aloe_cli.grounding import (
+from aloe_cli.data.grounding import (
     GroundedBox,
     format_object,
     ground_record,
@@ -18,7 +17,8 @@ from aloe_cli.grounding import (
     parse_grounding,
     pixels_to_grounding,
 )
-from aloe_cli.images import load_image
+from aloe_cli.data.images import load_image
+from aloe_cli.errors import RecordError
 from support import chat, jpeg_bytes, scan
 
 

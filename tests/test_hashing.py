@@ -17,20 +17,20 @@ import pydicom
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
+from aloe_cli.data.images import load_image
 from aloe_cli.errors import AloeError, RecordError
-from aloe_cli.hashing import (
+from aloe_cli.filters.hash_index import HashIndex
+from aloe_cli.filters.hashing import (
     FAST_DRAFT_SIZE,
     HASH_FUNCTIONS,
     Hasher,
-    HashIndex,
-    brute_force_search,
     from_hex,
     hash_image,
     hash_task,
     imagehash_to_int,
     to_hex,
 )
-from aloe_cli.images import load_image
+from aloe_cli.testing.oracles import brute_force_search
 
 SAMPLE_DATA = Path(matplotlib.__file__).parent / "mpl-data" / "sample_data"
 GRACE = SAMPLE_DATA / "grace_hopper.jpg"

@@ -8,8 +8,8 @@ import pydicom
 import pytest
 from PIL import Image
 
+from aloe_cli.data.images import load_image, to_data_uri
 from aloe_cli.errors import RecordError
-from aloe_cli.images import load_image, to_data_uri
 from support import jpeg_bytes, scan
 
 DICOM_DIR = Path(pydicom.__file__).parent / "data" / "test_files"

@@ -5,9 +5,9 @@ import json
 import pytest
 from PIL import Image
 
+from aloe_cli.data.images import load_image
+from aloe_cli.data.io import RecordWriter, read_items
 from aloe_cli.errors import AloeError
-from aloe_cli.images import load_image
-from aloe_cli.io import RecordWriter, read_items
 from support import chat, jpeg_bytes, read_jsonl, scan, write_jsonl
 
 

@@ -13,7 +13,7 @@ import pytest
 from aloe_cli.errors import AloeError
 from aloe_cli.mixing import CELLS, MixOptions, build_report, make_plan, recipe_from_dict, run_mix, water_fill
 from aloe_cli.mixing.plan import Group
-from aloe_cli.tokens import load_counter
+from aloe_cli.modeling.tokens import load_counter
 from support import aloe, chat, read_jsonl, scan, write_jsonl
 
 WORDS = ("the liver shows a small nodule with mild edema and no acute abnormality in the chest "

@@ -8,10 +8,10 @@ import math
 
 import pytest
 
+from aloe_cli.data.io import Item, RecordWriter
+from aloe_cli.data.stage import RunConfig, run_stage
 from aloe_cli.errors import AloeError
-from aloe_cli.io import Item, RecordWriter
-from aloe_cli.models import ModelSpec, check_model_reference, load_model
-from aloe_cli.perplexity import (
+from aloe_cli.filters.perplexity import (
     ConversationEncoder,
     Encoded,
     PerplexityConfig,
@@ -20,11 +20,11 @@ from aloe_cli.perplexity import (
     collate,
     turn_ids_from_mask,
 )
-from aloe_cli.stage import RunConfig, run_stage
-from aloe_cli.thresholds import annotate_ahead, parse_thresholds
+from aloe_cli.filters.thresholds import annotate_ahead, parse_thresholds
+from aloe_cli.modeling.loading import ModelSpec, check_model_reference, load_model
 from support import aloe, chat, read_jsonl, scan, write_jsonl
 
-torch = pytest.importorskip("torch")  # aloe_cli.perplexity itself imports torch only when it scores
+torch = pytest.importorskip("torch")  # aloe_cli.filters.perplexity itself imports torch only when it scores
 pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.slow

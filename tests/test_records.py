@@ -1,7 +1,7 @@
 import pytest
 
+from aloe_cli.data.records import modality, normalize, validate
 from aloe_cli.errors import RecordError
-from aloe_cli.records import modality, normalize, validate
 from support import chat
 
 

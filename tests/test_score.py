@@ -14,9 +14,9 @@ from functools import partial
 import pytest
 from fake_openai_server import GARBAGE_REPLY, FakeOpenAIServer
 
+from aloe_cli.data.io import Item
 from aloe_cli.errors import AloeError
-from aloe_cli.io import Item
-from aloe_cli.judge import (
+from aloe_cli.filters.judge import (
     DEFAULT_RUBRIC,
     JudgeCache,
     Rubric,
@@ -283,8 +283,8 @@ def test_an_interrupted_run_resumes_from_the_cache(tmp_path):
 @pytest.mark.slow
 def test_hf_judge_generates_in_batches_and_rejects_garbage(tiny_model_dir, tmp_path):
     pytest.importorskip("torch")
-    from aloe_cli.judge import HFJudge, HFJudgeConfig, ScoreConfig, ScoreStage
-    from aloe_cli.models import ModelSpec, load_model
+    from aloe_cli.filters.judge import HFJudge, HFJudgeConfig, ScoreConfig, ScoreStage
+    from aloe_cli.modeling.loading import ModelSpec, load_model
 
     loaded = load_model(ModelSpec(str(tiny_model_dir), device="cpu"))
     scan(3, 90).save(tmp_path / "a.png")

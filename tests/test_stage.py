@@ -1,8 +1,8 @@
 import pytest
 
+from aloe_cli.data.io import Item
+from aloe_cli.data.stage import Reject, RunConfig, Shard, Stage, run_stage
 from aloe_cli.errors import AloeError, RecordError
-from aloe_cli.io import Item
-from aloe_cli.stage import Reject, RunConfig, Shard, Stage, run_stage
 from support import chat
 
 

@@ -7,10 +7,10 @@ import os
 
 import pytest
 
+from aloe_cli.data.io import Item, RecordWriter
+from aloe_cli.data.stage import Reject, RunConfig, Shard, Stage, run_stage
 from aloe_cli.errors import AloeError, RecordError
-from aloe_cli.io import Item, RecordWriter
-from aloe_cli.stage import Reject, RunConfig, Shard, Stage, run_stage
-from aloe_cli.thresholds import (
+from aloe_cli.filters.thresholds import (
     ANNOTATED_AHEAD,
     Bounds,
     Distribution,

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from aloe_cli.errors import AloeError, RecordError
-from aloe_cli.tokens import (
+from aloe_cli.modeling.tokens import (
     LossTokenCounter,
     TokenCache,
     conversation_key,
@@ -343,7 +343,7 @@ def test_a_hub_id_is_read_from_the_hugging_face_cache_offline(tiny_model_dir, tm
 def test_counting_imports_neither_torch_nor_transformers(tiny_model_dir):
     import subprocess
 
-    code = ("import sys; from aloe_cli.tokens import load_counter; "
+    code = ("import sys; from aloe_cli.modeling.tokens import load_counter; "
             f"c = load_counter({str(tiny_model_dir)!r}); "
             "print(c.count([[{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'a'}]])); "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'}))")

@@ -9,9 +9,9 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from aloe_cli import console
+from aloe_cli.data.io import Item, RecordWriter
+from aloe_cli.data.stage import RunConfig, RunSummary, Shard, Stage, run_stage
 from aloe_cli.errors import AloeError
-from aloe_cli.io import Item, RecordWriter
-from aloe_cli.stage import RunConfig, RunSummary, Shard, Stage, run_stage
 
 
 def resolve_shard(text: str | None) -> Shard:
@@ -65,7 +65,7 @@ def run_thresholded_command(stage: Stage, items: Iterable[Item], bounds, *, outp
     annotates (and spools) the whole shard first, then the runner decides.
     """
     if bounds is not None and bounds.needs_distribution():
-        from aloe_cli.thresholds import annotate_ahead
+        from aloe_cli.filters.thresholds import annotate_ahead
 
         with console.progress(f"{stage.name} (measuring)") as bar:
             items = annotate_ahead(items, stage.annotate, config=config, distribution=stage.distribution,

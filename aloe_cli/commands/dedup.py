@@ -41,7 +41,7 @@ from aloe_cli.options import (
 
 app = command_app()
 
-HASH_KINDS = ("phash", "dhash", "ahash", "whash")
+
 
 
 @app.command(help=__doc__, no_args_is_help=False)
@@ -72,11 +72,12 @@ def dedup(
 ) -> None:
     from aloe_cli import console
     from aloe_cli.commands._common import resolve_shard, run_data_command
-    from aloe_cli.dedup import INDEX_SUFFIX, DedupStage, build_eval_index
+    from aloe_cli.data.io import read_items
+    from aloe_cli.data.stage import RunConfig
     from aloe_cli.errors import AloeError
-    from aloe_cli.hashing import Hasher
-    from aloe_cli.io import read_items
-    from aloe_cli.stage import RunConfig
+    from aloe_cli.filters.dedup import INDEX_SUFFIX, DedupStage, build_eval_index
+    from aloe_cli.filters.hash_index import HASH_KINDS
+    from aloe_cli.filters.hashing import Hasher
 
     against = against or []
     if hash_kind not in HASH_KINDS:

@@ -90,12 +90,12 @@ def perplexity(
 ) -> None:
     from aloe_cli import console
     from aloe_cli.commands._common import resolve_shard, run_thresholded_command
-    from aloe_cli.io import read_items
-    from aloe_cli.models import ModelSpec, check_model_reference, load_model
-    from aloe_cli.perplexity import PerplexityConfig, PerplexityStage, percentile_rows, plot_histograms
+    from aloe_cli.data.io import read_items
+    from aloe_cli.data.stage import RunConfig
+    from aloe_cli.filters.perplexity import PerplexityConfig, PerplexityStage, percentile_rows, plot_histograms
+    from aloe_cli.filters.thresholds import load_thresholds
+    from aloe_cli.modeling.loading import ModelSpec, check_model_reference, load_model
     from aloe_cli.plotting import require_matplotlib
-    from aloe_cli.stage import RunConfig
-    from aloe_cli.thresholds import load_thresholds
 
     # Everything that can be wrong with the options is checked before any model is loaded.
     bounds = load_thresholds(thresholds, "perplexity") if thresholds is not None else None

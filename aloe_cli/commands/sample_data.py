@@ -24,7 +24,7 @@ def sample_data(
     seed: Annotated[int, typer.Option("--seed", help="Random seed for the synthetic images and texts.")] = 0,
 ) -> None:
     from aloe_cli import console
-    from aloe_cli.sample_data import write_sample_data
+    from aloe_cli.data.sample_data import write_sample_data
 
     data = write_sample_data(out_dir, seed=seed)
     console.log(f"aloe sample-data: wrote {data.train} and {data.eval_tsv} "

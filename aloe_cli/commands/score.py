@@ -114,8 +114,9 @@ def score(
 ) -> None:
     from aloe_cli import console
     from aloe_cli.commands._common import resolve_shard, run_thresholded_command
-    from aloe_cli.io import read_items
-    from aloe_cli.judge import (
+    from aloe_cli.data.io import read_items
+    from aloe_cli.data.stage import RunConfig
+    from aloe_cli.filters.judge import (
         DEFAULT_MIN_SCORE,
         MAX_SCORE,
         MIN_SCORE,
@@ -126,8 +127,7 @@ def score(
         default_score_thresholds,
         load_rubric,
     )
-    from aloe_cli.stage import RunConfig
-    from aloe_cli.thresholds import Bounds, load_thresholds
+    from aloe_cli.filters.thresholds import Bounds, load_thresholds
 
     rubric: Rubric = load_rubric(prompt_file)
     if show_prompt:
@@ -168,14 +168,14 @@ def score(
 
 def _hf_backend(judge, device, dtype, trust_remote_code, attn_implementation, batch_size, max_new_tokens):
     from aloe_cli import console
-    from aloe_cli.models import ModelSpec, check_model_reference, load_model
+    from aloe_cli.modeling.loading import ModelSpec, check_model_reference, load_model
 
     check_model_reference(judge)
     spec = ModelSpec(judge, device=device, dtype=dtype.value, trust_remote_code=trust_remote_code,
                      attn_implementation=attn_implementation)
 
     def factory():
-        from aloe_cli.judge import HFJudge, HFJudgeConfig
+        from aloe_cli.filters.judge import HFJudge, HFJudgeConfig
 
         loaded = load_model(spec)
         console.log(f"aloe score: judging with {loaded.describe()}")
@@ -186,7 +186,7 @@ def _hf_backend(judge, device, dtype, trust_remote_code, attn_implementation, ba
 
 def _openai_backend(judge, base_url, api_key_env, concurrency, timeout, max_retries, retry_backoff, max_new_tokens):
     from aloe_cli import console
-    from aloe_cli.judge import OpenAIJudge, OpenAIJudgeConfig
+    from aloe_cli.filters.judge import OpenAIJudge, OpenAIJudgeConfig
 
     key_variable, api_key = _api_key(api_key_env)
     config = OpenAIJudgeConfig(base_url=base_url or OpenAIJudgeConfig.base_url, model=judge,

@@ -37,14 +37,14 @@ from typing import Any
 import numpy as np
 import orjson
 
+from aloe_cli.data.grounding import ground_record
+from aloe_cli.data.io import STDIO, Item, RecordWriter, dumps, read_file, source_name
+from aloe_cli.data.records import DOMAINS, modality
+from aloe_cli.data.stage import reject_record
 from aloe_cli.errors import AloeError, RecordError
-from aloe_cli.grounding import ground_record
-from aloe_cli.io import STDIO, Item, RecordWriter, dumps, read_file, source_name
 from aloe_cli.mixing.plan import NOT_AVAILABLE, Group, Plan, make_plan, output_rng
 from aloe_cli.mixing.recipe import Recipe, SourceSpec
-from aloe_cli.records import DOMAINS, modality
-from aloe_cli.stage import reject_record
-from aloe_cli.tokens import LossTokenCounter, TokenCache, conversation_key, default_cache_path
+from aloe_cli.modeling.tokens import LossTokenCounter, TokenCache, conversation_key, default_cache_path
 
 STAGE = "mix"
 _STDIN_DISPLAY = "<stdin>"
@@ -456,7 +456,7 @@ def _open_cache(recipe: Recipe, options: MixOptions) -> Iterator[TokenCache | No
 def run_mix(recipe: Recipe, options: MixOptions, counter: LossTokenCounter | None = None,
             progress: ProgressFactory | None = None) -> MixResult:
     """Count, plan and (unless dry_run) write a mixture. Raises AloeError for unusable input."""
-    from aloe_cli.tokens import load_counter
+    from aloe_cli.modeling.tokens import load_counter
 
     progress = progress or _null_progress
     if options.rejects is not None and options.rejects == options.output and options.output != STDIO:

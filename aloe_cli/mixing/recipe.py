@@ -16,9 +16,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from aloe_cli.data.grounding import BBOX_FORMATS
+from aloe_cli.data.records import DOMAINS
 from aloe_cli.errors import AloeError
-from aloe_cli.grounding import BBOX_FORMATS
-from aloe_cli.records import DOMAINS
 
 MODALITIES = ("multimodal", "text")
 CELLS = tuple(f"{domain}/{modality}" for domain in DOMAINS for modality in MODALITIES)
@@ -285,7 +285,7 @@ def inline_recipe(inputs: list[str], shares: list[str], *, tokenizer: str, seed:
                   domain: str | None = None, chat_template: str | None = None, balance: str = "loss_tokens",
                   cache: str | None = None, image_root: str | None = None, bbox_format: str = "xyxy") -> Recipe:
     """`-i a.jsonl -i b.jsonl --share medical/multimodal=0.4 ...`: one source per record `source` field."""
-    from aloe_cli.io import expand_inputs
+    from aloe_cli.data.io import expand_inputs
 
     origin = "--share"
     targets: dict[str, float] = {}

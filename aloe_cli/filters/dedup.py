@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aloe_cli.data.io import Item, read_file
+from aloe_cli.data.records import annotate
+from aloe_cli.data.stage import Reject, Stage
 from aloe_cli.errors import AloeError, RecordError
-from aloe_cli.hashing import Hasher, HashIndex, HashResult, to_hex
-from aloe_cli.io import Item, read_file
-from aloe_cli.records import annotate
-from aloe_cli.stage import Reject, Stage
+from aloe_cli.filters.hash_index import HashIndex
+from aloe_cli.filters.hashing import Hasher, HashResult, to_hex
 
 INDEX_SUFFIX = ".idx"
 

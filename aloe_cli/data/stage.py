@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
+from aloe_cli.data.io import Item, RecordWriter
 from aloe_cli.errors import AloeError, RecordError
-from aloe_cli.io import Item, RecordWriter
 
 
 @dataclass(frozen=True)

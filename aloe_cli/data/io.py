@@ -31,9 +31,9 @@ from typing import Any, BinaryIO, TextIO
 
 import orjson
 
+from aloe_cli.data.images import image_mime, to_data_uri
+from aloe_cli.data.records import normalize
 from aloe_cli.errors import AloeError, OutputClosed, RecordError
-from aloe_cli.images import image_mime, to_data_uri
-from aloe_cli.records import normalize
 
 STDIO = "-"
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")

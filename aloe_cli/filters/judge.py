@@ -40,12 +40,12 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from aloe_cli.data.images import image_mime, load_image, read_source
+from aloe_cli.data.io import Item
+from aloe_cli.data.records import annotate, text_of
+from aloe_cli.data.stage import Reject, Stage
 from aloe_cli.errors import AloeError, RecordError
-from aloe_cli.images import image_mime, load_image, read_source
-from aloe_cli.io import Item
-from aloe_cli.records import annotate, text_of
-from aloe_cli.stage import Reject, Stage
-from aloe_cli.thresholds import ANNOTATED_AHEAD, Bounds, Distribution, ResolvedThresholds, Thresholds, source_of
+from aloe_cli.filters.thresholds import ANNOTATED_AHEAD, Bounds, Distribution, ResolvedThresholds, Thresholds, source_of
 
 STAGE = "score"
 MIN_SCORE, MAX_SCORE = 1, 5

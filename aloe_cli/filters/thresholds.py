@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aloe_cli.data.io import Item, source_name
+from aloe_cli.data.stage import RunConfig, Shard
 from aloe_cli.errors import AloeError, RecordError
-from aloe_cli.io import Item, source_name
-from aloe_cli.stage import RunConfig, Shard
 
 DEFAULT_KEY = "default"
 STAGE_SECTIONS = ("perplexity", "score")

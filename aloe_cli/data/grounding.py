@@ -143,7 +143,7 @@ def image_size(entry: Any, image_root: str | os.PathLike | None = None) -> tuple
     Pixels are never decoded. EXIF orientations that rotate by 90 degrees swap
     the two, because image loading applies the orientation.
     """
-    from aloe_cli.images import describe, read_source
+    from aloe_cli.data.images import describe, read_source
 
     source, dicom = read_source(entry, image_root)
     if dicom:

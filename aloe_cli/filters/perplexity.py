@@ -33,12 +33,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aloe_cli.data.images import load_image
+from aloe_cli.data.io import Item
+from aloe_cli.data.records import annotate
+from aloe_cli.data.stage import Reject, Stage
 from aloe_cli.errors import AloeError, RecordError
-from aloe_cli.images import load_image
-from aloe_cli.io import Item
-from aloe_cli.records import annotate
-from aloe_cli.stage import Reject, Stage
-from aloe_cli.thresholds import ANNOTATED_AHEAD, Distribution, ResolvedThresholds, Thresholds, check_value, source_of
+from aloe_cli.filters.thresholds import (
+    ANNOTATED_AHEAD,
+    Distribution,
+    ResolvedThresholds,
+    Thresholds,
+    check_value,
+    source_of,
+)
 
 STAGE = "perplexity"
 SUMMARY_PERCENTILES = (1, 5, 50, 95, 99)
