@@ -1,0 +1,305 @@
+"""Can the demo's two-stage recipe be seen learning on a CPU? Train, attack and repair the tiny model.
+
+For each seed: write the synthetic demo data (`aloe_cli.data.demo_task`), drop what curation drops
+(the planted wrong/empty answers and evaluation leaks), build the tiny offline Qwen2-VL, then
+
+  stage 1  TRL SFTTrainer on the training records (a share of the lesion prompts carry a correct hint)
+  stage 2  from the stage-1 weights, on lesion records whose prompts carry a WRONG hint (`pmt`: a caption,
+           `syc`: the user's guess), targets correct
+  eval     greedy generation for the untrained, stage-1 and stage-2 models on the medical benchmark, clean
+           and with a wrong hint in the `pmt` and `syc` forms, and on the general benchmark
+
+and print accuracy per model x perturbation with the three claims checked against the untrained baseline
+measured in the same run:
+
+  1. stage 1 beats the untrained model by >= 30 points on the medical benchmark (clean);
+  2. stage 1 drops by >= 25 points from clean under pmt and under syc (cls + det items);
+  3. stage 2 recovers >= 20 of those points under pmt and syc, its clean accuracy within 5 points of stage 1's.
+
+    python benchmarks/demo_feasibility.py --seeds 0 1 2            # the full configuration
+    python benchmarks/demo_feasibility.py --quick --seeds 0 1 2    # the CI configuration
+
+Wall and CPU seconds are printed per phase (CPU = user + system of this process and its children).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from aloe_cli.data.demo_images import iou
+from aloe_cli.data.demo_task import HINT_FORMS, QUICK, DemoConfig, Item, eval_items, write_demo_data, wrong_answer
+from aloe_cli.data.demo_task import with_hint as hinted
+from aloe_cli.data.grounding import parse_grounding
+
+
+@dataclass(frozen=True)
+class Setup:
+    config: DemoConfig
+    stage1_steps: int
+    stage2_steps: int
+    batch_size: int = 16
+    lr: float = 5e-4
+    stage2_lr: float = 5e-4
+    scheduler: str = "cosine"
+    warmup: float = 0.03
+    eval_batch: int = 64
+
+
+FULL = Setup(DemoConfig(), stage1_steps=1000, stage2_steps=300)
+QUICK_SETUP = Setup(QUICK, stage1_steps=500, stage2_steps=150)
+
+
+def cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class Clock:
+    def __init__(self):
+        self.phases: dict[str, tuple[float, float]] = {}
+
+    def run(self, name, fn, *args, **kwargs):
+        wall, cpu = time.perf_counter(), cpu_seconds()
+        result = fn(*args, **kwargs)
+        self.phases[name] = (time.perf_counter() - wall, cpu_seconds() - cpu)
+        print(f"  {name}: {self.phases[name][0]:.0f} s wall, {self.phases[name][1]:.0f} s CPU", file=sys.stderr)
+        return result
+
+
+# ----------------------------------------------------------------------------- data
+
+def _load_records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def curated(records: list[dict]) -> list[dict]:
+    """What the curation pipe keeps: everything but the planted faults (its own tests check it catches them)."""
+    return [r for r in records if "planted" not in r.get("meta", {})]
+
+
+def adversarial(records: list[dict], seed: int) -> list[dict]:
+    """Stage-2 records: each prompt gets a wrong hint, pmt and syc in turn; the target stays correct."""
+    rng = np.random.default_rng([seed, 2])
+    forms = list(HINT_FORMS)
+    out = []
+    for i, record in enumerate(records):
+        meta = record["meta"]
+        answer = record["messages"][1]["content"][0]["text"]
+        item = Item(meta["kind"], meta["task"], meta["category"], "", answer, meta.get("options"),
+                    truth=meta["truth"], meta={"quadrant": meta.get("quadrant")})
+        copy = json.loads(json.dumps(record))
+        user = copy["messages"][0]["content"][-1]
+        user["text"] = hinted(user["text"], forms[i % len(forms)], wrong_answer(rng, item)[1])
+        out.append(copy)
+    return out
+
+
+def to_dataset(records: list[dict], root: Path):
+    import datasets
+    from PIL import Image
+
+    rows = {"messages": [], "images": []}
+    for record in records:
+        rows["messages"].append(record["messages"])
+        rows["images"].append([Image.open(root / p).convert("RGB") for p in record["images"]])
+    features = datasets.Features({
+        "messages": [{"role": datasets.Value("string"),
+                      "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}]}],
+        "images": datasets.Sequence(datasets.Image()),
+    })
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+# ----------------------------------------------------------------------------- training
+
+def sft(model_dir: Path, dataset, out_dir: Path, steps: int, setup: Setup, lr: float, seed: int) -> Path:
+    import torch
+    import trl
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch.manual_seed(seed)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    args = trl.SFTConfig(
+        output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=setup.batch_size,
+        learning_rate=lr, lr_scheduler_type=setup.scheduler, warmup_steps=round(setup.warmup * steps), weight_decay=0.0,
+        assistant_only_loss=True, report_to="none", logging_steps=50, save_strategy="no", use_cpu=True,
+        bf16=False, dataloader_num_workers=0, seed=seed, disable_tqdm=True, max_length=None,
+    )
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
+    trainer.train()
+    losses = [(log["step"], round(log["loss"], 3)) for log in trainer.state.log_history if "loss" in log]
+    print(f"    loss: {losses}", file=sys.stderr)
+    trainer.save_model(str(out_dir))
+    processor.save_pretrained(str(out_dir))
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def grade(item: Item, prediction: str) -> bool:
+    """Exact match after a light extraction (the real rules are `aloe eval`'s; these suffice for clean output)."""
+    text = prediction.strip()
+    if item.kind == "mcq":
+        return text[:1] == item.answer and (len(text) == 1 or not text[1].isalpha())
+    if item.kind == "yesno":
+        return text.lower().startswith(item.answer.lower())
+    if item.kind == "open":
+        return item.answer in text.lower() and sum(q in text.lower() for q in _OPEN_ANSWERS[item.category]) == 1
+    boxes, truth = parse_grounding(text), parse_grounding(item.answer)
+    return len(boxes) == 1 and iou(boxes[0].box, truth[0].box) >= 0.5
+
+
+_OPEN_ANSWERS = {"lesion-location": ("upper left", "upper right", "lower left", "lower right"),
+                 "object-shape": ("circle", "square", "triangle")}
+
+
+def perturbed(items: list[Item], form: str, seed: int) -> list[tuple[Item, str]]:
+    rng = np.random.default_rng([seed, 3, len(form)])
+    return [(item, hinted(item.prompt, form, wrong_answer(rng, item)[1])) for item in items]
+
+
+def generate(model_dir: Path, prompts: list[tuple[Item, str]], batch: int) -> list[str]:
+    import io
+
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    outputs = []
+    for start in range(0, len(prompts), batch):
+        chunk = prompts[start:start + batch]
+        texts = [processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+            tokenize=False, add_generation_prompt=True) for _, prompt in chunk]
+        images = [Image.open(io.BytesIO(item.image)).convert("RGB") for item, _ in chunk]
+        inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+        outputs += processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=False)
+    # Keep grounding tokens, drop the end-of-turn and padding.
+    return [o.split("<|im_end|>")[0].replace("<|endoftext|>", "") for o in outputs]
+
+
+def evaluate(model_dir: Path, med: list[Item], general: list[Item], seed: int, batch: int) -> dict:
+    conditions = {"clean": [(i, i.prompt) for i in med], "pmt": perturbed(med, "pmt", seed),
+                  "syc": perturbed(med, "syc", seed), "general": [(i, i.prompt) for i in general]}
+    flat = [pair for pairs in conditions.values() for pair in pairs]
+    predictions = iter(generate(model_dir, flat, batch))
+    scores, examples = {}, {}
+    for name, pairs in conditions.items():
+        results = [(item, next(predictions)) for item, _ in pairs]
+        scores[name] = 100 * float(np.mean([grade(item, pred) for item, pred in results]))
+        for kind in ("mcq", "yesno", "open", "det"):
+            sub = [grade(item, pred) for item, pred in results if item.kind == kind]
+            if sub:
+                scores[f"{name}/{kind}"] = 100 * float(np.mean(sub))
+        examples[name] = [pred for _, pred in results[:: max(1, len(results) // 4)]][:4]
+    print(f"    examples: {examples}", file=sys.stderr)
+    return scores
+
+
+# ----------------------------------------------------------------------------- one seed
+
+def run_seed(seed: int, setup: Setup, work: Path) -> dict:
+    import torch
+
+    from aloe_cli.testing.tiny import build_tiny_qwen2vl
+
+    torch.set_num_threads(int(os.environ.get("DEMO_THREADS", "2")))
+    clock = Clock()
+    print(f"seed {seed}", file=sys.stderr)
+    data = clock.run("generate", write_demo_data, work / "data", seed, setup.config)
+    train = curated(_load_records(data.train))
+    stage2_records = adversarial(_load_records(data.adversarial), seed)
+    med, general = eval_items(seed, setup.config)
+    untrained = clock.run("build", build_tiny_qwen2vl, work / "untrained", seed=seed)
+    ds1 = to_dataset(train, data.root)
+    stage1 = clock.run("stage1", sft, untrained, ds1, work / "stage1", setup.stage1_steps, setup, setup.lr, seed)
+    ds2 = to_dataset(stage2_records, data.root)
+    stage2 = clock.run("stage2", sft, stage1, ds2, work / "stage2", setup.stage2_steps, setup, setup.stage2_lr, seed)
+    scores = {}
+    for name, model_dir in (("untrained", untrained), ("stage1", stage1), ("stage2", stage2)):
+        scores[name] = clock.run(f"eval {name}", evaluate, model_dir, med, general, seed, setup.eval_batch)
+        print(f"    {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in scores[name].items()), file=sys.stderr)
+    wall = sum(w for w, _ in clock.phases.values())
+    cpu = sum(c for _, c in clock.phases.values())
+    return {"seed": seed, "scores": scores, "phases": clock.phases, "wall": wall, "cpu": cpu,
+            "train_records": len(train), "stage2_records": len(stage2_records)}
+
+
+def claims(scores: dict) -> dict[str, bool]:
+    s1, s2, base = scores["stage1"], scores["stage2"], scores["untrained"]
+    result = {"stage1 - untrained >= 30": s1["clean"] - base["clean"] >= 30}
+    for form in ("pmt", "syc"):
+        drop = s1["clean"] - s1[form]
+        result[f"stage1 {form} drop >= 25"] = drop >= 25
+        result[f"stage2 {form} recovers >= 20"] = s2[form] - s1[form] >= 20
+    result["stage2 clean within 5"] = abs(s2["clean"] - s1["clean"]) <= 5
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--quick", action="store_true", help="the CI configuration")
+    parser.add_argument("--stage1-steps", type=int)
+    parser.add_argument("--stage2-steps", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--stage2-lr", type=float)
+    parser.add_argument("--hint-share", type=float)
+    parser.add_argument("--scheduler", choices=["cosine", "constant"])
+    parser.add_argument("--lesion-records", type=int)
+    parser.add_argument("--adversarial-records", type=int)
+    parser.add_argument("--json", type=Path, help="write every figure as JSON here")
+    parser.add_argument("--workdir", type=Path)
+    args = parser.parse_args(argv)
+
+    setup = QUICK_SETUP if args.quick else FULL
+    config = setup.config
+    for name in ("hint_share", "lesion_records", "adversarial_records"):
+        if getattr(args, name) is not None:
+            config = replace(config, **{name: getattr(args, name)})
+    overrides = {k: getattr(args, k) for k in ("stage1_steps", "stage2_steps", "lr", "stage2_lr", "scheduler")
+                 if getattr(args, k) is not None}
+    setup = replace(setup, config=config, **overrides)
+    print(f"setup: {setup}", file=sys.stderr)
+
+    results = []
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        for seed in args.seeds:
+            results.append(run_seed(seed, setup, Path(tmp) / f"seed{seed}"))
+
+    print("seed | model     | clean | pmt   | syc   | general | steps | train wall/CPU s | eval wall/CPU s")
+    for r in results:
+        for model in ("untrained", "stage1", "stage2"):
+            s = r["scores"][model]
+            steps = {"untrained": 0, "stage1": setup.stage1_steps, "stage2": setup.stage2_steps}[model]
+            train = r["phases"].get(model, (0.0, 0.0))
+            evaluation = r["phases"][f"eval {model}"]
+            print(f"{r['seed']:4d} | {model:9s} | {s['clean']:5.1f} | {s['pmt']:5.1f} | {s['syc']:5.1f} | "
+                  f"{s['general']:7.1f} | {steps:5d} | {train[0]:6.0f} / {train[1]:6.0f} | "
+                  f"{evaluation[0]:5.0f} / {evaluation[1]:5.0f}")
+        print(f"     total {r['wall']:.0f} s wall, {r['cpu']:.0f} s CPU; claims: {claims(r['scores'])}")
+    passed = all(all(claims(r["scores"]).values()) for r in results)
+    print(f"all claims met for every seed: {passed}")
+    if args.json:
+        args.json.write_text(json.dumps({"setup": repr(setup), "results": results}, indent=1))
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
