@@ -1,0 +1,86 @@
+"""Evaluate one model on every benchmark: predictions, scores and tables in the results folder.
+
+Each benchmark runs as a stage over its items (and their perturbed copies) on the shared stage runner,
+writing `<output>/<model>/<benchmark>/predictions.jsonl`; the scores of every benchmark are merged into
+`<output>/<model>/scores.json` and the tables of all models in the folder are rewritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aloe_cli.data.io import RecordWriter
+from aloe_cli.data.stage import RunConfig, run_stage
+from aloe_cli.evaluation.benchmarks import BenchmarkSpec, read_benchmark
+from aloe_cli.evaluation.judge import OpenJudge
+from aloe_cli.evaluation.results import PREDICTIONS_FILE, folder_name, save_scores, write_tables
+from aloe_cli.evaluation.runner import EvalStage, Perturber, expand_units
+from aloe_cli.modeling.backends import GenerationBackend, GenerationParams
+
+
+@dataclass
+class EvalPlan:
+    benchmarks: list[BenchmarkSpec]
+    output: Path
+    params: GenerationParams = field(default_factory=lambda: GenerationParams(max_new_tokens=128))
+    batch_size: int = 64  # items handed to the backend at once (it batches and sorts inside)
+    perturbations: tuple[str, ...] = ()
+    limit: int | None = None
+    on_error: str = "fail"
+    image_root: Path | None = None
+
+
+@dataclass
+class BenchmarkRun:
+    name: str
+    read: int
+    written: int
+    skipped: dict[str, int]
+    scores: dict
+
+
+# (model label, benchmark name, units, stage) -> a context manager whose value has advance(n)
+ProgressFactory = Callable[[str, str, int, EvalStage], AbstractContextManager]
+# (benchmark items) -> the perturber for that benchmark (wrong answers come from its own items)
+PerturberFactory = Callable[[list], Perturber]
+
+
+def evaluate_model(label: str, backend: Callable[[], GenerationBackend], plan: EvalPlan, *,
+                   judge: OpenJudge | None = None, perturbers: PerturberFactory | None = None,
+                   progress: ProgressFactory | None = None, info: dict | None = None,
+                   cache_tag: str = "") -> list[BenchmarkRun]:
+    model_dir = Path(plan.output) / folder_name(label)
+    runs = []
+    for spec in plan.benchmarks:
+        items = read_benchmark(spec, plan.image_root, plan.limit)
+        perturber = perturbers([item for item in items if item.error is None]) if plan.perturbations else None
+        units = expand_units(items, plan.perturbations)
+        stage = EvalStage(backend, label, plan.params, judge=judge, perturber=perturber, cache_tag=cache_tag)
+        target = model_dir / spec.name / PREDICTIONS_FILE
+        target.parent.mkdir(parents=True, exist_ok=True)
+        config = RunConfig(batch_size=plan.batch_size, on_error=plan.on_error)
+        with RecordWriter(target) as writer, _progress(progress, label, spec.name, len(units), stage) as bar:
+            summary = run_stage(stage, units, writer, None, config, progress=bar)
+        scores = {**stage.scores(), "file": spec.path, "skipped": dict(sorted(summary.reasons.items()))}
+        runs.append(BenchmarkRun(spec.name, summary.read, summary.kept, scores["skipped"], scores))
+        save_scores(model_dir, label, {spec.name: scores}, info)
+    write_tables(Path(plan.output))
+    return runs
+
+
+class _NoProgress(AbstractContextManager):
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _progress(factory: ProgressFactory | None, label: str, name: str, total: int, stage: EvalStage):
+    return factory(label, name, total, stage) if factory is not None else _NoProgress()
+
+
+__all__ = ["BenchmarkRun", "EvalPlan", "evaluate_model"]

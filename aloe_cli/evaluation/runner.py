@@ -1,0 +1,169 @@
+"""The evaluation stage: ask the model every item (and every perturbed copy), extract, judge, score.
+
+It runs on the shared stage runner (`aloe_cli.data.stage.run_stage`), one benchmark at a time, so
+batching, `--on-error`, counting and progress work as in every other command. Each unit of work is one
+item under one perturbation (`expand_units`); its output record is the prediction line:
+
+    {"id", "benchmark", "model", "kind", "question", "options", "answer", "prediction", "extracted",
+     "correct", "rule", "perturb", "category", "l2_category", "task", "pair_id", "prompt", "judge"?}
+
+The model sees `eval_record(item)` (perturbed by `aloe_cli.perturb` when asked), through any generation
+backend: a request that fails (a broken image, a server that gave up) becomes the item's error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aloe_cli.data.io import Item
+from aloe_cli.data.records import text_of
+from aloe_cli.data.stage import Stage
+from aloe_cli.errors import RecordError
+from aloe_cli.evaluation.benchmarks import EvalItem
+from aloe_cli.evaluation.judge import JudgeCase, OpenJudge
+from aloe_cli.evaluation.prompts import eval_record, prompt_messages
+from aloe_cli.evaluation.scoring import benchmark_scores, score_prediction
+from aloe_cli.modeling.backends import Failure, GenerationBackend, GenerationParams, GenerationRequest
+
+IMAGE_PERTURBATIONS = ("cap", "leg")  # rendered into the image: only for items that have one
+
+# (record, kind, item) -> the perturbed record; RecordError when the item cannot be perturbed
+Perturber = Callable[[dict, str, EvalItem], dict]
+
+
+def expand_units(items: list[Item], perturbations: tuple[str, ...]) -> list[Item]:
+    """Each item as asked plainly, then once per perturbation that applies to it (image ones need an image)."""
+    units: list[Item] = []
+    for item in items:
+        item.annotations.setdefault("perturb", None)
+        units.append(item)
+        if item.error is not None:
+            continue
+        eval_item: EvalItem = item.annotations["eval_item"]
+        for kind in perturbations:
+            if kind == "base" or (kind in IMAGE_PERTURBATIONS and not eval_item.images):
+                continue
+            units.append(Item(item.record, item.where, item.input, item.image_root,
+                              annotations={"eval_item": eval_item, "perturb": kind}))
+    return units
+
+
+@dataclass
+class Tally:
+    """Running figures of the unperturbed items, for progress lines."""
+
+    done: int = 0
+    scored: int = 0
+    points: float = 0.0
+
+    @property
+    def accuracy(self) -> float | None:
+        return 100.0 * self.points / self.scored if self.scored else None
+
+
+@dataclass
+class EvalStage(Stage):
+    """One benchmark on one model; `lines` keeps every prediction line for the scores."""
+
+    backend: Callable[[], GenerationBackend]  # returns the model's one backend (created on first call)
+    model: str  # the label written on every line
+    params: GenerationParams
+    judge: OpenJudge | None = None
+    perturber: Perturber | None = None
+    cache_tag: str = ""  # what identifies the model in cache keys (name + backend)
+    lines: list[dict] = field(default_factory=list)
+    tally: Tally = field(default_factory=Tally)
+
+    name = "eval"
+
+    def annotate(self, batch: list[Item]) -> None:
+        prepared: list[tuple[Item, dict]] = []
+        for item in batch:
+            try:
+                prepared.append((item, self._record(item)))
+            except RecordError as error:
+                item.error = error.located(item.where)
+        if not prepared:
+            return
+        requests = [GenerationRequest(messages=prompt_messages(record), images=list(record.get("images") or []),
+                                      image_root=item.image_root, key=self._key(record)) for item, record in prepared]
+        replies: dict[int, str] = {}
+
+        def on_done(index: int, completion) -> None:
+            item = prepared[index][0]
+            if isinstance(completion, Failure):
+                item.error = RecordError(completion.reason, completion.message, where=item.where)
+            else:
+                replies[index] = completion.text
+
+        self.backend().generate(requests, self.params, on_done)
+        lines = [(item, self._line(item, record, replies[index]))
+                 for index, (item, record) in enumerate(prepared) if index in replies]
+        self._grade_open([line for _, line in lines if line["kind"] == "open"])
+        for item, line in lines:
+            item.record = line
+            self.lines.append(line)
+            if line["perturb"] is None:
+                self._count(line)
+
+    def _record(self, item: Item) -> dict:
+        eval_item: EvalItem = item.annotations["eval_item"]
+        record = eval_record(eval_item)
+        kind = item.annotations.get("perturb")
+        if kind is None:
+            return record
+        if self.perturber is None:
+            raise RuntimeError("perturbations were asked for without a perturber")
+        return self.perturber(record, kind, eval_item)
+
+    def _line(self, item: Item, record: dict, prediction: str) -> dict:
+        eval_item: EvalItem = item.annotations["eval_item"]
+        values = eval_item.fields()
+        line = {"id": values.pop("id"), "benchmark": values.pop("benchmark"), "model": self.model,
+                "kind": values.pop("kind"), "question": values.pop("question"), "options": values.pop("options"),
+                "answer": values.pop("answer"), "prediction": prediction, "extracted": None, "correct": None,
+                "perturb": item.annotations.get("perturb"), **values,
+                "prompt": text_of(prompt_messages(record)[-1])}
+        if line["kind"] == "open":
+            line["extracted"] = prediction.strip() or None
+        else:
+            line.update(score_prediction(line["kind"], prediction, line["answer"], line["options"]))
+        return line
+
+    def _grade_open(self, lines: list[dict]) -> None:
+        if not lines or self.judge is None:
+            return
+        results = self.judge.grade([JudgeCase(line["question"], line["answer"], line["prediction"]) for line in lines])
+        for line, result in zip(lines, results):
+            line["correct"] = result.score
+            line["judge"] = {"model": self.judge.name, **result.to_dict()}
+
+    def _count(self, line: dict) -> None:
+        self.tally.done += 1
+        correct = line["correct"]
+        if correct is not None:
+            self.tally.scored += 1
+            self.tally.points += float(correct)
+
+    def _key(self, record: dict) -> str:
+        """Cache key: the model, the conversation, the images and the decoding settings."""
+        digest = hashlib.sha256()
+        payload = {"model": self.cache_tag or self.model, "messages": prompt_messages(record),
+                   "params": [self.params.max_new_tokens, self.params.temperature, self.params.top_p,
+                              self.params.seed]}
+        digest.update(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode())
+        for entry in record.get("images") or []:
+            digest.update(b"\0" + (entry if isinstance(entry, str) else repr(entry)).encode())
+        return digest.hexdigest()
+
+    def scores(self) -> dict:
+        return benchmark_scores(self.lines)
+
+    def summary(self) -> dict:
+        return {"model": self.model, "accuracy": self.tally.accuracy}
+
+
+__all__ = ["EvalStage", "IMAGE_PERTURBATIONS", "Perturber", "Tally", "expand_units"]
