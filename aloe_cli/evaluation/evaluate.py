@@ -56,6 +56,10 @@ def evaluate_model(label: str, backend: Callable[[], GenerationBackend], plan: E
     runs = []
     for spec in plan.benchmarks:
         items = read_benchmark(spec, plan.image_root, plan.limit)
+        if plan.on_error == "fail":  # a bad item stops the run before any model is loaded
+            bad = next((item for item in items if item.error is not None), None)
+            if bad is not None:
+                raise bad.error.located(bad.where)
         perturber = perturbers([item for item in items if item.error is None]) if plan.perturbations else None
         units = expand_units(items, plan.perturbations)
         stage = EvalStage(backend, label, plan.params, judge=judge, perturber=perturber, cache_tag=cache_tag)

@@ -1,0 +1,241 @@
+"""What `aloe eval` does with its options: build backends, run the core, report on stderr."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from aloe_cli import console
+from aloe_cli.errors import AloeError
+
+PERTURBATION_CHOICES = ("base", "cap", "pmt", "syc", "leg")
+
+
+@dataclass
+class BackendChoice:
+    kind: str | None
+    base_url: str | None
+    api_key_env: str | None
+    concurrency: int
+    timeout: float
+    max_retries: int
+    retry_backoff: float
+    cache: Path | None
+    device: str
+    dtype: str
+    trust_remote_code: bool
+    attn_implementation: str | None
+
+
+@dataclass
+class Request:
+    models: list[str]
+    benchmarks: list[str]
+    output: Path
+    perturb: str | None
+    limit: int | None
+    max_new_tokens: int
+    batch_size: int
+    on_error: str
+    image_root: Path | None
+    lm_eval_tasks: str | None
+    backend: BackendChoice
+    judge: str | None
+    judge_backend: BackendChoice
+    judge_parse_retries: int
+
+
+def print_table(folder: Path) -> None:
+    from aloe_cli.evaluation.results import collect_scores, render_markdown
+
+    print(render_markdown(collect_scores(folder)), end="")
+
+
+def rescore(paths: list[str], output: Path | None, on_error: str) -> None:
+    from aloe_cli.commands._common import print_summary
+    from aloe_cli.data.io import RecordWriter
+    from aloe_cli.data.stage import RunConfig, run_stage
+    from aloe_cli.evaluation.rescore import RescoreStage, prediction_items
+    from aloe_cli.evaluation.results import PREDICTIONS_FILE, save_scores, write_tables
+
+    folder = Path(output) if output is not None else Path(paths[0]).parent / "rescored"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / PREDICTIONS_FILE
+    if any(Path(path).resolve() == target.resolve() for path in paths):
+        raise AloeError(f"--rescore would overwrite its input {target}; choose another -o folder")
+    stage = RescoreStage()
+    with RecordWriter(target) as writer:
+        summary = run_stage(stage, prediction_items(paths), writer, None, RunConfig(on_error=on_error))
+    print_summary(summary)
+    label = next(iter(stage.models)) if len(stage.models) == 1 else "rescored"
+    save_scores(folder, label, stage.scores(), {"rescored_from": [str(p) for p in paths]})
+    write_tables(folder)
+    console.log(f"  {stage.changed} line(s) changed extracted/correct; wrote {target}, "
+                f"{folder / 'scores.json'}, {folder / 'results.md'}")
+    _print_scores(label, stage.scores())
+
+
+def parse_perturbations(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return ()
+    kinds = tuple(dict.fromkeys(part.strip().lower() for part in text.split(",") if part.strip()))
+    unknown = [kind for kind in kinds if kind not in PERTURBATION_CHOICES]
+    if unknown:
+        raise AloeError(f"--perturb: unknown perturbation(s) {', '.join(unknown)} "
+                        f"(choose from {','.join(PERTURBATION_CHOICES)})")
+    return kinds
+
+
+def model_label(text: str) -> tuple[str, str]:
+    """(label, model) from NAME=MODEL or MODEL (label: the Hub id, or a local folder's name)."""
+    name, sep, reference = text.partition("=")
+    if sep and name and "/" not in name and reference:
+        return name, reference
+    path = Path(text).expanduser()
+    return (path.resolve().name if path.exists() else text), text
+
+
+def evaluate(request: Request) -> None:
+    from aloe_cli.evaluation.benchmarks import parse_benchmark_spec
+    from aloe_cli.evaluation.evaluate import EvalPlan, evaluate_model
+    from aloe_cli.modeling.backends import GenerationParams
+
+    perturbations = parse_perturbations(request.perturb)
+    specs = [parse_benchmark_spec(text) for text in request.benchmarks]
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise AloeError(f"two benchmarks share a name ({', '.join(sorted(n for n in names if names.count(n) > 1))});"
+                        " name them with NAME=FILE")
+    request.output.mkdir(parents=True, exist_ok=True)
+    plan = EvalPlan(benchmarks=specs, output=request.output, params=GenerationParams(
+        max_new_tokens=request.max_new_tokens), batch_size=_runner_batch(request), perturbations=perturbations,
+        limit=request.limit, on_error=request.on_error, image_root=request.image_root)
+    judge = _judge(request)
+    try:
+        for text in request.models:
+            label, reference = model_label(text)
+            backend = _lazy(lambda reference=reference: make_backend(request.backend, reference, request))
+            info = {"model_reference": reference, "backend": _kind(request.backend)}
+            try:
+                runs = evaluate_model(label, backend, plan, judge=judge, perturbers=_perturbers(perturbations),
+                                      progress=_progress, info=info, cache_tag=f"{_kind(request.backend)}:{reference}")
+                for run in runs:
+                    _print_run(label, run)
+                if request.lm_eval_tasks:
+                    _lm_eval(label, reference, backend, request)
+            finally:
+                backend.close_if_open()
+    finally:
+        if judge is not None:
+            judge.backend.close_if_open()
+    console.log(f"aloe eval: tables in {request.output / 'results.md'} and {request.output / 'results.csv'}")
+
+
+def _runner_batch(request: Request) -> int:
+    if _kind(request.backend) == "openai":
+        return max(request.batch_size, request.backend.concurrency * 4)
+    return request.batch_size * 4
+
+
+def _kind(choice: BackendChoice) -> str:
+    return choice.kind or ("openai" if choice.base_url else "hf")
+
+
+class _lazy:
+    """A backend created on first call (a fully cached run never loads a model), closed at the end."""
+
+    def __init__(self, factory: Callable):
+        self._factory = factory
+        self._backend = None
+
+    def __call__(self):
+        if self._backend is None:
+            self._backend = self._factory()
+        return self._backend
+
+    def close_if_open(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+
+def make_backend(choice: BackendChoice, reference: str, request: Request):
+    raise AloeError("generation backends are not available in this build")
+
+
+def _judge(request: Request):
+    if request.judge is None:
+        return None
+    from aloe_cli.evaluation.judge import OpenJudge
+
+    label, reference = model_label(request.judge)
+    backend = _lazy(lambda: make_backend(request.judge_backend, reference, request))
+    return OpenJudge(backend, f"{_kind(request.judge_backend)}:{reference}",
+                     parse_retries=request.judge_parse_retries)
+
+
+def _perturbers(perturbations: tuple[str, ...]):
+    return None
+
+
+def _lm_eval(label, reference, backend, request) -> None:
+    raise AloeError("--lm-eval-tasks is not available in this build")
+
+
+class _ProgressLine:
+    """Items done, items/s and running accuracy, on stderr every few seconds and at the end."""
+
+    def __init__(self, label: str, name: str, total: int, stage) -> None:
+        self.label, self.name, self.total, self.stage = label, name, total, stage
+        self.done = 0
+        self.start = self.last = time.perf_counter()
+
+    def __enter__(self):
+        return self
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= 5.0 or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            accuracy = self.stage.tally.accuracy
+            console.log(f"aloe eval: {self.label} on {self.name}: {self.done}/{self.total} items, {rate:.1f} items/s"
+                        + (f", accuracy {accuracy:.1f}%" if accuracy is not None else ""))
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _progress(label: str, name: str, total: int, stage) -> _ProgressLine:
+    return _ProgressLine(label, name, total, stage)
+
+
+def _print_run(label: str, run) -> None:
+    skipped = sum(run.skipped.values())
+    console.log(f"  {run.name}: {run.read} read = {run.written} written + {skipped} skipped"
+                + (" (" + ", ".join(f"{k}={v}" for k, v in run.skipped.items()) + ")" if skipped else ""))
+    _print_scores(label, {run.name: run.scores})
+
+
+def _print_scores(label: str, scores: dict[str, dict]) -> None:
+    rows = []
+    for name, entry in scores.items():
+        rows.append([name, entry.get("items", 0), _fmt(entry.get("accuracy")),
+                     _fmt(entry.get("pairs", {}).get("accuracy")) if "pairs" in entry else "-",
+                     entry.get("unanswered", 0), entry.get("unjudged", 0)])
+        for kind, values in entry.get("perturbations", {}).items():
+            if kind != "base":
+                rows.append([f"  {kind}", values["items"], _fmt(values["accuracy"]), "-", "-", "-"])
+    console.print_table(f"aloe eval: {label}", ["benchmark", "items", "accuracy", "paired", "unanswered",
+                                                 "unjudged"], rows)
+    unjudged = sum(entry.get("unjudged", 0) for entry in scores.values())
+    if unjudged:
+        console.warn(f"{unjudged} open-ended item(s) have no judge verdict (no --judge, or unparseable after "
+                     "retries): they are left out of the accuracy, listed with correct=null")
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
