@@ -41,6 +41,7 @@ class Request:
     on_error: str
     image_root: Path | None
     lm_eval_tasks: str | None
+    lm_eval_include: Path | None
     backend: BackendChoice
     judge: str | None
     judge_backend: BackendChoice
@@ -103,6 +104,13 @@ def evaluate(request: Request) -> None:
     from aloe_cli.modeling.backends import GenerationParams
 
     perturbations = parse_perturbations(request.perturb)
+    if request.lm_eval_tasks:
+        from aloe_cli.evaluation.lm_eval_tasks import parse_tasks, require_lm_eval
+
+        parse_tasks(request.lm_eval_tasks)
+        require_lm_eval()
+        if _kind(request.backend) != "hf":
+            raise AloeError("--lm-eval-tasks scores a local model's likelihoods: use it with --backend hf")
     specs = [parse_benchmark_spec(text) for text in request.benchmarks]
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
@@ -177,11 +185,24 @@ def _judge(request: Request):
 
 
 def _perturbers(perturbations: tuple[str, ...]):
-    return None
+    from aloe_cli.evaluation.runner import make_perturber
+
+    return make_perturber if perturbations else None
 
 
-def _lm_eval(label, reference, backend, request) -> None:
-    raise AloeError("--lm-eval-tasks is not available in this build")
+def _lm_eval(label: str, reference: str, backend: _lazy, request: Request) -> None:
+    from aloe_cli.evaluation.lm_eval_tasks import parse_tasks, run_lm_eval
+    from aloe_cli.evaluation.results import folder_name, save_scores, write_tables
+
+    tasks = parse_tasks(request.lm_eval_tasks)
+    loaded = _loaded_model(backend, reference, request)
+    console.log(f"aloe eval: {label} on lm-eval task(s) {', '.join(tasks)}")
+    scores = run_lm_eval(loaded.model, getattr(loaded.processor, "tokenizer", loaded.processor), tasks,
+                         include_path=request.lm_eval_include, limit=request.limit, batch_size=request.batch_size)
+    save_scores(request.output / folder_name(label), label, scores,
+                {"model_reference": reference, "backend": "hf"})
+    write_tables(request.output)
+    _print_scores(label, scores)
 
 
 class _ProgressLine:

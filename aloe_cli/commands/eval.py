@@ -83,6 +83,8 @@ def eval(  # noqa: A001 - the command's name
     lm_eval_tasks: Annotated[str | None, typer.Option(
         "--lm-eval-tasks", help="Comma-separated lm-evaluation-harness tasks run on the loaded model (needs the "
                                 "[eval] extra); their scores join the same table.")] = None,
+    lm_eval_include: Annotated[Path | None, typer.Option(
+        "--lm-eval-include", help="Folder of extra lm-eval task YAML files (local tasks).")] = None,
     backend: Annotated[str | None, typer.Option(
         "--backend", help="hf (local model) or openai (OpenAI-compatible server). Default: openai when "
                           "--base-url is given, else hf.")] = None,
@@ -126,7 +128,7 @@ def eval(  # noqa: A001 - the command's name
     run.evaluate(run.Request(
         models=model, benchmarks=benchmark or [], output=output, perturb=perturb, limit=limit,
         max_new_tokens=max_new_tokens, batch_size=batch_size, on_error=on_error.value, image_root=image_root,
-        lm_eval_tasks=lm_eval_tasks,
+        lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include,
         backend=run.BackendChoice(kind=backend, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
                                   timeout=timeout, max_retries=max_retries, retry_backoff=retry_backoff,
                                   cache=cache, device=device, dtype=dtype.value,

@@ -36,9 +36,9 @@ def prompt_text(item: EvalItem) -> str:
 
 
 def reference_text(item: EvalItem) -> str:
-    """The reference answer as the assistant would say it (the target a perturbation keeps)."""
+    """The reference answer as the record's assistant turn: the letter (as in VLMEvalKit TSVs), Yes/No, or text."""
     if item.kind == "mcq":
-        return f"{item.answer}. {item.options[item.answer]}"
+        return item.answer
     if item.kind == "yesno":
         return item.answer.capitalize()
     return item.answer

@@ -34,6 +34,23 @@ IMAGE_PERTURBATIONS = ("cap", "leg")  # rendered into the image: only for items 
 Perturber = Callable[[dict, str, EvalItem], dict]
 
 
+def make_perturber(items: list[Item], seed: int = 0) -> Perturber:
+    """Perturbations from `aloe_cli.perturb`; wrong answers come from the item's options, the opposite of
+    yes/no, or another answer of the same benchmark."""
+    from aloe_cli.perturb import WrongAnswerPicker, perturb_record
+
+    picker = WrongAnswerPicker(eval_record(item.annotations["eval_item"]) for item in items)
+
+    def perturber(record: dict, kind: str, eval_item: EvalItem) -> dict:
+        wrong = picker.pick(record, seed=seed)
+        try:
+            return perturb_record(record, kind, wrong, image_root=eval_item.image_root, seed=seed)
+        except ValueError as exc:
+            raise RecordError("perturb_failed", str(exc)) from None
+
+    return perturber
+
+
 def expand_units(items: list[Item], perturbations: tuple[str, ...]) -> list[Item]:
     """Each item as asked plainly, then once per perturbation that applies to it (image ones need an image)."""
     units: list[Item] = []
@@ -127,6 +144,8 @@ class EvalStage(Stage):
                 "answer": values.pop("answer"), "prediction": prediction, "extracted": None, "correct": None,
                 "perturb": item.annotations.get("perturb"), **values,
                 "prompt": text_of(prompt_messages(record)[-1])}
+        if line["perturb"] is not None:
+            line["wrong_answer"] = record.get("aloe", {}).get("perturb", {}).get("wrong_answer")
         if line["kind"] == "open":
             line["extracted"] = prediction.strip() or None
         else:
@@ -166,4 +185,4 @@ class EvalStage(Stage):
         return {"model": self.model, "accuracy": self.tally.accuracy}
 
 
-__all__ = ["EvalStage", "IMAGE_PERTURBATIONS", "Perturber", "Tally", "expand_units"]
+__all__ = ["EvalStage", "IMAGE_PERTURBATIONS", "Perturber", "Tally", "expand_units", "make_perturber"]
