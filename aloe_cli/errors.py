@@ -46,3 +46,9 @@ class RecordError(AloeError):
 
 class OutputClosed(Exception):
     """stdout was closed by the reader (`aloe ... | head`): stop quietly, exit 0."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -44,7 +44,8 @@ from aloe_cli.data.stage import reject_record
 from aloe_cli.errors import AloeError, RecordError
 from aloe_cli.mixing.plan import NOT_AVAILABLE, Group, Plan, make_plan, output_rng
 from aloe_cli.mixing.recipe import Recipe, SourceSpec
-from aloe_cli.modeling.tokens import LossTokenCounter, TokenCache, conversation_key, default_cache_path
+from aloe_cli.modeling.loss_tokens import LossTokenCounter
+from aloe_cli.modeling.token_cache import TokenCache, conversation_key, default_cache_path
 
 STAGE = "mix"
 _STDIN_DISPLAY = "<stdin>"
@@ -65,7 +66,7 @@ class MixOptions:
     on_error: str = "fail"  # or "skip": bad records go to the rejects
     batch_size: int = 1024
     cache: bool = True
-    cache_path: str | None = None  # default: the recipe's `cache`, else tokens.default_cache_path()
+    cache_path: str | None = None  # default: the recipe's `cache`, else token_cache.default_cache_path()
     spool_dir: str | None = None  # default: the output's folder (the system temp folder for stdout)
 
 
@@ -456,7 +457,7 @@ def _open_cache(recipe: Recipe, options: MixOptions) -> Iterator[TokenCache | No
 def run_mix(recipe: Recipe, options: MixOptions, counter: LossTokenCounter | None = None,
             progress: ProgressFactory | None = None) -> MixResult:
     """Count, plan and (unless dry_run) write a mixture. Raises AloeError for unusable input."""
-    from aloe_cli.modeling.tokens import load_counter
+    from aloe_cli.modeling.loss_tokens import load_counter
 
     progress = progress or _null_progress
     if options.rejects is not None and options.rejects == options.output and options.output != STDIO:
