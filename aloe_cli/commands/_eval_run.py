@@ -173,6 +173,11 @@ def make_backend(choice: BackendChoice, reference: str, request: Request):
     raise AloeError("generation backends are not available in this build")
 
 
+def _loaded_model(backend: _lazy, reference: str, request: Request):
+    """The model the hf backend holds (loaded on first use)."""
+    return backend().loaded
+
+
 def _judge(request: Request):
     if request.judge is None:
         return None

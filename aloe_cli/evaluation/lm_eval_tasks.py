@@ -28,7 +28,8 @@ def require_lm_eval() -> None:
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        raise AloeError(f"--lm-eval-tasks needs lm-evaluation-harness, which is not installed: {INSTALL_HINT}") from None
+        raise AloeError("--lm-eval-tasks needs lm-evaluation-harness, which is not installed: "
+                        + INSTALL_HINT) from None
 
 
 def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], *, include_path: str | Path | None = None,
