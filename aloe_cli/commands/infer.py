@@ -1,0 +1,98 @@
+"""aloe infer: answer a question about images, or every record of a file; grounded boxes in pixels.
+
+With a question on the command line the answer is printed. With -i every record (JSONL, parquet,
+TSV, ...) is answered in batches and written in input order, streaming, with aloe.infer = {"text":
+..., "boxes": [{"label", "box" (0-1000), "image", "pixels" (original image)}]}. Greedy by default.
+
+Examples:
+
+    aloe infer --model Qwen/Qwen2-VL-7B-Instruct --image scan.png "What abnormality do you see?"
+    aloe infer --model M --image a.png --image b.png "Compare the two scans." --system "You are a radiologist."
+    aloe infer --model M -i prompts.jsonl --draw boxes/ > answers.jsonl
+    aloe infer --model served-name --backend openai --base-url http://gpu:8000/v1 -i prompts.jsonl -o out.jsonl
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from aloe_cli.options import (
+    AttnImplementationOpt,
+    BatchSizeOpt,
+    DeviceOpt,
+    Dtype,
+    DtypeOpt,
+    ImageRootOpt,
+    InputOpt,
+    OnError,
+    OnErrorOpt,
+    OutputOpt,
+    RejectsOpt,
+    ReportOpt,
+    TrustRemoteCodeOpt,
+    command_app,
+)
+
+app = command_app()
+
+
+@app.command(help=__doc__, no_args_is_help=True)
+def infer(
+    question: Annotated[str | None, typer.Argument(help="The question (omit it to answer the records of -i).")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", help="Model folder or Hub id (hf), or the served model's name (openai).")] = None,
+    image: Annotated[list[str] | None, typer.Option(
+        "--image", help="An image for the question (path, DICOM, data URI). Repeatable, in order.")] = None,
+    system: Annotated[str | None, typer.Option("--system", help="System message before every prompt.")] = None,
+    draw: Annotated[Path | None, typer.Option(
+        "--draw", help="Save each image with the answer's boxes and labels drawn, into this folder.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens.")] = 512,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0: greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    backend: Annotated[str | None, typer.Option(
+        "--backend", help="hf (local model) or openai (OpenAI-compatible server). Default: openai when "
+                          "--base-url is given, else hf.")] = None,
+    base_url: Annotated[str | None, typer.Option(
+        "--base-url", help="Server URL, e.g. http://localhost:8000/v1.")] = None,
+    api_key_env: Annotated[str | None, typer.Option(
+        "--api-key-env", help="Environment variable holding the server's API key.")] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="openai: requests in flight.")] = 32,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.01, help="openai: seconds per request.")] = 120.0,
+    max_retries: Annotated[int, typer.Option("--max-retries", min=0, help="openai: retries per request.")] = 5,
+    retry_backoff: Annotated[float, typer.Option("--retry-backoff", min=0.0, help="openai: first wait (s).")] = 1.0,
+    input: InputOpt = None,
+    output: OutputOpt = "-",
+    rejects: RejectsOpt = None,
+    report: ReportOpt = None,
+    image_root: ImageRootOpt = None,
+    batch_size: BatchSizeOpt = 8,
+    on_error: OnErrorOpt = OnError.fail,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    attn_implementation: AttnImplementationOpt = None,
+) -> None:
+    from aloe_cli.commands import _eval_run as run
+    from aloe_cli.commands import _infer_run
+
+    if not model:
+        raise typer.BadParameter("is required", param_hint="--model")
+    if question is None and not input:
+        raise typer.BadParameter("give a question, or records with -i", param_hint="QUESTION")
+    if question is not None and input:
+        raise typer.BadParameter("a question on the command line and -i do not go together", param_hint="-i")
+    if image and question is None:
+        raise typer.BadParameter("goes with a question on the command line", param_hint="--image")
+    choice = run.BackendChoice(kind=backend, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
+                               timeout=timeout, max_retries=max_retries, retry_backoff=retry_backoff, cache=None,
+                               device=device, dtype=dtype.value, trust_remote_code=trust_remote_code,
+                               attn_implementation=attn_implementation)
+    _infer_run.infer(_infer_run.InferRequest(
+        model=model, question=question, images=image or [], system=system, draw=draw, inputs=input,
+        output=output, rejects=rejects, report=report, image_root=image_root, batch_size=batch_size,
+        on_error=on_error.value, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        backend=choice))
