@@ -363,6 +363,7 @@ def test_a_hub_id_is_read_from_the_hugging_face_cache_offline(tiny_model_dir, tm
     proc = aloe(*args, "acme/tiny-vl", env={"HF_HUB_CACHE": str(cache)}, timeout=30)
     assert proc.returncode == 0, proc.stderr
     from_hub = json.loads((tmp_path / "r.json").read_text())
+    assert from_hub["read"] == 1 and from_hub["cells"]["medical/text"]["tokens_available"] > 0
     proc = aloe(*args, str(tiny_model_dir))
     assert proc.returncode == 0, proc.stderr
     assert from_hub["cells"] == json.loads((tmp_path / "r.json").read_text())["cells"]
