@@ -71,7 +71,8 @@ def evaluate_model(label: str, backend: Callable[[], GenerationBackend], plan: E
         scores = {**stage.scores(), "file": spec.path, "skipped": dict(sorted(summary.reasons.items()))}
         runs.append(BenchmarkRun(spec.name, summary.read, summary.kept, scores["skipped"], scores))
         save_scores(model_dir, label, {spec.name: scores}, info)
-    write_tables(Path(plan.output))
+    if runs:
+        write_tables(Path(plan.output))
     return runs
 
 
