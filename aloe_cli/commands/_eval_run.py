@@ -4,29 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from aloe_cli import console
 from aloe_cli.errors import AloeError
+from aloe_cli.modeling.backends.factory import BackendConfig
 
 PERTURBATION_CHOICES = ("base", "cap", "pmt", "syc", "leg")
-
-
-@dataclass
-class BackendChoice:
-    kind: str | None
-    base_url: str | None
-    api_key_env: str | None
-    concurrency: int
-    timeout: float
-    max_retries: int
-    retry_backoff: float
-    cache: Path | None
-    device: str
-    dtype: str
-    trust_remote_code: bool
-    attn_implementation: str | None
 
 
 @dataclass
@@ -42,9 +27,10 @@ class Request:
     image_root: Path | None
     lm_eval_tasks: str | None
     lm_eval_include: Path | None
-    backend: BackendChoice
+    cache: Path | None
+    backend: BackendConfig  # model filled in per --model
     judge: str | None
-    judge_backend: BackendChoice
+    judge_backend: BackendConfig
     judge_parse_retries: int
 
 
@@ -109,7 +95,7 @@ def evaluate(request: Request) -> None:
 
         parse_tasks(request.lm_eval_tasks)
         require_lm_eval()
-        if _kind(request.backend) != "hf":
+        if request.backend.kind != "hf":
             raise AloeError("--lm-eval-tasks scores a local model's likelihoods: use it with --backend hf")
     specs = [parse_benchmark_spec(text) for text in request.benchmarks]
     names = [spec.name for spec in specs]
@@ -120,15 +106,18 @@ def evaluate(request: Request) -> None:
     plan = EvalPlan(benchmarks=specs, output=request.output, params=GenerationParams(
         max_new_tokens=request.max_new_tokens), batch_size=_runner_batch(request), perturbations=perturbations,
         limit=request.limit, on_error=request.on_error, image_root=request.image_root)
-    judge = _judge(request)
+    cache = _open_cache(request.cache)
+    judge = _judge(request, cache)
     try:
         for text in request.models:
             label, reference = model_label(text)
-            backend = _lazy(lambda reference=reference: make_backend(request.backend, reference, request))
-            info = {"model_reference": reference, "backend": _kind(request.backend)}
+            config = replace(request.backend, model=reference)
+            backend = _lazy(lambda config=config, label=label: _backend(config, f"aloe eval: {label}:", cache))
+            info = {"model_reference": reference, "backend": config.kind}
             try:
                 runs = evaluate_model(label, backend, plan, judge=judge, perturbers=_perturbers(perturbations),
-                                      progress=_progress, info=info, cache_tag=f"{_kind(request.backend)}:{reference}")
+                                      progress=_progress, info=info, cache_tag=f"{config.kind}:{reference}",
+                                      keyed=cache is not None)
                 for run in runs:
                     _print_run(label, run)
                 if request.lm_eval_tasks:
@@ -138,17 +127,56 @@ def evaluate(request: Request) -> None:
     finally:
         if judge is not None:
             judge.backend.close_if_open()
+        if cache is not None:
+            cache.close()
     console.log(f"aloe eval: tables in {request.output / 'results.md'} and {request.output / 'results.csv'}")
 
 
 def _runner_batch(request: Request) -> int:
-    if _kind(request.backend) == "openai":
+    """Items handed to the backend at once: enough to keep every batch / connection busy."""
+    if request.backend.kind == "openai":
         return max(request.batch_size, request.backend.concurrency * 4)
     return request.batch_size * 4
 
 
-def _kind(choice: BackendChoice) -> str:
-    return choice.kind or ("openai" if choice.base_url else "hf")
+def _open_cache(path: Path | None):
+    if path is None:
+        return None
+    from aloe_cli.modeling.backends.cache import ResponseCache
+
+    cache = ResponseCache(path)
+    console.log(f"aloe eval: {len(cache)} cached reply(ies) in {path}"
+                + (f" ({cache.bad_lines} unreadable line(s) skipped)" if cache.bad_lines else ""))
+    return cache
+
+
+def _backend(config: BackendConfig, announce: str, cache, accept=None):
+    from aloe_cli.commands._backend import open_backend
+
+    backend = open_backend(config, announce)
+    if cache is None:
+        return backend
+    from aloe_cli.modeling.backends.cache import CachedBackend
+
+    return _KeepCacheOpen(CachedBackend(backend, cache, accept=accept))
+
+
+class _KeepCacheOpen:
+    """A cached backend whose close leaves the shared cache file open for the next model and the judge."""
+
+    def __init__(self, cached) -> None:
+        self.cached = cached
+        self.name = cached.name
+
+    def generate(self, requests, params, on_done) -> None:
+        self.cached.generate(requests, params, on_done)
+
+    @property
+    def loaded(self):
+        return self.cached.backend.loaded
+
+    def close(self) -> None:
+        self.cached.backend.close()
 
 
 class _lazy:
@@ -169,24 +197,21 @@ class _lazy:
             self._backend = None
 
 
-def make_backend(choice: BackendChoice, reference: str, request: Request):
-    raise AloeError("generation backends are not available in this build")
-
-
 def _loaded_model(backend: _lazy, reference: str, request: Request):
     """The model the hf backend holds (loaded on first use)."""
     return backend().loaded
 
 
-def _judge(request: Request):
+def _judge(request: Request, cache):
     if request.judge is None:
         return None
-    from aloe_cli.evaluation.judge import OpenJudge
+    from aloe_cli.evaluation.judge import OpenJudge, verdict_parses
 
-    label, reference = model_label(request.judge)
-    backend = _lazy(lambda: make_backend(request.judge_backend, reference, request))
-    return OpenJudge(backend, f"{_kind(request.judge_backend)}:{reference}",
-                     parse_retries=request.judge_parse_retries)
+    _, reference = model_label(request.judge)
+    config = replace(request.judge_backend, model=reference)
+    backend = _lazy(lambda: _backend(config, "aloe eval: judge:", cache, accept=verdict_parses))
+    return OpenJudge(backend, f"{config.kind}:{reference}", parse_retries=request.judge_parse_retries,
+                     keyed=cache is not None)
 
 
 def _perturbers(perturbations: tuple[str, ...]):

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aloe_cli import console
+from aloe_cli.modeling.backends.factory import BackendConfig
 
 
 @dataclass
 class InferRequest:
-    model: str
     question: str | None
     images: list[str]
     system: str | None
@@ -21,31 +21,31 @@ class InferRequest:
     rejects: Path | None
     report: Path | None
     image_root: Path | None
-    batch_size: int
     on_error: str
     max_new_tokens: int
     temperature: float
     top_p: float
     seed: int
-    backend: object  # _eval_run.BackendChoice
+    backend: BackendConfig
 
 
 def infer(request: InferRequest) -> None:
     from aloe_cli.commands import _eval_run as run
+    from aloe_cli.commands._backend import open_backend
     from aloe_cli.commands._common import run_data_command
     from aloe_cli.data.io import Item, read_items
     from aloe_cli.data.stage import RunConfig
     from aloe_cli.evaluation.inference import InferStage, check_chat_template
     from aloe_cli.modeling.backends import GenerationParams
 
-    kind = run._kind(request.backend)
-    if kind == "hf":
-        check_chat_template(request.model)
-    backend = run._lazy(lambda: run.make_backend(request.backend, request.model, request))
+    config = request.backend
+    if config.kind == "hf":
+        check_chat_template(config.model)
+    backend = run._lazy(lambda: open_backend(config, "aloe infer:"))
     params = GenerationParams(max_new_tokens=request.max_new_tokens, temperature=request.temperature,
                               top_p=request.top_p, seed=request.seed)
     stage = InferStage(backend, params, system=request.system, draw=request.draw)
-    batch = max(request.batch_size, request.backend.concurrency * 2) if kind == "openai" else request.batch_size * 4
+    batch = config.concurrency * 2 if config.kind == "openai" else config.batch_size * 4
     config = RunConfig(batch_size=batch, on_error=request.on_error)
     try:
         if request.question is not None:

@@ -35,14 +35,25 @@ from typing import Annotated
 import typer
 
 from aloe_cli.options import (
+    ApiKeyEnvOpt,
     AttnImplementationOpt,
+    BackendOpt,
+    BaseUrlOpt,
     BatchSizeOpt,
+    ConcurrencyOpt,
     DeviceOpt,
     Dtype,
     DtypeOpt,
     ImageRootOpt,
+    JudgeApiKeyEnvOpt,
+    JudgeBackendOpt,
+    JudgeBaseUrlOpt,
+    MaxNewTokensOpt,
+    MaxRetriesOpt,
     OnError,
     OnErrorOpt,
+    RetryBackoffOpt,
+    TimeoutOpt,
     TrustRemoteCodeOpt,
     command_app,
 )
@@ -63,14 +74,12 @@ def eval(  # noqa: A001 - the command's name
         "--perturb", help="Also ask every item under these perturbations: base,cap,pmt,syc,leg (cap and leg need "
                           "an image).")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="First N items of each benchmark.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens.")] = 128,
+    max_new_tokens: MaxNewTokensOpt = 128,
     judge: Annotated[str | None, typer.Option(
         "--judge", help="Judge model for open-ended items (folder / Hub id, or served name).")] = None,
-    judge_backend: Annotated[str | None, typer.Option(
-        "--judge-backend", help="hf or openai. Default: openai when --judge-base-url is given, else hf.")] = None,
-    judge_base_url: Annotated[str | None, typer.Option("--judge-base-url", help="The judge's server URL.")] = None,
-    judge_api_key_env: Annotated[str | None, typer.Option(
-        "--judge-api-key-env", help="Environment variable holding the judge server's API key.")] = None,
+    judge_backend: JudgeBackendOpt = None,
+    judge_base_url: JudgeBaseUrlOpt = None,
+    judge_api_key_env: JudgeApiKeyEnvOpt = None,
     judge_parse_retries: Annotated[int, typer.Option(
         "--judge-parse-retries", min=0, help="Ask the judge again (sampling) when its verdict cannot be read.")] = 2,
     show_judge_prompt: Annotated[bool, typer.Option(
@@ -85,19 +94,16 @@ def eval(  # noqa: A001 - the command's name
                                 "[eval] extra); their scores join the same table.")] = None,
     lm_eval_include: Annotated[Path | None, typer.Option(
         "--lm-eval-include", help="Folder of extra lm-eval task YAML files (local tasks).")] = None,
-    backend: Annotated[str | None, typer.Option(
-        "--backend", help="hf (local model) or openai (OpenAI-compatible server). Default: openai when "
-                          "--base-url is given, else hf.")] = None,
-    base_url: Annotated[str | None, typer.Option(
-        "--base-url", help="Server URL, e.g. http://localhost:8000/v1.")] = None,
-    api_key_env: Annotated[str | None, typer.Option(
-        "--api-key-env", help="Environment variable holding the server's API key.")] = None,
-    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="openai: requests in flight.")] = 32,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.01, help="openai: seconds per request.")] = 120.0,
-    max_retries: Annotated[int, typer.Option("--max-retries", min=0, help="openai: retries per request.")] = 5,
-    retry_backoff: Annotated[float, typer.Option("--retry-backoff", min=0.0, help="openai: first wait (s).")] = 1.0,
+    backend: BackendOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    concurrency: ConcurrencyOpt = 64,
+    timeout: TimeoutOpt = 120.0,
+    max_retries: MaxRetriesOpt = 5,
+    retry_backoff: RetryBackoffOpt = 1.0,
     cache: Annotated[Path | None, typer.Option(
-        "--cache", help="openai: JSONL cache of replies, so an interrupted run resumes.")] = None,
+        "--cache", help="JSONL cache of replies (the model's and the judge's): an interrupted run resumes "
+                        "without asking again.")] = None,
     image_root: ImageRootOpt = None,
     batch_size: BatchSizeOpt = 16,
     on_error: OnErrorOpt = OnError.fail,
@@ -107,6 +113,7 @@ def eval(  # noqa: A001 - the command's name
     attn_implementation: AttnImplementationOpt = None,
 ) -> None:
     from aloe_cli.commands import _eval_run as run
+    from aloe_cli.modeling.backends.factory import BackendConfig
 
     if show_judge_prompt:
         from aloe_cli.evaluation.judge import JUDGE_RUBRIC
@@ -125,16 +132,21 @@ def eval(  # noqa: A001 - the command's name
         raise typer.BadParameter("give at least one --benchmark (or --lm-eval-tasks)", param_hint="--benchmark")
     if output is None:
         raise typer.BadParameter("is required (the results folder)", param_hint="-o/--output")
+    if backend is not None and backend.value == "hf" and base_url:
+        raise typer.BadParameter("is for --backend openai", param_hint="--base-url")
+    if judge_backend is not None and judge_backend.value == "hf" and judge_base_url:
+        raise typer.BadParameter("is for --judge-backend openai", param_hint="--judge-base-url")
+    local = {"batch_size": batch_size, "device": device, "dtype": dtype.value,
+             "trust_remote_code": trust_remote_code, "attn_implementation": attn_implementation}
     run.evaluate(run.Request(
         models=model, benchmarks=benchmark or [], output=output, perturb=perturb, limit=limit,
         max_new_tokens=max_new_tokens, batch_size=batch_size, on_error=on_error.value, image_root=image_root,
-        lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include,
-        backend=run.BackendChoice(kind=backend, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
-                                  timeout=timeout, max_retries=max_retries, retry_backoff=retry_backoff,
-                                  cache=cache, device=device, dtype=dtype.value,
-                                  trust_remote_code=trust_remote_code, attn_implementation=attn_implementation),
-        judge=judge, judge_backend=run.BackendChoice(
-            kind=judge_backend, base_url=judge_base_url, api_key_env=judge_api_key_env, concurrency=concurrency,
-            timeout=timeout, max_retries=max_retries, retry_backoff=retry_backoff, cache=None, device=device,
-            dtype=dtype.value, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation),
+        lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include, cache=cache,
+        backend=BackendConfig(model="", backend=backend.value if backend else None, base_url=base_url,
+                              api_key_env=api_key_env, concurrency=concurrency, timeout=timeout,
+                              max_retries=max_retries, retry_backoff=retry_backoff, **local),
+        judge=judge, judge_backend=BackendConfig(
+            model="", backend=judge_backend.value if judge_backend else None, base_url=judge_base_url,
+            api_key_env=judge_api_key_env, concurrency=concurrency, timeout=timeout, max_retries=max_retries,
+            retry_backoff=retry_backoff, **local),
         judge_parse_retries=judge_parse_retries))

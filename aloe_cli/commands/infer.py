@@ -20,18 +20,26 @@ from typing import Annotated
 import typer
 
 from aloe_cli.options import (
+    ApiKeyEnvOpt,
     AttnImplementationOpt,
+    BackendOpt,
+    BaseUrlOpt,
     BatchSizeOpt,
+    ConcurrencyOpt,
     DeviceOpt,
     Dtype,
     DtypeOpt,
     ImageRootOpt,
     InputOpt,
+    MaxNewTokensOpt,
+    MaxRetriesOpt,
     OnError,
     OnErrorOpt,
     OutputOpt,
     RejectsOpt,
     ReportOpt,
+    RetryBackoffOpt,
+    TimeoutOpt,
     TrustRemoteCodeOpt,
     command_app,
 )
@@ -49,21 +57,17 @@ def infer(
     system: Annotated[str | None, typer.Option("--system", help="System message before every prompt.")] = None,
     draw: Annotated[Path | None, typer.Option(
         "--draw", help="Save each image with the answer's boxes and labels drawn, into this folder.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest answer, in tokens.")] = 512,
+    max_new_tokens: MaxNewTokensOpt = 512,
     temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0: greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
-    backend: Annotated[str | None, typer.Option(
-        "--backend", help="hf (local model) or openai (OpenAI-compatible server). Default: openai when "
-                          "--base-url is given, else hf.")] = None,
-    base_url: Annotated[str | None, typer.Option(
-        "--base-url", help="Server URL, e.g. http://localhost:8000/v1.")] = None,
-    api_key_env: Annotated[str | None, typer.Option(
-        "--api-key-env", help="Environment variable holding the server's API key.")] = None,
-    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="openai: requests in flight.")] = 32,
-    timeout: Annotated[float, typer.Option("--timeout", min=0.01, help="openai: seconds per request.")] = 120.0,
-    max_retries: Annotated[int, typer.Option("--max-retries", min=0, help="openai: retries per request.")] = 5,
-    retry_backoff: Annotated[float, typer.Option("--retry-backoff", min=0.0, help="openai: first wait (s).")] = 1.0,
+    backend: BackendOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    concurrency: ConcurrencyOpt = 64,
+    timeout: TimeoutOpt = 120.0,
+    max_retries: MaxRetriesOpt = 5,
+    retry_backoff: RetryBackoffOpt = 1.0,
     input: InputOpt = None,
     output: OutputOpt = "-",
     rejects: RejectsOpt = None,
@@ -76,8 +80,8 @@ def infer(
     trust_remote_code: TrustRemoteCodeOpt = False,
     attn_implementation: AttnImplementationOpt = None,
 ) -> None:
-    from aloe_cli.commands import _eval_run as run
     from aloe_cli.commands import _infer_run
+    from aloe_cli.modeling.backends.factory import BackendConfig
 
     if not model:
         raise typer.BadParameter("is required", param_hint="--model")
@@ -87,12 +91,13 @@ def infer(
         raise typer.BadParameter("a question on the command line and -i do not go together", param_hint="-i")
     if image and question is None:
         raise typer.BadParameter("goes with a question on the command line", param_hint="--image")
-    choice = run.BackendChoice(kind=backend, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency,
-                               timeout=timeout, max_retries=max_retries, retry_backoff=retry_backoff, cache=None,
-                               device=device, dtype=dtype.value, trust_remote_code=trust_remote_code,
-                               attn_implementation=attn_implementation)
+    if backend is not None and backend.value == "hf" and base_url:
+        raise typer.BadParameter("is for --backend openai", param_hint="--base-url")
+    config = BackendConfig(model=model, backend=backend.value if backend else None, base_url=base_url,
+                           api_key_env=api_key_env, concurrency=concurrency, timeout=timeout, max_retries=max_retries,
+                           retry_backoff=retry_backoff, batch_size=batch_size, device=device, dtype=dtype.value,
+                           trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
     _infer_run.infer(_infer_run.InferRequest(
-        model=model, question=question, images=image or [], system=system, draw=draw, inputs=input,
-        output=output, rejects=rejects, report=report, image_root=image_root, batch_size=batch_size,
-        on_error=on_error.value, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-        backend=choice))
+        question=question, images=image or [], system=system, draw=draw, inputs=input, output=output,
+        rejects=rejects, report=report, image_root=image_root, on_error=on_error.value,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, backend=config))

@@ -51,7 +51,7 @@ PerturberFactory = Callable[[list], Perturber]
 def evaluate_model(label: str, backend: Callable[[], GenerationBackend], plan: EvalPlan, *,
                    judge: OpenJudge | None = None, perturbers: PerturberFactory | None = None,
                    progress: ProgressFactory | None = None, info: dict | None = None,
-                   cache_tag: str = "") -> list[BenchmarkRun]:
+                   cache_tag: str = "", keyed: bool = False) -> list[BenchmarkRun]:
     model_dir = Path(plan.output) / folder_name(label)
     runs = []
     for spec in plan.benchmarks:
@@ -62,7 +62,8 @@ def evaluate_model(label: str, backend: Callable[[], GenerationBackend], plan: E
                 raise bad.error.located(bad.where)
         perturber = perturbers([item for item in items if item.error is None]) if plan.perturbations else None
         units = expand_units(items, plan.perturbations)
-        stage = EvalStage(backend, label, plan.params, judge=judge, perturber=perturber, cache_tag=cache_tag)
+        stage = EvalStage(backend, label, plan.params, judge=judge, perturber=perturber, cache_tag=cache_tag,
+                          keyed=keyed)
         target = model_dir / spec.name / PREDICTIONS_FILE
         target.parent.mkdir(parents=True, exist_ok=True)
         config = RunConfig(batch_size=plan.batch_size, on_error=plan.on_error)

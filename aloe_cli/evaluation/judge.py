@@ -9,13 +9,13 @@ counts as right or wrong. An empty model answer scores 0 without asking.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from aloe_cli.modeling.backends import Failure, GenerationBackend, GenerationParams, GenerationRequest, Reply
+from aloe_cli.modeling.backends.cache import request_key
 
 SCORES = (0.0, 0.5, 1.0)
 
@@ -127,6 +127,7 @@ class OpenJudge:
     max_new_tokens: int = 256
     retry_temperature: float = 0.7
     rubric: str = JUDGE_RUBRIC
+    keyed: bool = False  # give requests cache keys (when a response cache is in front of the backend)
     counters: JudgeCounters = field(default_factory=JudgeCounters)
 
     def grade(self, cases: list[JudgeCase]) -> list[JudgeResult]:
@@ -151,8 +152,9 @@ class OpenJudge:
 
     def _ask(self, cases: list[JudgeCase], results: list[JudgeResult], pending: list[int], attempt: int) -> list[int]:
         prompts = [judge_prompt(cases[index], self.rubric) for index in pending]
-        requests = [GenerationRequest(messages=[{"role": "user", "content": [{"type": "text", "text": text}]}],
-                                      key=self._key(text, attempt)) for text in prompts]
+        messages = [[{"role": "user", "content": [{"type": "text", "text": text}]}] for text in prompts]
+        requests = [GenerationRequest(messages=chat, key=self._key(chat, attempt) if self.keyed else None)
+                    for chat in messages]
         temperature = 0.0 if attempt == 0 else self.retry_temperature
         params = GenerationParams(max_new_tokens=self.max_new_tokens, temperature=temperature, seed=attempt)
         again: list[int] = []
@@ -174,8 +176,18 @@ class OpenJudge:
         self.backend().generate(requests, params, on_done)
         return sorted(again)
 
-    def _key(self, text: str, attempt: int) -> str:
-        return hashlib.sha256(f"judge\0{self.name}\0{attempt}\0{text}".encode()).hexdigest()
+    def _key(self, messages: list[dict], attempt: int) -> str:
+        return request_key(self.name, messages, salt=f"judge attempt={attempt} max_new_tokens={self.max_new_tokens}")
 
 
-__all__ = ["JUDGE_RUBRIC", "JudgeCase", "JudgeResult", "OpenJudge", "UnparseableVerdict", "parse_verdict"]
+def verdict_parses(reply: str) -> bool:
+    """Whether a reply holds a verdict (only those are worth caching: others are asked again)."""
+    try:
+        parse_verdict(reply)
+    except UnparseableVerdict:
+        return False
+    return True
+
+
+__all__ = ["JUDGE_RUBRIC", "JudgeCase", "JudgeResult", "OpenJudge", "UnparseableVerdict", "parse_verdict",
+           "verdict_parses"]

@@ -13,8 +13,6 @@ backend: a request that fails (a broken image, a server that gave up) becomes th
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +25,7 @@ from aloe_cli.evaluation.judge import JudgeCase, OpenJudge
 from aloe_cli.evaluation.prompts import eval_record, prompt_messages
 from aloe_cli.evaluation.scoring import benchmark_scores, score_prediction
 from aloe_cli.modeling.backends import Failure, GenerationBackend, GenerationParams, GenerationRequest
+from aloe_cli.modeling.backends.cache import request_key
 
 IMAGE_PERTURBATIONS = ("cap", "leg")  # rendered into the image: only for items that have one
 
@@ -91,6 +90,7 @@ class EvalStage(Stage):
     judge: OpenJudge | None = None
     perturber: Perturber | None = None
     cache_tag: str = ""  # what identifies the model in cache keys (name + backend)
+    keyed: bool = False  # give requests cache keys (when a response cache is in front of the backend)
     lines: list[dict] = field(default_factory=list)
     tally: Tally = field(default_factory=Tally)
 
@@ -98,15 +98,17 @@ class EvalStage(Stage):
 
     def annotate(self, batch: list[Item]) -> None:
         prepared: list[tuple[Item, dict]] = []
+        requests: list[GenerationRequest] = []
         for item in batch:
             try:
-                prepared.append((item, self._record(item)))
+                record = self._record(item)
+                requests.append(self._request(item, record))
             except RecordError as error:
                 item.error = error.located(item.where)
+                continue
+            prepared.append((item, record))
         if not prepared:
             return
-        requests = [GenerationRequest(messages=prompt_messages(record), images=list(record.get("images") or []),
-                                      image_root=item.image_root, key=self._key(record)) for item, record in prepared]
         replies: dict[int, str] = {}
 
         def on_done(index: int, completion) -> None:
@@ -167,16 +169,14 @@ class EvalStage(Stage):
             self.tally.scored += 1
             self.tally.points += float(correct)
 
-    def _key(self, record: dict) -> str:
-        """Cache key: the model, the conversation, the images and the decoding settings."""
-        digest = hashlib.sha256()
-        payload = {"model": self.cache_tag or self.model, "messages": prompt_messages(record),
-                   "params": [self.params.max_new_tokens, self.params.temperature, self.params.top_p,
-                              self.params.seed]}
-        digest.update(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode())
-        for entry in record.get("images") or []:
-            digest.update(b"\0" + (entry if isinstance(entry, str) else repr(entry)).encode())
-        return digest.hexdigest()
+    def _request(self, item: Item, record: dict) -> GenerationRequest:
+        messages, images = prompt_messages(record), list(record.get("images") or [])
+        key = None
+        if self.keyed:  # the model, the conversation, the image bytes, and how long the answer may be
+            key = request_key(self.cache_tag or self.model, messages, images, item.image_root,
+                              salt=f"max_new_tokens={self.params.max_new_tokens}")
+        return GenerationRequest(messages=messages, images=images, image_root=item.image_root, key=key,
+                                 id=str(record.get("id")))
 
     def scores(self) -> dict:
         return benchmark_scores(self.lines)
