@@ -46,7 +46,7 @@ def infer(request: InferRequest) -> None:
                               top_p=request.top_p, seed=request.seed)
     stage = InferStage(backend, params, system=request.system, draw=request.draw)
     batch = config.concurrency * 2 if config.kind == "openai" else config.batch_size * 4
-    config = RunConfig(batch_size=batch, on_error=request.on_error)
+    run_config = RunConfig(batch_size=batch, on_error=request.on_error)
     try:
         if request.question is not None:
             record = _question_record(request.question, request.images)
@@ -59,7 +59,7 @@ def infer(request: InferRequest) -> None:
             _log_boxes(item.record["aloe"]["infer"]["boxes"], stage)
             return
         run_data_command(stage, read_items(request.inputs, request.image_root), output=request.output,
-                         rejects=request.rejects, report=request.report, config=config)
+                         rejects=request.rejects, report=request.report, config=run_config)
         _log_boxes(None, stage)
     finally:
         backend.close_if_open()
