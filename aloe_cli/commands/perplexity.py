@@ -49,6 +49,7 @@ from aloe_cli.options import (
     OutputOpt,
     RejectsOpt,
     ReportOpt,
+    ResumeOpt,
     ShardOpt,
     TrustRemoteCodeOpt,
     command_app,
@@ -81,6 +82,7 @@ def perplexity(
     image_root: ImageRootOpt = None,
     batch_size: BatchSizeOpt = 16,
     shard: ShardOpt = None,
+    resume: ResumeOpt = False,
     on_error: OnErrorOpt = OnError.fail,
     keep_all: KeepAllOpt = False,
     device: DeviceOpt = "auto",
@@ -89,8 +91,7 @@ def perplexity(
     attn_implementation: AttnImplementationOpt = None,
 ) -> None:
     from aloe_cli import console
-    from aloe_cli.commands._common import resolve_shard, run_thresholded_command
-    from aloe_cli.data.io import read_items
+    from aloe_cli.commands._common import resolve_shard, run_data_command, shard_done
     from aloe_cli.data.stage import RunConfig
     from aloe_cli.filters.perplexity import PerplexityConfig, PerplexityStage, percentile_rows, plot_histograms
     from aloe_cli.filters.thresholds import load_thresholds
@@ -98,6 +99,9 @@ def perplexity(
     from aloe_cli.plotting import require_matplotlib
 
     # Everything that can be wrong with the options is checked before any model is loaded.
+    chosen_shard = resolve_shard(shard)
+    if shard_done("perplexity", chosen_shard, report, resume):
+        return
     bounds = load_thresholds(thresholds, "perplexity") if thresholds is not None else None
     if plot is not None:
         require_matplotlib()
@@ -112,10 +116,9 @@ def perplexity(
 
     stage = PerplexityStage(load, PerplexityConfig(batch_size=batch_size, ifd=ifd, max_tokens=max_tokens,
                                                    reuse=reuse), bounds, model_name=model)
-    config = RunConfig(batch_size=stage.runner_batch_size(), shard=resolve_shard(shard), keep_all=keep_all,
-                       on_error=on_error.value)
-    summary = run_thresholded_command(stage, read_items(input, image_root), bounds, output=output, rejects=rejects,
-                                      report=report, config=config)
+    config = RunConfig(shard=chosen_shard, keep_all=keep_all, on_error=on_error.value)
+    summary = run_data_command(stage, input, image_root=image_root, output=output, rejects=rejects, report=report,
+                               config=config)
 
     rows = percentile_rows(summary.extra)
     if rows:

@@ -50,6 +50,7 @@ from aloe_cli.options import (
     OutputOpt,
     RejectsOpt,
     ReportOpt,
+    ResumeOpt,
     ShardOpt,
     TrustRemoteCodeOpt,
     command_app,
@@ -105,6 +106,7 @@ def score(
     image_root: ImageRootOpt = None,
     batch_size: BatchSizeOpt = 8,
     shard: ShardOpt = None,
+    resume: ResumeOpt = False,
     on_error: OnErrorOpt = OnError.fail,
     keep_all: KeepAllOpt = False,
     device: DeviceOpt = "auto",
@@ -113,8 +115,7 @@ def score(
     attn_implementation: AttnImplementationOpt = None,
 ) -> None:
     from aloe_cli import console
-    from aloe_cli.commands._common import resolve_shard, run_thresholded_command
-    from aloe_cli.data.io import read_items
+    from aloe_cli.commands._common import resolve_shard, run_data_command, shard_done
     from aloe_cli.data.stage import RunConfig
     from aloe_cli.filters.judge import (
         DEFAULT_MIN_SCORE,
@@ -135,6 +136,9 @@ def score(
         return
     if not judge:
         raise typer.BadParameter("is required (the judge model)", param_hint="--judge")
+    chosen_shard = resolve_shard(shard)
+    if shard_done("score", chosen_shard, report, resume):
+        return
     kind = backend or (Backend.openai if base_url else Backend.hf)
     if kind is Backend.hf and base_url:
         raise typer.BadParameter("is for --backend openai", param_hint="--base-url")
@@ -156,13 +160,9 @@ def score(
 
     stage = ScoreStage(backend_factory, ScoreConfig(judge=judge, parse_retries=parse_retries), rubric, bounds,
                        verdicts)
-    config = RunConfig(batch_size=runner_batch, shard=resolve_shard(shard), keep_all=keep_all,
-                       on_error=on_error.value)
-    try:
-        summary = run_thresholded_command(stage, read_items(input, image_root), bounds, output=output,
-                                          rejects=rejects, report=report, config=config)
-    finally:
-        stage.close()
+    config = RunConfig(batch_size=runner_batch, shard=chosen_shard, keep_all=keep_all, on_error=on_error.value)
+    summary = run_data_command(stage, input, image_root=image_root, output=output, rejects=rejects, report=report,
+                               config=config)  # closes the stage (backend, cache) when the run ends
     _print_scores(summary.extra)
 
 

@@ -45,7 +45,7 @@ from aloe_cli.data.io import Item
 from aloe_cli.data.records import annotate, text_of
 from aloe_cli.data.stage import Reject, Stage
 from aloe_cli.errors import AloeError, RecordError
-from aloe_cli.filters.thresholds import ANNOTATED_AHEAD, Bounds, Distribution, ResolvedThresholds, Thresholds, source_of
+from aloe_cli.filters.thresholds import Bounds, Distribution, ResolvedThresholds, Thresholds, source_of
 
 STAGE = "score"
 MIN_SCORE, MAX_SCORE = 1, 5
@@ -710,6 +710,7 @@ class ScoreStage(Stage):
     """`aloe score`: annotate aloe.score and reject below the per-source min (or unparseable)."""
 
     name = STAGE
+    additive = ("requests", "cached", "parse_retries", "unparseable", "request_failures", "scores.*.*")
 
     def __init__(self, backend_factory: Callable[[], JudgeBackend], config: ScoreConfig, rubric: Rubric,
                  thresholds: Thresholds | None = None, cache: JudgeCache | None = None):
@@ -722,6 +723,10 @@ class ScoreStage(Stage):
         self.distribution = Distribution()
         self.counters = ScoreCounters()
         self._resolved: ResolvedThresholds | None = None
+
+    @property
+    def measure_first(self) -> bool:  # percentile thresholds need every score before the first decision
+        return self.thresholds.needs_distribution()
 
     @property
     def backend(self) -> JudgeBackend:
@@ -738,8 +743,6 @@ class ScoreStage(Stage):
     def annotate(self, batch: list[Item]) -> None:
         pending: list[tuple[Item, JudgePrompt]] = []
         for item in batch:
-            if item.annotations.get(ANNOTATED_AHEAD):
-                continue
             try:
                 prompt = build_prompt(item.record, item.image_root, self.rubric, self.config.judge)
             except RecordError as error:
@@ -821,8 +824,7 @@ class ScoreStage(Stage):
         return None
 
     def summary(self) -> dict[str, Any]:
-        if self._resolved is None:
-            self.distribution.complete = True  # after the run every value is in
+        if self._resolved is None:  # the runner marked the distribution complete
             self._resolved = self.thresholds.resolve(self.distribution)
         sources = sorted(self.counters.by_source)
         return {
