@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("score", "LVLM judge rates each sample 1-5 (local model or OpenAI-compatible server); per-source min."),
     "eval": ("eval", "Benchmarks (MCQ, yes/no, open with an LLM judge), adversarial robustness, results tables."),
     "infer": ("infer", "Answer prompts with images (one question, or a JSONL of records); grounded boxes."),
+    "report": ("report", "Merge the --report files of a job array's shards into one summary (aloe report merge)."),
 }
 
 
