@@ -56,7 +56,8 @@ def test_500_then_200_a_timeout_and_garbage(tmp_path):
     items[3]["question"] = "Is there an effusion in case 3? [action=garbage]"
     write_items(bench, items)
     with FakeOpenAIServer(script=[500, "hang"], hang_seconds=5) as server:
-        result = run_eval(server, bench, tmp_path / "out", "--timeout", "0.5")
+        # one request in flight: the 500 and the hang both fall on the first item (its first two attempts)
+        result = run_eval(server, bench, tmp_path / "out", "--timeout", "0.5", "--concurrency", "1")
         actions = [r.action for r in server.requests]
     assert result.returncode == 0, result.stderr
     assert actions.count(500) == 1 and actions.count("hang") == 1 and len(actions) == 6  # 4 items + 2 retries

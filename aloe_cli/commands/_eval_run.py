@@ -55,7 +55,7 @@ def rescore(paths: list[str], output: Path | None, on_error: str) -> None:
     stage = RescoreStage()
     with RecordWriter(target) as writer:
         summary = run_stage(stage, prediction_items(paths), writer, None, RunConfig(on_error=on_error))
-    print_summary(summary)
+    print_summary(summary.to_dict())
     label = next(iter(stage.models)) if len(stage.models) == 1 else "rescored"
     save_scores(folder, label, stage.scores(), {"rescored_from": [str(p) for p in paths]})
     write_tables(folder)
@@ -267,7 +267,8 @@ def _progress(label: str, name: str, total: int, stage) -> _ProgressLine:
 def _print_run(label: str, run) -> None:
     skipped = sum(run.skipped.values())
     console.log(f"  {run.name}: {run.read} read = {run.written} written + {skipped} skipped"
-                + (" (" + ", ".join(f"{k}={v}" for k, v in run.skipped.items()) + ")" if skipped else ""))
+                + (" (" + ", ".join(f"{k}={v}" for k, v in run.skipped.items()) + ")" if skipped else "")
+                + (f"; {run.lines} prediction lines" if run.lines != run.written else ""))
     _print_scores(label, {run.name: run.scores})
 
 

@@ -21,6 +21,7 @@ class InferRequest:
     rejects: Path | None
     report: Path | None
     image_root: Path | None
+    shard: str | None
     on_error: str
     max_new_tokens: int
     temperature: float
@@ -32,8 +33,8 @@ class InferRequest:
 def infer(request: InferRequest) -> None:
     from aloe_cli.commands import _eval_run as run
     from aloe_cli.commands._backend import open_backend
-    from aloe_cli.commands._common import run_data_command
-    from aloe_cli.data.io import Item, read_items
+    from aloe_cli.commands._common import resolve_shard, run_data_command
+    from aloe_cli.data.io import Item
     from aloe_cli.data.stage import RunConfig
     from aloe_cli.evaluation.inference import InferStage, check_chat_template
     from aloe_cli.modeling.backends import GenerationParams
@@ -46,7 +47,7 @@ def infer(request: InferRequest) -> None:
                               top_p=request.top_p, seed=request.seed)
     stage = InferStage(backend, params, system=request.system, draw=request.draw)
     batch = config.concurrency * 2 if config.kind == "openai" else config.batch_size * 4
-    run_config = RunConfig(batch_size=batch, on_error=request.on_error)
+    run_config = RunConfig(batch_size=batch, on_error=request.on_error, shard=resolve_shard(request.shard))
     try:
         if request.question is not None:
             record = _question_record(request.question, request.images)
@@ -58,7 +59,7 @@ def infer(request: InferRequest) -> None:
             print(item.record["aloe"]["infer"]["text"])
             _log_boxes(item.record["aloe"]["infer"]["boxes"], stage)
             return
-        run_data_command(stage, read_items(request.inputs, request.image_root), output=request.output,
+        run_data_command(stage, request.inputs, image_root=request.image_root, output=request.output,
                          rejects=request.rejects, report=request.report, config=run_config)
         _log_boxes(None, stage)
     finally:

@@ -39,6 +39,7 @@ from aloe_cli.options import (
     RejectsOpt,
     ReportOpt,
     RetryBackoffOpt,
+    ShardOpt,
     TimeoutOpt,
     TrustRemoteCodeOpt,
     command_app,
@@ -74,6 +75,7 @@ def infer(
     report: ReportOpt = None,
     image_root: ImageRootOpt = None,
     batch_size: BatchSizeOpt = 8,
+    shard: ShardOpt = None,
     on_error: OnErrorOpt = OnError.fail,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = Dtype.auto,
@@ -99,5 +101,5 @@ def infer(
                            trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
     _infer_run.infer(_infer_run.InferRequest(
         question=question, images=image or [], system=system, draw=draw, inputs=input, output=output,
-        rejects=rejects, report=report, image_root=image_root, on_error=on_error.value,
+        rejects=rejects, report=report, image_root=image_root, shard=shard, on_error=on_error.value,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, backend=config))

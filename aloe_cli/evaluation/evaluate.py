@@ -17,7 +17,7 @@ from aloe_cli.data.stage import RunConfig, run_stage
 from aloe_cli.evaluation.benchmarks import BenchmarkSpec, read_benchmark
 from aloe_cli.evaluation.judge import OpenJudge
 from aloe_cli.evaluation.results import PREDICTIONS_FILE, folder_name, save_scores, write_tables
-from aloe_cli.evaluation.runner import EvalStage, Perturber, expand_units
+from aloe_cli.evaluation.runner import EvalStage, Perturber
 from aloe_cli.modeling.backends import GenerationBackend, GenerationParams
 
 
@@ -37,7 +37,8 @@ class EvalPlan:
 class BenchmarkRun:
     name: str
     read: int
-    written: int
+    written: int  # items whose lines were written
+    lines: int  # prediction lines (one per item and perturbation)
     skipped: dict[str, int]
     scores: dict
 
@@ -61,32 +62,27 @@ def evaluate_model(label: str, backend: Callable[[], GenerationBackend], plan: E
             if bad is not None:
                 raise bad.error.located(bad.where)
         perturber = perturbers([item for item in items if item.error is None]) if plan.perturbations else None
-        units = expand_units(items, plan.perturbations)
-        stage = EvalStage(backend, label, plan.params, judge=judge, perturber=perturber, cache_tag=cache_tag,
-                          keyed=keyed)
+        stage = EvalStage(backend, label, plan.params, judge=judge, perturber=perturber,
+                          perturbations=plan.perturbations, cache_tag=cache_tag, keyed=keyed)
         target = model_dir / spec.name / PREDICTIONS_FILE
         target.parent.mkdir(parents=True, exist_ok=True)
         config = RunConfig(batch_size=plan.batch_size, on_error=plan.on_error)
-        with RecordWriter(target) as writer, _progress(progress, label, spec.name, len(units), stage) as bar:
-            summary = run_stage(stage, units, writer, None, config, progress=bar)
+        bar = _progress_factory(progress, label, spec.name, len(items), stage)
+        with RecordWriter(target) as writer:
+            summary = run_stage(stage, items, writer, None, config, progress=bar)
         scores = {**stage.scores(), "file": spec.path, "skipped": dict(sorted(summary.reasons.items()))}
-        runs.append(BenchmarkRun(spec.name, summary.read, summary.kept, scores["skipped"], scores))
+        runs.append(BenchmarkRun(spec.name, summary.read, summary.kept, summary.emitted, scores["skipped"], scores))
         save_scores(model_dir, label, {spec.name: scores}, info)
     if runs:
         write_tables(Path(plan.output))
     return runs
 
 
-class _NoProgress(AbstractContextManager):
-    def advance(self, n: int = 1) -> None:
-        pass
-
-    def __exit__(self, *exc) -> None:
+def _progress_factory(factory: ProgressFactory | None, label: str, name: str, total: int, stage: EvalStage):
+    """The runner's progress factory, showing this benchmark's figures."""
+    if factory is None:
         return None
-
-
-def _progress(factory: ProgressFactory | None, label: str, name: str, total: int, stage: EvalStage):
-    return factory(label, name, total, stage) if factory is not None else _NoProgress()
+    return lambda description, count=None: factory(label, name, total, stage)
 
 
 __all__ = ["BenchmarkRun", "EvalPlan", "evaluate_model"]

@@ -1,14 +1,16 @@
 """The evaluation stage: ask the model every item (and every perturbed copy), extract, judge, score.
 
 It runs on the shared stage runner (`aloe_cli.data.stage.run_stage`), one benchmark at a time, so
-batching, `--on-error`, counting and progress work as in every other command. Each unit of work is one
-item under one perturbation (`expand_units`); its output record is the prediction line:
+batching, `--on-error`, counting and progress work as in every other command. Each item is asked as it
+is, then once per perturbation that applies to it (`cap` and `leg` need an image), and expands (1 -> N)
+into one prediction line per question asked:
 
     {"id", "benchmark", "model", "kind", "question", "options", "answer", "prediction", "extracted",
      "correct", "rule", "perturb", "category", "l2_category", "task", "pair_id", "prompt", "judge"?}
 
 The model sees `eval_record(item)` (perturbed by `aloe_cli.perturb` when asked), through any generation
-backend: a request that fails (a broken image, a server that gave up) becomes the item's error.
+backend. A request that fails (a broken image, a server that gave up) or a perturbation that cannot be
+made becomes the item's error: an item is complete in the output, or counted as skipped.
 """
 
 from __future__ import annotations
@@ -50,21 +52,10 @@ def make_perturber(items: list[Item], seed: int = 0) -> Perturber:
     return perturber
 
 
-def expand_units(items: list[Item], perturbations: tuple[str, ...]) -> list[Item]:
-    """Each item as asked plainly, then once per perturbation that applies to it (image ones need an image)."""
-    units: list[Item] = []
-    for item in items:
-        item.annotations.setdefault("perturb", None)
-        units.append(item)
-        if item.error is not None:
-            continue
-        eval_item: EvalItem = item.annotations["eval_item"]
-        for kind in perturbations:
-            if kind == "base" or (kind in IMAGE_PERTURBATIONS and not eval_item.images):
-                continue
-            units.append(Item(item.record, item.where, item.input, item.image_root,
-                              annotations={"eval_item": eval_item, "perturb": kind}))
-    return units
+def perturbations_for(eval_item: EvalItem, perturbations: tuple[str, ...]) -> list[str]:
+    """The perturbations asked for that apply to an item (image ones need an image; base is the plain run)."""
+    return [kind for kind in perturbations
+            if kind != "base" and not (kind in IMAGE_PERTURBATIONS and not eval_item.images)]
 
 
 @dataclass
@@ -89,6 +80,7 @@ class EvalStage(Stage):
     params: GenerationParams
     judge: OpenJudge | None = None
     perturber: Perturber | None = None
+    perturbations: tuple[str, ...] = ()
     cache_tag: str = ""  # what identifies the model in cache keys (name + backend)
     keyed: bool = False  # give requests cache keys (when a response cache is in front of the backend)
     lines: list[dict] = field(default_factory=list)
@@ -97,56 +89,60 @@ class EvalStage(Stage):
     name = "eval"
 
     def annotate(self, batch: list[Item]) -> None:
-        prepared: list[tuple[Item, dict]] = []
+        units: list[tuple[Item, str | None, dict]] = []  # (item, perturbation or None, the record asked)
         requests: list[GenerationRequest] = []
         for item in batch:
             try:
-                record = self._record(item)
-                requests.append(self._request(item, record))
+                item_units = [(item, kind, record) for kind, record in self._records(item)]
+                item_requests = [self._request(item, record) for _, _, record in item_units]
             except RecordError as error:
                 item.error = error.located(item.where)
                 continue
-            prepared.append((item, record))
-        if not prepared:
-            return
+            units.extend(item_units)
+            requests.extend(item_requests)
         replies: dict[int, str] = {}
 
         def on_done(index: int, completion) -> None:
-            item = prepared[index][0]
-            if isinstance(completion, Failure):
-                item.error = RecordError(completion.reason, completion.message, where=item.where)
-            else:
+            item, kind, _ = units[index]
+            if not isinstance(completion, Failure):
                 replies[index] = completion.text
+            elif item.error is None:
+                suffix = f" (perturbation {kind})" if kind else ""
+                item.error = RecordError(completion.reason, completion.message + suffix, where=item.where)
 
-        self.backend().generate(requests, self.params, on_done)
-        lines = [(item, self._line(item, record, replies[index]))
-                 for index, (item, record) in enumerate(prepared) if index in replies]
-        self._grade_open([line for _, line in lines if line["kind"] == "open"])
-        for item, line in lines:
-            item.record = line
-            self.lines.append(line)
-            if line["perturb"] is None:
-                self._count(line)
+        if requests:
+            self.backend().generate(requests, self.params, on_done)
+        lines: dict[int, list[dict]] = {}
+        for index, (item, kind, record) in enumerate(units):
+            if item.error is None:
+                lines.setdefault(id(item), []).append(self._line(item, kind, record, replies[index]))
+        self._grade_open([line for group in lines.values() for line in group if line["kind"] == "open"])
+        for item in batch:
+            if item.error is None and id(item) in lines:
+                item.annotations["lines"] = lines[id(item)]
+                self.lines.extend(lines[id(item)])
+                self._count(lines[id(item)][0])
 
-    def _record(self, item: Item) -> dict:
+    def expand(self, item: Item) -> list[dict]:
+        """The item's prediction lines: unperturbed first, then one per perturbation."""
+        return item.annotations["lines"]
+
+    def _records(self, item: Item) -> list[tuple[str | None, dict]]:
         eval_item: EvalItem = item.annotations["eval_item"]
         record = eval_record(eval_item)
-        kind = item.annotations.get("perturb")
-        if kind is None:
-            return record
-        if self.perturber is None:
+        kinds = perturbations_for(eval_item, self.perturbations)
+        if kinds and self.perturber is None:
             raise RuntimeError("perturbations were asked for without a perturber")
-        return self.perturber(record, kind, eval_item)
+        return [(None, record)] + [(kind, self.perturber(record, kind, eval_item)) for kind in kinds]
 
-    def _line(self, item: Item, record: dict, prediction: str) -> dict:
+    def _line(self, item: Item, kind: str | None, record: dict, prediction: str) -> dict:
         eval_item: EvalItem = item.annotations["eval_item"]
         values = eval_item.fields()
         line = {"id": values.pop("id"), "benchmark": values.pop("benchmark"), "model": self.model,
                 "kind": values.pop("kind"), "question": values.pop("question"), "options": values.pop("options"),
                 "answer": values.pop("answer"), "prediction": prediction, "extracted": None, "correct": None,
-                "perturb": item.annotations.get("perturb"), **values,
-                "prompt": text_of(prompt_messages(record)[-1])}
-        if line["perturb"] is not None:
+                "perturb": kind, **values, "prompt": text_of(prompt_messages(record)[-1])}
+        if kind is not None:
             line["wrong_answer"] = record.get("aloe", {}).get("perturb", {}).get("wrong_answer")
         if line["kind"] == "open":
             line["extracted"] = prediction.strip() or None
@@ -185,4 +181,4 @@ class EvalStage(Stage):
         return {"model": self.model, "accuracy": self.tally.accuracy}
 
 
-__all__ = ["EvalStage", "IMAGE_PERTURBATIONS", "Perturber", "Tally", "expand_units", "make_perturber"]
+__all__ = ["EvalStage", "IMAGE_PERTURBATIONS", "Perturber", "Tally", "make_perturber", "perturbations_for"]
