@@ -102,6 +102,8 @@ def evaluate(request: Request) -> None:
     if len(set(names)) != len(names):
         raise AloeError(f"two benchmarks share a name ({', '.join(sorted(n for n in names if names.count(n) > 1))});"
                         " name them with NAME=FILE")
+    for text in request.models + ([request.judge] if request.judge else []):
+        _check_local_model(model_label(text)[1], request.judge_backend if text == request.judge else request.backend)
     request.output.mkdir(parents=True, exist_ok=True)
     plan = EvalPlan(benchmarks=specs, output=request.output, params=GenerationParams(
         max_new_tokens=request.max_new_tokens), batch_size=_runner_batch(request), perturbations=perturbations,
@@ -130,6 +132,17 @@ def evaluate(request: Request) -> None:
         if cache is not None:
             cache.close()
     console.log(f"aloe eval: tables in {request.output / 'results.md'} and {request.output / 'results.csv'}")
+
+
+def _check_local_model(reference: str, config: BackendConfig) -> None:
+    """A missing local model folder, or one without a chat template, stops the run before any work."""
+    if config.kind != "hf":
+        return
+    from aloe_cli.evaluation.inference import check_chat_template
+    from aloe_cli.modeling.loading import check_model_reference
+
+    check_model_reference(reference)
+    check_chat_template(reference)
 
 
 def _runner_batch(request: Request) -> int:
