@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from aloe_cli.data.records import text_of
 from aloe_cli.errors import RecordError
 from aloe_cli.perturb.keys import record_key, record_rng
-from aloe_cli.perturb.text import question_of, target_turn_index
+from aloe_cli.perturb.text import question_of
 
 YES, NO = "yes", "no"
 _LETTER = re.compile(r"^\(?([A-Za-z])\)?[.:)]?$")
@@ -140,7 +140,6 @@ class WrongAnswerPicker:
         texts = self._answers.get(source, {})
         correct = normalized(answer_text(record) or answer)
         try:
-            target_turn_index(record)
             same_question = self._by_question.get((source, normalized(question_of(record))), set())
         except RecordError:
             same_question = set()
