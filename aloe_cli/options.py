@@ -51,6 +51,20 @@ ImageRootOpt = Annotated[
 ]
 
 
+
+class BboxFormat(str, Enum):
+    xyxy = "xyxy"
+    xywh = "xywh"
+
+
+BboxFormatOpt = Annotated[
+    BboxFormat,
+    typer.Option("--bbox-format",
+                 help="Pixel boxes in objects/bbox are [x1, y1, x2, y2] (xyxy) or [x, y, w, h] (xywh). Records are "
+                 "grounded (boxes -> answer text) by the first command that reads them."),
+]
+
+
 def command_app() -> typer.Typer:
     """The Typer app a command module registers its one command on."""
     return typer.Typer(add_completion=False, rich_markup_mode="rich", pretty_exceptions_enable=False)

@@ -168,6 +168,7 @@ def test_garbage_replies_are_retried_then_rejected_as_unparseable(tmp_path):
         assert {r.body["temperature"] for r in server.requests} == {0.0, 0.7}  # retries sample
         kept_all = run_score(server, data, "--parse-retries", "0", "--keep-all")
     assert result.returncode == 0 and read_jsonl(result.stdout) == []
+    assert kept_all.returncode == 0, kept_all.stderr
     rejected = read_jsonl(tmp_path / "rej.jsonl")
     assert {r["aloe"]["reject"]["reason"] for r in rejected} == {"judge_unparseable"}
     annotation = rejected[0]["aloe"]["score"]
@@ -233,6 +234,7 @@ def test_api_key_is_sent_but_never_printed(tmp_path):
     with FakeOpenAIServer(default=401) as server:
         refused = run_score(server, data, "--api-key-env", "JUDGE_KEY", env={"JUDGE_KEY": secret})
     assert ok.returncode == 0 and secret not in ok.stderr + ok.stdout
+    assert [r["aloe"]["score"]["value"] for r in read_jsonl(ok.stdout)] == [4]
     assert refused.returncode == 1 and secret not in refused.stderr
     assert "refused the request (HTTP 401); check the key in $JUDGE_KEY" in refused.stderr
     missing = run_score(server, data, "--api-key-env", "NOT_SET_ANYWHERE")

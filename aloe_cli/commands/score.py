@@ -39,6 +39,8 @@ import typer
 from aloe_cli.options import (
     AttnImplementationOpt,
     BatchSizeOpt,
+    BboxFormat,
+    BboxFormatOpt,
     DeviceOpt,
     Dtype,
     DtypeOpt,
@@ -103,6 +105,7 @@ def score(
     rejects: RejectsOpt = None,
     report: ReportOpt = None,
     image_root: ImageRootOpt = None,
+    bbox_format: BboxFormatOpt = BboxFormat.xyxy,
     batch_size: BatchSizeOpt = 8,
     shard: ShardOpt = None,
     on_error: OnErrorOpt = OnError.fail,
@@ -115,6 +118,7 @@ def score(
     from aloe_cli import console
     from aloe_cli.commands._common import resolve_shard, run_thresholded_command
     from aloe_cli.data.io import read_items
+    from aloe_cli.data.records import RecordDefaults
     from aloe_cli.data.stage import RunConfig
     from aloe_cli.filters.judge import (
         DEFAULT_MIN_SCORE,
@@ -159,7 +163,8 @@ def score(
     config = RunConfig(batch_size=runner_batch, shard=resolve_shard(shard), keep_all=keep_all,
                        on_error=on_error.value)
     try:
-        summary = run_thresholded_command(stage, read_items(input, image_root), bounds, output=output,
+        items = read_items(input, image_root, RecordDefaults(bbox_format=bbox_format.value))
+        summary = run_thresholded_command(stage, items, bounds, output=output,
                                           rejects=rejects, report=report, config=config)
     finally:
         stage.close()
