@@ -7,6 +7,7 @@ import copy
 import io
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +15,17 @@ import pydicom
 import pytest
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
-from aloe_cli.data.grounding import format_object, parse_grounding
+from aloe_cli.data.grounding import format_object, parse_grounding, without_grounding
 from aloe_cli.data.images import load_image, to_data_uri
-from aloe_cli.data.io import tsv_row_to_record
+from aloe_cli.data.io import Item, read_items, tsv_row_to_record
 from aloe_cli.data.records import text_of, validate
+from aloe_cli.data.shard import Shard
+from aloe_cli.data.stage import RunConfig, run_stage
 from aloe_cli.errors import RecordError
-from aloe_cli.perturb import KINDS, WrongAnswerPicker, perturb_record
+from aloe_cli.perturb import KINDS, PerturbStage, WrongAnswerPicker, perturb_record
 from aloe_cli.perturb.geometry import intersection
 from aloe_cli.perturb.render import MIN_FONT_PX
-from support import chat, scan
+from support import chat, scan, write_jsonl
 
 DICOM_DIR = Path(pydicom.__file__).parent / "data" / "test_files"
 DICOMS = ("CT_small.dcm", "MR_small.dcm")
@@ -385,3 +388,142 @@ def test_changed_images_carry_no_source_metadata(tmp_path):
         decoded = Image.open(io.BytesIO(base64.b64decode(out["images"][0].partition(",")[2])))
         assert decoded.format == "PNG" and not getattr(decoded, "text", {}) and not decoded.info.get("icc_profile")
         assert b"Doe^Jane" not in base64.b64decode(out["images"][0].partition(",")[2])
+
+
+# ----------------------------------------------------------------------------- the stage, through the runner
+
+class ListWriter:
+    def __init__(self):
+        self.records = []
+
+    def write(self, record):
+        self.records.append(record)
+
+
+def stage_inputs(tmp_path, count: int, text_only_every: int = 0) -> list[Item]:
+    """Records of one source with images, boxes and varied answers; every n-th one text-only."""
+    image = png_file(tmp_path / "stage.png", scan(7, size=160))
+    organs = ["liver", "spleen", "left kidney", "pancreas", "heart"]
+    items = []
+    for i in range(count):
+        text_only = text_only_every and i % text_only_every == 0
+        record = chat("Which organ is abnormal?", f"The {organs[i % len(organs)]}.", [] if text_only else [image],
+                      id=f"s{i}", source="rad",
+                      **({} if text_only else {"objects": [{"bbox": [100, 100, 150, 150], "label": "lesion"}]}))
+        items.append(Item(record, f"in.jsonl:{i + 1}", "in.jsonl", image_root=tmp_path))
+    return items
+
+
+def run(stage, items, **config):
+    out, rejects = ListWriter(), ListWriter()
+    summary = run_stage(stage, items, out, rejects, RunConfig(**{"batch_size": 7, **config}))
+    return out.records, rejects.records, summary
+
+
+def test_stage_rotation_gives_each_input_one_kind_balanced_across_kinds(tmp_path):
+    items = stage_inputs(tmp_path, 40)
+    out, rejects, summary = run(PerturbStage(KINDS, seed=5), items)
+    kinds = Counter(record["aloe"]["perturb"]["kind"] for record in out)
+    assert kinds == {kind: 8 for kind in KINDS}
+    assert [record["aloe"]["perturb"]["of"] for record in out] == [item.record["id"] for item in items]
+    assert (summary.read, summary.kept, summary.rejected, summary.emitted) == (40, 40, 0, 40)
+    assert summary.extra["kinds"] == dict(kinds)
+    first_five = [record["aloe"]["perturb"]["kind"] for record in out[:5]]
+    assert sorted(first_five) == sorted(KINDS)  # a rotation: each kind once before any repeats
+    orders = {tuple(r["aloe"]["perturb"]["kind"] for r in run(PerturbStage(KINDS, seed=seed), items[:5])[0])
+              for seed in range(6)}
+    assert len(orders) > 1  # the rotation is seeded
+
+
+def test_stage_balances_around_kinds_that_do_not_apply(tmp_path):
+    items = stage_inputs(tmp_path, 60, text_only_every=3)
+    out, rejects, summary = run(PerturbStage(KINDS, seed=0), items)
+    assert len(out) == 60 and not rejects
+    kinds = Counter(record["aloe"]["perturb"]["kind"] for record in out)
+    assert max(kinds.values()) - min(kinds.values()) <= 1
+    text_only = {f"s{i}" for i in range(0, 60, 3)}
+    assert all(record["aloe"]["perturb"]["kind"] in ("pmt", "syc") for record in out
+               if record["aloe"]["perturb"]["of"] in text_only)
+    skipped = summary.extra["skipped"]
+    assert set(skipped) <= {"cap", "leg", "region"} and all(
+        set(reasons) <= {"perturb_needs_image", "perturb_needs_box"} for reasons in skipped.values())
+
+
+def test_stage_every_kind_per_item_for_evaluation(tmp_path):
+    items = stage_inputs(tmp_path, 6, text_only_every=2)
+    out, rejects, summary = run(PerturbStage(("pmt", "cap", "syc", "leg"), seed=1, per_record=None), items)
+    by_input = {}
+    for record in out:
+        by_input.setdefault(record["aloe"]["perturb"]["of"], []).append(record["aloe"]["perturb"]["kind"])
+    assert by_input == {f"s{i}": (["pmt", "syc"] if i % 2 == 0 else ["pmt", "cap", "syc", "leg"]) for i in range(6)}
+    assert summary.emitted == 18 and summary.kept == 6
+    assert summary.extra["skipped"] == {"cap": {"perturb_needs_image": 3}, "leg": {"perturb_needs_image": 3}}
+    wrong = {record["aloe"]["perturb"]["of"]: set() for record in out}
+    for record in out:
+        wrong[record["aloe"]["perturb"]["of"]].add(record["aloe"]["perturb"]["wrong_answer"])
+    assert all(len(answers) == 1 for answers in wrong.values())  # one wrong answer per item, whatever the kind
+
+
+def test_stage_sample_cap_stays_balanced_and_accounts_for_every_input(tmp_path):
+    items = stage_inputs(tmp_path, 40)
+    out, rejects, summary = run(PerturbStage(KINDS, seed=2, samples=15), items)
+    assert len(out) == 15 and Counter(r["aloe"]["perturb"]["kind"] for r in out) == {kind: 3 for kind in KINDS}
+    assert {r["aloe"]["reject"]["reason"] for r in rejects} == {"sample_limit"} and len(rejects) == 25
+    assert summary.read == summary.kept + summary.rejected == 40
+
+
+def test_stage_results_do_not_depend_on_sharding_or_batching(tmp_path):
+    source = write_jsonl(tmp_path / "in.jsonl", [item.record for item in stage_inputs(tmp_path, 12, 4)])
+    picker = WrongAnswerPicker(item.record for item in read_items([str(source)]))  # the whole input's answers
+
+    def shard(k: int, n: int) -> list[Item]:
+        return list(read_items([str(source)], shard=Shard(k, n)))
+
+    whole = run(PerturbStage(KINDS, seed=3, per_record=None, picker=picker), shard(0, 1), batch_size=5)[0]
+    halves = [run(PerturbStage(KINDS, seed=3, per_record=None, picker=picker), shard(k, 2), batch_size=2)[0]
+              for k in (1, 0)]
+    assert len(whole) == 12 * 2 + 9 * 3  # text-only records take pmt and syc only
+    assert {r["id"]: r for r in whole} == {r["id"]: r for half in halves for r in half}
+    rotated = run(PerturbStage(KINDS, seed=3, picker=picker), shard(1, 2))[0]
+    by_id = {r["id"]: r for r in whole}
+    assert rotated and all(by_id[r["id"]] == r for r in rotated)  # same (record, kind): same copy
+
+
+def test_stage_rejects_records_without_a_wrong_answer_and_fails_on_broken_images(tmp_path):
+    lonely = Item(chat("What is it?", "A cyst.", id="only", source="alone"), "in.jsonl:1", "in.jsonl")
+    out, rejects, summary = run(PerturbStage(KINDS), [lonely])
+    assert not out and rejects[0]["aloe"]["reject"]["reason"] == "perturb_no_wrong_answer"
+    broken = stage_inputs(tmp_path, 3)
+    broken[1].record["images"] = ["missing.png"]
+    with pytest.raises(RecordError) as caught:
+        run(PerturbStage(("cap",)), broken)
+    assert caught.value.reason == "image_missing" and caught.value.where == "in.jsonl:2"
+    skipped = stage_inputs(tmp_path, 3)
+    skipped[1].record["images"] = ["missing.png"]
+    out, rejects, summary = run(PerturbStage(("cap",)), skipped, on_error="skip")
+    assert [r["id"] for r in out] == ["s0#cap", "s2#cap"]
+    assert [(r["id"], r["aloe"]["reject"]["reason"]) for r in rejects] == [("s1", "image_missing")]
+
+
+def test_stage_refuses_bad_settings():
+    with pytest.raises(ValueError, match="unknown perturbation 'blur'"):
+        PerturbStage(("cap", "blur"))
+    with pytest.raises(ValueError, match="different"):
+        PerturbStage(("cap", "cap"))
+    with pytest.raises(ValueError, match="per_record"):
+        PerturbStage(("cap",), per_record=2)
+
+
+def test_wrong_answers_are_words_even_when_answers_carry_regions(tmp_path):
+    source = write_jsonl(tmp_path / "in.jsonl", [item.record for item in stage_inputs(tmp_path, 5)])
+    records = [item.record for item in read_items([str(source)])]
+    assert "<|box_start|>" in text_of(records[0]["messages"][-1])  # objects became grounding text on read
+    detection = chat("Where is the lesion?", format_object("lesion", (10, 10, 200, 200)), id="det", source="rad")
+    picker = WrongAnswerPicker([*records, detection])
+    picks = {picker.pick(records[0], seed=seed) for seed in range(40)}
+    assert picks == {"The spleen.", "The left kidney.", "The pancreas.", "The heart."}
+    info = perturb_record(records[0], "cap", picker.pick(records[0]), seed=0)["aloe"]["perturb"]
+    assert "<|" not in " ".join(info["lines"])
+    assert without_grounding("The liver shows <|object_ref_start|>a cyst<|object_ref_end|>"
+                             "<|box_start|>(1,2),(30,40)<|box_end|>.\n" + format_object("cyst", (1, 2, 30, 40))) == \
+        "The liver shows a cyst."

@@ -136,6 +136,20 @@ def replace_boxes(text: str, replace: Callable[[tuple[int, int, int, int]], Sequ
     return _BOX_RE.sub(lambda match: format_box(replace(_coords(match))), text)
 
 
+def without_grounding(text: str) -> str:
+    """The words of `text` without grounding markup, on one line.
+
+    A line that holds only regions (as `ground_record` appends them) is
+    dropped; a phrase referred to inside a sentence keeps its words.
+    """
+    kept = []
+    for line in text.splitlines():
+        if not _BOX_RE.sub("", _REF_RE.sub("", line)).strip() and BOX_START in line:
+            continue
+        kept.append(_BOX_RE.sub("", _REF_RE.sub(lambda match: match.group(1), line)))
+    return " ".join(" ".join(kept).split())
+
+
 def _coords(match: re.Match) -> tuple[int, int, int, int]:
     return tuple(round(float(v)) for v in match.groups()[-4:])  # type: ignore[return-value]
 

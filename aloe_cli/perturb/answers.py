@@ -8,6 +8,10 @@ In order of preference:
    punctuation): the opposite;
 3. another answer of the same source, preferring answers to the same question.
 
+Answers are compared and pooled as words: grounding markup (the regions
+`ground_record` appends) is dropped, and an answer that is only regions is not
+pooled.
+
 The pool behind 3 is a set: the pick depends on which answers it holds, not
 on the order they were added, so build it once from the whole input (not
 from one shard) when shards must agree. Every pick draws from a generator
@@ -19,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from aloe_cli.data.grounding import without_grounding
 from aloe_cli.data.records import text_of
 from aloe_cli.errors import RecordError
 from aloe_cli.perturb.keys import record_key, record_rng
@@ -80,13 +85,16 @@ def opposite(answer: str) -> str:
 
 
 def answer_text(record: dict) -> str | None:
-    """The correct answer as text: an answer letter is replaced by its option's text."""
+    """The correct answer in words: a letter becomes its option's text, grounding markup is dropped.
+
+    None when there is no answer, or when it is only regions (a detection answer has no words to push).
+    """
     answer = target_answer(record)
     if answer is None:
         return None
     options = record_options(record)
     letter = option_letter(answer, options) if options else None
-    return options[letter] if letter else answer
+    return options[letter] if letter else (without_grounding(answer) or None)
 
 
 class WrongAnswerPicker:
@@ -99,7 +107,12 @@ class WrongAnswerPicker:
             self.add(record)
 
     def add(self, record: dict) -> None:
-        """Add a record's answer to its source's pool (yes/no answers are not pooled: they flip instead)."""
+        """Add a record's answer to its source's pool (yes/no answers are not pooled: they flip instead).
+
+        Anything but a record (an unreadable line's None) is ignored, so a reader's items can be fed as they come.
+        """
+        if not isinstance(record, dict):
+            return
         answer = answer_text(record)
         if answer is None or yes_no(answer):
             return
@@ -126,19 +139,19 @@ class WrongAnswerPicker:
         options = record_options(record)
         if len(options) >= 2:
             correct = option_letter(answer, options)
-            correct_text = normalized(options[correct]) if correct else normalized(answer)
+            correct_text = normalized(options[correct] if correct else without_grounding(answer))
             wrong = sorted(letter for letter, text in options.items()
                            if letter != correct and normalized(text) != correct_text)
             if wrong:
                 return options[rng.choice(wrong)]
         if yes_no(answer):
             return opposite(answer)
-        return self._from_pool(record, answer, rng)
+        return self._from_pool(record, rng)
 
-    def _from_pool(self, record: dict, answer: str, rng) -> str:
+    def _from_pool(self, record: dict, rng) -> str:
         source = str(record.get("source") or "")
         texts = self._answers.get(source, {})
-        correct = normalized(answer_text(record) or answer)
+        correct = normalized(answer_text(record) or "")
         try:
             same_question = self._by_question.get((source, normalized(question_of(record))), set())
         except RecordError:

@@ -55,6 +55,7 @@ class PerturbStage(Stage):
     """Emits perturbed copies of each input; see the module docstring."""
 
     name = "perturb"
+    additive = ("kinds.*", "skipped.*.*")
 
     def __init__(self, kinds: Sequence[str] = KINDS, *, seed: int = 0, samples: int | None = None,
                  per_record: int | None = 1, picker: WrongAnswerPicker | None = None,
@@ -96,10 +97,10 @@ class PerturbStage(Stage):
         return [item.record] if isinstance(outcome, Reject) or outcome is None else outcome
 
     def summary(self) -> dict[str, Any]:
-        return {self.name: {
-            "seed": self.seed, "samples": self.samples, "emitted": sum(self.emitted.values()),
-            "kinds": {kind: self.emitted[kind] for kind in self.kinds},
-            "skipped": {kind: dict(sorted(reasons.items())) for kind, reasons in self.skipped.items() if reasons}}}
+        """Records emitted per kind and kinds skipped per reason (the runner reports the total as `emitted`)."""
+        return {"seed": self.seed, "samples": self.samples,
+                "kinds": {kind: self.emitted[kind] for kind in self.kinds},
+                "skipped": {kind: dict(sorted(reasons.items())) for kind, reasons in self.skipped.items() if reasons}}
 
     # -------------------------------------------------------------------- per item
 
