@@ -29,11 +29,18 @@ OutputOpt = Annotated[
 RejectsOpt = Annotated[
     Path | None, typer.Option("--rejects", help="Write dropped records here, each with aloe.reject = {stage, reason}.")
 ]
-ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the closing summary as JSON.")]
+ReportOpt = Annotated[
+    Path | None, typer.Option("--report", help="Write the closing summary as JSON (and, when the run finishes, "
+                              "the completion marker FILE.done).")
+]
 ShardOpt = Annotated[
     str | None,
     typer.Option("--shard", help="Process shard K/N (0-based) of the input. Default: from SLURM_ARRAY_TASK_ID/"
                  "SLURM_ARRAY_TASK_COUNT, else 0/1."),
+]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Skip this shard (exit 0) when its --report's completion marker "
+                       "FILE.done exists: rerun a job array and only unfinished shards run.")
 ]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="Worker processes for CPU-bound work.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Records per batch.")]
@@ -48,6 +55,20 @@ ImageRootOpt = Annotated[
     typer.Option("--image-root",
                  help="Folder that relative image paths resolve against. Default: the input file's folder "
                  "(the working directory for stdin)."),
+]
+
+
+
+class BboxFormat(str, Enum):
+    xyxy = "xyxy"
+    xywh = "xywh"
+
+
+BboxFormatOpt = Annotated[
+    BboxFormat,
+    typer.Option("--bbox-format",
+                 help="Pixel boxes in objects/bbox are [x1, y1, x2, y2] (xyxy) or [x, y, w, h] (xywh). Records are "
+                 "grounded (boxes -> answer text) by the first command that reads them."),
 ]
 
 
@@ -83,4 +104,72 @@ AttnImplementationOpt = Annotated[
     str | None,
     typer.Option("--attn-implementation", help="Passed to transformers (eager, sdpa, flash_attention_2, ...). "
                  "Default: flash_attention_2 when installed and on a GPU in half precision, else sdpa."),
+]
+
+
+# ----------------------------------------------------------------------------- generating commands (score, eval, infer)
+
+class Backend(str, Enum):
+    hf = "hf"
+    openai = "openai"
+
+
+def _check_base_url(value: str | None) -> str | None:
+    """A malformed --base-url is a usage error (exit 2), caught before anything is read or loaded."""
+    if value is None:
+        return None
+    from aloe_cli.errors import AloeError
+    from aloe_cli.modeling.backends.openai import chat_completions_url
+
+    try:
+        chat_completions_url(value)
+    except AloeError as error:
+        raise typer.BadParameter(str(error).removeprefix("--base-url ")) from None
+    return value
+
+
+BackendOpt = Annotated[
+    Backend | None,
+    typer.Option("--backend", help="hf: a local model, batched generation. openai: an OpenAI-compatible server "
+                 "(vLLM, SGLang, TGI). Default: openai when --base-url is given, else hf."),
+]
+BaseUrlOpt = Annotated[
+    str | None,
+    typer.Option("--base-url", callback=_check_base_url,
+                 help="openai: the server's URL, e.g. http://localhost:8000/v1 (the default).")
+]
+ApiKeyEnvOpt = Annotated[
+    str | None,
+    typer.Option("--api-key-env", help="openai: environment variable holding the API key (never printed). "
+                 "Default: OPENAI_API_KEY when set, else no key."),
+]
+ConcurrencyOpt = Annotated[int, typer.Option("--concurrency", min=1, max=4096, help="openai: requests in flight.")]
+TimeoutOpt = Annotated[
+    float,
+    typer.Option("--timeout", min=0.01, help="openai: seconds one attempt may take, from sending to the last byte "
+                 "of the reply; then it is retried."),
+]
+MaxRetriesOpt = Annotated[
+    int, typer.Option("--max-retries", min=0, help="openai: retries for 408/429/5xx, network errors and timeouts.")
+]
+RetryBackoffOpt = Annotated[
+    float,
+    typer.Option("--retry-backoff", min=0.0, help="openai: first wait between retries (s); doubles each time, "
+                 "at least what Retry-After asks."),
+]
+MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest reply, in tokens.")]
+# A second model that grades the first one's answers (aloe eval's judge for open-ended items).
+JudgeBackendOpt = Annotated[
+    Backend | None,
+    typer.Option("--judge-backend", help="The judge's backend, hf or openai. Default: openai when --judge-base-url "
+                 "is given, else hf."),
+]
+JudgeBaseUrlOpt = Annotated[
+    str | None,
+    typer.Option("--judge-base-url", callback=_check_base_url, help="openai: the judge server's URL."),
+]
+JudgeApiKeyEnvOpt = Annotated[
+    str | None,
+    typer.Option("--judge-api-key-env", help="openai: environment variable holding the judge server's API key. "
+                 "Default: OPENAI_API_KEY when set, else no key."),
 ]

@@ -3,8 +3,9 @@
 Each of the four cells (medical/multimodal, medical/text, general/multimodal,
 general/text) gets its target share of the assistant tokens the SFT loss is
 computed on (not of the samples, so long-answer sets do not dominate); the
-sources of a cell share it by weight. Loss tokens are counted with the
-tokenizer's chat template (cached, so a changed recipe does not tokenize
+sources of a cell share it by weight. Loss tokens are the tokens training
+learns from (the generation blocks of the chat template training uses),
+counted with the tokenizer (cached, so a changed recipe does not tokenize
 again) and written to aloe.mix.loss_tokens. The output is shuffled and
 deterministic for a seed.
 
@@ -61,8 +62,9 @@ def mix(
         "--tokenizer", help="Model folder or Hub id whose tokenizer and chat template define the loss "
                             "(overrides the recipe's).")] = None,
     chat_template: Annotated[str | None, typer.Option(
-        "--chat-template", help="Chat template (.jinja file) that defines the loss: its {% generation %} blocks, "
-                                "or the ChatML answer spans when it has none. Default: the tokenizer's.")] = None,
+        "--chat-template", help="Chat template (.jinja file) that defines the loss: its {% generation %} blocks "
+                                "(a released template without them, e.g. Qwen2-VL's, counts with its family's "
+                                "training template). Default: the tokenizer's.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", min=0, help="Random seed (overrides the recipe's; "
                                                                      "default 0).")] = None,
     total_samples: Annotated[int | None, typer.Option(
@@ -94,7 +96,7 @@ def mix(
     batch_size: BatchSizeOpt = 1024,
     on_error: OnErrorOpt = OnError.fail,
 ) -> None:
-    from aloe_cli.commands._common import write_report
+    from aloe_cli.data.reports import write_report
     from aloe_cli.mixing import MixOptions, build_report, load_recipe, plot_shares, run_mix
     from aloe_cli.plotting import require_matplotlib
 
@@ -125,13 +127,14 @@ def mix(
     options = MixOptions(output=output, rejects=str(rejects) if rejects else None, dry_run=dry_run,
                          on_error=on_error.value, batch_size=batch_size, cache=not no_cache,
                          cache_path=str(cache) if cache else None)
-    result = run_mix(recipe, options, progress=_progress)
-    summary = build_report(result)
-    _print_summary(summary, output, rejects is not None)
-    write_report(report, summary)
-    if plot is not None:
-        from aloe_cli import console
+    from aloe_cli import console
 
+    result = run_mix(recipe, options, progress=console.progress)
+    summary = build_report(result)
+    _print_summary(summary, output)
+    if report is not None:
+        write_report(report, summary)
+    if plot is not None:
         paths = plot_shares(summary, plot)
         console.log(f"  plots: {', '.join(str(p) for p in paths)}")
 
@@ -155,14 +158,9 @@ def _inline(inputs, shares, tokenizer, chat_template, seed, total_samples, total
         raise typer.BadParameter(str(error).removeprefix("--share: "), param_hint="--share") from None
 
 
-def _progress(description: str, total: int | None = None):
+def _print_summary(summary: dict, output: str) -> None:
     from aloe_cli import console
-
-    return console.progress(description, total)
-
-
-def _print_summary(summary: dict, output: str, rejects_saved: bool) -> None:
-    from aloe_cli import console
+    from aloe_cli.commands._common import print_summary
     from aloe_cli.mixing.report import CELL_HEADERS, SOURCE_HEADERS, cell_rows, source_rows
 
     title = f"aloe mix (seed {summary['seed']}, balanced by {summary['balance'].replace('_', ' ')})"
@@ -170,13 +168,9 @@ def _print_summary(summary: dict, output: str, rejects_saved: bool) -> None:
     console.print_table("sources", SOURCE_HEADERS, source_rows(summary))
     for note in summary["notes"]:
         console.warn(note)
-    if summary["reasons"]:
-        console.log("  rejected by reason: " + ", ".join(f"{r}={n}" for r, n in summary["reasons"].items()))
-    if summary["rejected"] and not rejects_saved:
-        console.log(f"  {summary['rejected']} rejected record(s) were not saved; pass --rejects FILE to keep them")
-    console.log(f"  {summary['read']} read = {summary['rejected']} rejected + {summary['available']} available; "
-                f"{summary['selected_unique']} selected, {summary['not_selected']} not selected; "
-                f"{summary['samples']} samples with repeats")
+    print_summary(summary, title="aloe mix: records read (kept = available to the plan)")
+    console.log(f"  of the {summary['available']} available: {summary['selected_unique']} selected, "
+                f"{summary['not_selected']} not selected; {summary['samples']} samples with repeats")
     cache = summary["token_cache"]
     if cache is not None:
         console.log(f"  loss-token cache {cache['path']}: {cache['hits']} hit(s), {cache['misses']} counted")
