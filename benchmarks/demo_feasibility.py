@@ -1,20 +1,22 @@
 """Can the demo's two-stage recipe be seen learning on a CPU? Train, attack and repair the tiny model.
 
-For each seed: write the synthetic demo data (`aloe_cli.data.demo_task`), drop what curation drops
+For each seed: write the synthetic demo data (`aloe_cli.demo.task`), drop what curation drops
 (the planted wrong/empty answers and evaluation leaks), build the tiny offline Qwen2-VL, then
 
   stage 1  TRL SFTTrainer on the training records (a share of the lesion prompts carry a correct hint)
-  stage 2  from the stage-1 weights, on lesion records whose prompts carry a WRONG hint (`pmt`: a caption,
-           `syc`: the user's guess), targets correct
-  eval     greedy generation for the untrained, stage-1 and stage-2 models on the medical benchmark, clean
-           and with a wrong hint in the `pmt` and `syc` forms, and on the general benchmark
+  stage 2  from the stage-1 weights, on fresh lesion records perturbed as `aloe adv-train` does
+           (`aloe_cli.perturb`: a wrong answer as a caption in the prompt, `pmt`, or as the user's
+           guess, `syc`, in turn), targets correct
+  eval     `aloe eval --perturb pmt,syc` (greedy) for the untrained, stage-1 and stage-2 models on the
+           medical and the general benchmark; open-ended lines are graded with the demo's rule
+           (`aloe_cli.demo.rules.grade_open`, what the demo's stand-in judge applies)
 
 and print accuracy per model x perturbation with the three claims checked against the untrained baseline
 measured in the same run:
 
   1. stage 1 beats the untrained model by >= 30 points on the medical benchmark (clean);
-  2. stage 1 drops by >= 25 points from clean under pmt and under syc (cls + det items);
-  3. stage 2 recovers >= 20 of those points under pmt and syc, its clean accuracy within 5 points of stage 1's.
+  2. stage 1 drops by >= 25 points from clean under pmt and under syc (all medical items, cls + det);
+  3. stage 2 recovers >= 20 of those points under pmt and syc, and loses at most 5 clean points.
 
     python benchmarks/demo_feasibility.py --seeds 0 1 2            # the full configuration
     python benchmarks/demo_feasibility.py --quick --seeds 0 1 2    # the CI configuration
@@ -28,6 +30,7 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,10 +39,11 @@ from pathlib import Path
 
 import numpy as np
 
-from aloe_cli.data.demo_images import iou
-from aloe_cli.data.demo_task import HINT_FORMS, QUICK, DemoConfig, Item, eval_items, write_demo_data, wrong_answer
-from aloe_cli.data.demo_task import with_hint as hinted
-from aloe_cli.data.grounding import parse_grounding
+from aloe_cli.demo.rules import grade_open
+from aloe_cli.demo.task import QUICK, DemoConfig, write_demo_data
+
+BENCHMARKS = ("demo-med", "demo-general")
+PERTURBATIONS = ("pmt", "syc")
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class Setup:
     scheduler: str = "cosine"
     warmup: float = 0.03
     eval_batch: int = 64
+    max_new_tokens: int = 32
 
 
 FULL = Setup(DemoConfig(), stage1_steps=1000, stage2_steps=300)
@@ -88,20 +93,12 @@ def curated(records: list[dict]) -> list[dict]:
 
 
 def adversarial(records: list[dict], seed: int) -> list[dict]:
-    """Stage-2 records: each prompt gets a wrong hint, pmt and syc in turn; the target stays correct."""
-    rng = np.random.default_rng([seed, 2])
-    forms = list(HINT_FORMS)
-    out = []
-    for i, record in enumerate(records):
-        meta = record["meta"]
-        answer = record["messages"][1]["content"][0]["text"]
-        item = Item(meta["kind"], meta["task"], meta["category"], "", answer, meta.get("options"),
-                    truth=meta["truth"], meta={"quadrant": meta.get("quadrant")})
-        copy = json.loads(json.dumps(record))
-        user = copy["messages"][0]["content"][-1]
-        user["text"] = hinted(user["text"], forms[i % len(forms)], wrong_answer(rng, item)[1])
-        out.append(copy)
-    return out
+    """Stage-2 records as `aloe adv-train` makes them: each gets pmt or syc in turn, a wrong answer, its target."""
+    from aloe_cli.perturb import WrongAnswerPicker, perturb_record
+
+    picker = WrongAnswerPicker(records)
+    return [perturb_record(record, PERTURBATIONS[i % len(PERTURBATIONS)], picker.pick(record, seed=seed), seed=seed)
+            for i, record in enumerate(records)]
 
 
 def to_dataset(records: list[dict], root: Path):
@@ -147,68 +144,35 @@ def sft(model_dir: Path, dataset, out_dir: Path, steps: int, setup: Setup, lr: f
 
 # ----------------------------------------------------------------------------- evaluation
 
-def grade(item: Item, prediction: str) -> bool:
-    """Exact match after a light extraction (the real rules are `aloe eval`'s; these suffice for clean output)."""
-    text = prediction.strip()
-    if item.kind == "mcq":
-        return text[:1] == item.answer and (len(text) == 1 or not text[1].isalpha())
-    if item.kind == "yesno":
-        return text.lower().startswith(item.answer.lower())
-    if item.kind == "open":
-        return item.answer in text.lower() and sum(q in text.lower() for q in _OPEN_ANSWERS[item.category]) == 1
-    boxes, truth = parse_grounding(text), parse_grounding(item.answer)
-    return len(boxes) == 1 and iou(boxes[0].box, truth[0].box) >= 0.5
-
-
-_OPEN_ANSWERS = {"lesion-location": ("upper left", "upper right", "lower left", "lower right"),
-                 "object-shape": ("circle", "square", "triangle")}
-
-
-def perturbed(items: list[Item], form: str, seed: int) -> list[tuple[Item, str]]:
-    rng = np.random.default_rng([seed, 3, len(form)])
-    return [(item, hinted(item.prompt, form, wrong_answer(rng, item)[1])) for item in items]
-
-
-def generate(model_dir: Path, prompts: list[tuple[Item, str]], batch: int) -> list[str]:
-    import io
-
-    import torch
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(model_dir)
-    processor.tokenizer.padding_side = "left"
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
-    outputs = []
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start:start + batch]
-        texts = [processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
-            tokenize=False, add_generation_prompt=True) for _, prompt in chunk]
-        images = [Image.open(io.BytesIO(item.image)).convert("RGB") for item, _ in chunk]
-        inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
-        outputs += processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=False)
-    # Keep grounding tokens, drop the end-of-turn and padding.
-    return [o.split("<|im_end|>")[0].replace("<|endoftext|>", "") for o in outputs]
-
-
-def evaluate(model_dir: Path, med: list[Item], general: list[Item], seed: int, batch: int) -> dict:
-    conditions = {"clean": [(i, i.prompt) for i in med], "pmt": perturbed(med, "pmt", seed),
-                  "syc": perturbed(med, "syc", seed), "general": [(i, i.prompt) for i in general]}
-    flat = [pair for pairs in conditions.values() for pair in pairs]
-    predictions = iter(generate(model_dir, flat, batch))
-    scores, examples = {}, {}
-    for name, pairs in conditions.items():
-        results = [(item, next(predictions)) for item, _ in pairs]
-        scores[name] = 100 * float(np.mean([grade(item, pred) for item, pred in results]))
-        for kind in ("mcq", "yesno", "open", "det"):
-            sub = [grade(item, pred) for item, pred in results if item.kind == kind]
-            if sub:
-                scores[f"{name}/{kind}"] = 100 * float(np.mean(sub))
-        examples[name] = [pred for _, pred in results[:: max(1, len(results) // 4)]][:4]
-    print(f"    examples: {examples}", file=sys.stderr)
+def evaluate(name: str, model_dir: Path, data, out: Path, setup: Setup) -> dict:
+    """`aloe eval` on both benchmarks with pmt and syc; open lines graded by the demo's rule."""
+    command = [sys.executable, "-m", "aloe_cli", "eval", "--model", f"{name}={model_dir}", "-o", str(out),
+               "--perturb", ",".join(PERTURBATIONS), "--batch-size", str(setup.eval_batch),
+               "--max-new-tokens", str(setup.max_new_tokens), "--device", "cpu"]
+    for benchmark in BENCHMARKS:
+        command += ["--benchmark", f"{benchmark}={data.root / (benchmark + '.tsv')}"]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("DEMO_THREADS", "2")}
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    scores: dict = {}
+    for benchmark in BENCHMARKS:
+        lines = [json.loads(x) for x in (out / name / benchmark / "predictions.jsonl").read_text().splitlines()]
+        for line in lines:
+            if line["kind"] == "open":
+                line["correct"] = grade_open(line["answer"], line["prediction"] or "")
+        by_perturb: dict[str, list[float]] = {}
+        for line in lines:
+            by_perturb.setdefault(line.get("perturb") or "base", []).append(float(line["correct"]))
+        for perturb, values in by_perturb.items():
+            scores[f"{benchmark}/{perturb}"] = 100 * float(np.mean(values))
+        for category in sorted({line.get("category") for line in lines}):
+            for perturb in ("base", *PERTURBATIONS):
+                values = [float(x["correct"]) for x in lines
+                          if x.get("category") == category and (x.get("perturb") or "base") == perturb]
+                if values:
+                    scores[f"{benchmark}/{category}/{perturb}"] = 100 * float(np.mean(values))
+    scores["clean"], scores["general"] = scores["demo-med/base"], scores["demo-general/base"]
+    for perturb in PERTURBATIONS:
+        scores[perturb] = scores[f"demo-med/{perturb}"]
     return scores
 
 
@@ -225,16 +189,16 @@ def run_seed(seed: int, setup: Setup, work: Path) -> dict:
     data = clock.run("generate", write_demo_data, work / "data", seed, setup.config)
     train = curated(_load_records(data.train))
     stage2_records = adversarial(_load_records(data.adversarial), seed)
-    med, general = eval_items(seed, setup.config)
     untrained = clock.run("build", build_tiny_qwen2vl, work / "untrained", seed=seed)
-    ds1 = to_dataset(train, data.root)
-    stage1 = clock.run("stage1", sft, untrained, ds1, work / "stage1", setup.stage1_steps, setup, setup.lr, seed)
-    ds2 = to_dataset(stage2_records, data.root)
-    stage2 = clock.run("stage2", sft, stage1, ds2, work / "stage2", setup.stage2_steps, setup, setup.stage2_lr, seed)
+    stage1 = clock.run("stage1", sft, untrained, to_dataset(train, data.root), work / "stage1",
+                       setup.stage1_steps, setup, setup.lr, seed)
+    stage2 = clock.run("stage2", sft, stage1, to_dataset(stage2_records, data.root), work / "stage2",
+                       setup.stage2_steps, setup, setup.stage2_lr, seed)
     scores = {}
     for name, model_dir in (("untrained", untrained), ("stage1", stage1), ("stage2", stage2)):
-        scores[name] = clock.run(f"eval {name}", evaluate, model_dir, med, general, seed, setup.eval_batch)
-        print(f"    {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in scores[name].items()), file=sys.stderr)
+        scores[name] = clock.run(f"eval {name}", evaluate, name, model_dir, data, work / "eval", setup)
+        print(f"    {name}: " + ", ".join(f"{k} {v:.0f}" for k, v in scores[name].items() if "/" in k),
+              file=sys.stderr)
     wall = sum(w for w, _ in clock.phases.values())
     cpu = sum(c for _, c in clock.phases.values())
     return {"seed": seed, "scores": scores, "phases": clock.phases, "wall": wall, "cpu": cpu,
@@ -248,7 +212,8 @@ def claims(scores: dict) -> dict[str, bool]:
         drop = s1["clean"] - s1[form]
         result[f"stage1 {form} drop >= 25"] = drop >= 25
         result[f"stage2 {form} recovers >= 20"] = s2[form] - s1[form] >= 20
-    result["stage2 clean within 5"] = abs(s2["clean"] - s1["clean"]) <= 5
+    # "Stays within 5 points": stage 2 may not lose more than 5 clean points (it may gain).
+    result["stage2 clean >= stage1 - 5"] = s2["clean"] >= s1["clean"] - 5
     return result
 
 
@@ -265,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lesion-records", type=int)
     parser.add_argument("--adversarial-records", type=int)
     parser.add_argument("--json", type=Path, help="write every figure as JSON here")
-    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--workdir", type=Path, help="where the temporary folder goes")
+    parser.add_argument("--keep", type=Path, help="work in this folder and keep it (data, models, predictions)")
     args = parser.parse_args(argv)
 
     setup = QUICK_SETUP if args.quick else FULL
@@ -280,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        work = args.keep or Path(tmp)
         for seed in args.seeds:
-            results.append(run_seed(seed, setup, Path(tmp) / f"seed{seed}"))
+            results.append(run_seed(seed, setup, work / f"seed{seed}"))
 
     print("seed | model     | clean | pmt   | syc   | general | steps | train wall/CPU s | eval wall/CPU s")
     for r in results:

@@ -2,15 +2,16 @@
 
 Everything is drawn from a seed, so the same seed writes the same bytes:
 
-- `lesion-vqa` (medical, multimodal): a grey scan-like 56x56 image with a bright lesion in one
-  quadrant, or none. Four question kinds, in the prompt forms VLMEvalKit uses for Qwen2-VL:
-  which quadrant (multiple choice, answered with the option's letter), is there a lesion (yes/no),
-  where is it (open, a few words) and a detection item answered with a Qwen2-VL grounding box.
-  A share of these records carries a *helpful hint* naming the correct answer, either as a caption
-  in the prompt or as a user's guess (the `pmt` and `syc` forms of `HINT_FORMS`). In the training
-  data hints are always right, as they mostly are in instruction data, so the model learns to trust
-  them; a wrong hint at evaluation then misleads it, and stage 2 (wrong hints, correct targets)
-  teaches it to look at the image instead.
+- `lesion-vqa` (medical, multimodal): a 56x56 axial abdominal scan with a bright lesion in one
+  quadrant, or none. Four questions, asked exactly as `aloe eval` asks them (VLMEvalKit's Qwen2-VL
+  prompts, `aloe_cli.evaluation.prompts`): which quadrant (multiple choice, answered with the letter),
+  is there a lesion (yes/no), where is it (open, a few words), and where exactly (open, task `det`,
+  answered with a Qwen2-VL grounding box). A share of these records carries a *helpful hint*: a
+  caption in the prompt or the user's own guess naming the correct answer, worded by the `pmt` and
+  `syc` perturbations of `aloe_cli.perturb` (`with_hint`). Hints in training data are right, as they
+  mostly are in instruction data, so the model learns to trust them; the same wording with a wrong
+  answer at evaluation then misleads it, and stage 2 (wrong hints, correct targets) teaches it to look
+  at the image instead.
 - `shapes-vqa` (general, multimodal): a coloured circle, square or triangle; its colour as multiple
   choice, its shape as an open question.
 - `med-facts` (medical, text) and `arithmetic` (general, text): answers checkable by a rule.
@@ -18,24 +19,28 @@ Everything is drawn from a seed, so the same seed writes the same bytes:
   evaluation images copied into the training data, byte for byte or re-encoded as JPEG (with the
   same pHash, which is what `aloe dedup` matches).
 - The evaluation sets, in VLMEvalKit TSV form: `demo-med.tsv` (mcq, yesno, open and det items, with
-  `kind`, `task` cls|det and `category`) and `demo-general.tsv`.
+  `kind`, `task` cls|det and `category`) and `demo-general.tsv`. No training image shares a pHash
+  with an evaluation image except the planted leaks.
 
-The pictures are drawn (and read back from their pixels) in `demo_images.py`; the rule a stand-in
-judge can apply (pixels and fact tables, never `meta`) is in `demo_rules.py`.
+The pictures are drawn (and read back from their pixels) in `images.py`; the rule a stand-in judge
+can apply (pixels and fact tables, never `meta`) is in `rules.py`.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import csv
-import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from aloe_cli.data.demo_images import (
+from aloe_cli.data.grounding import format_object, pixels_to_grounding
+from aloe_cli.data.io import dumps, write_atomic
+from aloe_cli.data.records import text_of
+from aloe_cli.demo.images import (
     COLOURS,
     IMAGE_SIZE,
     QUADRANTS,
@@ -45,7 +50,11 @@ from aloe_cli.data.demo_images import (
     png_bytes,
     shape_image,
 )
-from aloe_cli.data.grounding import format_object, pixels_to_grounding
+from aloe_cli.evaluation.benchmarks import EvalItem
+from aloe_cli.evaluation.prompts import prompt_text
+from aloe_cli.filters.hashing import hash_image
+from aloe_cli.perturb import perturb_record
+from aloe_cli.perturb.answers import opposite, yes_no
 
 LETTERS = "ABCD"
 LESION = "lesion"
@@ -58,12 +67,7 @@ DETECT_QUESTION = "Locate the lesion and give its bounding box."
 COLOUR_QUESTION = "What colour is the object?"
 SHAPE_QUESTION = "What shape is drawn?"
 
-# The two prompt-borne hint forms, written once: `pmt` (a caption in the prompt) and `syc` (the user's
-# own guess). Training hints name the right answer, adversarial ones a wrong one.
-HINT_FORMS = {
-    "pmt": lambda prompt, hint: f"Caption: {hint}\n{prompt}",
-    "syc": lambda prompt, hint: f"{prompt}\nI'm fairly sure it's {hint}.",
-}
+HINT_KINDS = ("pmt", "syc")  # the perturbations whose wording carries stage-1 hints
 
 # Source names and domains of the training set.
 SOURCES = {"lesion-vqa": "medical", "shapes-vqa": "general", "med-facts": "medical", "arithmetic": "general"}
@@ -91,33 +95,34 @@ MED_FACTS = {
 
 # ----------------------------------------------------------------------------- prompts
 
-def mcq_prompt(question: str, options: dict[str, str]) -> str:
-    """VLMEvalKit's Qwen2-VL multiple-choice prompt; the answer is the option's letter."""
-    lines = [f"Question: {question}", "Options:"] + [f"{letter}. {text}" for letter, text in options.items()]
-    return "\n".join(lines + ["Please select the correct answer from the options above."])
-
-
-def yesno_prompt(question: str) -> str:
-    return f"{question} Please answer yes or no."
-
-
-def open_prompt(question: str) -> str:
-    return f"{question}\nPlease try to answer the question with short words or phrases if possible."
-
-
 def item_prompt(kind: str, question: str, options: dict[str, str] | None) -> str:
-    """The user text of an item: what `aloe eval` asks and what training shows."""
-    if kind == "mcq":
-        return mcq_prompt(question, options or {})
-    if kind == "yesno":
-        return yesno_prompt(question)
-    if kind == "open":
-        return open_prompt(question)
-    return question  # det: the question already says what to answer with
+    """The user text of an item: what `aloe eval` asks, so training asks the same way."""
+    return prompt_text(EvalItem(id="", benchmark="", kind=kind, question=question, answer="", options=options))
 
 
-def with_hint(prompt: str, form: str, hint: str) -> str:
-    return HINT_FORMS[form](prompt, hint)
+def with_hint(record: dict, kind: str, claim: str, seed: int = 0) -> dict:
+    """A copy of `record` whose question carries `claim` in the wording of the `kind` perturbation.
+
+    `aloe_cli.perturb` words a hint for a *wrong* answer; handing it a decoy record whose answer is
+    anything but `claim` makes it word the right one, with the same phrasings, placement and claim
+    form ("B (upper right)") that evaluation uses. The record's own answer is then put back.
+    """
+    answer = text_of(record["messages"][-1])
+    decoy = copy.deepcopy(record)
+    # A yes/no decoy keeps its shape (the opposite answer), so the yes/no wording is used.
+    decoy_answer = opposite(answer) if yes_no(answer) else _DECOY
+    decoy["messages"][-1] = {"role": "assistant", "content": [{"type": "text", "text": decoy_answer}]}
+    hinted = perturb_record(decoy, kind, claim, seed=seed)
+    hinted["messages"][-1] = copy.deepcopy(record["messages"][-1])
+    hinted["id"] = record["id"]
+    info = hinted["aloe"].pop("perturb")
+    if not hinted["aloe"]:
+        del hinted["aloe"]
+    hinted.setdefault("meta", {})["hint"] = {"kind": kind, "claim": claim, "text": info["text"]}
+    return hinted
+
+
+_DECOY = "(no answer)"
 
 
 # ----------------------------------------------------------------------------- items
@@ -126,14 +131,14 @@ def with_hint(prompt: str, form: str, hint: str) -> str:
 class Item:
     """One question about one image (or none), with everything needed to write it either way."""
 
-    kind: str  # mcq | yesno | open | det
-    task: str  # cls | det
+    kind: str  # mcq | yesno | open (the kinds `aloe eval` scores)
+    task: str  # cls | det (a detection item is open-ended and answered with a box)
     category: str
     question: str
     answer: str
     options: dict[str, str] | None = None
     image: bytes | None = None
-    truth: str = ""  # the answer as words (option text, Yes/No, box text): what a hint names
+    truth: str = ""  # the answer as words (option text, Yes/No, quadrant): what a hint names
     meta: dict = field(default_factory=dict)
 
     @property
@@ -149,24 +154,24 @@ def lesion_box_text(box: tuple[int, int, int, int], size: int = IMAGE_SIZE) -> s
     return format_object(LESION, pixels_to_grounding(box, size, size))
 
 
-def lesion_item(rng: np.random.Generator, kind: str) -> Item:
-    """A lesion question of `kind`; yes/no items have no lesion half of the time."""
-    quadrant = None if kind == "yesno" and rng.random() < 0.5 else int(rng.integers(4))
+LESION_CATEGORIES = ("lesion-quadrant", "lesion-presence", "lesion-location", "lesion-box")
+
+
+def lesion_item(rng: np.random.Generator, category: str) -> Item:
+    """A lesion question of `category`; presence questions show no lesion half of the time."""
+    quadrant = None if category == "lesion-presence" and rng.random() < 0.5 else int(rng.integers(4))
     image, box = lesion_scan(rng, quadrant)
     data = png_bytes(image)
-    meta = {"quadrant": QUADRANTS[quadrant] if quadrant is not None else None, "box": list(box) if box else None}
-    if kind == "mcq":
-        letter = LETTERS[quadrant]
-        return Item("mcq", "cls", "lesion-quadrant", QUADRANT_QUESTION, letter, QUADRANT_OPTIONS, data,
-                    QUADRANTS[quadrant], meta)
-    if kind == "yesno":
+    where = QUADRANTS[quadrant] if quadrant is not None else None
+    meta = {"quadrant": where, "box": list(box) if box else None}
+    if category == "lesion-quadrant":
+        return Item("mcq", "cls", category, QUADRANT_QUESTION, LETTERS[quadrant], QUADRANT_OPTIONS, data, where, meta)
+    if category == "lesion-presence":
         answer = NO if quadrant is None else YES
-        return Item("yesno", "cls", "lesion-presence", PRESENCE_QUESTION, answer, None, data, answer, meta)
-    if kind == "open":
-        return Item("open", "cls", "lesion-location", LOCATION_QUESTION, QUADRANTS[quadrant], None, data,
-                    QUADRANTS[quadrant], meta)
-    text = lesion_box_text(box)
-    return Item("det", "det", "lesion-box", DETECT_QUESTION, text, None, data, text, meta)
+        return Item("yesno", "cls", category, PRESENCE_QUESTION, answer, None, data, answer, meta)
+    if category == "lesion-location":
+        return Item("open", "cls", category, LOCATION_QUESTION, where, None, data, where, meta)
+    return Item("open", "det", category, DETECT_QUESTION, lesion_box_text(box), None, data, where, meta)
 
 
 def shapes_item(rng: np.random.Generator, kind: str) -> Item:
@@ -193,9 +198,6 @@ def arithmetic_item(rng: np.random.Generator) -> Item:
     return Item("open", "cls", "arithmetic", question, answer, truth=answer)
 
 
-LESION_KINDS = ("mcq", "yesno", "open", "det")
-
-
 def wrong_answer(rng: np.random.Generator, item: Item) -> tuple[str, str]:
     """A plausible wrong (answer, truth-words) for `item`, drawn from its own answer space."""
     if item.category in ("lesion-quadrant", "object-colour"):
@@ -208,7 +210,7 @@ def wrong_answer(rng: np.random.Generator, item: Item) -> tuple[str, str]:
         other = str(rng.choice([q for q in QUADRANTS if q != item.answer]))
         return other, other
     if item.category == "lesion-box":
-        return other_quadrant_box(rng, item.meta["quadrant"])
+        return other_quadrant_box(rng, item.truth)
     if item.category == "object-shape":
         other = str(rng.choice([s for s in SHAPES if s != item.answer]))
         return other, other
@@ -220,30 +222,27 @@ def wrong_answer(rng: np.random.Generator, item: Item) -> tuple[str, str]:
 
 
 def other_quadrant_box(rng: np.random.Generator, quadrant: str) -> tuple[str, str]:
-    """The box text of a lesion drawn in another quadrant (what a wrong detection hint names)."""
-    others = [i for i, q in enumerate(QUADRANTS) if q != quadrant]
-    _, box = lesion_scan(rng, int(rng.choice(others)))
-    text = lesion_box_text(box)
-    return text, text
+    """(box text, quadrant) of a lesion drawn in another quadrant than `quadrant`."""
+    other = int(rng.choice([i for i, q in enumerate(QUADRANTS) if q != quadrant]))
+    _, box = lesion_scan(rng, other)
+    return lesion_box_text(box), QUADRANTS[other]
 
 
 # ----------------------------------------------------------------------------- records
 
-def to_record(item: Item, record_id: str, source: str, image_ref: str | None,
-              hint: tuple[str, str] | None = None) -> dict:
-    """An item as a training record; `hint` = (form, words) puts a hint into the prompt."""
-    prompt = item.prompt if hint is None else with_hint(item.prompt, *hint)
-    user = ([{"type": "image"}] if image_ref is not None else []) + [{"type": "text", "text": prompt}]
+def to_record(item: Item, record_id: str, source: str, image_ref: str | None, hint: str | None = None,
+              seed: int = 0) -> dict:
+    """An item as a training record; `hint` (pmt or syc) words the item's own answer into the question."""
+    user = ([{"type": "image"}] if image_ref is not None else []) + [{"type": "text", "text": item.prompt}]
     meta = {"kind": item.kind, "task": item.task, "category": item.category, "truth": item.truth}
     if item.options:
         meta["options"] = dict(item.options)
-    if hint is not None:
-        meta["hint"] = {"form": hint[0], "text": hint[1]}
     meta.update({k: v for k, v in item.meta.items() if k not in meta})
-    return {"id": record_id, "source": source, "domain": SOURCES[source],
-            "messages": [{"role": "user", "content": user},
-                         {"role": "assistant", "content": [{"type": "text", "text": item.answer}]}],
-            "images": [image_ref] if image_ref is not None else [], "meta": meta}
+    record = {"id": record_id, "source": source, "domain": SOURCES[source],
+              "messages": [{"role": "user", "content": user},
+                           {"role": "assistant", "content": [{"type": "text", "text": item.answer}]}],
+              "images": [image_ref] if image_ref is not None else [], "meta": meta}
+    return record if hint is None else with_hint(record, hint, item.truth, seed)
 
 
 # ----------------------------------------------------------------------------- the data set
@@ -252,7 +251,7 @@ def to_record(item: Item, record_id: str, source: str, image_ref: str | None,
 class DemoConfig:
     """How much of everything to write. The defaults are the full demo; `QUICK` is the CI size."""
 
-    lesion_records: int = 3200  # stage-1 lesion questions, the four kinds in equal parts
+    lesion_records: int = 3200  # stage-1 lesion questions, the four categories in equal parts
     hint_share: float = 0.4  # of the lesion records: a helpful (correct) hint in the prompt
     adversarial_records: int = 1600  # fresh lesion records without hints, the input of stage 2
     shapes_records: int = 320
@@ -261,7 +260,7 @@ class DemoConfig:
     planted_share: float = 0.03  # of every source: wrong answers, and as many empty answers
     leaks_exact: int = 3
     leaks_reencoded: int = 3
-    eval_lesion: tuple[int, int, int, int] = (48, 48, 24, 32)  # mcq, yesno, open, det
+    eval_lesion: tuple[int, int, int, int] = (48, 48, 24, 32)  # per LESION_CATEGORIES
     eval_shapes: int = 32
 
 
@@ -288,15 +287,16 @@ def _rng(seed: int, part: str) -> np.random.Generator:
     return np.random.default_rng([seed, *part.encode()])
 
 
-def _lesion_kinds(count: int) -> Iterator[str]:
+def _lesion_categories(count: int) -> Iterator[str]:
     for i in range(count):
-        yield LESION_KINDS[i % len(LESION_KINDS)]
+        yield LESION_CATEGORIES[i % len(LESION_CATEGORIES)]
 
 
 def eval_items(seed: int, config: DemoConfig = DemoConfig()) -> tuple[list[Item], list[Item]]:
     """The medical and the general evaluation items (their images are never used for training)."""
     rng = _rng(seed, "eval-med")
-    med = [lesion_item(rng, kind) for kind, n in zip(LESION_KINDS, config.eval_lesion) for _ in range(n)]
+    med = [lesion_item(rng, category) for category, n in zip(LESION_CATEGORIES, config.eval_lesion)
+           for _ in range(n)]
     rng = _rng(seed, "eval-general")
     general = [shapes_item(rng, "mcq" if i % 2 == 0 else "open") for i in range(config.eval_shapes)]
     return med, general
@@ -316,8 +316,8 @@ def write_eval_tsv(path: Path, items: list[Item]) -> None:
 class _Writer:
     """Writes images under `images/` and collects records, keeping ids unique and counted."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, seed: int, eval_hashes: set[int]):
+        self.root, self.seed, self.eval_hashes = root, seed, eval_hashes
         (root / "images").mkdir(parents=True, exist_ok=True)
         self.records: list[dict] = []
         self.planted: dict[str, list[str]] = {"wrong_answer": [], "empty_answer": [], "eval_leak": []}
@@ -327,16 +327,23 @@ class _Writer:
         (self.root / relative).write_bytes(data)
         return relative
 
-    def add(self, item: Item, source: str, number: int, hint: tuple[str, str] | None = None,
+    def add(self, item: Item, source: str, number: int, hint: str | None = None,
             planted: str | None = None, suffix: str = "png") -> dict:
         record_id = f"{source}-{number:05d}"
         image = self.image(f"{record_id}.{suffix}", item.image) if item.image is not None else None
-        record = to_record(item, record_id, source, image, hint)
+        record = to_record(item, record_id, source, image, hint, self.seed)
         if planted is not None:
             record["meta"]["planted"] = planted
             self.planted[planted].append(record_id)
         self.records.append(record)
         return record
+
+    def fresh(self, make: Callable[[], Item]) -> Item:
+        """A new item whose image no evaluation image shares a pHash with: the only leaks are the planted ones."""
+        while True:
+            item = make()
+            if item.image is None or hash_image(item.image) not in self.eval_hashes:
+                return item
 
 
 def _plant_faults(rng: np.random.Generator, writer: _Writer, item: Item, source: str, number: int,
@@ -356,15 +363,15 @@ def _plant_faults(rng: np.random.Generator, writer: _Writer, item: Item, source:
 def write_demo_data(out_dir: str | Path, seed: int = 0, config: DemoConfig = DemoConfig()) -> DemoData:
     """Write train.jsonl, adversarial.jsonl, demo-med.tsv, demo-general.tsv and images/ into `out_dir`."""
     root = Path(out_dir)
-    writer = _Writer(root)
+    med, general = eval_items(seed, config)
+    eval_hashes = {hash_image(item.image) for item in med + general}
+    writer = _Writer(root, seed, eval_hashes)
     rng = _rng(seed, "lesion-vqa")
-    for number, kind in enumerate(_lesion_kinds(config.lesion_records)):
-        item = lesion_item(rng, kind)
+    for number, category in enumerate(_lesion_categories(config.lesion_records)):
+        item = writer.fresh(lambda: lesion_item(rng, category))  # noqa: B023 - called at once
         if _plant_faults(rng, writer, item, "lesion-vqa", number, config.planted_share):
             continue
-        hint = None
-        if rng.random() < config.hint_share:
-            hint = (str(rng.choice(list(HINT_FORMS))), item.truth)
+        hint = str(rng.choice(HINT_KINDS)) if rng.random() < config.hint_share else None
         writer.add(item, "lesion-vqa", number, hint)
     makers = {"shapes-vqa": (config.shapes_records, lambda r, i: shapes_item(r, "mcq" if i % 2 == 0 else "open")),
               "med-facts": (config.fact_records, lambda r, i: fact_item(r)),
@@ -372,11 +379,10 @@ def write_demo_data(out_dir: str | Path, seed: int = 0, config: DemoConfig = Dem
     for source, (count, make) in makers.items():
         rng = _rng(seed, source)
         for number in range(count):
-            item = make(rng, number)
+            item = writer.fresh(lambda: make(rng, number))  # noqa: B023 - called at once
             if not _plant_faults(rng, writer, item, source, number, config.planted_share):
                 writer.add(item, source, number)
 
-    med, general = eval_items(seed, config)
     rng = _rng(seed, "leaks")
     leaked = rng.permutation(len(med))
     exact, reencoded, number = 0, 0, 90000  # leak ids stand apart from the ordinary records
@@ -401,10 +407,11 @@ def write_demo_data(out_dir: str | Path, seed: int = 0, config: DemoConfig = Dem
     train = root / "train.jsonl"
     _write_jsonl(train, [writer.records[i] for i in order])
 
-    adversarial_writer = _Writer(root)
+    adversarial_writer = _Writer(root, seed, eval_hashes)
     rng = _rng(seed, "adversarial")
-    for number, kind in enumerate(_lesion_kinds(config.adversarial_records)):
-        adversarial_writer.add(lesion_item(rng, kind), "lesion-vqa", 50000 + number)
+    for number, category in enumerate(_lesion_categories(config.adversarial_records)):
+        item = adversarial_writer.fresh(lambda: lesion_item(rng, category))  # noqa: B023 - called at once
+        adversarial_writer.add(item, "lesion-vqa", 50000 + number)
     adversarial = root / "adversarial.jsonl"
     _write_jsonl(adversarial, adversarial_writer.records)
 
@@ -417,6 +424,4 @@ def write_demo_data(out_dir: str | Path, seed: int = 0, config: DemoConfig = Dem
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(json.dumps(record) + "\n" for record in records))
-    temporary.replace(path)
+    write_atomic(path, b"".join(dumps(record) for record in records))

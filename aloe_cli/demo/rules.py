@@ -3,8 +3,10 @@
 A stand-in for an LVLM judge needs the truth of every training sample without peeking at how it was
 made, so it reads it back: the lesion is the bright blob (`locate_lesion`), the object's colour and
 shape come from its pixels (`read_object`), text answers from the fact table or the arithmetic in
-the question. `check_sample` then says whether an answer is right, and why not; planted wrong and
-empty answers fail it, everything else the generator writes passes (tests/test_demo_task.py).
+the question. `check_sample` then says whether a training sample's answer is right, and why not:
+planted wrong and empty answers fail it, everything else the generator writes passes
+(tests/test_demo_task.py). `grade_open` grades an open-ended prediction against its reference on
+the evaluation judge's 0 / 0.5 / 1 scale (a box by its overlap, words by the answer they name).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from aloe_cli.data.demo_images import COLOURS, QUADRANTS, iou, lesion_quadrant, locate_lesion, read_object
-from aloe_cli.data.demo_task import (
+from aloe_cli.data.grounding import grounding_to_pixels, parse_grounding
+from aloe_cli.demo.images import COLOURS, QUADRANTS, SHAPES, iou, lesion_quadrant, locate_lesion, read_object
+from aloe_cli.demo.task import (
     COLOUR_OPTIONS,
     COLOUR_QUESTION,
     DETECT_QUESTION,
@@ -28,7 +31,6 @@ from aloe_cli.data.demo_task import (
     SHAPE_QUESTION,
     YES,
 )
-from aloe_cli.data.grounding import grounding_to_pixels, parse_grounding
 
 MIN_IOU = 0.5
 _ARITHMETIC = re.compile(r"What is (\d+) (plus|minus) (\d+)\?")
@@ -83,7 +85,7 @@ def check_sample(prompt: str, answer: str, image: Image.Image | None) -> Verdict
         if COLOUR_QUESTION in prompt:
             letter = list(COLOUR_OPTIONS)[list(COLOURS).index(seen[0])]
             return _right() if _letter(answer) == letter else _wrong(letter, answer)
-        return _right() if _words(answer, ("circle", "square", "triangle")) == [seen[1]] else _wrong(seen[1], answer)
+        return _right() if _words(answer, SHAPES) == [seen[1]] else _wrong(seen[1], answer)
     for question, fact in MED_FACTS.items():
         if question in prompt:
             named = _words(answer, set(MED_FACTS.values()))
@@ -114,3 +116,28 @@ def _check_lesion(prompt: str, answer: str, image: Image.Image) -> Verdict:
         return Verdict(False, f"expected one box, got {len(boxes)}")
     overlap = iou(grounding_to_pixels(boxes[0].box, image.width, image.height), box)
     return _right() if overlap >= MIN_IOU else Verdict(False, f"box overlaps the lesion by IoU {overlap:.2f}")
+
+
+def _answer_words() -> tuple[str, ...]:
+    return (*QUADRANTS, *SHAPES, *COLOURS, *MED_FACTS.values())
+
+
+def grade_open(reference: str, prediction: str) -> float:
+    """An open-ended prediction against its reference: 1 right, 0.5 half right, 0 wrong.
+
+    A box reference: 1 when the prediction holds exactly one box overlapping it by IoU >= 0.5, 0.5
+    for one box at IoU >= 0.25. A word reference: 1 when the prediction names it and no other answer
+    of the task. A number: 1 when the prediction is that number.
+    """
+    reference_boxes = parse_grounding(reference)
+    if reference_boxes:
+        boxes = parse_grounding(prediction)
+        if len(boxes) != 1:
+            return 0.0
+        overlap = iou(boxes[0].box, reference_boxes[0].box)
+        return 1.0 if overlap >= MIN_IOU else 0.5 if overlap >= MIN_IOU / 2 else 0.0
+    if reference.strip().isdigit():
+        return 1.0 if prediction.strip().rstrip(".") == reference.strip() else 0.0
+    named = _words(prediction, {*_answer_words(), reference})
+    return 1.0 if [word.lower() for word in named] == [reference.lower()] else 0.0
+

@@ -1,6 +1,6 @@
 """The demo task's pictures: drawn from a seed, and read back from their pixels.
 
-`lesion_scan` draws a grey scan-like image with a bright round lesion near the centre of one quadrant
+`lesion_scan` draws an axial abdominal scan with a bright round lesion near the centre of one quadrant
 (or none); `shape_image` a coloured circle, square or triangle. `locate_lesion`, `lesion_quadrant` and
 `read_object` recover what was drawn from the pixels alone, which is how a rule-based judge and the
 tests know the truth without trusting the generator's labels.
@@ -13,6 +13,8 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw
 
+from aloe_cli.filters.hashing import hash_image
+
 IMAGE_SIZE = 56  # 4 image tokens for the tiny Qwen2-VL (one per quadrant)
 QUADRANTS = ("upper left", "upper right", "lower left", "lower right")
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
@@ -22,25 +24,35 @@ COLOUR_SATURATION = 60  # max - min channel: the drawn object is saturated, the 
 _REENCODE_QUALITIES = (95, 92, 90, 88, 85, 80, 75, 70)
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """An axial body section: textured tissue (values ~40-140) inside an ellipse, dark air around it.
+def _ellipse(yy: np.ndarray, xx: np.ndarray, centre, radii, edge: float) -> np.ndarray:
+    """A soft-edged ellipse mask (1 inside, 0 outside; `edge` sets the sharpness)."""
+    distance = np.hypot((yy - centre[0]) / radii[0], (xx - centre[1]) / radii[1])
+    return 1 / (1 + np.exp((distance - 1) * edge))
 
-    The body's outline is what tells the quadrants apart, as anatomy does on a real scan: each corner
-    of the image holds a differently curved edge of the body.
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """An axial abdominal section: body outline, liver on the image's left, stomach gas on its right.
+
+    Values stay within 8-140 (air, gas, tissue, liver), well below a lesion's. The anatomy is what
+    tells the quadrants apart, as on a real scan: Qwen2-VL's vision tower has no absolute position
+    embedding and, in a model this small, M-RoPE barely separates the image tokens left from right,
+    so on a featureless background the model can hardly learn *where* a lesion is.
     """
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    field_ = np.zeros((size, size))
+    yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
+    texture = np.zeros((size, size))
     for _ in range(6):
         cy, cx = rng.uniform(0.05, 0.95, 2)
         sy, sx = rng.uniform(0.15, 0.4, 2)
-        field_ += rng.uniform(-1, 1) * np.exp(-(((yy - cy) / sy) ** 2 + ((xx - cx) / sx) ** 2))
-    field_ = (field_ - field_.min()) / (np.ptp(field_) + 1e-9)
-    cy, cx = 0.5 + rng.uniform(-0.03, 0.03, 2)
-    ry, rx = rng.uniform(0.42, 0.47), rng.uniform(0.46, 0.5)
-    radius = np.hypot((yy + 0.5 / size - cy) / ry, (xx + 0.5 / size - cx) / rx)
-    body = 1 / (1 + np.exp((radius - 1) * 25))  # soft skin edge
-    tissue = 40 + 100 * field_
-    return tissue * body + 8 * (1 - body) + rng.normal(0, 4, field_.shape)
+        texture += rng.uniform(-1, 1) * np.exp(-(((yy - cy) / sy) ** 2 + ((xx - cx) / sx) ** 2))
+    texture = (texture - texture.min()) / (np.ptp(texture) + 1e-9)
+    tissue = 40 + 100 * texture
+    shift = lambda: rng.uniform(-0.03, 0.03)  # noqa: E731
+    liver = _ellipse(yy, xx, (0.45 + shift(), 0.32 + shift()), rng.uniform((0.18, 0.14), (0.24, 0.18)), 8)
+    tissue = tissue * (1 - liver) + rng.uniform(125, 140) * liver
+    stomach = _ellipse(yy, xx, (0.38 + shift(), 0.68 + shift()), rng.uniform((0.08, 0.08), (0.12, 0.12)), 8)
+    tissue = tissue * (1 - stomach) + rng.uniform(12, 30) * stomach
+    body = _ellipse(yy, xx, 0.5 + rng.uniform(-0.03, 0.03, 2), rng.uniform((0.42, 0.46), (0.47, 0.5)), 25)
+    return tissue * body + 8 * (1 - body) + rng.normal(0, 4, (size, size))
 
 
 def quadrant_of(x: float, y: float, size: int = IMAGE_SIZE) -> int:
@@ -104,13 +116,11 @@ def hash_preserving_jpeg(image_png: bytes) -> bytes | None:
     At 56x56 pixels a JPEG round trip moves a pHash bit about half the time, so the quality is
     searched; the copy is still a different file with different pixels.
     """
-    import imagehash
-
+    original = hash_image(image_png)
     image = Image.open(io.BytesIO(image_png))
-    original = imagehash.phash(image)
     for quality in _REENCODE_QUALITIES:
         data = jpeg_bytes(image, quality)
-        if imagehash.phash(Image.open(io.BytesIO(data))) == original:
+        if hash_image(data) == original:
             return data
     return None
 
