@@ -60,8 +60,8 @@ class Setup:
     max_new_tokens: int = 32
 
 
-FULL = Setup(DemoConfig(), stage1_steps=1000, stage2_steps=300)
-QUICK_SETUP = Setup(QUICK, stage1_steps=500, stage2_steps=150)
+FULL = Setup(DemoConfig(), stage1_steps=1200, stage2_steps=300, stage2_lr=2e-4)
+QUICK_SETUP = Setup(QUICK, stage1_steps=500, stage2_steps=150, stage2_lr=2e-4)
 
 
 def cpu_seconds() -> float:
@@ -229,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scheduler", choices=["cosine", "constant"])
     parser.add_argument("--lesion-records", type=int)
     parser.add_argument("--adversarial-records", type=int)
+    parser.add_argument("--categories", help="comma-separated lesion categories to train on (default: all)")
+    parser.add_argument("--eval-lesion", help="items per lesion category, e.g. 24,24,0,0")
+    parser.add_argument("--no-general", action="store_true", help="no shapes, facts or arithmetic records")
     parser.add_argument("--json", type=Path, help="write every figure as JSON here")
     parser.add_argument("--workdir", type=Path, help="where the temporary folder goes")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (data, models, predictions)")
@@ -239,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("hint_share", "lesion_records", "adversarial_records"):
         if getattr(args, name) is not None:
             config = replace(config, **{name: getattr(args, name)})
+    if args.categories:
+        config = replace(config, lesion_categories=tuple(args.categories.split(",")))
+    if args.eval_lesion:
+        config = replace(config, eval_lesion=tuple(int(n) for n in args.eval_lesion.split(",")))
+    if args.no_general:
+        config = replace(config, shapes_records=0, fact_records=0, arithmetic_records=0)
     overrides = {k: getattr(args, k) for k in ("stage1_steps", "stage2_steps", "lr", "stage2_lr", "scheduler")
                  if getattr(args, k) is not None}
     setup = replace(setup, config=config, **overrides)

@@ -251,21 +251,22 @@ def to_record(item: Item, record_id: str, source: str, image_ref: str | None, hi
 class DemoConfig:
     """How much of everything to write. The defaults are the full demo; `QUICK` is the CI size."""
 
-    lesion_records: int = 3200  # stage-1 lesion questions, the four categories in equal parts
-    hint_share: float = 0.4  # of the lesion records: a helpful (correct) hint in the prompt
+    lesion_records: int = 3200  # stage-1 lesion questions, `lesion_categories` in equal parts
+    lesion_categories: tuple[str, ...] = LESION_CATEGORIES
+    hint_share: float = 0.5  # of the lesion records: a helpful (correct) hint in the prompt
     adversarial_records: int = 1600  # fresh lesion records without hints, the input of stage 2
-    shapes_records: int = 320
-    fact_records: int = 160
-    arithmetic_records: int = 160
-    planted_share: float = 0.03  # of every source: wrong answers, and as many empty answers
+    shapes_records: int = 480
+    fact_records: int = 80
+    arithmetic_records: int = 80
+    planted_share: float = 0.03  # of every source: wrong answers, and as many empty answers (every 33rd)
     leaks_exact: int = 3
     leaks_reencoded: int = 3
     eval_lesion: tuple[int, int, int, int] = (48, 48, 24, 32)  # per LESION_CATEGORIES
     eval_shapes: int = 32
 
 
-QUICK = replace(DemoConfig(), lesion_records=1600, adversarial_records=800, shapes_records=160,
-                fact_records=80, arithmetic_records=80, eval_lesion=(24, 24, 12, 16), eval_shapes=16)
+QUICK = replace(DemoConfig(), lesion_records=1600, adversarial_records=800, shapes_records=240,
+                fact_records=40, arithmetic_records=40, eval_lesion=(24, 24, 12, 16), eval_shapes=16)
 EVAL_COLUMNS = ["index", "question", "image", *LETTERS, "answer", "category", "task", "kind"]
 
 
@@ -287,9 +288,9 @@ def _rng(seed: int, part: str) -> np.random.Generator:
     return np.random.default_rng([seed, *part.encode()])
 
 
-def _lesion_categories(count: int) -> Iterator[str]:
+def _cycle(categories: tuple[str, ...], count: int) -> Iterator[str]:
     for i in range(count):
-        yield LESION_CATEGORIES[i % len(LESION_CATEGORIES)]
+        yield categories[i % len(categories)]
 
 
 def eval_items(seed: int, config: DemoConfig = DemoConfig()) -> tuple[list[Item], list[Item]]:
@@ -348,12 +349,16 @@ class _Writer:
 
 def _plant_faults(rng: np.random.Generator, writer: _Writer, item: Item, source: str, number: int,
                   share: float) -> bool:
-    """With probability 2 x share, write `item` with a wrong or an empty answer instead."""
-    draw = rng.random()
-    if draw < share:
+    """Every 1/share-th record of a source gets a wrong answer, and as many others an empty one.
+
+    Spaced by position rather than drawn, so every source holds its share of both faults, spread
+    over the question categories (the period is prime to their cycle).
+    """
+    period = max(2, round(1 / share))
+    if number % period == period // 6:
         answer, truth = wrong_answer(rng, item)
         writer.add(replace(item, answer=answer, truth=truth), source, number, planted="wrong_answer")
-    elif draw < 2 * share:
+    elif number % period == period // 2 + 1:
         writer.add(replace(item, answer="", truth=""), source, number, planted="empty_answer")
     else:
         return False
@@ -367,7 +372,7 @@ def write_demo_data(out_dir: str | Path, seed: int = 0, config: DemoConfig = Dem
     eval_hashes = {hash_image(item.image) for item in med + general}
     writer = _Writer(root, seed, eval_hashes)
     rng = _rng(seed, "lesion-vqa")
-    for number, category in enumerate(_lesion_categories(config.lesion_records)):
+    for number, category in enumerate(_cycle(config.lesion_categories, config.lesion_records)):
         item = writer.fresh(lambda: lesion_item(rng, category))  # noqa: B023 - called at once
         if _plant_faults(rng, writer, item, "lesion-vqa", number, config.planted_share):
             continue
@@ -409,7 +414,7 @@ def write_demo_data(out_dir: str | Path, seed: int = 0, config: DemoConfig = Dem
 
     adversarial_writer = _Writer(root, seed, eval_hashes)
     rng = _rng(seed, "adversarial")
-    for number, category in enumerate(_lesion_categories(config.adversarial_records)):
+    for number, category in enumerate(_cycle(config.lesion_categories, config.adversarial_records)):
         item = adversarial_writer.fresh(lambda: lesion_item(rng, category))  # noqa: B023 - called at once
         adversarial_writer.add(item, "lesion-vqa", 50000 + number)
     adversarial = root / "adversarial.jsonl"
