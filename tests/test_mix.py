@@ -399,7 +399,7 @@ BAD_RECIPES = {
     "typo": ("tokenizer: t\ntarget: {medical/text: 1}\nsources: [{name: a, paths: a.jsonl, domain: medical}]\n",
              "target: unknown key"),
     "bad_repeats": ("tokenizer: t\ntargets: {medical/text: 1}\nsources: [{name: a, paths: a.jsonl, domain: medical, "
-                    "max_repeats: 0}]\n", "sources[0] (a).max_repeats: must be a number >= 1"),
+                    "max_repeats: 0}]\n", "sources[0] (a).max_repeats: must be a number from 1"),
     "both_sizes": ("tokenizer: t\ntotal_samples: 10\ntotal_tokens: 10\ntargets: {medical/text: 1}\n"
                    "sources: [{name: a, paths: a.jsonl, domain: medical}]\n", "give total_samples or total_tokens"),
     "yaml": ("tokenizer: t\ntargets: {medical/text: 1\n", "not valid YAML (line"),

@@ -82,7 +82,6 @@ def dedup(
     from aloe_cli.commands._common import resolve_shard, run_data_command, shard_done
     from aloe_cli.data.records import RecordDefaults
     from aloe_cli.data.stage import RunConfig
-    from aloe_cli.errors import AloeError
     from aloe_cli.filters.dedup import INDEX_SUFFIX, DedupStage, build_eval_index
     from aloe_cli.filters.hash_index import HASH_KINDS
     from aloe_cli.filters.hashing import Hasher
@@ -94,6 +93,8 @@ def dedup(
         raise typer.BadParameter("nothing to compare against: give --against and/or --within", param_hint="--against")
     if save_index is not None and not str(save_index).endswith(INDEX_SUFFIX):
         raise typer.BadParameter(f"the index file name must end with {INDEX_SUFFIX}", param_hint="--save-index")
+    if save_index is not None and not against:
+        raise typer.BadParameter("needs --against (the evaluation sets to index)", param_hint="--save-index")
     config = RunConfig(batch_size=batch_size, shard=resolve_shard(shard), keep_all=keep_all, on_error=on_error.value)
     if shard_done("dedup", config.shard, report, resume):
         return
@@ -108,8 +109,6 @@ def dedup(
                 console.log(f"aloe dedup: {name}: {stats.images} evaluation image(s) {how}"
                             + (f", {stats.unreadable} unreadable (not checked)" if stats.unreadable else ""))
         if save_index is not None:
-            if eval_index is None:
-                raise AloeError("--save-index needs --against")
             eval_index.save(save_index)
             console.log(f"aloe dedup: saved {len(eval_index.index)} hash(es) to {save_index}")
             if not input:

@@ -21,7 +21,7 @@ app = command_app()
 @app.command(help=__doc__)
 def sample_data(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write train.jsonl, eval.tsv and images/ into.")],
-    seed: Annotated[int, typer.Option("--seed", help="Random seed for the synthetic images and texts.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Random seed for the synthetic images and texts.")] = 0,
 ) -> None:
     from aloe_cli import console
     from aloe_cli.data.sample_data import write_sample_data

@@ -24,6 +24,7 @@ import imagehash
 import numpy as np
 
 from aloe_cli.data.images import describe, load_image
+from aloe_cli.data.shard import available_cpus
 from aloe_cli.errors import AloeError, RecordError
 from aloe_cli.filters.hash_index import HASH_BITS
 
@@ -147,6 +148,8 @@ class Hasher:
 
     workers == 1 runs in this process (no pool, easy to debug). The pool is
     started on first use and kept for later calls until close()/__exit__.
+    `workers` is capped at the CPUs this process may use (`available_cpus`):
+    more processes than cores only add forks and memory.
     """
 
     # Upper bound on images per pool chunk: big enough to amortise the IPC
@@ -161,7 +164,7 @@ class Hasher:
             raise AloeError(f"workers must be at least 1, got {workers}")
         self.kind = kind
         self.fast = bool(fast)
-        self.workers = int(workers)
+        self.workers = min(int(workers), available_cpus())
         self._pool = None
 
     def __enter__(self) -> Hasher:  # noqa: PYI034 - typing.Self needs Python 3.11

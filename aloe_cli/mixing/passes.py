@@ -44,7 +44,7 @@ from aloe_cli.data.records import DOMAINS, RecordDefaults, modality
 from aloe_cli.data.stage import InputCounts, ProgressFactory, Reject, RunConfig, Stage, run_stage
 from aloe_cli.errors import AloeError, RecordError
 from aloe_cli.mixing.plan import NOT_AVAILABLE, Group, Plan, make_plan, output_rng
-from aloe_cli.mixing.recipe import Recipe, SourceSpec
+from aloe_cli.mixing.recipe import MAX_SAMPLES, Recipe, SourceSpec
 from aloe_cli.modeling.loss_tokens import LossTokenCounter
 from aloe_cli.modeling.token_cache import TokenCache, conversation_key, default_cache_path
 
@@ -87,6 +87,17 @@ class MixResult:
     @property
     def available(self) -> int:
         return self.read - self.rejected
+
+
+class TargetsMissed(AloeError):
+    """A strict recipe's plan misses targets: nothing was written; `result` holds the plan for the report."""
+
+    def __init__(self, result: MixResult):
+        self.result = result
+        plan = result.plan
+        cells = ", ".join(f"{m.cell} {m.achieved:.1%} for a {m.target:.1%} target" for m in plan.misses)
+        super().__init__(f"{len(plan.misses)} cell(s) miss their target by more than the tolerance of "
+                         f"{plan.tolerance * 100:g} percentage point(s) ({cells}); strict mixture: nothing written")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -451,7 +462,24 @@ def run_mix(recipe: Recipe, options: MixOptions, counter: LossTokenCounter | Non
         with _timed(seconds, "plan"):
             plan = make_plan(group_of, tokens, counting.groups.groups, recipe.targets, seed=recipe.seed,
                              balance=recipe.balance, total_samples=recipe.total_samples,
-                             total_tokens=recipe.total_tokens)
+                             total_tokens=recipe.total_tokens, tolerance=recipe.tolerance)
+        if plan.samples > MAX_SAMPLES:
+            raise AloeError(f"the plan holds {plan.samples:,} samples, more than aloe mix writes ({MAX_SAMPLES:,}); "
+                            "lower max_repeats or ask for a smaller total_samples/total_tokens")
+
+        def result(written: int) -> MixResult:
+            return MixResult(
+                recipe=recipe, plan=plan, read=reading.read, rejected=reading.rejected, reasons=reading.reasons,
+                inputs=reading.inputs, written=written, dry_run=options.dry_run,
+                rejects_written=rejects is not None,
+                cache=None if cache is None else {"path": str(cache.path), "hits": cache.hits, "misses": cache.misses},
+                counting={"records_counted": counter.stats.records, "texts_tokenized": counter.stats.tokenized_texts,
+                          "repeats_reused": counter.stats.memo_hits},
+                seconds={k: round(v, 3) for k, v in seconds.items()},
+            )
+
+        if recipe.strict and plan.misses:
+            raise TargetsMissed(result(0))  # leaving the with-block discards the unwritten output
         written = 0
         if output is not None:
             with _timed(seconds, "write"):
@@ -462,14 +490,7 @@ def run_mix(recipe: Recipe, options: MixOptions, counter: LossTokenCounter | Non
                     _write_pass(iter_items(recipe, stdin), plan, group_of, tokens, counting.groups, recipe, spool,
                                 bar)
                 written = spool.drain(output)
-    return MixResult(
-        recipe=recipe, plan=plan, read=reading.read, rejected=reading.rejected, reasons=reading.reasons,
-        inputs=reading.inputs, written=written, dry_run=options.dry_run, rejects_written=rejects is not None,
-        cache=None if cache is None else {"path": str(cache.path), "hits": cache.hits, "misses": cache.misses},
-        counting={"records_counted": counter.stats.records, "texts_tokenized": counter.stats.tokenized_texts,
-                  "repeats_reused": counter.stats.memo_hits},
-        seconds={k: round(v, 3) for k, v in seconds.items()},
-    )
+        return result(written)
 
 
 @contextmanager
