@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 from aloe_cli import console
@@ -26,7 +25,7 @@ def print_sbatch(command: str, config_cls: type, config: TrainConfig, options: d
     resolve(config, world, command=command)  # a global batch that does not divide fails here, not on the cluster
     argv = [command]
     if options.get("config") is not None:
-        argv += ["--config", str(Path(options["config"]).absolute())]
+        argv += ["--config", str(options["config"])]  # relative paths hold: the job runs in this folder (--chdir)
     argv += flags_from_values(config_cls, {k: v for k, v in options.items() if k not in LAUNCH_OPTIONS})
     job = SlurmJob(argv=argv, nodes=options["nodes"], gpus_per_node=options["gpus_per_node"],
                    launcher=options["launcher"], job_name=f"aloe-{command}", sbatch_options=options.get("sbatch") or [])

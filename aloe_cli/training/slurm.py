@@ -80,7 +80,7 @@ def sbatch_script(job: SlurmJob) -> str:
         f"ALOE_ARGS=({args})",
         "",
         "# One launcher per node; $SLURM_NODEID is expanded on each node (single quotes).",
-        "srun --nodes=\"$SLURM_NNODES\" --ntasks-per-node=1 bash -c \\",
+        "srun --nodes=\"$SLURM_NNODES\" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c \\",
         f"  'exec {_launch(job)}' \\",
         '  aloe "${ALOE_ARGS[@]}"',
         "",
