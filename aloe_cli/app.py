@@ -75,6 +75,10 @@ def root(
     """Build medical vision-language models: leak-free, quality-filtered, token-balanced training data."""
 
 
+# Set to 1 to see the traceback behind a one-line error (like the `hf` CLI's HF_DEBUG).
+DEBUG_ENV = "ALOE_DEBUG"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors, exit 1 for bad input, 2 for bad usage (typer's own)."""
     try:
@@ -83,13 +87,36 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             sys.stdout.flush()  # surface a closed pipe here, not at interpreter shutdown
     except AloeError as error:
+        _traceback_if_debugging(error)
         print(f"aloe: error: {error}", file=sys.stderr)
         sys.exit(1)
     except (OutputClosed, BrokenPipeError):
         _quiet_closed_pipe()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
+        _traceback_if_debugging(interrupt)
         print("aloe: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _traceback_if_debugging(error: BaseException) -> None:
+    """With ALOE_DEBUG=1, print the full traceback, including the exceptions
+    that `raise ... from None` hid behind the one-line message."""
+    if not debugging():
+        return
+    import traceback
+
+    link: BaseException | None = error
+    seen: set[int] = set()
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__suppress_context__ = False
+        link = link.__cause__ or link.__context__
+    traceback.print_exception(error, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def _quiet_closed_pipe() -> None:

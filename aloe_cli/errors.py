@@ -1,7 +1,7 @@
 """The one error type for user mistakes, and its per-record flavour.
 
 Anything raised as `AloeError` is printed as a single line on stderr and exits
-with status 1; no traceback is shown. `RecordError` additionally knows which
+with status 1; no traceback is shown unless ALOE_DEBUG=1 (see app.main). `RecordError` additionally knows which
 file, line and field went wrong and carries a short machine-readable `reason`
 that becomes the reject reason under `--on-error skip`.
 """
@@ -41,8 +41,16 @@ class RecordError(AloeError):
         """Return a copy that names `where` (used when the raiser did not know it)."""
         if self.where:
             return self
-        return RecordError(self.reason, self.message, where=where, field=self.field)
+        # The copy keeps the original traceback, so ALOE_DEBUG=1 shows where the problem was found.
+        return RecordError(self.reason, self.message, where=where, field=self.field).with_traceback(
+            self.__traceback__)
 
 
 class OutputClosed(Exception):
     """stdout was closed by the reader (`aloe ... | head`): stop quietly, exit 0."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

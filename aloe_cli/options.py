@@ -51,6 +51,20 @@ ImageRootOpt = Annotated[
 ]
 
 
+
+class BboxFormat(str, Enum):
+    xyxy = "xyxy"
+    xywh = "xywh"
+
+
+BboxFormatOpt = Annotated[
+    BboxFormat,
+    typer.Option("--bbox-format",
+                 help="Pixel boxes in objects/bbox are [x1, y1, x2, y2] (xyxy) or [x, y, w, h] (xywh). Records are "
+                 "grounded (boxes -> answer text) by the first command that reads them."),
+]
+
+
 def command_app() -> typer.Typer:
     """The Typer app a command module registers its one command on."""
     return typer.Typer(add_completion=False, rich_markup_mode="rich", pretty_exceptions_enable=False)
@@ -84,3 +98,56 @@ AttnImplementationOpt = Annotated[
     typer.Option("--attn-implementation", help="Passed to transformers (eager, sdpa, flash_attention_2, ...). "
                  "Default: flash_attention_2 when installed and on a GPU in half precision, else sdpa."),
 ]
+
+
+# ----------------------------------------------------------------------------- generating commands (score, eval, infer)
+
+class Backend(str, Enum):
+    hf = "hf"
+    openai = "openai"
+
+
+def _check_base_url(value: str | None) -> str | None:
+    """A malformed --base-url is a usage error (exit 2), caught before anything is read or loaded."""
+    if value is None:
+        return None
+    from aloe_cli.errors import AloeError
+    from aloe_cli.modeling.backends.openai import chat_completions_url
+
+    try:
+        chat_completions_url(value)
+    except AloeError as error:
+        raise typer.BadParameter(str(error).removeprefix("--base-url ")) from None
+    return value
+
+
+BackendOpt = Annotated[
+    Backend | None,
+    typer.Option("--backend", help="hf: a local model, batched generation. openai: an OpenAI-compatible server "
+                 "(vLLM, SGLang, TGI). Default: openai when --base-url is given, else hf."),
+]
+BaseUrlOpt = Annotated[
+    str | None,
+    typer.Option("--base-url", callback=_check_base_url,
+                 help="openai: the server's URL, e.g. http://localhost:8000/v1 (the default).")
+]
+ApiKeyEnvOpt = Annotated[
+    str | None,
+    typer.Option("--api-key-env", help="openai: environment variable holding the API key (never printed). "
+                 "Default: OPENAI_API_KEY when set, else no key."),
+]
+ConcurrencyOpt = Annotated[int, typer.Option("--concurrency", min=1, max=4096, help="openai: requests in flight.")]
+TimeoutOpt = Annotated[
+    float,
+    typer.Option("--timeout", min=0.01, help="openai: seconds one attempt may take, from sending to the last byte "
+                 "of the reply; then it is retried."),
+]
+MaxRetriesOpt = Annotated[
+    int, typer.Option("--max-retries", min=0, help="openai: retries for 408/429/5xx, network errors and timeouts.")
+]
+RetryBackoffOpt = Annotated[
+    float,
+    typer.Option("--retry-backoff", min=0.0, help="openai: first wait between retries (s); doubles each time, "
+                 "at least what Retry-After asks."),
+]
+MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest reply, in tokens.")]

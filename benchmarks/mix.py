@@ -4,7 +4,7 @@
     python benchmarks/mix.py --skip-counting --records 3500000 --caches cold,warm   # the published size
 
 Prints
-(a) records/s of the batched counter (aloe_cli.modeling.tokens: tokenizers + jinja2,
+(a) records/s of the batched counter (aloe_cli.modeling.loss_tokens: tokenizers + jinja2,
     no transformers) vs one transformers
     `apply_chat_template(..., tokenize=True, return_assistant_tokens_mask=True)`
     call per record, and their ratio, on two sets: a realistic mix (VQA with
@@ -86,7 +86,8 @@ def bench_counting(model_dir: Path, count: int, runs: int = 5) -> None:
     """Both ways of counting, alternated `runs` times (so both see the same machine load); best of each."""
     from transformers import AutoTokenizer
 
-    from aloe_cli.modeling.tokens import load_counter, reference_count
+    from aloe_cli.modeling.loss_tokens import load_counter
+    from aloe_cli.testing.oracles import reference_count
 
     print(f"(a) loss-token counting, {count} records, best of {runs} alternated runs")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))  # the reference only; aloe does not load it

@@ -4,7 +4,8 @@ Starts the fake OpenAI-compatible judge (tests/fake_openai_server.py) in its
 own process, answering every request after a fixed delay (default 50 ms, a
 stand-in for a judge server's latency), and runs the real score stage (prompt
 rendering, image encoding to data URLs, HTTP, parsing, thresholds, writing)
-over synthetic records, once per concurrency. The baseline is measured in the
+over synthetic records, once per concurrency (`benchmarks/backends.py`
+measures the client alone). The baseline is measured in the
 same run.
 
     python benchmarks/score.py                        # concurrency 32 vs 1, 50 ms per request
@@ -60,10 +61,11 @@ def run_score(url: str, records: list[dict], concurrency: int, scratch: Path) ->
     """Seconds for the whole stage over `records`, as `aloe score` runs it."""
     from aloe_cli.data.io import Item, RecordWriter
     from aloe_cli.data.stage import RunConfig, run_stage
-    from aloe_cli.filters.judge import OpenAIJudge, OpenAIJudgeConfig, Rubric, ScoreConfig, ScoreStage
+    from aloe_cli.filters.judge import Rubric, ScoreConfig, ScoreStage
+    from aloe_cli.modeling.backends.openai import OpenAIBackend, OpenAIConfig
 
-    backend = OpenAIJudge(OpenAIJudgeConfig(base_url=url, model="fake", concurrency=concurrency))
-    stage = ScoreStage(lambda: backend, ScoreConfig(judge="fake"), Rubric())
+    backend = OpenAIBackend(OpenAIConfig(model="fake", base_url=url, concurrency=concurrency))
+    stage = ScoreStage(backend, ScoreConfig(judge="fake"), Rubric())
     items = [Item(record, record["id"], "bench") for record in records]
     config = RunConfig(batch_size=max(8, concurrency * 4))
     start = time.perf_counter()

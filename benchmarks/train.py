@@ -49,10 +49,10 @@ def tiny_model(scratch: Path) -> Path:
 def training_processor(model_dir: Path, real_pixel_limits: bool):
     from transformers import AutoProcessor
 
-    from aloe_cli.training.trainer import apply_training_template
+    from aloe_cli.modeling.chat_template import apply_training_chat_template
 
     processor = AutoProcessor.from_pretrained(model_dir)
-    apply_training_template(processor, str(model_dir))
+    apply_training_chat_template(processor)
     if real_pixel_limits:  # Qwen2-VL-7B-Instruct's preprocessor_config.json
         processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384}
     return processor

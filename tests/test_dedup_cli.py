@@ -20,6 +20,16 @@ def ids(records):
     return [r["id"] for r in records]
 
 
+def clean_ids(demo):
+    """The training ids, in order, without the exact leaks: what a plain `--against eval.tsv` run keeps."""
+    return [r["id"] for r in read_jsonl(demo.train) if r["id"] not in demo.leaked_ids]
+
+
+def kept_ids(result):
+    assert result.returncode == 0, result.stderr
+    return ids(read_jsonl(result.stdout))
+
+
 def test_exact_leaks_are_removed_through_a_pipe(demo, tmp_path):
     rejects, report = tmp_path / "rejects.jsonl", tmp_path / "report.json"
     result = aloe("dedup", "--against", str(demo.eval_tsv), "--image-root", str(demo.train.parent),
@@ -45,14 +55,18 @@ def test_phash_annotation_is_imagehash_phash(demo):
     from PIL import Image
 
     result = aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv))
+    assert kept_ids(result) == clean_ids(demo)
+    checked = 0
     for record in read_jsonl(result.stdout):
         for image, value in zip(record["images"], record["aloe"]["dedup"]["phash"], strict=True):
             assert value == str(imagehash.phash(Image.open(demo.train.parent / image)))
+            checked += 1
+    assert checked == sum(len(r["images"]) for r in read_jsonl(result.stdout)) > 0
 
 
 def test_near_duplicates_and_within(demo, tmp_path):
-    exact = read_jsonl(aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv)).stdout)
-    assert demo.near_duplicate_id in ids(exact)  # re-encoded copy: not bit-equal
+    exact = kept_ids(aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv)))
+    assert demo.near_duplicate_id in exact  # re-encoded copy: not bit-equal
     near = aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv), "--max-distance", "6", "--within",
                 "--rejects", str(tmp_path / "r.jsonl"))
     assert near.returncode == 0, near.stderr
@@ -68,37 +82,51 @@ def test_saved_index_gives_the_same_result(demo, tmp_path):
     assert built.returncode == 0 and built.stdout == "" and index.exists()
     direct = aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv))
     loaded = aloe("dedup", "-i", str(demo.train), "--against", str(index))
-    assert loaded.returncode == 0 and loaded.stdout == direct.stdout
+    assert kept_ids(direct) == kept_ids(loaded) == clean_ids(demo)
+    assert loaded.stdout == direct.stdout
     mismatch = aloe("dedup", "-i", str(demo.train), "--against", str(index), "--hash", "dhash")
     assert mismatch.returncode == 1 and "rebuild it or match the options" in mismatch.stderr
 
 
 def test_shards_from_flag_and_slurm_cover_the_input_once(demo):
-    seen = []
+    shards = []
     for k in range(3):
         env = {"SLURM_ARRAY_TASK_ID": str(k), "SLURM_ARRAY_TASK_COUNT": "3"}
-        seen += ids(read_jsonl(aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv), env=env).stdout))
-    whole = ids(read_jsonl(aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv)).stdout))
-    assert sorted(seen) == sorted(whole)
-    flag = aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv), "--shard", "1/3")
-    assert ids(read_jsonl(flag.stdout)) == ids(read_jsonl(aloe(
-        "dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv),
-        env={"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3"}).stdout))
+        shards.append(kept_ids(aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv), env=env)))
+    assert all(shards) and len({i for shard in shards for i in shard}) == sum(map(len, shards))  # disjoint
+    whole = kept_ids(aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv)))
+    assert whole == clean_ids(demo)
+    assert sorted(i for shard in shards for i in shard) == sorted(whole)
+    flag = kept_ids(aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv), "--shard", "1/3"))
+    assert flag == shards[1]
 
 
 def test_workers_and_fast_catch_the_leaks(demo):
     result = aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv), "--workers", "2", "--fast")
-    assert result.returncode == 0, result.stderr
-    assert not set(demo.leaked_ids) & set(ids(read_jsonl(result.stdout)))
+    assert kept_ids(result) == clean_ids(demo)  # every exact leak removed, every other record kept, in order
 
 
 def test_text_only_and_formats(tmp_path, demo):
     text = write_jsonl(tmp_path / "t.jsonl", [chat(f"q{i}", "a", id=str(i)) for i in range(20)])
     out = tmp_path / "o.parquet"
     result = aloe("dedup", "-i", str(text), "--against", str(demo.eval_tsv), "-o", str(out))
-    assert result.returncode == 0 and out.exists()
+    assert result.returncode == 0 and out.exists() and result.stdout == ""
     back = aloe("dedup", "-i", str(out), "--against", str(demo.eval_tsv))
-    assert ids(read_jsonl(back.stdout)) == [str(i) for i in range(20)]
+    assert kept_ids(back) == [str(i) for i in range(20)]
+
+
+def test_parquet_rows_without_annotations_are_annotated(tmp_path):
+    from aloe_cli.data.io import RecordWriter
+
+    data = tmp_path / "mixed.parquet"  # the row without `aloe` reads back with aloe = null
+    with RecordWriter(data) as writer:
+        writer.write(chat("q", "a", id="1", aloe={"score": {"value": 4}}))
+        writer.write(chat("q", "b", id="2"))
+    result = aloe("dedup", "-i", str(data), "--within")
+    assert kept_ids(result) == ["1", "2"]
+    first, second = read_jsonl(result.stdout)
+    assert first["aloe"] == {"score": {"value": 4}, "dedup": {"phash": []}}
+    assert second["aloe"] == {"dedup": {"phash": []}} and second["source"] == "mixed"
 
 
 def test_eval_jsonl_with_data_uris_and_keep_all(tmp_path):
@@ -110,8 +138,8 @@ def test_eval_jsonl_with_data_uris_and_keep_all(tmp_path):
     uri = "data:image/jpeg;base64," + base64.b64encode(leaked).decode()
     bench = write_jsonl(tmp_path / "bench.jsonl", [chat("q", "x", [uri], id="bench-7")])
     result = aloe("dedup", "-i", str(train), "--against", str(bench), "--keep-all")
+    assert kept_ids(result) == ["a", "b"]
     kept = read_jsonl(result.stdout)
-    assert ids(kept) == ["a", "b"]
     assert kept[0]["aloe"]["dedup"]["flag"]["reason"] == "eval_leak"
     assert kept[0]["aloe"]["dedup"]["leaks"][0]["id"] == "bench-7"
 
@@ -147,6 +175,8 @@ def bad_inputs(tmp_path):
     (json.dumps(chat("q", "a", ["truncated.jpg"])), "image_truncated", "images[0]"),
     (json.dumps(chat("q", "a", ["empty.jpg"])), "image_corrupt", "images[0]"),
     (json.dumps(chat("q", "a", ["notimage.png"])), "image_corrupt", "images[0]"),
+    (json.dumps(chat("q", "a", ["good.jpg"], objects=[{"bbox": [0, 0, 999, 10]}])), "bbox_outside_image",
+     "objects[0].bbox"),  # grounding happens on read, for every command
 ])
 def test_bad_records_fail_with_one_line_or_go_to_rejects(bad_inputs, demo, line, reason, field):
     good = json.dumps(chat("fine", "ok", ["good.jpg"], id="good"))
@@ -177,8 +207,10 @@ def test_empty_input_and_usage_errors(tmp_path, demo):
     empty.write_text("")
     result = aloe("dedup", "-i", str(empty), "--against", str(demo.eval_tsv))
     assert result.returncode == 0 and result.stdout == "" and "0 read = 0 kept + 0 rejected" in result.stderr
-    assert aloe("dedup", "-i", str(empty)).returncode == 2  # nothing to compare against
-    assert aloe("dedup", "--against", str(demo.eval_tsv), "--hash", "md5", "-i", str(empty)).returncode == 2
+    nothing = aloe("dedup", "-i", str(empty))
+    assert nothing.returncode == 2 and "nothing to compare against" in nothing.stderr
+    md5 = aloe("dedup", "--against", str(demo.eval_tsv), "--hash", "md5", "-i", str(empty))
+    assert md5.returncode == 2 and "Invalid value for --hash: must be one of phash" in md5.stderr
     one_line_error(aloe("dedup", "-i", str(tmp_path / "nope.jsonl"), "--against", str(demo.eval_tsv)), "nope.jsonl")
 
 

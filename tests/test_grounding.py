@@ -93,9 +93,18 @@ def test_objects_become_the_answer_and_the_conversion_is_idempotent(image_dir):
     answer = record["messages"][-1]["content"][0]["text"]
     assert answer == ("<|object_ref_start|>nodule<|object_ref_end|><|box_start|>(100,100),(500,500)<|box_end|>\n"
                       "<|box_start|>(0,0),(1000,1000)<|box_end|>")
-    assert record["aloe"]["grounding"] == {"boxes": 2, "image_sizes": {"0": [400, 200]}, "scale": 1000}
+    assert record["aloe"]["grounding"] == {"boxes": 2, "image_sizes": {"0": [400, 200]}, "scale": 1000,
+                                           "bbox_format": "xyxy"}
     assert not ground_record(record, image_dir)  # already converted: unchanged
     assert record["messages"][-1]["content"][0]["text"] == answer
+
+
+def test_an_answer_that_already_ends_with_the_boxes_does_not_get_them_twice(image_dir):
+    boxes = "<|object_ref_start|>mass<|object_ref_end|><|box_start|>(0,0),(100,100)<|box_end|>"
+    record = chat("Where is it?", f"Upper left.\n{boxes}", ["a.png"], bbox=[0, 0, 40, 20], label="mass")
+    assert ground_record(record, image_dir)  # marked as grounded...
+    assert record["messages"][-1]["content"][0]["text"] == f"Upper left.\n{boxes}"  # ...with the text as it was
+    assert record["aloe"]["grounding"]["boxes"] == 1
 
 
 def test_existing_answers_are_kept_and_missing_answers_added(image_dir):

@@ -20,8 +20,9 @@ def test_jsonl_and_gzip_read_identically(tmp_path):
     plain = write_jsonl(tmp_path / "a.jsonl", records)
     zipped = tmp_path / "a.jsonl.gz"
     zipped.write_bytes(gzip.compress(plain.read_bytes()))
-    assert records_of(read_items([str(plain)])) == records
-    assert records_of(read_items([str(zipped)])) == records
+    expected = [{**record, "source": "a"} for record in records]  # records without a source get the file's name
+    assert records_of(read_items([str(plain)])) == expected
+    assert records_of(read_items([str(zipped)])) == expected
 
 
 def test_jsonl_errors_are_items_with_line_numbers(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 
 import pytest
 
@@ -16,12 +17,13 @@ from aloe_cli.filters.perplexity import (
     Encoded,
     PerplexityConfig,
     PerplexityStage,
-    chatml_assistant_mask,
     collate,
     turn_ids_from_mask,
 )
 from aloe_cli.filters.thresholds import annotate_ahead, parse_thresholds
+from aloe_cli.modeling.chat_template import has_generation_markers
 from aloe_cli.modeling.loading import ModelSpec, check_model_reference, load_model
+from aloe_cli.modeling.loss_tokens import load_counter
 from support import aloe, chat, read_jsonl, scan, write_jsonl
 
 torch = pytest.importorskip("torch")  # aloe_cli.filters.perplexity itself imports torch only when it scores
@@ -90,7 +92,7 @@ def test_only_the_answers_and_their_end_of_turn_tokens_are_scored(loaded, image_
                        [str(image_dir / "scan1.png")])
     encoded = encoder.encode(encoder.conversation(record, None))
     scored = encoded.input_ids[encoded.turn_ids >= 0]
-    assert tokenizer.decode(scored) == "A chest film.<|im_end|>No fracture is visible.<|im_end|>"
+    assert tokenizer.decode(scored) == "A chest film.<|im_end|>\nNo fracture is visible.<|im_end|>\n"
     assert sorted(set(encoded.turn_ids.tolist())) == [-1, 0, 1]
     image_pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert not bool(((encoded.input_ids == image_pad) & (encoded.turn_ids >= 0)).any())
@@ -113,14 +115,36 @@ def test_changing_an_answer_token_changes_the_value(loaded, image_dir):
     assert relative(a["value"], b["value"]) > 1e-3
 
 
-def test_chatml_fallback_finds_the_same_tokens_as_the_generation_mask(loaded, image_dir):
-    encoder = ConversationEncoder(loaded.processor)
-    for record in mixed_records():
-        conversation = encoder.conversation(record, image_dir)
-        encoded = encoder.encode(conversation)
-        mask = chatml_assistant_mask(encoded.input_ids.tolist(), loaded.processor.tokenizer)
-        mask[0] = 0
-        assert turn_ids_from_mask(mask) == encoded.turn_ids.tolist(), record["id"]
+def test_a_released_template_is_scored_with_the_training_template_on_the_tokens_mix_counts(
+        loaded, image_dir, tiny_released_model_dir, tiny_model_dir):
+    released = load_model(ModelSpec(str(tiny_released_model_dir), device="cpu"))
+    assert not has_generation_markers(released.processor.chat_template)
+    records = mixed_records()
+    marked_values, released_values = score(loaded, records, image_dir), score(released, records, image_dir)
+    counts = load_counter(str(tiny_released_model_dir)).count([record["messages"] for record in records])
+    assert counts == load_counter(str(tiny_model_dir)).count([record["messages"] for record in records])
+    # ChatML's first token is the system turn's <|im_start|>, never a loss token: nothing to subtract.
+    assert [value["tokens"] for value in released_values] == counts
+    assert [value["tokens"] for value in marked_values] == counts
+    # Same weights, same tokens, same scored positions: the same perplexity.
+    for marked, unmarked in zip(marked_values, released_values):
+        assert relative(marked["value"], unmarked["value"]) < 1e-6
+
+
+def test_turns_are_numbered_by_their_runs_of_scored_tokens():
+    assert turn_ids_from_mask([0, 1, 1, 0, 0, 1, 0, 1]) == [-1, 0, 0, -1, -1, 1, -1, 2]
+    assert turn_ids_from_mask([0, 0]) == [-1, -1]
+
+
+def test_cli_a_template_that_does_not_say_what_training_learns_is_a_one_line_error(tiny_model_dir, tmp_path):
+    model = tmp_path / "unmarked-model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    data = write_jsonl(tmp_path / "in.jsonl", [chat("Is this a CT scan?", "Yes.")])
+    result = aloe("perplexity", "-i", str(data), "--model", str(model), "-o", str(tmp_path / "out.jsonl"))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("aloe: error: ") and "has no {% generation %} markers" in lines[-1], result.stderr
 
 
 # ----------------------------------------------------------------------------- batching

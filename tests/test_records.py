@@ -1,6 +1,8 @@
+import json
+
 import pytest
 
-from aloe_cli.data.records import modality, normalize, validate
+from aloe_cli.data.records import RecordDefaults, modality, normalize, validate
 from aloe_cli.errors import RecordError
 from support import chat
 
@@ -39,7 +41,7 @@ def test_sharegpt_with_image_markers():
         {"from": "gpt", "value": "A cat."},
         {"from": "human", "value": "Color?"},
         {"from": "gpt", "value": "Black."}]}
-    record = normalize(raw, default_source="llava")
+    record = normalize(raw, RecordDefaults(source="llava"))
     assert record["images"] == ["coco/1.jpg"]
     assert record["source"] == "llava" and record["id"] == "llava-1"
     assert "conversations" not in record and "image" not in record
@@ -73,3 +75,52 @@ def test_unknown_shape_is_a_missing_messages_error():
     assert info.value.field == "messages"
     with pytest.raises(RecordError):
         normalize(["not", "an", "object"])
+
+
+# ----------------------------------------------------------------------------- normalisation on read
+
+@pytest.fixture
+def image_dir(tmp_path):
+    from support import scan
+
+    scan(4, size=128).resize((400, 200)).save(tmp_path / "a.png")
+    return tmp_path
+
+
+def test_source_and_domain_are_filled_in_only_where_missing():
+    defaults = RecordDefaults(source="file-stem", domain="general")
+    bare = normalize(chat("q", "a"), defaults)
+    assert (bare["source"], bare["domain"]) == ("file-stem", "general")
+    own = normalize(chat("q", "a", source="slake", domain="medical"), defaults)
+    assert (own["source"], own["domain"]) == ("slake", "medical")
+    sharegpt = normalize({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, defaults)
+    assert (sharegpt["source"], sharegpt["domain"]) == ("file-stem", "general")
+    with pytest.raises(ValueError):
+        RecordDefaults(domain="veterinary")
+    with pytest.raises(ValueError):
+        RecordDefaults(bbox_format="cxcywh")
+
+
+def test_region_annotations_become_grounding_text_on_read_once(image_dir):
+    raw = {"question": "<image>\nWhere is the nodule?", "image": "a.png",
+           "objects": [{"bbox": [40, 20, 160, 80], "label": "nodule"}]}
+    record = normalize(raw, RecordDefaults(bbox_format="xywh"), image_dir)
+    box = "<|object_ref_start|>nodule<|object_ref_end|><|box_start|>(100,100),(500,500)<|box_end|>"
+    assert record["messages"][-1] == {"role": "assistant", "content": [{"type": "text", "text": box}]}
+    assert record["aloe"]["grounding"]["bbox_format"] == "xywh"
+    again = normalize(json.loads(json.dumps(record)), RecordDefaults(), image_dir)  # the next stage of a pipe
+    assert again == record
+
+
+def test_a_bad_box_is_a_record_error_and_leaves_the_record_alone(image_dir):
+    raw = chat("Where?", "Here.", ["a.png"], objects=[{"bbox": [0, 0, 500, 100]}])
+    before = json.dumps(raw)
+    with pytest.raises(RecordError) as info:
+        normalize(raw, RecordDefaults(source="s"), image_dir)
+    assert (info.value.reason, info.value.field) == ("bbox_outside_image", "objects[0].bbox")
+    assert json.dumps(raw) == before
+
+
+def test_null_aloe_from_parquet_is_dropped():
+    record = normalize(chat("q", "a", aloe=None))
+    assert "aloe" not in record

@@ -1,27 +1,31 @@
-"""`aloe score`: reply parsing, the rubric, the cache, the OpenAI-compatible client against a
-local fake server (failures, timeouts, interruption), and the hf backend on the tiny model."""
+"""`aloe score`: reply parsing, the rubric, and the real CLI against a local fake OpenAI-compatible
+server (structured output, failures, timeouts, a leaking server, interruption and resume) and with the
+hf backend on the tiny model. The backends themselves are tested in test_backends.py."""
 
 from __future__ import annotations
 
 import base64
+import io
 import json
 import signal
 import subprocess
 import sys
 import time
-from functools import partial
 
+import numpy as np
 import pytest
 from fake_openai_server import GARBAGE_REPLY, FakeOpenAIServer
+from PIL import Image
 
+from aloe_cli.data.images import load_image
 from aloe_cli.data.io import Item
 from aloe_cli.errors import AloeError
 from aloe_cli.filters.judge import (
     DEFAULT_RUBRIC,
-    JudgeCache,
+    JUDGE_SCHEMA,
     Rubric,
     UnparseableReply,
-    build_prompt,
+    judge_request,
     load_rubric,
     parse_judge_reply,
     transcript,
@@ -88,25 +92,17 @@ def test_show_prompt_prints_the_rubric_without_loading_anything():
     assert result.returncode == 0 and result.stdout == DEFAULT_RUBRIC
 
 
-def test_cache_key_covers_the_judge_the_prompt_and_the_image_bytes(tmp_path):
+def test_the_judge_sees_the_images_then_the_rubric_and_keys_cover_both(tmp_path):
     scan(1).save(tmp_path / "a.png")
     scan(2).save(tmp_path / "b.png")
-    keys = {build_prompt(chat("q", "a", [name]), tmp_path, Rubric(), judge).key
+    request = judge_request(chat("q", "a", ["a.png"], id=7), tmp_path, Rubric(), "j1", keyed=True)
+    assert request.messages[0]["content"][0] == {"type": "image"} and request.images == ["a.png"]
+    assert request.messages[0]["content"][1]["text"] == Rubric().render(chat("q", "a", ["a.png"]))
+    assert request.response_format == JUDGE_SCHEMA and request.id == "7"
+    keys = {judge_request(chat("q", "a", [name]), tmp_path, Rubric(), judge, keyed=True).key
             for name, judge in (("a.png", "j1"), ("b.png", "j1"), ("a.png", "j2"))}
-    assert len(keys) == 3
-    same = build_prompt(chat("q", "a", [str(tmp_path / "a.png")]), None, Rubric(), "j1").key
-    assert same in keys  # where the image lives does not matter, its bytes do
-
-
-def test_cache_survives_a_torn_last_line(tmp_path):
-    path = tmp_path / "cache.jsonl"
-    path.write_text(json.dumps({"key": "k1", "value": 4, "reason": "ok"}) + "\n" + '{"key": "k2", "val')
-    cache = JudgeCache(path)
-    assert len(cache) == 1 and cache.bad_lines == 1
-    cache.put("k3", {"value": 2, "reason": "poor"})
-    cache.close()
-    reloaded = JudgeCache(path)
-    assert set(reloaded.entries) == {"k1", "k3"} and reloaded.bad_lines == 1
+    assert len(keys) == 3 and request.key in keys
+    assert judge_request(chat("q", "a", ["a.png"]), tmp_path, Rubric(), "j1").key is None  # no cache, no key
 
 
 # ----------------------------------------------------------------------------- openai backend, real CLI
@@ -143,21 +139,30 @@ def test_scores_thresholds_per_source_and_images_as_data_urls(tmp_path):
     assert kept[0]["aloe"]["score"] == {"value": 5, "reason": "The fake judge read the marker.",
                                         "judge": "fake-judge"}
     sent = {request.prompt.split("Finding ")[1][:1]: request.images for request in server.requests}
-    assert base64.b64decode(sent["0"][0].split(",", 1)[1]) == (tmp_path / "img0.png").read_bytes()
+    image = Image.open(io.BytesIO(base64.b64decode(sent["0"][0].split(",", 1)[1])))
+    assert np.array_equal(np.asarray(image), np.asarray(load_image("img0.png", tmp_path)))
     assert sent["1"] == [] and all(r.body["model"] == "fake-judge" for r in server.requests)
+    # the reply is asked for as JSON following the judge's schema, both the OpenAI and the vLLM way
+    assert all(r.body["response_format"]["json_schema"]["schema"] == JUDGE_SCHEMA == r.body["guided_json"]
+               for r in server.requests)
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["thresholds"]["pmc"]["min"] == 4 and report["scores"]["slake"]["5"] == 1
 
 
-def test_score_line_replies_and_jpeg_data_uris_pass_through(tmp_path):
+def test_score_line_replies_and_servers_without_structured_output(tmp_path):
     jpeg = jpeg_bytes(scan(7))
     uri = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
-    data = write_jsonl(tmp_path / "d.jsonl", [chat("q", "a [score=4]", [uri])])
-    with FakeOpenAIServer(style="line") as server:
-        result = run_score(server, data)
+    data = write_jsonl(tmp_path / "d.jsonl", [chat("q", f"a{i} [score=4]", [uri]) for i in range(3)])
+    with FakeOpenAIServer(style="line", refuse_fields=("response_format", "guided_json")) as server:
+        result = run_score(server, data, "--concurrency", "1", "--report", str(tmp_path / "r.json"))
     assert result.returncode == 0, result.stderr
-    assert read_jsonl(result.stdout)[0]["aloe"]["score"]["value"] == 4
-    assert server.requests[0].images == [uri]
+    assert [r["aloe"]["score"]["value"] for r in read_jsonl(result.stdout)] == [4, 4, 4]
+    assert [r.action for r in server.requests] == [400, 400, "ok", "ok", "ok"]  # found once, then kept
+    assert "structured output: off" in result.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["client"]["structured_output"] == "off"
+    sent = base64.b64decode(server.requests[-1].images[0].split(",", 1)[1])
+    assert server.requests[-1].images[0].startswith("data:image/jpeg;") and Image.open(io.BytesIO(sent)).size == (128,
+                                                                                                                128)
 
 
 def test_garbage_replies_are_retried_then_rejected_as_unparseable(tmp_path):
@@ -166,8 +171,10 @@ def test_garbage_replies_are_retried_then_rejected_as_unparseable(tmp_path):
         result = run_score(server, data, "--parse-retries", "2", "--rejects", str(tmp_path / "rej.jsonl"))
         assert len(server.requests) == 9  # every record asked three times
         assert {r.body["temperature"] for r in server.requests} == {0.0, 0.7}  # retries sample
+        assert sorted({r.body.get("seed") for r in server.requests[3:]}) == [1, 2]  # each retry its own seed
         kept_all = run_score(server, data, "--parse-retries", "0", "--keep-all")
     assert result.returncode == 0 and read_jsonl(result.stdout) == []
+    assert kept_all.returncode == 0, kept_all.stderr
     rejected = read_jsonl(tmp_path / "rej.jsonl")
     assert {r["aloe"]["reject"]["reason"] for r in rejected} == {"judge_unparseable"}
     annotation = rejected[0]["aloe"]["score"]
@@ -189,12 +196,10 @@ def test_server_errors_are_retried_with_backoff(tmp_path):
 def test_a_hanging_request_times_out_and_is_retried(tmp_path):
     data = records_with_scores(tmp_path, [4], images=False)
     with FakeOpenAIServer(script=["hang"]) as server:
-        start = time.monotonic()
         result = run_score(server, data, "--timeout", "0.5", *FAST_RETRIES)
-        elapsed = time.monotonic() - start
     assert result.returncode == 0, result.stderr
     assert read_jsonl(result.stdout)[0]["aloe"]["score"]["value"] == 4
-    assert len(server.requests) == 2 and elapsed < 15
+    assert len(server.requests) == 2
 
 
 def test_requests_that_keep_failing_follow_on_error(tmp_path):
@@ -233,6 +238,7 @@ def test_api_key_is_sent_but_never_printed(tmp_path):
     with FakeOpenAIServer(default=401) as server:
         refused = run_score(server, data, "--api-key-env", "JUDGE_KEY", env={"JUDGE_KEY": secret})
     assert ok.returncode == 0 and secret not in ok.stderr + ok.stdout
+    assert [r["aloe"]["score"]["value"] for r in read_jsonl(ok.stdout)] == [4]
     assert refused.returncode == 1 and secret not in refused.stderr
     assert "refused the request (HTTP 401); check the key in $JUDGE_KEY" in refused.stderr
     missing = run_score(server, data, "--api-key-env", "NOT_SET_ANYWHERE")
@@ -243,10 +249,16 @@ def test_wrong_url_or_model_stops_the_run(tmp_path):
     data = records_with_scores(tmp_path, [4], images=False)
     with FakeOpenAIServer(default=404) as server:  # what vLLM answers for a model it does not serve
         result = run_score(server, data)
-    assert result.returncode == 1 and "HTTP 404" in result.stderr and "--judge" in result.stderr
+    assert result.returncode == 1 and "HTTP 404" in result.stderr and "'fake-judge'" in result.stderr
     assert len(server.requests) == 1  # not retried
+
+
+def test_bad_backend_options_are_usage_errors(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [chat("q", "a")])
     bad_url = aloe("score", "-i", str(data), "--judge", "j", "--base-url", "localhost:8000")
-    assert bad_url.returncode == 1 and "--base-url must be an http(s) URL" in bad_url.stderr
+    assert bad_url.returncode == 2 and "must be an http(s) URL" in bad_url.stderr and bad_url.stdout == ""
+    both = aloe("score", "-i", str(data), "--judge", "j", "--backend", "hf", "--base-url", "http://127.0.0.1:9/v1")
+    assert both.returncode == 2 and "is for --backend openai" in both.stderr
 
 
 def test_an_interrupted_run_resumes_from_the_cache(tmp_path):
@@ -272,36 +284,66 @@ def test_an_interrupted_run_resumes_from_the_cache(tmp_path):
                                  timeout=60)
         asked_again = {p.split("Finding ")[1].split(".")[0] for p in server.prompts()[asked_before:]}
     assert resumed.returncode == 0, resumed.stderr
-    assert f"{len(finished)} cached verdict(s)" in resumed.stderr
+    assert f"{len(finished)} cached reply(ies)" in resumed.stderr
     assert asked_again == {str(i) for i in range(15)} - finished  # finished records were not asked again
     output = read_jsonl(tmp_path / "out.jsonl")
     assert [r["aloe"]["score"]["value"] for r in output] == [1, 2, 3, 4, 5] * 3
 
 
+def test_a_server_that_echoes_the_key_leaks_it_nowhere(tmp_path):
+    secret = "sk-test-echo-3ch0-s3cret"
+    records = [chat("q", "a [score=4]", id="parsed"), chat("q", "a [action=garbage]", id="unparseable"),
+               chat("q", "a [action=500]", id="failed"), chat("q", "a [score=2]", id="low")]
+    data = write_jsonl(tmp_path / "d.jsonl", records)
+    files = {name: tmp_path / name for name in ("cache.jsonl", "rejects.jsonl", "report.json")}
+    with FakeOpenAIServer(echo_key=True) as server:
+        result = run_score(server, data, "--api-key-env", "JUDGE_KEY", "--max-retries", "1", *FAST_RETRIES,
+                           "--parse-retries", "1", "--on-error", "skip", "--cache", str(files["cache.jsonl"]),
+                           "--rejects", str(files["rejects.jsonl"]), "--report", str(files["report.json"]),
+                           env={"JUDGE_KEY": secret})
+    assert result.returncode == 0, result.stderr
+    assert all(r.authorization == f"Bearer {secret}" for r in server.requests)  # the server did get it
+    kept, rejected = read_jsonl(result.stdout), read_jsonl(files["rejects.jsonl"])
+    assert [r["id"] for r in kept] == ["parsed"] and "You sent Bearer ***." in kept[0]["aloe"]["score"]["reason"]
+    assert {r["id"]: r["aloe"]["reject"]["reason"] for r in rejected} == {
+        "unparseable": "judge_unparseable", "failed": "judge_request_failed", "low": "low_score"}
+    assert "Bearer ***" in json.dumps(rejected)  # the echoes are there, masked
+    outputs = [result.stdout, result.stderr, *(path.read_text() for path in files.values())]
+    assert all(secret not in text for text in outputs) and files["cache.jsonl"].read_text()
+
+
 # ----------------------------------------------------------------------------- hf backend, tiny model
 
 @pytest.mark.slow
-def test_hf_judge_generates_in_batches_and_rejects_garbage(tiny_model_dir, tmp_path):
+def test_hf_judge_rejects_the_garbage_of_a_random_model(tiny_model_dir, tmp_path):
     pytest.importorskip("torch")
-    from aloe_cli.filters.judge import HFJudge, HFJudgeConfig, ScoreConfig, ScoreStage
+    from aloe_cli.filters.judge import ScoreConfig, ScoreStage
+    from aloe_cli.modeling.backends.hf import HFBackend
     from aloe_cli.modeling.loading import ModelSpec, load_model
 
     loaded = load_model(ModelSpec(str(tiny_model_dir), device="cpu"))
     scan(3, 90).save(tmp_path / "a.png")
     records = [chat("What organ is shown?", "The liver.", ["a.png"]), chat("Is it a CT?", "Yes."),
                chat("Describe the film in detail please.", "A small nodule in the right upper lobe.", ["a.png"])]
-    prompts = [build_prompt(r, tmp_path, Rubric(), "tiny") for r in records]
-    replies = {1: {}, 3: {}}
-    for batch_size, got in replies.items():
-        judge = HFJudge(loaded, HFJudgeConfig(batch_size=batch_size, max_new_tokens=8))
-        judge.complete(prompts, 0.0, partial(lambda store, index, completion: store.__setitem__(index, completion.text),
-                                             got))
-    assert replies[1] == replies[3]  # greedy, left-padded batches = one prompt at a time
-
-    stage = ScoreStage(lambda: HFJudge(loaded, HFJudgeConfig(batch_size=3, max_new_tokens=8)),
-                       ScoreConfig(judge="tiny", parse_retries=1), Rubric())
+    stage = ScoreStage(HFBackend(loaded, batch_size=3), ScoreConfig(judge="tiny", parse_retries=1, max_new_tokens=8),
+                       Rubric())
     items = [Item(r, f"t:{i}", "t", image_root=tmp_path) for i, r in enumerate(records)]
     stage.annotate(items)
     assert all(item.error is None for item in items)
     assert [stage.decide(item).reason for item in items] == ["judge_unparseable"] * 3  # random weights: garbage
     assert stage.counters.asked == 6 and stage.summary()["unparseable"] == 3
+    assert all(item.record["aloe"]["score"]["reply"] for item in items)
+
+
+@pytest.mark.slow
+def test_hf_backend_through_the_cli(tiny_model_dir, tmp_path):
+    scan(3, 90).save(tmp_path / "a.png")
+    data = write_jsonl(tmp_path / "d.jsonl", [chat("What organ?", "The liver.", ["a.png"], id="1"),
+                                              chat("Is it a CT?", "Yes.", id="2")])
+    result = aloe("score", "-i", str(data), "--judge", str(tiny_model_dir), "--device", "cpu", "--keep-all",
+                  "--max-new-tokens", "4", "--parse-retries", "0", "--batch-size", "2")
+    assert result.returncode == 0, result.stderr
+    flagged = read_jsonl(result.stdout)
+    assert [r["id"] for r in flagged] == ["1", "2"]
+    assert {r["aloe"]["score"]["flag"]["reason"] for r in flagged} == {"judge_unparseable"}
+    assert f"judging with {tiny_model_dir} on cpu" in result.stderr and "2 request(s) to the judge" in result.stderr

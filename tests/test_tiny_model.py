@@ -98,7 +98,7 @@ def test_assistant_mask_covers_answers_and_end_of_turn(processor):
     ids, mask = out["input_ids"], out["assistant_masks"]
     assert len(ids) == len(mask)
     masked = [i for i, m in zip(ids, mask) if m]
-    assert tok.decode(masked) == f"{ASSISTANT_1}<|im_end|>{ASSISTANT_2}<|im_end|>"
+    assert tok.decode(masked) == f"{ASSISTANT_1}<|im_end|>\n{ASSISTANT_2}<|im_end|>\n"
     # The full render is Qwen2-VL's format, default system prompt included.
     assert tok.decode(ids) == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -118,7 +118,7 @@ def test_processor_assistant_mask_survives_image_expansion(processor):
         return_assistant_tokens_mask=True,
     )
     ids, mask = out["input_ids"][0], out["assistant_masks"][0].bool()
-    assert processor.tokenizer.decode(ids[mask]) == f"{ASSISTANT_1}<|im_end|>"
+    assert processor.tokenizer.decode(ids[mask]) == f"{ASSISTANT_1}<|im_end|>\n"
 
 
 @pytest.mark.parametrize(
@@ -197,11 +197,11 @@ def test_trl_sft_assistant_only_loss_runs(tiny_model_dir, processor, tmp_path):
     )
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)
 
-    # The collator's labels keep exactly the assistant answer + <|im_end|>.
+    # The collator's labels keep exactly the assistant answer + "<|im_end|>\n".
     batch = trainer.data_collator([dict(dataset[0]), dict(dataset[1])])
     for row, labels in enumerate(batch["labels"]):
         kept = labels[labels != -100]
-        assert processor.tokenizer.decode(kept) == f"Finding {row} shows a small nodule.<|im_end|>"
+        assert processor.tokenizer.decode(kept) == f"Finding {row} shows a small nodule.<|im_end|>\n"
 
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     result = trainer.train()
@@ -213,6 +213,19 @@ def test_trl_sft_assistant_only_loss_runs(tiny_model_dir, processor, tmp_path):
     changed = {k for k, v in model.named_parameters() if not torch.equal(v.detach(), before[k])}
     assert any("visual" in k for k in changed)
     assert any("language_model" in k for k in changed)
+
+
+def test_the_released_template_variant_is_qwen2_vl_s_own_without_markers(tiny_released_model_dir):
+    from aloe_cli.modeling.chat_template import has_generation_markers
+
+    released = transformers.AutoProcessor.from_pretrained(tiny_released_model_dir)
+    assert released.chat_template == released.tokenizer.chat_template != CHAT_TEMPLATE
+    assert not has_generation_markers(released.chat_template)
+    trl_templates = pytest.importorskip("trl.chat_template_utils")
+    # TRL knows it by its text as Qwen2-VL's released template, and swaps in its training template for it.
+    assert trl_templates.get_training_chat_template(released) == trl_templates.qwen2_5_vl_training_chat_template
+    with pytest.raises(ValueError, match="template"):
+        build_tiny_qwen2vl(tiny_released_model_dir.parent / "bad", template="other")
 
 
 def _weights(path):

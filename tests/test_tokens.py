@@ -1,9 +1,12 @@
-"""Loss-token counting equals the chat template's generation mask; the cache remembers counts.
+"""Loss-token counting equals the training chat template's generation mask; the cache remembers counts.
 
 The counter reads tokenizer.json with `tokenizers` and renders the template
 with jinja2 itself; every count here is checked against transformers'
 `apply_chat_template(..., return_assistant_tokens_mask=True)` on the tiny
-offline model (transformers is imported by the tests only).
+offline model, with its own marked template or, for the released-style
+checkpoint without markers, with aloe's Qwen2-VL training template
+(transformers is imported by the tests only). tests/test_loss_agreement.py
+holds the same counts equal to the labels TRL trains on.
 """
 
 from __future__ import annotations
@@ -11,20 +14,15 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import sys
 
 import pytest
 
 from aloe_cli.errors import AloeError, RecordError
-from aloe_cli.modeling.tokens import (
-    LossTokenCounter,
-    TokenCache,
-    conversation_key,
-    load_counter,
-    reference_count,
-    tokens_overlapping,
-)
-from support import aloe, chat, write_jsonl
+from aloe_cli.modeling.chat_template import QWEN2_VL, training_chat_template
+from aloe_cli.modeling.loss_tokens import LossTokenCounter, load_counter, tokens_overlapping
+from aloe_cli.modeling.token_cache import TokenCache, conversation_key
+from aloe_cli.testing.oracles import reference_count
+from support import aloe, chat, read_jsonl, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +36,18 @@ def hf_tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def released_counter(tiny_released_model_dir):
+    return load_counter(str(tiny_released_model_dir))
+
+
+@pytest.fixture(scope="module")
+def hf_released(tiny_released_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_released_model_dir))
 
 
 def reference_counts(hf_tokenizer, conversations, chat_template=None):
@@ -130,9 +140,10 @@ def test_answer_tokens_and_end_of_turn_count_prompt_and_images_do_not(counter):
     answer_tokens = len(tokenizer.encode(answer, add_special_tokens=False).ids)
     plain = [user("What does the scan show?"), assistant(answer)]
     with_images = [user(None, None, "What does the scan show? Describe it at length, please."), assistant(answer)]
-    assert counter.count([plain, with_images]) == [answer_tokens + 1, answer_tokens + 1]  # + <|im_end|>
+    # + <|im_end|> and the newline after it: the answer's whole generation block
+    assert counter.count([plain, with_images]) == [answer_tokens + 2, answer_tokens + 2]
     two_turns = plain + [user("And?"), assistant(answer)]
-    assert counter.count([two_turns]) == [2 * (answer_tokens + 1)]
+    assert counter.count([two_turns]) == [2 * (answer_tokens + 2)]
 
 
 def test_identical_answers_are_tokenized_once(tiny_model_dir):
@@ -161,19 +172,34 @@ def test_a_conversation_the_template_rejects_is_a_record_error(counter):
     assert isinstance(results[1], RecordError) and results[1].reason == "template_error"
 
 
-def test_chatml_templates_without_markers_count_the_same_spans(tiny_model_dir, tmp_path, counter):
+def test_a_released_template_without_markers_counts_with_the_family_training_template(
+        released_counter, counter, hf_released):
+    assert released_counter.chat_template == QWEN2_VL.training_text()
+    assert released_counter.fingerprint != counter.fingerprint
+    conversations = random_conversations(200, seed=3) + [CASES[name] for name in sorted(CASES)]
+    expected = reference_counts(hf_released, conversations, QWEN2_VL.training_text())
+    assert released_counter.count(conversations) == expected and sum(expected) > 1000
+    # The tiny model's own markers span the same tokens (content + "<|im_end|>\n"), special look-alikes included.
+    assert counter.count(conversations) == expected
+
+
+def test_the_training_template_writes_the_released_text(hf_released):
+    conversations = random_conversations(80, seed=8) + [CASES[name] for name in sorted(CASES)]
+    training = QWEN2_VL.training_text()
+    for options in ({}, {"add_vision_id": True}, {"add_generation_prompt": True}):
+        released = [hf_released.apply_chat_template(m, tokenize=False, **options) for m in conversations]
+        assert released == [hf_released.apply_chat_template(m, tokenize=False, chat_template=training, **options)
+                            for m in conversations]
+
+
+def test_the_training_template_is_the_own_one_when_it_has_markers_else_the_family_one(tiny_model_dir):
     from aloe_cli.testing.tiny import CHAT_TEMPLATE
 
-    unmarked = tmp_path / "qwen2vl_unmarked.jinja"
-    unmarked.write_text(CHAT_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", ""))
-    chatml = load_counter(str(tiny_model_dir), str(unmarked))
-    assert chatml.span_rule == "chatml" and counter.span_rule == "generation"
-    assert chatml.fingerprint != counter.fingerprint
-    # Answers that contain a literal "<|im_end|>" end early under ChatML (the tokenizer reads it as the
-    # end-of-turn token), so this comparison leaves special-token look-alikes out.
-    clean = [p for p in PIECES if "<|" not in p]
-    conversations = random_conversations(150, seed=3, pieces=clean)
-    assert chatml.count(conversations) == counter.count(conversations)
+    assert training_chat_template(CHAT_TEMPLATE) == CHAT_TEMPLATE
+    assert training_chat_template(QWEN2_VL.released_text() + "\n") == QWEN2_VL.training_text()
+    customised = QWEN2_VL.released_text().replace("You are a helpful assistant.", "You are a radiologist.")
+    with pytest.raises(AloeError, match="has no {% generation %} markers and is not a released template"):
+        training_chat_template(customised)
 
 
 # A template written against the rest of transformers' environment: tojson, namespace, loop controls,
@@ -290,11 +316,18 @@ def test_added_and_special_tokens_of_the_config_are_handled_like_transformers(ti
     assert counter.count(conversations) == reference_counts(reference, conversations)
 
 
-def test_templates_that_do_not_say_what_the_loss_sees_are_refused(tiny_model_dir, tmp_path):
+def test_templates_that_do_not_say_what_the_loss_sees_are_refused(tiny_model_dir, tmp_path, counter):
     plain = tmp_path / "plain.jinja"
     plain.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    with pytest.raises(AloeError, match="no {% generation %} markers and is not ChatML"):
+    with pytest.raises(AloeError, match="no {% generation %} markers and is not a released template"):
         load_counter(str(tiny_model_dir), str(plain))
+    # ChatML alone is not enough: only a released template's family says which training template applies.
+    chatml = tmp_path / "chatml.jinja"
+    chatml.write_text(QWEN2_VL.released_text().replace("helpful", "careful"))
+    with pytest.raises(AloeError, match="chatml.jinja' has no {% generation %} markers"):
+        load_counter(str(tiny_model_dir), str(chatml))
+    with pytest.raises(AloeError, match="inside {% generation %} blocks"):
+        LossTokenCounter(counter.tokenizer, QWEN2_VL.released_text(), name="unmarked")
     with pytest.raises(AloeError, match="cannot read chat template"):
         load_counter(str(tiny_model_dir), str(tmp_path / "missing.jinja"))
     with pytest.raises(AloeError, match="cannot load tokenizer"):
@@ -330,6 +363,7 @@ def test_a_hub_id_is_read_from_the_hugging_face_cache_offline(tiny_model_dir, tm
     proc = aloe(*args, "acme/tiny-vl", env={"HF_HUB_CACHE": str(cache)}, timeout=30)
     assert proc.returncode == 0, proc.stderr
     from_hub = json.loads((tmp_path / "r.json").read_text())
+    assert from_hub["read"] == 1 and from_hub["cells"]["medical/text"]["tokens_available"] > 0
     proc = aloe(*args, str(tiny_model_dir))
     assert proc.returncode == 0, proc.stderr
     assert from_hub["cells"] == json.loads((tmp_path / "r.json").read_text())["cells"]
@@ -340,15 +374,23 @@ def test_a_hub_id_is_read_from_the_hugging_face_cache_offline(tiny_model_dir, tm
         proc.stderr
 
 
-def test_counting_imports_neither_torch_nor_transformers(tiny_model_dir):
-    import subprocess
-
-    code = ("import sys; from aloe_cli.modeling.tokens import load_counter; "
-            f"c = load_counter({str(tiny_model_dir)!r}); "
-            "print(c.count([[{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'a'}]])); "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers'}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.splitlines()[1] == "[]", out
+def test_mix_counts_without_importing_torch_or_transformers(tiny_released_model_dir, released_counter, tmp_path):
+    """The real `aloe mix` counting path, on the checkpoint that needs the shipped training template."""
+    records = [chat("Which organ?", "Liver.", id="a", domain="medical"),
+               chat("Describe the scan.", "A small nodule in the right lobe.", ["scan.png"], id="b",
+                    domain="medical")]
+    data = write_jsonl(tmp_path / "in.jsonl", records)
+    output = tmp_path / "out.jsonl"
+    proc = aloe("mix", "-i", str(data), "--tokenizer", str(tiny_released_model_dir), "--share",
+                "medical/multimodal=0.5", "--share", "medical/text=0.5", "--no-cache", "-o", str(output),
+                env={"PYTHONPROFILEIMPORTTIME": "1"})  # python lists every module it imports on stderr
+    assert proc.returncode == 0, proc.stderr
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "tokenizers" in imported and "jinja2" in imported  # the counting path ran...
+    assert not imported & {"torch", "transformers"}  # ...without torch or transformers
+    written = {record["id"]: record["aloe"]["mix"]["loss_tokens"] for record in read_jsonl(output)}
+    assert [written[r["id"]] for r in records] == released_counter.count([r["messages"] for r in records])
 
 
 def test_cache_keys_separate_tokenizers_and_content_and_persist(tmp_path):

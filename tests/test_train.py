@@ -15,9 +15,9 @@ from PIL import Image
 
 from aloe_cli.data.io import read_items
 from aloe_cli.errors import AloeError
+from aloe_cli.modeling.chat_template import apply_training_chat_template
 from aloe_cli.training.collator import IGNORE_INDEX, TrainingCollator
 from aloe_cli.training.data import build_dataset, load_dataset
-from aloe_cli.training.trainer import apply_training_template
 from support import aloe, chat, read_jsonl, write_jsonl
 
 DICOM = Path(__import__("pydicom").data.get_testdata_file("CT_small.dcm"))
@@ -48,13 +48,21 @@ def colour_task(folder: Path, count: int = 32) -> Path:
     return write_jsonl(folder / "task.jsonl", records)
 
 
-@pytest.fixture(scope="module")
-def processor(tiny_model_dir):
+def training_processor(model_dir):
     from transformers import AutoProcessor
 
-    loaded = AutoProcessor.from_pretrained(tiny_model_dir)
-    apply_training_template(loaded, str(tiny_model_dir))
+    loaded = AutoProcessor.from_pretrained(model_dir)
+    apply_training_chat_template(loaded)
     return loaded
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir):
+    return training_processor(tiny_model_dir)
+
+
+# The model's own template with generation markers, and Qwen2-VL's released one (aloe's training template is used).
+TEMPLATES = ["tiny_model_dir", "tiny_released_model_dir"]
 
 
 def rows_of(records: list[dict], tmp_path: Path, on_error: str = "skip"):
@@ -105,7 +113,7 @@ def test_bad_records_are_counted_or_stop_the_run(tmp_path):
 # ----------------------------------------------------------------------------- labels
 
 def chatml_answer_positions(input_ids: list[int], tokenizer) -> list[int]:
-    """Independent oracle: positions after each `<|im_start|>assistant\\n` up to and including its `<|im_end|>`."""
+    """Independent oracle: positions after each `<|im_start|>assistant\\n` up to and including its `<|im_end|>\\n`."""
     start, end = tokenizer.convert_tokens_to_ids("<|im_start|>"), tokenizer.convert_tokens_to_ids("<|im_end|>")
     header = tokenizer.encode("assistant\n", add_special_tokens=False)
     positions, i = [], 0
@@ -115,13 +123,15 @@ def chatml_answer_positions(input_ids: list[int], tokenizer) -> list[int]:
             while input_ids[j] != end:
                 positions.append(j)
                 j += 1
-            positions.append(j)
+            positions += [j, j + 1]  # <|im_end|> and the newline after it
             i = j
         i += 1
     return positions
 
 
-def test_labels_cover_exactly_the_answers_and_their_end_tokens(tmp_path, processor):
+@pytest.mark.parametrize("model", TEMPLATES)
+def test_labels_cover_exactly_the_answers_and_their_end_tokens(tmp_path, request, model):
+    processor = training_processor(request.getfixturevalue(model))
     record = {"messages": [
         {"role": "system", "content": "You read scans."},
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Which organ?"}]},
@@ -136,11 +146,14 @@ def test_labels_cover_exactly_the_answers_and_their_end_tokens(tmp_path, process
     assert [i for i, label in enumerate(labels) if label != IGNORE_INDEX] == expected
     assert all(labels[i] == ids[i] for i in expected)
     assert processor.tokenizer.decode([ids[i] for i in expected]) == (
-        "The liver.<|im_end|>A small nodule in the right lobe.<|im_end|>")
+        "The liver.<|im_end|>\nA small nodule in the right lobe.<|im_end|>\n")
     assert batch["pixel_values"].shape[0] > 0 and batch["image_grid_thw"].tolist() == [[1, 8, 8]]  # DICOM decoded
 
 
-def test_loss_tokens_equal_what_aloe_mix_balanced_on_record_by_record(tmp_path, processor, tiny_model_dir):
+@pytest.mark.parametrize("model", TEMPLATES)
+def test_loss_tokens_equal_what_aloe_mix_balanced_on_record_by_record(tmp_path, request, model):
+    model_dir = request.getfixturevalue(model)
+    processor = training_processor(model_dir)
     (tmp_path / "img").mkdir()
     records = []
     for i in range(12):
@@ -152,7 +165,7 @@ def test_loss_tokens_equal_what_aloe_mix_balanced_on_record_by_record(tmp_path, 
         records.append(record)
     source = write_jsonl(tmp_path / "src.jsonl", records)
     mixed = tmp_path / "mix.jsonl"
-    proc = aloe("mix", "-i", str(source), "--tokenizer", str(tiny_model_dir), "--share", "medical/multimodal=0.5",
+    proc = aloe("mix", "-i", str(source), "--tokenizer", str(model_dir), "--share", "medical/multimodal=0.5",
                 "--share", "medical/text=0.5", "--no-cache", "-o", str(mixed))
     assert proc.returncode == 0, proc.stderr
     written = read_jsonl(mixed)
@@ -255,13 +268,14 @@ def train(*args: str, timeout: float = 300):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model_dir, tmp_path_factory):
-    """40 steps on the colour task, checkpoints every 20 steps."""
+def trained(tiny_released_model_dir, tmp_path_factory):
+    """40 steps on the colour task, checkpoints every 20 steps, from a model with Qwen2-VL's released template
+    (no generation markers: aloe's training template defines the loss, as for the published checkpoints)."""
     folder = tmp_path_factory.mktemp("colour")
     task = colour_task(folder / "data")
     run = folder / "run"
-    proc = train("-i", str(task), "--model", str(tiny_model_dir), "--output-dir", str(run), "--max-steps", "40",
-                 "--save-steps", "20")
+    proc = train("-i", str(task), "--model", str(tiny_released_model_dir), "--output-dir", str(run), "--max-steps",
+                 "40", "--save-steps", "20")
     return proc, run, task
 
 
@@ -297,7 +311,9 @@ def test_training_drives_the_loss_down_and_the_saved_model_answers(trained):
     assert all(isinstance(line["lr"], float) for line in log if "loss" in line)
     resolved = yaml.safe_load((run / "aloe-train.yaml").read_text())
     assert resolved["sft_config"]["max_steps"] == 40 and resolved["aloe"]["deepspeed"] == "none"
-    assert (run / "checkpoint-20").is_dir() and (run / "chat_template.jinja").is_file()
+    assert (run / "checkpoint-20").is_dir()
+    # the processor is saved with the template it was trained with, so the next stage learns the same tokens
+    assert "{% generation %}" in (run / "chat_template.jinja").read_text()
     assert greedy_answers(run) == COLOURS
 
 
@@ -310,12 +326,13 @@ def test_the_trained_model_works_with_aloe_perplexity(trained, tmp_path):
     assert len(scored) == 32 and all(r["aloe"]["perplexity"]["value"] < 3 for r in scored)  # it learnt the answers
 
 
-def test_resume_continues_from_the_last_checkpoint_to_the_same_final_step(trained, tmp_path, tiny_model_dir):
+def test_resume_continues_from_the_last_checkpoint_to_the_same_final_step(trained, tmp_path,
+                                                                          tiny_released_model_dir):
     _, run, task = trained
     interrupted = tmp_path / "run"
     shutil.copytree(run / "checkpoint-20", interrupted / "checkpoint-20")  # as if stopped after step 20
-    proc = train("-i", str(task), "--model", str(tiny_model_dir), "--output-dir", str(interrupted), "--max-steps", "40",
-                 "--save-steps", "20", "--resume")
+    proc = train("-i", str(task), "--model", str(tiny_released_model_dir), "--output-dir", str(interrupted),
+                 "--max-steps", "40", "--save-steps", "20", "--resume")
     assert proc.returncode == 0, proc.stderr
     assert f"resuming from {interrupted / 'checkpoint-20'}" in proc.stderr
     resumed = [line for line in read_jsonl(interrupted / "log.jsonl") if "loss" in line]

@@ -26,6 +26,8 @@ import typer
 
 from aloe_cli.options import (
     BatchSizeOpt,
+    BboxFormat,
+    BboxFormatOpt,
     ImageRootOpt,
     InputOpt,
     KeepAllOpt,
@@ -64,6 +66,7 @@ def dedup(
     rejects: RejectsOpt = None,
     report: ReportOpt = None,
     image_root: ImageRootOpt = None,
+    bbox_format: BboxFormatOpt = BboxFormat.xyxy,
     workers: WorkersOpt = 1,
     batch_size: BatchSizeOpt = 512,
     shard: ShardOpt = None,
@@ -73,6 +76,7 @@ def dedup(
     from aloe_cli import console
     from aloe_cli.commands._common import resolve_shard, run_data_command
     from aloe_cli.data.io import read_items
+    from aloe_cli.data.records import RecordDefaults
     from aloe_cli.data.stage import RunConfig
     from aloe_cli.errors import AloeError
     from aloe_cli.filters.dedup import INDEX_SUFFIX, DedupStage, build_eval_index
@@ -105,7 +109,8 @@ def dedup(
             if not input:
                 return  # building the index was the whole job
         stage = DedupStage(hasher, eval_index, max_distance=max_distance, within=within)
-        summary = run_data_command(stage, read_items(input, image_root), output=output, rejects=rejects,
+        items = read_items(input, image_root, RecordDefaults(bbox_format=bbox_format.value))
+        summary = run_data_command(stage, items, output=output, rejects=rejects,
                                    report=report, config=config)
     for name, stats in summary.extra.get("eval_sets", {}).items():
         console.log(f"  leaked from {name}: {stats['leaked_records']} training record(s)")

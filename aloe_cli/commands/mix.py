@@ -3,8 +3,9 @@
 Each of the four cells (medical/multimodal, medical/text, general/multimodal,
 general/text) gets its target share of the assistant tokens the SFT loss is
 computed on (not of the samples, so long-answer sets do not dominate); the
-sources of a cell share it by weight. Loss tokens are counted with the
-tokenizer's chat template (cached, so a changed recipe does not tokenize
+sources of a cell share it by weight. Loss tokens are the tokens training
+learns from (the generation blocks of the chat template training uses),
+counted with the tokenizer (cached, so a changed recipe does not tokenize
 again) and written to aloe.mix.loss_tokens. The output is shuffled and
 deterministic for a seed.
 
@@ -61,8 +62,9 @@ def mix(
         "--tokenizer", help="Model folder or Hub id whose tokenizer and chat template define the loss "
                             "(overrides the recipe's).")] = None,
     chat_template: Annotated[str | None, typer.Option(
-        "--chat-template", help="Chat template (.jinja file) that defines the loss: its {% generation %} blocks, "
-                                "or the ChatML answer spans when it has none. Default: the tokenizer's.")] = None,
+        "--chat-template", help="Chat template (.jinja file) that defines the loss: its {% generation %} blocks "
+                                "(a released template without them, e.g. Qwen2-VL's, counts with its family's "
+                                "training template). Default: the tokenizer's.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", min=0, help="Random seed (overrides the recipe's; "
                                                                      "default 0).")] = None,
     total_samples: Annotated[int | None, typer.Option(

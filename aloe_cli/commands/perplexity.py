@@ -37,6 +37,8 @@ import typer
 from aloe_cli.options import (
     AttnImplementationOpt,
     BatchSizeOpt,
+    BboxFormat,
+    BboxFormatOpt,
     DeviceOpt,
     Dtype,
     DtypeOpt,
@@ -79,6 +81,7 @@ def perplexity(
     rejects: RejectsOpt = None,
     report: ReportOpt = None,
     image_root: ImageRootOpt = None,
+    bbox_format: BboxFormatOpt = BboxFormat.xyxy,
     batch_size: BatchSizeOpt = 16,
     shard: ShardOpt = None,
     on_error: OnErrorOpt = OnError.fail,
@@ -91,6 +94,7 @@ def perplexity(
     from aloe_cli import console
     from aloe_cli.commands._common import resolve_shard, run_thresholded_command
     from aloe_cli.data.io import read_items
+    from aloe_cli.data.records import RecordDefaults
     from aloe_cli.data.stage import RunConfig
     from aloe_cli.filters.perplexity import PerplexityConfig, PerplexityStage, percentile_rows, plot_histograms
     from aloe_cli.filters.thresholds import load_thresholds
@@ -114,7 +118,8 @@ def perplexity(
                                                    reuse=reuse), bounds, model_name=model)
     config = RunConfig(batch_size=stage.runner_batch_size(), shard=resolve_shard(shard), keep_all=keep_all,
                        on_error=on_error.value)
-    summary = run_thresholded_command(stage, read_items(input, image_root), bounds, output=output, rejects=rejects,
+    items = read_items(input, image_root, RecordDefaults(bbox_format=bbox_format.value))
+    summary = run_thresholded_command(stage, items, bounds, output=output, rejects=rejects,
                                       report=report, config=config)
 
     rows = percentile_rows(summary.extra)

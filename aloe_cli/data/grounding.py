@@ -269,7 +269,8 @@ def ground_record(record: dict, image_root: str | os.PathLike | None = None, bbo
     The text becomes the last assistant turn's answer (appended after a
     newline when that turn already has text; a new assistant turn when the
     record has none). `aloe.grounding` records what was done, which also makes
-    the conversion idempotent. Returns True when the record was changed.
+    the conversion idempotent; an answer that already ends with the text is
+    not given it twice either. Returns True when the record was changed.
     """
     aloe = record.get("aloe")
     if not has_regions(record) or (isinstance(aloe, dict) and "grounding" in aloe):
@@ -285,10 +286,26 @@ def ground_record(record: dict, image_root: str | os.PathLike | None = None, bbo
         if region.image not in sizes:
             sizes[region.image] = image_size(images[region.image], image_root)
         _check_inside(region, *sizes[region.image], field=f"objects[{i}].bbox" if record.get("objects") else "bbox")
-    _append_answer(record, grounding_text(regions, sizes))
-    record.setdefault("aloe", {})["grounding"] = {
-        "boxes": len(regions), "image_sizes": {str(k): list(v) for k, v in sorted(sizes.items())}, "scale": SCALE}
+    text = grounding_text(regions, sizes)
+    if not _last_answer(record).endswith(text):
+        _append_answer(record, text)
+    if not isinstance(record.get("aloe"), dict):
+        record["aloe"] = {}
+    record["aloe"]["grounding"] = {
+        "boxes": len(regions), "image_sizes": {str(k): list(v) for k, v in sorted(sizes.items())}, "scale": SCALE,
+        "bbox_format": bbox_format}
     return True
+
+
+def _last_answer(record: dict) -> str:
+    last = record["messages"][-1]
+    if last.get("role") != "assistant":
+        return ""
+    content = last.get("content")
+    if isinstance(content, str):
+        return content
+    texts = [part.get("text", "") for part in content if part.get("type") == "text"]
+    return texts[-1] if texts else ""
 
 
 def _append_answer(record: dict, text: str) -> None:

@@ -1,7 +1,9 @@
 """Reading and writing records.
 
-Readers stream `Item`s: a record plus where it came from. A record that
-cannot be parsed or validated is still yielded, with `error` set, so the
+Readers stream `Item`s: a record plus where it came from. Every record is
+normalised here, once, for every command (`records.normalize`: other shapes,
+grounding text, `source` / `domain` defaults). A record that cannot be
+parsed, normalised or validated is still yielded, with `error` set, so the
 stage runner can fail with a precise message or send it to the rejects; a
 reader only raises for problems with a whole input (missing file, unknown
 format, a TSV without a required column).
@@ -25,14 +27,14 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 import orjson
 
 from aloe_cli.data.images import image_mime, to_data_uri
-from aloe_cli.data.records import normalize
+from aloe_cli.data.records import RecordDefaults, normalize
 from aloe_cli.errors import AloeError, OutputClosed, RecordError
 
 STDIO = "-"
@@ -109,15 +111,20 @@ def source_name(path: str) -> str:
     return name
 
 
-def read_items(inputs: Iterable[str] | None, image_root: str | os.PathLike | None = None) -> Iterator[Item]:
+def read_items(inputs: Iterable[str] | None, image_root: str | os.PathLike | None = None,
+               defaults: RecordDefaults | None = None) -> Iterator[Item]:
     """Stream items from every input in order (stdin when there is none)."""
     for path in expand_inputs(inputs):
-        yield from read_file(path, image_root)
+        yield from read_file(path, image_root, defaults=defaults)
 
 
 def read_file(path: str, image_root: str | os.PathLike | None = None, *,
-              require_images: bool = False) -> Iterator[Item]:
+              require_images: bool = False, defaults: RecordDefaults | None = None) -> Iterator[Item]:
+    """Items of one input, normalised; `defaults.source` defaults to the input's name."""
     fmt = input_format(path)
+    defaults = defaults or RecordDefaults()
+    if defaults.source is None:
+        defaults = replace(defaults, source=source_name(path))
     # Relative image paths resolve against --image-root, else the input's folder.
     if image_root is not None:
         root = Path(image_root)
@@ -133,6 +140,11 @@ def read_file(path: str, image_root: str | os.PathLike | None = None, *,
         items = _read_tsv(path, require_images=require_images)
     for item in items:
         item.image_root = root
+        if item.error is None:
+            try:
+                item.record = normalize(item.raw, defaults, root)
+            except RecordError as error:
+                item.error = error.located(item.where)
         yield item
 
 
@@ -152,8 +164,8 @@ def _open_binary(path: str) -> BinaryIO:
 
 
 def _read_jsonl(path: str) -> Iterator[Item]:
+    """Parsed, not yet normalised items (read_file normalises)."""
     display = _display(path)
-    default_source = source_name(path)
     stream = _open_binary(path)
     try:
         line_no = 0
@@ -174,23 +186,15 @@ def _read_jsonl(path: str) -> Iterator[Item]:
                 error = RecordError("invalid_json", f"invalid JSON ({exc})", where=where)
                 yield Item(None, where, display, error=error, raw=line.decode("utf-8", "replace").rstrip("\n"))
                 continue
-            yield _normalized_item(raw, where, display, default_source)
+            yield Item(None, where, display, raw=raw)
     finally:
         if path != STDIO:
             stream.close()
 
 
-def _normalized_item(raw: Any, where: str, display: str, default_source: str) -> Item:
-    try:
-        return Item(normalize(raw, default_source), where, display, raw=raw)
-    except RecordError as error:
-        return Item(None, where, display, error=error.located(where), raw=raw)
-
-
 def _read_rows(path: str, rows: Iterator[dict], unit: str) -> Iterator[Item]:
-    default_source = source_name(path)
     for index, row in enumerate(rows):
-        yield _normalized_item(row, f"{path} {unit} {index}", path, default_source)
+        yield Item(None, f"{path} {unit} {index}", path, raw=row)
 
 
 def _parquet_rows(path: str) -> Iterator[dict]:
@@ -280,7 +284,7 @@ def _read_tsv(path: str, *, require_images: bool = False) -> Iterator[Item]:
             except RecordError as error:
                 yield Item(None, where, path, error=error.located(where), raw=row)
                 continue
-            yield _normalized_item(record, where, path, source)
+            yield Item(None, where, path, raw=record)
 
 
 def tsv_row_to_record(row: dict, source: str, shared_images: dict[str, str]) -> dict:

@@ -1,10 +1,14 @@
 """The record schema (TRL's conversational vision format plus provenance).
 
 A record is a plain dict so that fields we do not know about pass through
-untouched. This module validates records and converts the other shapes users
-bring (LLaVA/ShareGPT, question/answer columns) into the schema. The
-VLMEvalKit TSV conversion lives in `io.py` next to its reader because it needs
-the whole file (rows refer to each other's images).
+untouched. This module validates records and normalises them on read, once,
+for every command (`normalize`, called by the reader in `io.py`): the other
+shapes users bring (LLaVA/ShareGPT, question/answer columns) become the
+schema, region annotations become Qwen2-VL grounding text in the answer, and
+`source` / `domain` are filled in where a record has none. Every stage
+therefore sees the record the trainer will see. The VLMEvalKit TSV conversion
+lives in `io.py` next to its reader because it needs the whole file (rows
+refer to each other's images).
 
     {"id": ..., "source": ..., "domain": "medical" | "general",
      "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ...}]}, ...],
@@ -14,8 +18,11 @@ the whole file (rows refer to each other's images).
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Any
 
+from aloe_cli.data.grounding import BBOX_FORMATS, ground_record
 from aloe_cli.errors import RecordError
 
 Record = dict[str, Any]
@@ -140,26 +147,62 @@ def _explain_messages(record: Any) -> None:
     raise RecordError("invalid_field", "malformed", field="messages")
 
 
-def normalize(raw: Any, default_source: str | None = None) -> Record:
-    """Bring a record of any supported shape into the schema, then validate it.
+@dataclass(frozen=True)
+class RecordDefaults:
+    """What normalisation fills in: the reader's options.
 
-    Records already in the schema (they have `messages`) are returned as they
-    are; only other shapes are rebuilt.
+    `source` and `domain` go to records that have none (a record's own value
+    wins); `bbox_format` says how pixel boxes in `objects` / `bbox` are written.
+    """
+
+    source: str | None = None
+    domain: str | None = None
+    bbox_format: str = "xyxy"
+
+    def __post_init__(self) -> None:
+        if self.domain is not None and self.domain not in DOMAINS:
+            raise ValueError(f"domain must be one of {DOMAINS}, got {self.domain!r}")
+        if self.bbox_format not in BBOX_FORMATS:
+            raise ValueError(f"bbox_format must be one of {BBOX_FORMATS}, got {self.bbox_format!r}")
+
+
+def normalize(raw: Any, defaults: RecordDefaults = RecordDefaults(),
+              image_root: str | os.PathLike | None = None) -> Record:
+    """Bring a record of any supported shape into the schema the trainer reads (in place where possible).
+
+    1. LLaVA/ShareGPT and question/answer shapes are rebuilt as `messages`;
+       records already in the schema are kept as they are.
+    2. The schema is validated.
+    3. Region annotations (`objects`, `bbox`) become grounding text in the
+       answer; image sizes come from the image headers, relative paths
+       resolve against `image_root`. Idempotent: a grounded record
+       (`aloe.grounding`) is left alone, so a record read again by the next
+       stage of a pipe keeps its text.
+    4. `source` and `domain` are filled in from `defaults` where missing.
+
+    Raises RecordError naming the field; the record is not changed then.
     """
     if not isinstance(raw, dict):
         raise RecordError("invalid_record", f"expected a JSON object, got {type(raw).__name__}")
     if "messages" in raw:
-        return validate(raw)
-    if "conversations" in raw:
+        record = raw
+    elif "conversations" in raw:
         record = from_sharegpt(raw)
     elif "question" in raw:
         record = from_question_answer(raw)
     else:
         raise RecordError("missing_field", "missing (need 'messages', 'conversations' or 'question')",
                           field="messages")
-    if default_source and not record.get("source"):
-        record["source"] = default_source
-    return validate(record)
+    validate(record)
+    if "objects" in record or "bbox" in record:  # the membership test keeps the common case cheap
+        ground_record(record, image_root, defaults.bbox_format)
+    if "aloe" in record and record["aloe"] is None:  # parquet writes null for a column a row lacks
+        del record["aloe"]
+    if defaults.source and not record.get("source"):
+        record["source"] = defaults.source
+    if defaults.domain and not record.get("domain"):
+        record["domain"] = defaults.domain
+    return record
 
 
 def _image_list(raw: Record) -> list:

@@ -3,7 +3,9 @@
 Images are synthesised (scan-like blobs and shapes) so the demo needs no
 download. Some benchmark rows reuse training images byte-for-byte (exact
 leaks) and one reuses a training image re-encoded at another JPEG quality
-(a near-duplicate that `--max-distance` catches).
+(a near-duplicate that `--max-distance` catches). A few training records are
+grounding data: `objects` with pixel boxes around a drawn lesion, which every
+command turns into Qwen2-VL box text on read.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ FINDINGS = ["a hypodense lesion", "no abnormality", "a small nodule", "mild effu
             "an enlarged contour", "a fluid collection", "normal appearance"]
 GENERAL_OBJECTS = ["a red circle", "two blue squares", "a green triangle", "a yellow stripe"]
 EXACT_LEAKS = 4
+GROUNDING_SOURCE, GROUNDING_COUNT = "rad-grounding", 4
 
 
 @dataclass
@@ -40,6 +43,7 @@ class SampleData:
     leaked_ids: list[str]
     near_duplicate_id: str
     repeated_id: str  # a later record repeats this record's image
+    grounding_ids: list[str]  # records with `objects` (pixel boxes)
 
 
 def synthetic_scan(rng: np.random.Generator, size: int = 256, color: bool = False) -> Image.Image:
@@ -106,6 +110,30 @@ def _record(rng: np.random.Generator, source: str, domain: str, number: int, ima
             "images": [image] if image else []}
 
 
+def _grounding_record(rng: np.random.Generator, number: int, out: Path) -> dict:
+    """A scan with one or two bright lesions drawn in, boxed in pixels under `objects`.
+
+    Even-numbered records have an answer the boxes are appended to; odd ones
+    only ask, so grounding adds the assistant turn.
+    """
+    image = synthetic_scan(rng)
+    draw = ImageDraw.Draw(image)
+    objects = []
+    for _ in range(1 + number % 2):
+        x0, y0 = (int(v) for v in rng.integers(10, image.width - 80, 2))
+        w, h = (int(v) for v in rng.integers(20, 60, 2))
+        draw.ellipse([x0, y0, x0 + w, y0 + h], fill=250)
+        objects.append({"bbox": [x0, y0, x0 + w, y0 + h], "label": "lesion", "image": 0})
+    record_id = f"{GROUNDING_SOURCE}-{number:04d}"
+    image_rel = f"images/{record_id}.jpg"
+    (out / image_rel).write_bytes(_jpeg_bytes(image))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Locate every lesion."}]}]
+    if number % 2 == 0:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": "There is one lesion."}]})
+    return {"id": record_id, "source": GROUNDING_SOURCE, "domain": "medical", "messages": messages,
+            "images": [image_rel], "objects": objects}
+
+
 def write_sample_data(out_dir: str | Path, seed: int = 0) -> SampleData:
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -126,6 +154,10 @@ def write_sample_data(out_dir: str | Path, seed: int = 0) -> SampleData:
     (out / "images" / "repeat-0000.jpg").write_bytes(repeat_data)
     repeat = _record(rng, "rad-vqa", "medical", 9999, "images/repeat-0000.jpg")
     records.append(repeat)
+    # Grounding records draw from their own generator: the rest of the data stays as it was without them.
+    grounding_rng = np.random.default_rng([seed, 1])
+    grounding = [_grounding_record(grounding_rng, number, out) for number in range(GROUNDING_COUNT)]
+    records.extend(grounding)
     train = out / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in records))
 
@@ -147,4 +179,5 @@ def write_sample_data(out_dir: str | Path, seed: int = 0) -> SampleData:
             writer.writerow([index, base64.b64encode(data).decode(), "Is there an abnormality?", "yes", "no", "A",
                              "abnormality"])
         writer.writerow([300, "0", "Which side is affected?", "left", "right", "B", "laterality"])
-    return SampleData(train, eval_tsv, [r[0] for r in leaked[:EXACT_LEAKS]], near_id, repeat_id)
+    return SampleData(train, eval_tsv, [r[0] for r in leaked[:EXACT_LEAKS]], near_id, repeat_id,
+                      [r["id"] for r in grounding])

@@ -1,12 +1,14 @@
 """Answer perplexity: how surprised a model is by a record's assistant turns, given the rest.
 
-For each record the conversation is rendered with the model's chat template
-and processor (images included, so the answer is conditioned on them). Only
-assistant tokens are scored: the template's `{% generation %}` mask defines
-them (each assistant turn's content and its end-of-turn token); templates
-without generation markers fall back to the ChatML rule (from
-`<|im_start|>assistant\\n` up to and including `<|im_end|>`). System text,
-user turns and image tokens are context only.
+For each record the conversation is rendered with the chat template training
+uses (`modeling.chat_template.training_chat_template`: the model's own when it
+has `{% generation %}` markers, else aloe's training template for its family)
+and the model's processor (images included, so the answer is conditioned on
+them). Only loss tokens are scored: the tokens of the template's generation
+blocks (for Qwen2-VL each assistant turn's content and its closing
+`<|im_end|>\\n`), the same tokens `aloe mix` counts and training learns from.
+System text, user turns and image tokens are context only; the first token is
+never scored (nothing comes before it to predict it from).
 
     perplexity = exp(sum of answer-token NLL / number of answer tokens)
 
@@ -46,6 +48,7 @@ from aloe_cli.filters.thresholds import (
     check_value,
     source_of,
 )
+from aloe_cli.modeling.chat_template import template_of, training_chat_template
 
 STAGE = "perplexity"
 SUMMARY_PERCENTILES = (1, 5, 50, 95, 99)
@@ -53,7 +56,6 @@ SUMMARY_PERCENTILES = (1, 5, 50, 95, 99)
 LOGIT_CHUNK = 1024
 # Runner batches hold this many model batches, so length sorting has something to sort.
 SORT_WINDOW = 8
-_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 @dataclass(frozen=True)
@@ -79,35 +81,6 @@ class Encoded:
     @property
     def length(self) -> int:
         return int(self.input_ids.shape[0])
-
-
-def has_generation_markers(template: str | None) -> bool:
-    return bool(template) and _GENERATION_TAG.search(template) is not None
-
-
-def chatml_assistant_mask(input_ids: list[int], tokenizer) -> list[int]:
-    """1 for the tokens of every assistant turn (content and `<|im_end|>`), by the ChatML layout."""
-    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    mask = [0] * len(input_ids)
-    position = 0
-    while position < len(input_ids):
-        if input_ids[position] != start:
-            position += 1
-            continue
-        header_end = position + 1  # the role name runs up to the first newline
-        while header_end < len(input_ids) and "\n" not in tokenizer.decode([input_ids[header_end]]):
-            header_end += 1
-        role = tokenizer.decode(input_ids[position + 1:header_end + 1]).strip()
-        position = header_end + 1
-        if role != "assistant":
-            continue
-        while position < len(input_ids):
-            mask[position] = 1
-            position += 1
-            if input_ids[position - 1] == end:
-                break
-    return mask
 
 
 def turn_ids_from_mask(mask: list[int]) -> list[int]:
@@ -152,15 +125,7 @@ class ConversationEncoder:
 
     def __init__(self, processor, max_tokens: int | None = None):
         self.processor = processor
-        self.tokenizer = getattr(processor, "tokenizer", processor)
-        template = getattr(processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
-        if not template:
-            raise AloeError("the model's processor has no chat template")
-        self.uses_generation_mask = has_generation_markers(template)
-        if not self.uses_generation_mask and self.tokenizer.convert_tokens_to_ids("<|im_start|>") in (
-                None, self.tokenizer.unk_token_id):
-            raise AloeError("the model's chat template has no {% generation %} markers and is not ChatML, "
-                            "so its assistant tokens cannot be found")
+        self.chat_template = training_chat_template(template_of(processor))
         self.max_tokens = max_tokens
 
     def conversation(self, record: dict, image_root) -> list[dict]:
@@ -198,8 +163,8 @@ class ConversationEncoder:
         return result
 
     def _process(self, conversations: list[list[dict]]):
-        return self.processor.apply_chat_template(
-            conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=self.uses_generation_mask)
+        return self.processor.apply_chat_template(conversations, chat_template=self.chat_template, tokenize=True,
+                                                  return_dict=True, return_assistant_tokens_mask=True)
 
     def _split(self, out, image_counts: list[int]) -> list[Encoded | RecordError]:
         """Per-conversation tensors from one batched processor output (unpadded lists + concatenated pixels)."""
@@ -222,10 +187,7 @@ class ConversationEncoder:
 
         if self.max_tokens is not None and len(ids) > self.max_tokens:
             return RecordError("too_long", f"{len(ids)} tokens, more than --max-tokens {self.max_tokens}")
-        if self.uses_generation_mask:
-            mask = list(out["assistant_masks"][row])
-        else:
-            mask = chatml_assistant_mask(ids, self.tokenizer)
+        mask = list(out["assistant_masks"][row])
         mask[0] = 0  # the first token has nothing to be predicted from
         if not any(mask):
             return RecordError("no_answer", "the chat template marks no assistant tokens in this record",
@@ -605,5 +567,5 @@ def _fmt(value: float | None) -> str:
 
 
 __all__ = ["AnswerLoss", "ConversationEncoder", "Encoded", "PerplexityConfig", "PerplexityScorer",
-           "PerplexityStage", "chatml_assistant_mask", "collate", "has_generation_markers", "length_sorted_batches",
+           "PerplexityStage", "collate", "length_sorted_batches",
            "percentile_rows", "plot_histograms", "turn_ids_from_mask"]

@@ -1,8 +1,8 @@
 """The two streaming passes of `aloe mix`.
 
-Pass 1 (count) reads every input once, normalises region annotations to
-grounding text, counts each record's loss tokens (cache first, then the
-tokenizer in batches) and keeps only two numbers per record: its group
+Pass 1 (count) reads every input once (the reader normalises the records,
+grounding text included), counts each record's loss tokens (cache first, then
+the tokenizer in batches) and keeps only two numbers per record: its group
 (source x cell, or NOT_AVAILABLE when rejected) and its loss-token count. That
 is 8 bytes a record, ~30 MB for 3.5 M records. Rejected records go to the
 rejects file here.
@@ -30,21 +30,21 @@ from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 
-from aloe_cli.data.grounding import ground_record
-from aloe_cli.data.io import STDIO, Item, RecordWriter, dumps, read_file, source_name
-from aloe_cli.data.records import DOMAINS, modality
+from aloe_cli.data.io import STDIO, Item, RecordWriter, dumps, read_file
+from aloe_cli.data.records import DOMAINS, RecordDefaults, modality
 from aloe_cli.data.stage import reject_record
 from aloe_cli.errors import AloeError, RecordError
 from aloe_cli.mixing.plan import NOT_AVAILABLE, Group, Plan, make_plan, output_rng
 from aloe_cli.mixing.recipe import Recipe, SourceSpec
-from aloe_cli.modeling.tokens import LossTokenCounter, TokenCache, conversation_key, default_cache_path
+from aloe_cli.modeling.loss_tokens import LossTokenCounter
+from aloe_cli.modeling.token_cache import TokenCache, conversation_key, default_cache_path
 
 STAGE = "mix"
 _STDIN_DISPLAY = "<stdin>"
@@ -65,7 +65,7 @@ class MixOptions:
     on_error: str = "fail"  # or "skip": bad records go to the rejects
     batch_size: int = 1024
     cache: bool = True
-    cache_path: str | None = None  # default: the recipe's `cache`, else tokens.default_cache_path()
+    cache_path: str | None = None  # default: the recipe's `cache`, else token_cache.default_cache_path()
     spool_dir: str | None = None  # default: the output's folder (the system temp folder for stdout)
 
 
@@ -99,7 +99,7 @@ class MixResult:
 
 @dataclass
 class Prepared:
-    """A record ready to be counted or written: grounding applied, source and cell known."""
+    """A record ready to be counted or written: source and cell known."""
 
     record: dict
     source: str
@@ -107,20 +107,20 @@ class Prepared:
     cell: str
 
 
-def prepare(item: Item, spec: SourceSpec, default_domain: str | None) -> Prepared:
-    """Decide a record's source and cell and normalise its region annotations (in place)."""
+def prepare(item: Item, spec: SourceSpec) -> Prepared:
+    """Decide a record's source and cell; a recipe source's name and domain win over the record's own."""
     record = item.record
-    domain = spec.domain or record.get("domain") or default_domain
+    domain = spec.domain or record.get("domain")
     if domain is None:
         raise RecordError("missing_domain", f"has no domain; set 'domain' ({' or '.join(DOMAINS)}) on the record, "
                           "the source's domain in the recipe, or --domain", field="domain")
-    ground_record(record, spec.image_root or item.image_root, spec.bbox_format)
-    source = spec.name or record.get("source") or _default_source(item.input)
+    source = spec.name or record["source"]  # the reader gave every record one
     return Prepared(record, str(source), domain, f"{domain}/{modality(record)}")
 
 
-def _default_source(display: str) -> str:
-    return "stdin" if display == _STDIN_DISPLAY else source_name(display)
+def read_defaults(spec: SourceSpec, default_domain: str | None) -> RecordDefaults:
+    """What the reader fills in for a source's records (the grounding box format included)."""
+    return RecordDefaults(source=spec.name, domain=spec.domain or default_domain, bbox_format=spec.bbox_format)
 
 
 class StdinCopy:
@@ -156,14 +156,16 @@ def _as_stdin(item: Item, copy_path: str) -> Item:
 def iter_items(recipe: Recipe, stdin: StdinCopy) -> Iterator[tuple[SourceSpec, Item]]:
     """Every item of every source, always in the same order."""
     for spec in recipe.sources:
+        defaults = read_defaults(spec, recipe.default_domain)
         for path in spec.paths:
             if path == STDIO:
                 copy = stdin.get()
                 root = spec.image_root or os.getcwd()
-                for item in read_file(copy, root):
+                stdin_defaults = defaults if defaults.source else replace(defaults, source="stdin")
+                for item in read_file(copy, root, defaults=stdin_defaults):
                     yield spec, _as_stdin(item, copy)
             else:
-                for item in read_file(path, spec.image_root):
+                for item in read_file(path, spec.image_root, defaults=defaults):
                     yield spec, item
 
 
@@ -296,7 +298,7 @@ class _CountingPass:
         if item.error is not None:
             return None
         try:
-            return prepare(item, spec, self.recipe.default_domain)
+            return prepare(item, spec)
         except RecordError as error:
             item.error = error.located(item.where)
             return None
@@ -399,7 +401,7 @@ def _write_pass(items: Iterator[tuple[SourceSpec, Item]], plan: Plan, group_of: 
         if item.error is not None:
             raise _changed(item.where)
         try:
-            ready = prepare(item, spec, recipe.default_domain)
+            ready = prepare(item, spec)
         except RecordError:
             raise _changed(item.where) from None
         if groups.find(ready) != group_of[seq]:
@@ -456,7 +458,7 @@ def _open_cache(recipe: Recipe, options: MixOptions) -> Iterator[TokenCache | No
 def run_mix(recipe: Recipe, options: MixOptions, counter: LossTokenCounter | None = None,
             progress: ProgressFactory | None = None) -> MixResult:
     """Count, plan and (unless dry_run) write a mixture. Raises AloeError for unusable input."""
-    from aloe_cli.modeling.tokens import load_counter
+    from aloe_cli.modeling.loss_tokens import load_counter
 
     progress = progress or _null_progress
     if options.rejects is not None and options.rejects == options.output and options.output != STDIO:

@@ -1,4 +1,4 @@
-"""Slow, obviously-correct reference implementations that tests hold the fast code against."""
+"""Slow, obviously-correct reference implementations that tests and benchmarks hold the fast code against."""
 
 from __future__ import annotations
 
@@ -16,3 +16,14 @@ def brute_force_search(entries: Iterable[tuple[int, Any]], h: int, max_distance:
             found.append((distance, position, payload))
     found.sort(key=lambda item: (item[0], item[1]))
     return [(payload, distance) for distance, _, payload in found]
+
+
+def reference_count(tokenizer, messages: list[dict], chat_template: str | None = None) -> int:
+    """Loss tokens the slow, obviously right way: one transformers `apply_chat_template` call, summing the mask.
+
+    `tokenizer` is a transformers tokenizer; `chat_template` the template with
+    generation markers to render with (default: its own).
+    """
+    out = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    return int(sum(out["assistant_masks"]))

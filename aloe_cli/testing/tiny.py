@@ -6,9 +6,14 @@ template, forward pass, generation, TRL SFT) can be exercised on a CPU in a few
 seconds without reaching a model hub. Nothing in aloe should ever fall back to
 it silently.
 
+Its chat template is `template="marked"` (default): Qwen2-VL's, with
+`{% generation %}` markers of its own, or `template="released"`: the text
+Qwen2-VL checkpoints ship, without markers (what training replaces with the
+family's training template).
+
 Usage::
 
-    python -m aloe_cli.testing.tiny OUT_DIR [--seed N]
+    python -m aloe_cli.testing.tiny OUT_DIR [--seed N] [--template marked|released]
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ __all__ = [
     "MIN_PIXELS",
     "PATCH_SIZE",
     "SPECIAL_TOKENS",
+    "TEMPLATES",
     "build_tiny_qwen2vl",
+    "chat_template_text",
     "main",
 ]
 
@@ -58,14 +65,15 @@ MIN_PIXELS = 56 * 56
 MAX_PIXELS = 112 * 112
 
 # Qwen2-VL's chat template, rewritten with {% generation %} markers around each
-# assistant turn's content *and* its closing <|im_end|>, so that
-# return_assistant_tokens_mask marks the answer plus the end-of-turn token (the
-# model must learn to stop). The "\n" after <|im_end|> stays outside the mask:
-# it is the turn separator, which the template (not the model) writes.
+# assistant turn's content and the "<|im_end|>\n" that closes it: the span
+# training templates of the family mark (the model learns to stop), written
+# here independently of aloe's own training template so that "the model's own
+# template with markers" is a distinct case in the tests.
 # The content is first rendered into a variable because a {% generation %}
-# block cannot be opened and closed in two separate {% if %} blocks. The turn
-# separator is written as {{ '\n' }} because transformers renders templates
-# with trim_blocks=True, which would eat a literal newline after a block tag.
+# block cannot be opened and closed in two separate {% if %} blocks. The
+# newline is written as {{ '\n' }} because transformers renders templates with
+# trim_blocks=True, which would eat a literal newline after a block tag.
+TEMPLATES = ("marked", "released")
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}"
     "{% set video_count = namespace(value=0) %}"
@@ -94,11 +102,10 @@ CHAT_TEMPLATE = (
     "{% endset %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['role'] == 'assistant' %}"
-    "{% generation %}{{ content }}<|im_end|>{% endgeneration %}"
+    "{% generation %}{{ content }}<|im_end|>{{ '\\n' }}{% endgeneration %}"
     "{% else %}"
-    "{{ content }}<|im_end|>"
+    "{{ content }}<|im_end|>{{ '\\n' }}"
     "{% endif %}"
-    "{{ '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
@@ -197,7 +204,7 @@ def _corpus() -> list[str]:
     return lines
 
 
-def _build_tokenizer(vocab_size: int):
+def _build_tokenizer(vocab_size: int, chat_template: str):
     """Train a byte-level BPE on the corpus and wrap it as Qwen2's tokenizer class."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
@@ -250,7 +257,7 @@ def _build_tokenizer(vocab_size: int):
         clean_up_tokenization_spaces=False,
         split_special_tokens=False,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template
     # Guard against the wrapper silently renumbering the special tokens.
     for tok in SPECIAL_TOKENS:
         if tokenizer.convert_tokens_to_ids(tok) != vocab[tok]:
@@ -258,7 +265,7 @@ def _build_tokenizer(vocab_size: int):
     return tokenizer
 
 
-def _build_processor(tokenizer):
+def _build_processor(tokenizer, chat_template: str):
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     common = {
@@ -275,7 +282,7 @@ def _build_processor(tokenizer):
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
 
 
@@ -330,12 +337,25 @@ def _build_config(tokenizer):
     )
 
 
-def build_tiny_qwen2vl(out_dir: str | Path, *, seed: int = 0, vocab_size: int = 1024) -> Path:
+def chat_template_text(template: str) -> str:
+    """The tiny model's chat template: "marked" (CHAT_TEMPLATE) or "released" (Qwen2-VL's, no markers)."""
+    if template == "marked":
+        return CHAT_TEMPLATE
+    if template == "released":
+        from aloe_cli.modeling.chat_template import QWEN2_VL
+
+        return QWEN2_VL.released_text()
+    raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+
+
+def build_tiny_qwen2vl(out_dir: str | Path, *, seed: int = 0, vocab_size: int = 1024,
+                       template: str = "marked") -> Path:
     """Build a tiny random-weight Qwen2-VL model + processor into ``out_dir``.
 
     The result loads with ``AutoProcessor.from_pretrained(out_dir)`` and
     ``AutoModelForImageTextToText.from_pretrained(out_dir)``. The same ``seed``
     always yields the same weights; the tokenizer does not depend on ``seed``.
+    ``template`` picks the chat template (see `chat_template_text`).
     Returns ``out_dir`` as a :class:`Path`.
     """
     import torch
@@ -345,11 +365,12 @@ def build_tiny_qwen2vl(out_dir: str | Path, *, seed: int = 0, vocab_size: int = 
         # Below 512 the 256 byte symbols leave almost no merges; above ~2700
         # the built-in corpus runs out of pairs to merge.
         raise ValueError(f"vocab_size must be within [512, 2048], got {vocab_size}")
+    chat_template = chat_template_text(template)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = _build_tokenizer(vocab_size)
-    processor = _build_processor(tokenizer)
+    tokenizer = _build_tokenizer(vocab_size, chat_template)
+    processor = _build_processor(tokenizer, chat_template)
     config = _build_config(tokenizer)
 
     # fork_rng so that building a fixture does not perturb the caller's global
@@ -379,10 +400,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("out_dir", type=Path, help="directory to write the checkpoint into")
     parser.add_argument("--seed", type=int, default=0, help="weight-initialisation seed (default 0)")
+    parser.add_argument("--template", choices=TEMPLATES, default="marked",
+                        help="chat template: marked (generation markers, default) or released (Qwen2-VL's, none)")
     args = parser.parse_args(argv)
 
-    print(f"building tiny Qwen2-VL fixture (seed={args.seed}) in {args.out_dir} ...", file=sys.stderr)
-    path = build_tiny_qwen2vl(args.out_dir, seed=args.seed)
+    print(f"building tiny Qwen2-VL fixture (seed={args.seed}, {args.template} template) in {args.out_dir} ...",
+          file=sys.stderr)
+    path = build_tiny_qwen2vl(args.out_dir, seed=args.seed, template=args.template)
     # stdout carries only the path, so scripts can capture it.
     print(path)
     return 0

@@ -86,13 +86,17 @@ def init_distributed(plan: TrainPlan) -> tuple[Any, bool]:
 
 def prepare_processor(plan: TrainPlan):
     """The processor with the training chat template (generation markers) and the pixel limits set."""
+    from aloe_cli.modeling.chat_template import apply_training_chat_template
     from aloe_cli.modeling.loading import ModelSpec, load_processor
 
     config = plan.config
     processor = load_processor(ModelSpec(config.model, trust_remote_code=config.trust_remote_code))
     if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
         raise AloeError(f"{config.model}: not a vision-language processor (no image processor or tokenizer)")
-    apply_training_template(processor, config.model)
+    try:  # set before the trainer sees the processor, so TRL finds the markers and never swaps templates
+        apply_training_chat_template(processor)
+    except AloeError as error:
+        raise AloeError(f"--model {config.model}: {error}") from None
     if config.min_pixels or config.max_pixels:
         size = dict(processor.image_processor.size or {})
         if config.min_pixels:
@@ -101,18 +105,6 @@ def prepare_processor(plan: TrainPlan):
             size["longest_edge"] = config.max_pixels
         processor.image_processor.size = {key: value for key, value in size.items() if value is not None}
     return processor
-
-
-def apply_training_template(processor, name: str) -> None:
-    """Set the chat template that defines the loss (generation markers) on the processor."""
-    from trl.chat_template_utils import get_training_chat_template
-
-    template = getattr(processor, "chat_template", None)
-    if not template:
-        raise AloeError(f"{name}: the processor has no chat template (no chat_template.jinja or chat_template in "
-                        "its config); training renders conversations with it")
-    if "{% generation %}" not in template and "{%- generation %}" not in template:
-        processor.chat_template = get_training_chat_template(processor)
 
 
 def load_training_model(plan: TrainPlan, weights: str | None = None):
