@@ -15,7 +15,7 @@ from PIL import Image
 
 from aloe_cli.data.io import read_items
 from aloe_cli.errors import AloeError
-from aloe_cli.modeling.chat_template import apply_training_chat_template
+from aloe_cli.modeling.chat_template import apply_training_chat_template, has_generation_markers
 from aloe_cli.training.collator import IGNORE_INDEX, TrainingCollator
 from aloe_cli.training.data import build_dataset, load_dataset
 from support import aloe, chat, read_jsonl, write_jsonl
@@ -175,7 +175,8 @@ def test_loss_tokens_equal_what_aloe_mix_balanced_on_record_by_record(tmp_path, 
     collator = TrainingCollator(processor, max_length=4096)
     for row, record in zip(dataset, written):
         encoded = collator.encode(row)
-        assert int((encoded.labels != IGNORE_INDEX).sum()) == record["aloe"]["mix"]["loss_tokens"], record["id"]
+        assert sum(label != IGNORE_INDEX for label in encoded.labels) == record["aloe"]["mix"]["loss_tokens"], \
+            record["id"]
 
 
 # ----------------------------------------------------------------------------- dropping and skipping
@@ -184,7 +185,7 @@ def test_an_over_long_sample_is_dropped_and_replaced_or_its_text_cut(tmp_path, p
     long_answer = " ".join(["word"] * 80) + "."
     records = [chat(QUESTION, long_answer, [data_uri("red")]), chat(QUESTION, "Red.", [data_uri("red")])]
     _, dataset = rows_of(records, tmp_path)
-    short_length = TrainingCollator(processor, max_length=4096).encode(dataset[1]).input_ids.shape[0]
+    short_length = len(TrainingCollator(processor, max_length=4096).encode(dataset[1]).input_ids)
     dropping = TrainingCollator(processor, max_length=int(short_length) + 5, dataset=dataset)
     batch = dropping([dataset[0]])
     assert batch["aloe_skipped"] == {"too_long": 1}
@@ -313,7 +314,7 @@ def test_training_drives_the_loss_down_and_the_saved_model_answers(trained):
     assert resolved["sft_config"]["max_steps"] == 40 and resolved["aloe"]["deepspeed"] == "none"
     assert (run / "checkpoint-20").is_dir()
     # the processor is saved with the template it was trained with, so the next stage learns the same tokens
-    assert "{% generation %}" in (run / "chat_template.jinja").read_text()
+    assert has_generation_markers((run / "chat_template.jinja").read_text())
     assert greedy_answers(run) == COLOURS
 
 

@@ -43,11 +43,11 @@ class Unusable(Exception):
 
 @dataclass
 class Encoded:
-    input_ids: Any  # 1-D LongTensor
-    labels: Any
-    mm_token_type_ids: Any | None
-    pixel_values: Any | None
-    image_grid_thw: Any | None
+    input_ids: list[int]
+    labels: list[int]
+    mm_token_type_ids: list[int] | None
+    pixel_values: Any | None  # tensor
+    image_grid_thw: Any | None  # tensor
 
 
 @dataclass
@@ -73,8 +73,6 @@ class TrainingCollator:
 
     def encode(self, example: dict) -> Encoded:
         """One row -> input ids and labels (and its images' pixels); Unusable if it cannot be trained on."""
-        import torch
-
         try:
             images = [load_image(entry) for entry in example["images"]]
         except RecordError as error:
@@ -84,34 +82,36 @@ class TrainingCollator:
             raise Unusable(error.reason, error.message) from None
         conversation = conversation_with_images({"messages": example["messages"]}, images)
         try:
+            # Lists, not tensors: transformers maps the generation spans to tokens in a Python loop that is
+            # several times slower over tensors (the pixels come back as a tensor either way).
             out = self.processor.apply_chat_template(conversation, tokenize=True, return_dict=True,
-                                                     return_assistant_tokens_mask=True, return_tensors="pt")
+                                                     return_assistant_tokens_mask=True)
         except Exception as exc:  # the template rejects the conversation (raise_exception, bad roles)
             if self.on_error == "fail":
                 raise AloeError(f"{example.get('where', '?')}: the chat template cannot render this record "
                                 f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
             raise Unusable("template_error", str(exc)) from None
-        input_ids = out["input_ids"][0]
-        labels = torch.where(out["assistant_masks"][0].bool(), input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-        mm_types = out["mm_token_type_ids"][0] if "mm_token_type_ids" in out else None
-        if input_ids.shape[0] > self.max_length:
+        input_ids = list(out["input_ids"][0])
+        labels = [token if learned else IGNORE_INDEX for token, learned in zip(input_ids, out["assistant_masks"][0])]
+        mm_types = list(out["mm_token_type_ids"][0]) if "mm_token_type_ids" in out else None
+        if len(input_ids) > self.max_length:
             cut = self._text_cut(input_ids, labels)
             input_ids, labels = input_ids[:cut], labels[:cut]
             mm_types = mm_types[:cut] if mm_types is not None else None
-        if not bool((labels != IGNORE_INDEX).any()):
+        if all(label == IGNORE_INDEX for label in labels):
             raise Unusable("no_loss_tokens", "no answer token left to learn from")
         return Encoded(input_ids, labels, mm_types, out.get("pixel_values"), out.get("image_grid_thw"))
 
-    def _text_cut(self, input_ids, labels) -> int:
+    def _text_cut(self, input_ids: list[int], labels: list[int]) -> int:
         """Where an over-long sample may be cut (text only), or Unusable('too_long')."""
-        length = int(input_ids.shape[0])
+        length = len(input_ids)
         if not self.truncate_text:
             raise Unusable("too_long", f"{length} tokens > max_length {self.max_length}")
-        positions = [i for i, token in enumerate(input_ids.tolist()) if token in self._protected]
+        positions = [i for i, token in enumerate(input_ids) if token in self._protected]
         if positions and positions[-1] >= self.max_length:
             raise Unusable("too_long", f"{length} tokens and its image tokens reach past max_length "
                                        f"{self.max_length}; image tokens are never cut")
-        if not bool((labels[: self.max_length] != IGNORE_INDEX).any()):
+        if all(label == IGNORE_INDEX for label in labels[: self.max_length]):
             raise Unusable("too_long", f"{length} tokens; cutting at max_length {self.max_length} leaves no answer")
         return self.max_length
 
@@ -137,19 +137,19 @@ class TrainingCollator:
 
         skipped: Counter = Counter()
         encoded = [self.encode_or_replace(example, skipped) for example in examples]
-        width = max(int(e.input_ids.shape[0]) for e in encoded)
+        width = max(len(e.input_ids) for e in encoded)
         batch_size = len(encoded)
         input_ids = torch.full((batch_size, width), self.pad_id, dtype=torch.long)
         labels = torch.full((batch_size, width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((batch_size, width), dtype=torch.long)
         mm_token_type_ids = torch.zeros((batch_size, width), dtype=torch.long)
         for row, sample in enumerate(encoded):  # right padding: every real token keeps its position
-            n = int(sample.input_ids.shape[0])
-            input_ids[row, :n] = sample.input_ids
-            labels[row, :n] = sample.labels
+            n = len(sample.input_ids)
+            input_ids[row, :n] = torch.tensor(sample.input_ids)
+            labels[row, :n] = torch.tensor(sample.labels)
             attention_mask[row, :n] = 1
             if sample.mm_token_type_ids is not None:
-                mm_token_type_ids[row, :n] = sample.mm_token_type_ids
+                mm_token_type_ids[row, :n] = torch.tensor(sample.mm_token_type_ids)
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                                  "mm_token_type_ids": mm_token_type_ids}
         pixels = [e.pixel_values for e in encoded if e.pixel_values is not None]

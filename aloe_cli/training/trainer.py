@@ -298,14 +298,25 @@ def run_training(plan: TrainPlan, items: Callable[[], Iterable[Item]], *,
             raise _worker_error(error) from None
 
 
+def _quiet_libraries() -> None:
+    """No per-shard progress bars (our log lines say what happens) and no warnings DeepSpeed triggers every step."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+
 def _run(plan: TrainPlan, items, output_dir: Path, log) -> TrainResult:
-    import torch  # noqa: F401  (before accelerate: its import order matters for DeepSpeed on CPU)
+    import torch
     from trl import SFTConfig
 
     from aloe_cli.training.collator import TrainingCollator
     from aloe_cli.training.data import build_dataset, load_dataset
     from aloe_cli.training.guard import VisionGuard
 
+    _quiet_libraries()
     config = plan.config
     resume_from = None
     if config.resume:
