@@ -37,9 +37,17 @@ def warn(message: str) -> None:
     log(f"aloe: warning: {message}")
 
 
-class _NullProgress:
+class NullProgress:
+    """Progress that shows nothing (stderr is not a terminal, or no one is watching)."""
+
     def advance(self, n: int = 1) -> None:
         pass
+
+
+@contextmanager
+def null_progress(description: str = "", total: int | None = None) -> Iterator[NullProgress]:
+    """`progress`'s stand-in for the core's default: same signature, shows nothing."""
+    yield NullProgress()
 
 
 class _RichProgress:
@@ -52,10 +60,10 @@ class _RichProgress:
 
 
 @contextmanager
-def progress(description: str, total: int | None = None) -> Iterator[_NullProgress | _RichProgress]:
+def progress(description: str, total: int | None = None) -> Iterator[NullProgress | _RichProgress]:
     """A progress bar on a terminal, nothing otherwise."""
     if not interactive():
-        yield _NullProgress()
+        yield NullProgress()
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -29,11 +29,18 @@ OutputOpt = Annotated[
 RejectsOpt = Annotated[
     Path | None, typer.Option("--rejects", help="Write dropped records here, each with aloe.reject = {stage, reason}.")
 ]
-ReportOpt = Annotated[Path | None, typer.Option("--report", help="Write the closing summary as JSON.")]
+ReportOpt = Annotated[
+    Path | None, typer.Option("--report", help="Write the closing summary as JSON (and, when the run finishes, "
+                              "the completion marker FILE.done).")
+]
 ShardOpt = Annotated[
     str | None,
     typer.Option("--shard", help="Process shard K/N (0-based) of the input. Default: from SLURM_ARRAY_TASK_ID/"
                  "SLURM_ARRAY_TASK_COUNT, else 0/1."),
+]
+ResumeOpt = Annotated[
+    bool, typer.Option("--resume", help="Skip this shard (exit 0) when its --report's completion marker "
+                       "FILE.done exists: rerun a job array and only unfinished shards run.")
 ]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="Worker processes for CPU-bound work.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Records per batch.")]

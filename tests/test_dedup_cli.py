@@ -88,17 +88,103 @@ def test_saved_index_gives_the_same_result(demo, tmp_path):
     assert mismatch.returncode == 1 and "rebuild it or match the options" in mismatch.stderr
 
 
+def dedup_ok(*args, **kwargs):
+    result = aloe("dedup", *args, **kwargs)
+    assert result.returncode == 0, result.stderr
+    assert "read = " in result.stderr  # the closing summary
+    return result
+
+
 def test_shards_from_flag_and_slurm_cover_the_input_once(demo):
-    shards = []
+    seen = []
     for k in range(3):
         env = {"SLURM_ARRAY_TASK_ID": str(k), "SLURM_ARRAY_TASK_COUNT": "3"}
-        shards.append(kept_ids(aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv), env=env)))
-    assert all(shards) and len({i for shard in shards for i in shard}) == sum(map(len, shards))  # disjoint
-    whole = kept_ids(aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv)))
-    assert whole == clean_ids(demo)
-    assert sorted(i for shard in shards for i in shard) == sorted(whole)
-    flag = kept_ids(aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv), "--shard", "1/3"))
-    assert flag == shards[1]
+        result = dedup_ok("-i", str(demo.train), "--against", str(demo.eval_tsv), env=env)
+        assert f"(shard {k}/3)" in result.stderr
+        seen += ids(read_jsonl(result.stdout))
+    whole = ids(read_jsonl(dedup_ok("-i", str(demo.train), "--against", str(demo.eval_tsv)).stdout))
+    assert whole == clean_ids(demo) and sorted(seen) == sorted(whole)
+    flag = dedup_ok("-i", str(demo.train), "--against", str(demo.eval_tsv), "--shard", "1/3")
+    from_env = dedup_ok("-i", str(demo.train), "--against", str(demo.eval_tsv),
+                        env={"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3"})
+    assert ids(read_jsonl(flag.stdout)) and ids(read_jsonl(flag.stdout)) == ids(read_jsonl(from_env.stdout))
+
+
+def test_stdin_shards_cover_the_input_once():
+    text = "".join(json.dumps(chat(f"question {i}", "a" * 100, id=str(i))) + "\n" for i in range(2000))
+    seen = []
+    for k in range(3):
+        result = dedup_ok("--within", "--shard", f"{k}/3", stdin=text)
+        assert f"(shard {k}/3)" in result.stderr and result.stdout  # ~6 chunks of 64 KiB: each shard has some
+        seen += ids(read_jsonl(result.stdout))
+    assert sorted(seen, key=int) == [str(i) for i in range(2000)]
+
+
+def test_a_slurm_task_id_without_a_count_is_an_error(demo):
+    result = aloe("dedup", "-i", str(demo.train), "--against", str(demo.eval_tsv),
+                  env={"SLURM_ARRAY_TASK_ID": "3"})
+    assert result.returncode == 1 and result.stdout == ""
+    one_line_error(result, "SLURM_ARRAY_TASK_ID=3", "SLURM_ARRAY_TASK_COUNT")
+
+
+def test_shard_reports_resume_and_merge(demo, tmp_path):
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    common = ("-i", str(demo.train), "--against", str(demo.eval_tsv))  # (--within is per shard)
+    dedup_ok(*common, "--report", str(tmp_path / "whole.json"), "-o", str(tmp_path / "w.jsonl"))
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    for k in range(3):
+        dedup_ok(*common, "--shard", f"{k}/3", "-o", str(tmp_path / f"part-{k}.jsonl"),
+                 "--report", str(reports / f"{k}.json"), "--resume")
+    first = json.loads((reports / "0.json").read_text())
+    assert first["shard"] == "0/3" and first["input_files"] == [str(demo.train)]
+    assert first["read"] == first["kept"] + first["rejected"] > 0
+    assert json.loads((reports / "0.json.done").read_text()) == {"stage": "dedup", "shard": "0/3",
+                                                                  "report": "0.json"}
+
+    # a rerun of the array skips finished shards; a shard without its marker runs again
+    (reports / "2.json.done").unlink()
+    before = (tmp_path / "part-0.jsonl").stat().st_mtime_ns
+    skipped = aloe("dedup", *common, "--shard", "0/3", "-o", str(tmp_path / "part-0.jsonl"),
+                   "--report", str(reports / "0.json"), "--resume")
+    assert skipped.returncode == 0 and "shard 0/3 already done" in skipped.stderr and "skipped" in skipped.stderr
+    assert (tmp_path / "part-0.jsonl").stat().st_mtime_ns == before
+    rerun = dedup_ok(*common, "--shard", "2/3", "-o", str(tmp_path / "part-2.jsonl"),
+                     "--report", str(reports / "2.json"), "--resume")
+    assert "already done" not in rerun.stderr and (reports / "2.json.done").exists()
+    wrong = aloe("dedup", *common, "--shard", "1/3", "--report", str(reports / "0.json"), "--resume")
+    one_line_error(wrong, "0.json.done was written by dedup shard 0/3", "this is dedup shard 1/3")
+    assert aloe("dedup", *common, "--resume").returncode == 2  # --resume needs --report
+
+    merged = aloe("report", "merge", *(str(reports / f"{k}.json") for k in range(3)))
+    assert merged.returncode == 0, merged.stderr
+    total = json.loads(merged.stdout)
+    for key in ("read", "kept", "rejected", "reasons", "images_hashed"):
+        assert total[key] == whole[key], key
+    assert total["eval_sets"][str(demo.eval_tsv)]["leaked_records"] == len(demo.leaked_ids)
+    assert total["inputs"][str(demo.train)] == whole["inputs"][str(demo.train)]
+    assert total["shard"] == "all/3" and "3 shard report(s) merged" in merged.stderr
+    assert f"{whole['read']} read = {whole['kept']} kept + {whole['rejected']} rejected" in merged.stderr
+    kept = [r for k in range(3) for r in read_jsonl(tmp_path / f"part-{k}.jsonl")]
+    assert sorted(ids(kept)) == sorted(ids(read_jsonl(tmp_path / "w.jsonl")))
+
+    to_file = aloe("report", "merge", str(reports / "0.json"), str(reports / "1.json"), str(reports / "2.json"),
+                   "-o", str(tmp_path / "merged.json"))
+    assert to_file.returncode == 0 and to_file.stdout == "" and "merged" in to_file.stderr
+    assert json.loads((tmp_path / "merged.json").read_text())["read"] == whole["read"]
+
+    other = json.loads((reports / "1.json").read_text())
+    other["stage"] = "score"
+    (reports / "other.json").write_text(json.dumps(other))
+    one_line_error(aloe("report", "merge", str(reports / "0.json"), str(reports / "other.json"),
+                        str(reports / "2.json")), "other.json is a score report", "0.json is a dedup report")
+    one_line_error(aloe("report", "merge", str(reports / "0.json"), str(reports / "0.json"),
+                        str(reports / "2.json")), "shard 0/3 appears twice")
+    one_line_error(aloe("report", "merge", str(reports / "0.json"), str(reports / "2.json")),
+                   "missing shard(s) 1 of 3")
+    damaged = {**first, "kept": first["kept"] + 1}
+    (reports / "damaged.json").write_text(json.dumps(damaged))
+    one_line_error(aloe("report", "merge", str(reports / "damaged.json")), "damaged.json", "read !=")
 
 
 def test_workers_and_fast_catch_the_leaks(demo):

@@ -142,6 +142,11 @@ def test_writer_is_atomic(tmp_path):
             writer.write(chat("q", "a"))
             raise RuntimeError("boom")
     assert not out.exists() and list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError):
+        with RecordWriter(tmp_path / "out.parquet") as writer:  # parquet spools first: both temp files go
+            writer.write(chat("q", "a"))
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
     with RecordWriter(tmp_path / "out.jsonl.gz") as writer:
         writer.write(chat("q", "a"))
     assert json.loads(gzip.decompress((tmp_path / "out.jsonl.gz").read_bytes()))["messages"][1]["role"] == "assistant"
@@ -149,6 +154,26 @@ def test_writer_is_atomic(tmp_path):
         RecordWriter(tmp_path / "out.csv")
     with pytest.raises(AloeError, match="output folder does not exist"):
         RecordWriter(tmp_path / "nope" / "out.jsonl").__enter__()
+
+
+def test_atomic_files_get_the_usual_mode_and_replace_the_old_one_only_on_success(tmp_path):
+    import os
+
+    from aloe_cli.data.io import atomic_path, write_atomic
+
+    target = tmp_path / "report.json"
+    write_atomic(target, b"old")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask  # not the private mode of a temp file
+    with pytest.raises(OSError):
+        with atomic_path(target) as tmp:
+            with open(tmp, "wb") as handle:
+                handle.write(b"half")
+            raise OSError("disk full")
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    with pytest.raises(AloeError, match="output folder does not exist"):
+        write_atomic(tmp_path / "nope" / "x.json", b"")
 
 
 def test_parquet_unifies_schemas_across_chunks(tmp_path):
@@ -160,3 +185,110 @@ def test_parquet_unifies_schemas_across_chunks(tmp_path):
     back = records_of(read_items([str(out)]))
     assert len(back) == 5000 and back[4500]["aloe"]["score"]["value"] == 0 and back[0].get("aloe") is None
     assert Image  # PIL imported for the helpers
+
+
+# ----------------------------------------------------------------------------- shards
+
+def _write_parquet(path, records, row_group_size):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(records), path, row_group_size=row_group_size)
+    return path
+
+
+@pytest.fixture(scope="module")
+def every_format(tmp_path_factory):
+    """One input of each format (name -> path), with blank and unparseable lines where a format has lines."""
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path_factory.mktemp("formats")
+
+    def records(prefix, n):
+        return [chat(f"{prefix} q{i}", f"a{i}", id=f"{prefix}-{i}", source=prefix) for i in range(n)]
+
+    lines = [json.dumps(r) for r in records("jsonl", 9)]
+    lines[4:4] = ["", "{not json"]  # a blank line (not a record) and a bad one (an error item)
+    (folder / "a.jsonl").write_text("\n".join(lines) + "\n")
+    # no newline after the last line
+    (folder / "b.jsonl.gz").write_bytes(gzip.compress("\n".join(json.dumps(r) for r in records("gz", 7)).encode()))
+    # 23 rows in 5 row groups, and 4 rows in a single group
+    _write_parquet(folder / "c.parquet", records("pq", 23), row_group_size=5)
+    _write_parquet(folder / "d.parquet", records("pq1", 4), row_group_size=100)
+    table = records("ds", 6)
+    datasets.Dataset.from_list(table).save_to_disk(str(folder / "ds"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(records("dd", 3)),
+                          "test": datasets.Dataset.from_list(records("dt", 2))}).save_to_disk(str(folder / "dd"))
+    write_tsv(folder / "e.tsv", ["index", "question", "answer"], [[i, f"tsv q{i}", "yes"] for i in range(5)])
+    return {name: str(folder / name) for name in ("a.jsonl", "b.jsonl.gz", "c.parquet", "d.parquet", "ds", "dd",
+                                                 "e.tsv")}
+
+
+def shard_keys(paths, shard=None):
+    from aloe_cli.data.shard import Shard
+
+    items = read_items(paths, shard=shard or Shard())
+    return [(item.where, json.dumps(item.record if item.error is None else item.raw, sort_keys=True))
+            for item in items]
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 7, 40])
+@pytest.mark.parametrize("name", ["a.jsonl", "b.jsonl.gz", "c.parquet", "d.parquet", "ds", "dd", "e.tsv", "all"])
+def test_the_shards_of_every_format_cover_the_input_exactly_once(every_format, name, count):
+    from aloe_cli.data.shard import Shard
+
+    paths = list(every_format.values()) if name == "all" else [every_format[name]]
+    whole = shard_keys(paths)
+    shards = [shard_keys(paths, Shard(k, count)) for k in range(count)]
+    union = [key for shard in shards for key in shard]
+    assert sorted(union) == sorted(whole) and len(union) == len(whole)  # every record once, none twice
+    position = {key: i for i, key in enumerate(whole)}
+    for shard in shards:  # each shard keeps the input order
+        assert [position[key] for key in shard] == sorted(position[key] for key in shard)
+    if 2 * count <= len(whole):
+        assert all(shards)  # nothing starves while there is enough to share
+
+
+def test_sharded_lines_across_read_blocks(tmp_path):
+    from aloe_cli.data.shard import Shard
+
+    path = write_jsonl(tmp_path / "big.jsonl", [chat(f"q{i} " + "x" * 700, "a", id=str(i)) for i in range(3000)])
+    assert path.stat().st_size > 2 * (1 << 20)  # read in 1 MiB blocks: lines straddle block ends
+    whole = shard_keys([str(path)])
+    shards = [shard_keys([str(path)], Shard(k, 3)) for k in range(3)]
+    assert sorted(key for shard in shards for key in shard) == sorted(whole)
+    for shard in shards:  # a shard takes runs of consecutive lines (chunks of the file), ~32 of them
+        numbers = [int(where.rsplit(":", 1)[1]) for where, _ in shard]
+        runs = 1 + sum(b != a + 1 for a, b in zip(numbers, numbers[1:]))
+        assert 800 <= len(numbers) <= 1200 and 16 <= runs <= 48
+
+
+def test_shards_take_whole_files_row_groups_or_lines(every_format):
+    from aloe_cli.data.shard import Shard
+
+    everything = list(every_format.values())  # 7 inputs
+    by_file = {item.input.rstrip("/") for item in read_items(everything, shard=Shard(1, 3))}
+    assert by_file == {every_format["b.jsonl.gz"], every_format["ds"]}  # files 1 and 4 of 0..6
+    groups = [int(item.where.rsplit(" ", 1)[1]) for item in read_items([every_format["c.parquet"]],
+                                                                      shard=Shard(0, 2))]
+    assert groups == [0, 1, 2, 3, 4, 10, 11, 12, 13, 14, 20, 21, 22]  # row groups 0, 2 and 4, whole
+    rows = [int(item.where.rsplit(" ", 1)[1]) for item in read_items([every_format["c.parquet"]],
+                                                                    shard=Shard(1, 7))]
+    assert rows == [1, 8, 15, 22]  # more shards than row groups: rows inside them
+    shards = [list(read_items([every_format["a.jsonl"]], shard=Shard(k, 2))) for k in range(2)]
+    numbers = sorted(int(item.where.rsplit(":", 1)[1]) for shard in shards for item in shard)
+    assert numbers == [1, 2, 3, 4, 6, 7, 8, 9, 10, 11]  # the file's own line numbers; line 5 is blank
+    assert [(item.where.rsplit(":", 1)[1], item.error.reason) for shard in shards for item in shard
+            if item.error] == [("6", "invalid_json")]  # read (and reported) by exactly one shard
+
+
+def test_dataset_folders_are_read_through_datasets_with_images_undecoded(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"messages": [chat("q", "a", ["x"])["messages"]], "images": [[scan(7)]]})
+    ds.cast_column("images", datasets.Sequence(datasets.Image())).save_to_disk(str(tmp_path / "ds"))
+    item = next(read_items([str(tmp_path / "ds")]))
+    image = item.record["images"][0]
+    assert set(image) == {"bytes", "path"} and image["bytes"][:4] == b"\x89PNG"  # the stored struct, not a PIL image
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "state.json").write_text("{}")
+    with pytest.raises(AloeError, match="broken: unreadable dataset folder"):
+        list(read_items([str(tmp_path / "broken")]))

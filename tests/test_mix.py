@@ -162,6 +162,9 @@ def test_every_record_is_accounted_for_and_bad_ones_go_to_rejects(tmp_path, coun
     assert report["read"] == sum(s[3] for s in SOURCES) + 2
     assert report["rejected"] == 2 and report["reasons"] == {"invalid_json": 1, "no_loss_tokens": 1}
     assert report["read"] == report["rejected"] + report["available"]
+    assert report["kept"] == report["available"]  # the reading pass keeps what the plan may choose from
+    assert report["inputs"][str(bad)] == {"read": 2, "kept": 0, "rejected": 2}
+    assert report["inputs"][str(paths["med-qa"])] == {"read": 120, "kept": 120, "rejected": 0}
     assert report["available"] == report["selected_unique"] + report["not_selected"]
     rejected = read_jsonl(rejects)
     assert [r["aloe"]["reject"]["stage"] for r in rejected] == ["mix", "mix"]
@@ -340,6 +343,8 @@ def test_cli_pipe(tmp_path, tiny_model_dir):
                                                                             for r in records)
     assert token_shares(records)["general/multimodal"] == pytest.approx(0.7, abs=one_record)
     assert "aloe mix" in proc.stderr and "{" not in proc.stderr.splitlines()[0]
+    total = sum(s[3] for s in SOURCES[3:])
+    assert f"{total} read = {total} kept + 0 rejected" in proc.stderr  # the runner's closing line
 
 
 # Runs the CLI like `python -m aloe_cli`, then says which heavy modules the process ended up importing.

@@ -20,7 +20,7 @@ from aloe_cli.filters.perplexity import (
     collate,
     turn_ids_from_mask,
 )
-from aloe_cli.filters.thresholds import annotate_ahead, parse_thresholds
+from aloe_cli.filters.thresholds import parse_thresholds
 from aloe_cli.modeling.chat_template import has_generation_markers
 from aloe_cli.modeling.loading import ModelSpec, check_model_reference, load_model
 from aloe_cli.modeling.loss_tokens import load_counter
@@ -260,10 +260,9 @@ def test_percentile_thresholds_decide_after_the_whole_input(loaded, image_dir, t
 
 def run_with(loaded, records, image_dir, thresholds, tmp_path, batch_size=16):
     stage = PerplexityStage(lambda: loaded, PerplexityConfig(batch_size=batch_size), thresholds, model_name="tiny")
-    config = RunConfig(batch_size=stage.runner_batch_size())
+    assert stage.measure_first == thresholds.needs_distribution()  # percentiles: the runner measures first
+    config = RunConfig()  # the stage's own runner batch
     items = [Item(copy.deepcopy(r), f"t:{i}", "t", image_root=image_dir) for i, r in enumerate(records)]
-    if thresholds.needs_distribution():
-        items = annotate_ahead(items, stage.annotate, config=config, distribution=stage.distribution)
     with RecordWriter(tmp_path / "out.jsonl") as out, RecordWriter(tmp_path / "rej.jsonl") as rej:
         summary = run_stage(stage, items, out, rej, config)
     return summary, read_jsonl(tmp_path / "out.jsonl"), read_jsonl(tmp_path / "rej.jsonl")

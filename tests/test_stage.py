@@ -71,14 +71,68 @@ def test_record_errors_fail_or_skip():
     assert summary.read == summary.kept + summary.rejected == 4
 
 
-def test_shards_partition_the_input():
-    questions = [c * 2 for c in "abcdefghij"]
-    seen = []
-    for k in range(3):
-        out = ListWriter()
-        run_stage(EvenLengthFilter(), items(questions), out, None, RunConfig(shard=Shard(k, 3)))
-        seen += [r["id"] for r in out.records]
-    assert sorted(seen, key=int) == [str(i) for i in range(10)]
+class Copies(Stage):
+    """1 -> N: each kept record is written `n` times (what a perturbation stage does); rejects 'drop'."""
+
+    name = "copies"
+
+    def __init__(self, n):
+        self.n = n
+        self.settled_log = []
+
+    def decide(self, item):
+        return Reject("dropped", "asked to") if item.record["messages"][0]["content"][-1]["text"] == "drop" else None
+
+    def expand(self, item):
+        if item.record["messages"][0]["content"][-1]["text"] == "unexpandable":
+            raise RecordError("cannot_expand", "nothing to perturb", field="messages")
+        return [{**item.record, "copy": k} for k in range(self.n)]
+
+    def settled(self, item, kept):
+        self.settled_log.append((item.record["id"] if item.record else item.where, kept))
+
+
+def test_a_stage_may_emit_several_records_per_input():
+    out, rejects = ListWriter(), ListWriter()
+    stage = Copies(3)
+    summary = run_stage(stage, items(["a", "drop", "b", "unexpandable"]), out, rejects,
+                        RunConfig(batch_size=2, on_error="skip"))
+    assert [(r["id"], r["copy"]) for r in out.records] == [("0", 0), ("0", 1), ("0", 2), ("2", 0), ("2", 1), ("2", 2)]
+    assert (summary.read, summary.kept, summary.rejected, summary.emitted) == (4, 2, 2, 6)
+    assert summary.reasons == {"dropped": 1, "cannot_expand": 1}
+    assert [r["aloe"]["reject"]["where"] for r in rejects.records] == ["in.jsonl:2", "in.jsonl:4"]
+    assert stage.settled_log == [("0", True), ("1", False), ("2", True), ("3", False)]  # every input, in order
+    assert summary.to_dict()["emitted"] == 6 and summary.to_dict()["read"] == 4
+    with pytest.raises(RecordError, match="in.jsonl:2: field 'messages': nothing to perturb"):
+        run_stage(Copies(2), items(["a", "unexpandable"]), ListWriter(), None, RunConfig())
+
+
+def test_a_counting_pass_writes_nothing_and_uses_the_stage_batch():
+    class Counting(EvenLengthFilter):
+        def runner_batch_size(self):
+            return 3
+
+    stage = Counting()
+    summary = run_stage(stage, items(["aa", "b", "cc", "dd", "e"]), None, None, RunConfig(on_error="skip"))
+    assert stage.batches == [3, 2]
+    assert (summary.read, summary.kept, summary.rejected, summary.emitted) == (5, 3, 2, 0)
+
+
+def test_an_overlapping_stage_sees_every_batch_once_in_order():
+    class Overlapping(EvenLengthFilter):
+        def annotate_stream(self, batches):
+            pending = None  # hands back batch k only once batch k + 1 has been annotated
+            for batch in batches:
+                self.annotate(batch)
+                if pending is not None:
+                    yield pending
+                pending = batch
+            if pending is not None:
+                yield pending
+
+    out = ListWriter()
+    summary = run_stage(Overlapping(), items(["aa", "b", "cc", "dddd", "ee"]), out, None, RunConfig(batch_size=2))
+    assert [r["id"] for r in out.records] == ["0", "2", "3", "4"] and summary.read == 5
 
 
 def test_shard_parsing_and_slurm_environment(monkeypatch):
@@ -90,5 +144,8 @@ def test_shard_parsing_and_slurm_environment(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "10")
     assert Shard.from_env() == Shard(2, 4)
+    monkeypatch.delenv("SLURM_ARRAY_TASK_COUNT")
+    with pytest.raises(AloeError, match="SLURM_ARRAY_TASK_COUNT is not"):
+        Shard.from_env()  # not a silent 0/1: every task would process everything
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
     assert Shard.from_env() == Shard(0, 1)

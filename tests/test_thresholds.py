@@ -8,15 +8,13 @@ import os
 import pytest
 
 from aloe_cli.data.io import Item, RecordWriter
-from aloe_cli.data.stage import Reject, RunConfig, Shard, Stage, run_stage
+from aloe_cli.data.stage import Reject, RunConfig, Stage, run_stage
 from aloe_cli.errors import AloeError, RecordError
 from aloe_cli.filters.thresholds import (
-    ANNOTATED_AHEAD,
     Bounds,
     Distribution,
     Limits,
     Percentile,
-    annotate_ahead,
     check_value,
     load_thresholds,
     parse_thresholds,
@@ -109,17 +107,18 @@ class ValueStage(Stage):
     """A model-free stage: the value is in the record; rejects below the p50 of its source."""
 
     name = "toy"
+    measure_first = True
 
     def __init__(self):
         self.distribution = Distribution()
         self.thresholds = parse_thresholds({"default": {"min": "p50"}}, "toy")
         self.annotated = 0
+        self.events = []
         self.resolved = None
 
     def annotate(self, batch):
+        self.events.append("annotate")
         for item in batch:
-            if item.annotations.get(ANNOTATED_AHEAD):
-                continue
             if item.record.get("bad"):
                 item.error = RecordError("bad_value", "this record is bad")
                 continue
@@ -128,6 +127,7 @@ class ValueStage(Stage):
             self.distribution.add(source_of(item), item.record["v"])
 
     def decide(self, item):
+        self.events.append("decide")
         if self.resolved is None:
             self.resolved = self.thresholds.resolve(self.distribution)
         limits = self.resolved.limits_for(source_of(item))
@@ -147,34 +147,37 @@ def run(stage, ready, config, tmp_path):
     return summary, read_jsonl(tmp_path / "out.jsonl"), read_jsonl(tmp_path / "rej.jsonl")
 
 
-def test_annotate_ahead_then_replay_decides_with_the_whole_distribution(tmp_path):
+def test_a_measure_first_stage_is_annotated_whole_then_decided_in_input_order(tmp_path):
     stage = ValueStage()
-    config = RunConfig(batch_size=3, on_error="skip")
-    spooled = annotate_ahead(items([5, 1, 9, 3, 7, 2, 8, 4], bad={2}), stage.annotate, config=config,
-                             distribution=stage.distribution, spool_dir=tmp_path)
-    assert stage.distribution.complete and stage.annotated == 7
-    summary, kept, rejected = run(stage, spooled, config, tmp_path)
-    assert stage.annotated == 7  # the replay did not annotate again
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    config = RunConfig(batch_size=3, on_error="skip", spool_dir=str(spool))
+    summary, kept, rejected = run(stage, items([5, 1, 9, 3, 7, 2, 8, 4], bad={2}), config, tmp_path)
+    assert stage.events == ["annotate"] * 3 + ["decide"] * 7  # three batches measured before any decision
+    assert stage.annotated == 7 and stage.distribution.complete
     assert [r["id"] for r in kept] == ["0", "4", "6", "7"]  # input order; values >= 4, the median of the seven
     assert {r["aloe"]["reject"]["reason"] for r in rejected} == {"low", "bad_value"}
     assert (summary.read, summary.kept, summary.rejected) == (8, 4, 4)
     assert summary.inputs["in"].read == 8
-    assert not any(name.startswith("aloe-spool-") for name in os.listdir(tmp_path))  # spool removed
+    assert list(spool.iterdir()) == []  # the spool is removed
 
 
-def test_annotate_ahead_respects_the_shard_and_the_runner_counts_it(tmp_path):
+def test_a_streaming_stage_cannot_use_percentiles():
     stage = ValueStage()
-    config = RunConfig(batch_size=2, shard=Shard(1, 2))
-    spooled = annotate_ahead(items(range(10)), stage.annotate, config=config, distribution=stage.distribution)
-    assert stage.annotated == 5  # only this shard's records: 1, 3, 5, 7, 9
-    summary, kept, rejected = run(stage, spooled, config, tmp_path)
-    assert summary.read == 5 and summary.shard == "1/2"
-    assert [r["id"] for r in kept] == ["5", "7", "9"] and [r["id"] for r in rejected] == ["1", "3"]
+    stage.measure_first = False  # decides batch by batch: the distribution is not complete yet
+    with pytest.raises(RuntimeError, match="whole distribution"):
+        run_stage(stage, items([1, 2, 3]), None, None, RunConfig(batch_size=2))
 
 
-def test_annotate_ahead_fails_fast_like_the_runner(tmp_path):
+def test_a_measure_first_stage_fails_fast_like_the_runner(tmp_path):
     stage = ValueStage()
     with pytest.raises(RecordError, match="in:2: this record is bad"):
-        annotate_ahead(items([1, 2, 3], bad={1}), stage.annotate, config=RunConfig(batch_size=8),
-                       distribution=stage.distribution, spool_dir=tmp_path)
+        run_stage(stage, items([1, 2, 3], bad={1}), None, None, RunConfig(batch_size=8, spool_dir=str(tmp_path)))
+    assert not os.listdir(tmp_path)
+    unreadable = items([1, 2, 3])
+    unreadable[1] = Item(None, "in:2", "in", error=RecordError("invalid_json", "invalid JSON"), raw="{")
+    stage = ValueStage()
+    with pytest.raises(RecordError, match="in:2: invalid JSON"):
+        run_stage(stage, unreadable, None, None, RunConfig(batch_size=8, spool_dir=str(tmp_path)))
+    assert stage.annotated == 0  # a record the reader could not parse stops the run before any work
     assert not os.listdir(tmp_path)

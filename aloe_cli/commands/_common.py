@@ -1,16 +1,19 @@
-"""Glue shared by the data commands: open outputs, run the stage, print and save the summary."""
+"""Glue shared by the data commands: read the shard, run the stage, print and save the summary."""
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
+
+import typer
 
 from aloe_cli import console
-from aloe_cli.data.io import Item, RecordWriter
-from aloe_cli.data.stage import RunConfig, RunSummary, Shard, Stage, run_stage
+from aloe_cli.data.io import STDIO, RecordWriter, expand_inputs, read_paths
+from aloe_cli.data.records import RecordDefaults
+from aloe_cli.data.shard import Shard
+from aloe_cli.data.stage import RunConfig, RunSummary, Stage, run_stage
 from aloe_cli.errors import AloeError
 
 
@@ -18,57 +21,62 @@ def resolve_shard(text: str | None) -> Shard:
     return Shard.parse(text) if text else Shard.from_env()
 
 
-def write_report(path: Path | None, report: dict) -> None:
-    if path is None:
-        return
-    tmp = Path(f"{path}.tmp")
+def shard_done(stage_name: str, shard: Shard, report: Path | None, resume: bool) -> bool:
+    """--resume: True (and a log line) when this shard already finished; call before any real work."""
+    from aloe_cli.data.reports import finished, marker_path
+
+    if not resume:
+        return False
+    if report is None:
+        raise typer.BadParameter("needs --report FILE: the completion marker is FILE.done", param_hint="--resume")
+    if not finished(report, stage_name, shard):
+        return False
+    console.log(f"aloe {stage_name}: shard {shard} already done ({marker_path(report)} exists); skipped")
+    return True
+
+
+def run_data_command(stage: Stage, inputs: Iterable[str] | None, *, image_root: Path | None, output: str,
+                     rejects: Path | None, report: Path | None, config: RunConfig,
+                     defaults: RecordDefaults | None = None) -> RunSummary:
+    """Run `stage` over this shard of `inputs`, writing kept records to `output` and the rest to `rejects`."""
+    from aloe_cli.data.reports import write_report
+
     try:
-        tmp.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise AloeError(f"cannot write report {path}: {exc.strerror}") from None
-
-
-def run_data_command(stage: Stage, items: Iterable[Item], *, output: str, rejects: Path | None,
-                     report: Path | None, config: RunConfig) -> RunSummary:
-    """Run `stage` over `items`, writing kept records to `output` and the rest to `rejects`."""
-    if rejects is not None and str(rejects) == output and output != "-":
-        raise AloeError("--rejects and --output must be different files")
-    rejects_target = RecordWriter(rejects) if rejects is not None else nullcontext()
-    with RecordWriter(output) as writer, rejects_target as rejects_writer, console.progress(stage.name) as bar:
-        summary = run_stage(stage, items, writer, rejects_writer, config, progress=bar)
-    print_summary(summary)
-    write_report(report, summary.to_dict())
+        if rejects is not None and str(rejects) == output and output != STDIO:
+            raise AloeError("--rejects and --output must be different files")
+        paths = expand_inputs(inputs)
+        if stage.measure_first:
+            console.log(f"aloe {stage.name}: percentile thresholds: measuring the whole shard before deciding")
+        rejects_target = RecordWriter(rejects) if rejects is not None else nullcontext()
+        with RecordWriter(output) as writer, rejects_target as rejects_writer:
+            items = read_paths(paths, image_root, config.shard, defaults)
+            summary = run_stage(stage, items, writer, rejects_writer, config, progress=console.progress)
+    finally:
+        stage.close()
+    result = {**summary.to_dict(), "input_files": ["<stdin>" if path == STDIO else path for path in paths]}
+    print_summary(result)
+    if report is not None:
+        write_report(report, result, mark_done=True)
     return summary
 
 
-def print_summary(summary: RunSummary) -> None:
-    rows = [[name, c.read, c.kept, c.rejected] for name, c in summary.inputs.items()]
+def print_summary(report: dict[str, Any], title: str | None = None) -> None:
+    """The closing summary of a run (or of merged shard reports): per input, per reason, the invariant."""
+    kept, rejected = report["kept"], report["rejected"]
+    rows = [[name, c["read"], c["kept"], c["rejected"]] for name, c in report["inputs"].items()]
     if len(rows) != 1:
-        rows.append(["total", summary.read, summary.kept, summary.rejected])
-    console.print_table(f"aloe {summary.stage} (shard {summary.shard})", ["input", "read", "kept", "rejected"], rows)
-    if summary.reasons:
-        verb = "flagged" if summary.flagged and not summary.rejected else "rejected"
-        console.log("  " + verb + " by reason: " + ", ".join(f"{r}={n}" for r, n in sorted(summary.reasons.items())))
-    if summary.flagged:
-        console.log(f"  {summary.flagged} record(s) flagged but kept (--keep-all)")
-    if summary.rejected and not summary.rejects_written:
-        console.log(f"  {summary.rejected} rejected record(s) were not saved; pass --rejects FILE to keep them")
-    console.log(f"  {summary.read} read = {summary.kept} kept + {summary.rejected} rejected")
-
-
-def run_thresholded_command(stage: Stage, items: Iterable[Item], bounds, *, output: str, rejects: Path | None,
-                            report: Path | None, config: RunConfig) -> RunSummary:
-    """`run_data_command` for a stage whose thresholds may be percentiles of its own values.
-
-    Percentiles need every value before the first decision, so the stage
-    annotates (and spools) the whole shard first, then the runner decides.
-    """
-    if bounds is not None and bounds.needs_distribution():
-        from aloe_cli.filters.thresholds import annotate_ahead
-
-        with console.progress(f"{stage.name} (measuring)") as bar:
-            items = annotate_ahead(items, stage.annotate, config=config, distribution=stage.distribution,
-                                   on_progress=bar.advance)
-        console.log(f"aloe {stage.name}: distribution measured; applying percentile thresholds")
-    return run_data_command(stage, items, output=output, rejects=rejects, report=report, config=config)
+        rows.append(["total", report["read"], kept, rejected])
+    title = title or f"aloe {report['stage']} (shard {report['shard']})"
+    console.print_table(title, ["input", "read", "kept", "rejected"], rows)
+    reasons, flagged = report.get("reasons") or {}, report.get("flagged", 0)
+    if reasons:
+        verb = "flagged" if flagged and not rejected else "rejected"
+        console.log("  " + verb + " by reason: " + ", ".join(f"{r}={n}" for r, n in sorted(reasons.items())))
+    if flagged:
+        console.log(f"  {flagged} record(s) flagged but kept (--keep-all)")
+    if rejected and not report.get("rejects_written"):
+        console.log(f"  {rejected} rejected record(s) were not saved; pass --rejects FILE to keep them")
+    emitted = report.get("emitted", kept)
+    if emitted != kept:
+        console.log(f"  {emitted} record(s) written for the {kept} kept")
+    console.log(f"  {report['read']} read = {kept} kept + {rejected} rejected")

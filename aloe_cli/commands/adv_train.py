@@ -36,13 +36,12 @@ app = command_app()
 def emit(config: AdvTrainConfig, path: str) -> None:
     """Perturb the inputs into `path` through the stage runner (one perturbed copy per record, balanced)."""
     from aloe_cli.commands._common import run_data_command
-    from aloe_cli.data.io import read_items
     from aloe_cli.data.stage import RunConfig
     from aloe_cli.perturb import PerturbStage
 
     stage = PerturbStage(config.perturb_kinds(), seed=config.seed, samples=config.samples,
                          image_root=config.image_root)
-    run_data_command(stage, read_items(config.input, config.image_root), output=path, rejects=None, report=None,
+    run_data_command(stage, config.input, image_root=config.image_root, output=path, rejects=None, report=None,
                      config=RunConfig(on_error=config.on_error))
 
 

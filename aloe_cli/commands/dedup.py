@@ -13,6 +13,11 @@ Examples:
     aloe dedup --against vqa_rad.tsv --against pmc_vqa.tsv --save-index eval.idx
     aloe dedup -i train.jsonl --against eval.idx --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
 
+    # a job array that reruns only the shards without a completion marker, then one summary
+    aloe dedup -i 'raw/*.jsonl.gz' --against eval.idx -o clean/$SLURM_ARRAY_TASK_ID.jsonl.gz \
+        --report reports/$SLURM_ARRAY_TASK_ID.json --resume
+    aloe report merge reports/*.json -o dedup.json
+
     # in a pipe
     cat train.jsonl | aloe dedup --against eval.tsv | aloe score ...
 """
@@ -36,14 +41,13 @@ from aloe_cli.options import (
     OutputOpt,
     RejectsOpt,
     ReportOpt,
+    ResumeOpt,
     ShardOpt,
     WorkersOpt,
     command_app,
 )
 
 app = command_app()
-
-
 
 
 @app.command(help=__doc__, no_args_is_help=False)
@@ -70,12 +74,12 @@ def dedup(
     workers: WorkersOpt = 1,
     batch_size: BatchSizeOpt = 512,
     shard: ShardOpt = None,
+    resume: ResumeOpt = False,
     on_error: OnErrorOpt = OnError.fail,
     keep_all: KeepAllOpt = False,
 ) -> None:
     from aloe_cli import console
-    from aloe_cli.commands._common import resolve_shard, run_data_command
-    from aloe_cli.data.io import read_items
+    from aloe_cli.commands._common import resolve_shard, run_data_command, shard_done
     from aloe_cli.data.records import RecordDefaults
     from aloe_cli.data.stage import RunConfig
     from aloe_cli.errors import AloeError
@@ -91,12 +95,14 @@ def dedup(
     if save_index is not None and not str(save_index).endswith(INDEX_SUFFIX):
         raise typer.BadParameter(f"the index file name must end with {INDEX_SUFFIX}", param_hint="--save-index")
     config = RunConfig(batch_size=batch_size, shard=resolve_shard(shard), keep_all=keep_all, on_error=on_error.value)
-    skip = on_error is OnError.skip
+    if shard_done("dedup", config.shard, report, resume):
+        return
 
     with Hasher(hash_kind, fast=fast, workers=workers) as hasher:
         eval_index = None
         if against:
-            eval_index = build_eval_index(against, hasher, max_distance=max_distance, skip_errors=skip)
+            eval_index = build_eval_index(against, hasher, max_distance=max_distance, on_error=on_error.value,
+                                          batch_size=batch_size)
             for name, stats in eval_index.sets.items():
                 how = f"loaded from {stats.index_file}" if stats.index_file else "hashed"
                 console.log(f"aloe dedup: {name}: {stats.images} evaluation image(s) {how}"
@@ -109,8 +115,8 @@ def dedup(
             if not input:
                 return  # building the index was the whole job
         stage = DedupStage(hasher, eval_index, max_distance=max_distance, within=within)
-        items = read_items(input, image_root, RecordDefaults(bbox_format=bbox_format.value))
-        summary = run_data_command(stage, items, output=output, rejects=rejects,
+        summary = run_data_command(stage, input, image_root=image_root, output=output, rejects=rejects,
+                                   defaults=RecordDefaults(bbox_format=bbox_format.value),
                                    report=report, config=config)
     for name, stats in summary.extra.get("eval_sets", {}).items():
         console.log(f"  leaked from {name}: {stats['leaked_records']} training record(s)")

@@ -96,7 +96,7 @@ def mix(
     batch_size: BatchSizeOpt = 1024,
     on_error: OnErrorOpt = OnError.fail,
 ) -> None:
-    from aloe_cli.commands._common import write_report
+    from aloe_cli.data.reports import write_report
     from aloe_cli.mixing import MixOptions, build_report, load_recipe, plot_shares, run_mix
     from aloe_cli.plotting import require_matplotlib
 
@@ -127,13 +127,14 @@ def mix(
     options = MixOptions(output=output, rejects=str(rejects) if rejects else None, dry_run=dry_run,
                          on_error=on_error.value, batch_size=batch_size, cache=not no_cache,
                          cache_path=str(cache) if cache else None)
-    result = run_mix(recipe, options, progress=_progress)
-    summary = build_report(result)
-    _print_summary(summary, output, rejects is not None)
-    write_report(report, summary)
-    if plot is not None:
-        from aloe_cli import console
+    from aloe_cli import console
 
+    result = run_mix(recipe, options, progress=console.progress)
+    summary = build_report(result)
+    _print_summary(summary, output)
+    if report is not None:
+        write_report(report, summary)
+    if plot is not None:
         paths = plot_shares(summary, plot)
         console.log(f"  plots: {', '.join(str(p) for p in paths)}")
 
@@ -157,14 +158,9 @@ def _inline(inputs, shares, tokenizer, chat_template, seed, total_samples, total
         raise typer.BadParameter(str(error).removeprefix("--share: "), param_hint="--share") from None
 
 
-def _progress(description: str, total: int | None = None):
+def _print_summary(summary: dict, output: str) -> None:
     from aloe_cli import console
-
-    return console.progress(description, total)
-
-
-def _print_summary(summary: dict, output: str, rejects_saved: bool) -> None:
-    from aloe_cli import console
+    from aloe_cli.commands._common import print_summary
     from aloe_cli.mixing.report import CELL_HEADERS, SOURCE_HEADERS, cell_rows, source_rows
 
     title = f"aloe mix (seed {summary['seed']}, balanced by {summary['balance'].replace('_', ' ')})"
@@ -172,13 +168,9 @@ def _print_summary(summary: dict, output: str, rejects_saved: bool) -> None:
     console.print_table("sources", SOURCE_HEADERS, source_rows(summary))
     for note in summary["notes"]:
         console.warn(note)
-    if summary["reasons"]:
-        console.log("  rejected by reason: " + ", ".join(f"{r}={n}" for r, n in summary["reasons"].items()))
-    if summary["rejected"] and not rejects_saved:
-        console.log(f"  {summary['rejected']} rejected record(s) were not saved; pass --rejects FILE to keep them")
-    console.log(f"  {summary['read']} read = {summary['rejected']} rejected + {summary['available']} available; "
-                f"{summary['selected_unique']} selected, {summary['not_selected']} not selected; "
-                f"{summary['samples']} samples with repeats")
+    print_summary(summary, title="aloe mix: records read (kept = available to the plan)")
+    console.log(f"  of the {summary['available']} available: {summary['selected_unique']} selected, "
+                f"{summary['not_selected']} not selected; {summary['samples']} samples with repeats")
     cache = summary["token_cache"]
     if cache is not None:
         console.log(f"  loss-token cache {cache['path']}: {cache['hits']} hit(s), {cache['misses']} counted")

@@ -51,6 +51,7 @@ from aloe_cli.options import (
     OutputOpt,
     RejectsOpt,
     ReportOpt,
+    ResumeOpt,
     ShardOpt,
     TrustRemoteCodeOpt,
     command_app,
@@ -84,6 +85,7 @@ def perplexity(
     bbox_format: BboxFormatOpt = BboxFormat.xyxy,
     batch_size: BatchSizeOpt = 16,
     shard: ShardOpt = None,
+    resume: ResumeOpt = False,
     on_error: OnErrorOpt = OnError.fail,
     keep_all: KeepAllOpt = False,
     device: DeviceOpt = "auto",
@@ -92,8 +94,7 @@ def perplexity(
     attn_implementation: AttnImplementationOpt = None,
 ) -> None:
     from aloe_cli import console
-    from aloe_cli.commands._common import resolve_shard, run_thresholded_command
-    from aloe_cli.data.io import read_items
+    from aloe_cli.commands._common import resolve_shard, run_data_command, shard_done
     from aloe_cli.data.records import RecordDefaults
     from aloe_cli.data.stage import RunConfig
     from aloe_cli.filters.perplexity import PerplexityConfig, PerplexityStage, percentile_rows, plot_histograms
@@ -102,6 +103,9 @@ def perplexity(
     from aloe_cli.plotting import require_matplotlib
 
     # Everything that can be wrong with the options is checked before any model is loaded.
+    chosen_shard = resolve_shard(shard)
+    if shard_done("perplexity", chosen_shard, report, resume):
+        return
     bounds = load_thresholds(thresholds, "perplexity") if thresholds is not None else None
     if plot is not None:
         require_matplotlib()
@@ -116,11 +120,9 @@ def perplexity(
 
     stage = PerplexityStage(load, PerplexityConfig(batch_size=batch_size, ifd=ifd, max_tokens=max_tokens,
                                                    reuse=reuse), bounds, model_name=model)
-    config = RunConfig(batch_size=stage.runner_batch_size(), shard=resolve_shard(shard), keep_all=keep_all,
-                       on_error=on_error.value)
-    items = read_items(input, image_root, RecordDefaults(bbox_format=bbox_format.value))
-    summary = run_thresholded_command(stage, items, bounds, output=output, rejects=rejects,
-                                      report=report, config=config)
+    config = RunConfig(shard=chosen_shard, keep_all=keep_all, on_error=on_error.value)
+    summary = run_data_command(stage, input, image_root=image_root, output=output, rejects=rejects, report=report,
+                               config=config, defaults=RecordDefaults(bbox_format=bbox_format.value))
 
     rows = percentile_rows(summary.extra)
     if rows:

@@ -58,6 +58,7 @@ from aloe_cli.options import (
     OutputOpt,
     RejectsOpt,
     ReportOpt,
+    ResumeOpt,
     RetryBackoffOpt,
     ShardOpt,
     TimeoutOpt,
@@ -99,6 +100,7 @@ def score(
     bbox_format: BboxFormatOpt = BboxFormat.xyxy,
     batch_size: BatchSizeOpt = 8,
     shard: ShardOpt = None,
+    resume: ResumeOpt = False,
     on_error: OnErrorOpt = OnError.fail,
     keep_all: KeepAllOpt = False,
     device: DeviceOpt = "auto",
@@ -108,8 +110,7 @@ def score(
 ) -> None:
     from aloe_cli import console
     from aloe_cli.commands._backend import open_backend
-    from aloe_cli.commands._common import resolve_shard, run_thresholded_command
-    from aloe_cli.data.io import read_items
+    from aloe_cli.commands._common import resolve_shard, run_data_command, shard_done
     from aloe_cli.data.records import RecordDefaults
     from aloe_cli.data.stage import RunConfig
     from aloe_cli.filters.judge import (
@@ -132,6 +133,9 @@ def score(
         return
     if not judge:
         raise typer.BadParameter("is required (the judge model)", param_hint="--judge")
+    chosen_shard = resolve_shard(shard)
+    if shard_done("score", chosen_shard, report, resume):
+        return
     bounds = (load_thresholds(thresholds, "score", allowed=("min",), default=Bounds(min=DEFAULT_MIN_SCORE),
                               value_range=(MIN_SCORE, MAX_SCORE))
               if thresholds is not None else default_score_thresholds())
@@ -148,13 +152,10 @@ def score(
     stage = ScoreStage(generator, ScoreConfig(judge=judge, parse_retries=parse_retries,
                                               max_new_tokens=max_new_tokens), rubric, bounds, replies)
     runner_batch = batch_size * 4 if config.kind == "hf" else max(batch_size, concurrency * 4)
-    run = RunConfig(batch_size=runner_batch, shard=resolve_shard(shard), keep_all=keep_all, on_error=on_error.value)
-    try:
-        items = read_items(input, image_root, RecordDefaults(bbox_format=bbox_format.value))
-        summary = run_thresholded_command(stage, items, bounds, output=output, rejects=rejects, report=report,
-                                          config=run)
-    finally:
-        stage.close()
+    run = RunConfig(batch_size=runner_batch, shard=chosen_shard, keep_all=keep_all, on_error=on_error.value)
+    summary = run_data_command(stage, input, image_root=image_root, output=output, rejects=rejects, report=report,
+                               config=run, defaults=RecordDefaults(bbox_format=bbox_format.value))
+    # run_data_command closes the stage (backend, cache) when the run ends
     _print_scores(summary.extra)
 
 

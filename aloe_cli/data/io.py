@@ -10,15 +10,17 @@ format, a TSV without a required column).
 
 Formats, chosen by suffix: JSONL (`.jsonl`, `.json`, `.ndjson`, optionally
 `.gz`), parquet, a folder written by `datasets.Dataset.save_to_disk` (or
-`DatasetDict.save_to_disk`), and VLMEvalKit TSV. `-` is stdin/stdout (JSONL,
-gzip detected on input).
+`DatasetDict.save_to_disk`), and VLMEvalKit TSV (rows -> records in
+`data.tsv`). `-` is stdin/stdout (JSONL, gzip detected on input).
+
+`read_items(..., shard=Shard(K, N))` reads only shard K: whole files when
+there are at least N files, else the lines/rows/row groups of shard K, skipped
+before parsing (`data.shard`). Every file written goes through `atomic_path`.
 """
 
 from __future__ import annotations
 
-import ast
 import base64
-import binascii
 import csv
 import glob
 import gzip
@@ -27,23 +29,22 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, BinaryIO, TextIO
+from typing import Any, BinaryIO
 
 import orjson
 
-from aloe_cli.data.images import image_mime, to_data_uri
+from aloe_cli.data.images import to_data_uri
 from aloe_cli.data.records import RecordDefaults, normalize
+from aloe_cli.data.shard import ALL, Shard, Units, shard_lines
+from aloe_cli.data.tsv import open_tsv, shared_images, tsv_row_to_record
 from aloe_cli.errors import AloeError, OutputClosed, RecordError
 
 STDIO = "-"
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _GZIP_MAGIC = b"\x1f\x8b"
-# VLMEvalKit stores an image once and refers to it from other rows by index:
-# an `image` value this short is a reference, not base64 data.
-_TSV_REFERENCE_MAX_LEN = 64
-_TSV_OPTION_COLUMNS = tuple("ABCDEFGHIJ")
 
 
 @dataclass
@@ -112,15 +113,34 @@ def source_name(path: str) -> str:
 
 
 def read_items(inputs: Iterable[str] | None, image_root: str | os.PathLike | None = None,
+               shard: Shard = ALL, defaults: RecordDefaults | None = None) -> Iterator[Item]:
+    """Stream items from every input in order (stdin when there is none), only those of `shard`.
+
+    With at least as many files as shards each shard reads whole files;
+    otherwise every file is read and the units of other shards (lines, rows,
+    row groups) are skipped before they are parsed. Every record is normalised
+    on read (see `records.normalize`); `defaults` fill what a record leaves out.
+    """
+    return read_paths(expand_inputs(inputs), image_root, shard, defaults)
+
+
+def read_paths(paths: list[str], image_root: str | os.PathLike | None = None, shard: Shard = ALL,
                defaults: RecordDefaults | None = None) -> Iterator[Item]:
-    """Stream items from every input in order (stdin when there is none)."""
-    for path in expand_inputs(inputs):
-        yield from read_file(path, image_root, defaults=defaults)
+    """`read_items` over inputs already expanded by `expand_inputs`."""
+    own_files = shard.files(paths)
+    if shard.whole or own_files is not None:
+        for path in paths if own_files is None else own_files:
+            yield from read_file(path, image_root, defaults=defaults)
+        return
+    units = Units(shard)
+    for path in paths:
+        yield from read_file(path, image_root, units=units, defaults=defaults)
 
 
-def read_file(path: str, image_root: str | os.PathLike | None = None, *,
-              require_images: bool = False, defaults: RecordDefaults | None = None) -> Iterator[Item]:
-    """Items of one input, normalised; `defaults.source` defaults to the input's name."""
+def read_file(path: str, image_root: str | os.PathLike | None = None, *, require_images: bool = False,
+              units: Units | None = None, defaults: RecordDefaults | None = None) -> Iterator[Item]:
+    """Items of one input, normalised; with `units`, only the lines/rows `units` assigns to its shard.
+    `defaults.source` defaults to the input's name."""
     fmt = input_format(path)
     defaults = defaults or RecordDefaults()
     if defaults.source is None:
@@ -131,13 +151,13 @@ def read_file(path: str, image_root: str | os.PathLike | None = None, *,
     else:
         root = Path.cwd() if path == STDIO else Path(path).resolve().parent
     if fmt == "jsonl":
-        items = _read_jsonl(path)
+        items = _read_jsonl(path, units)
     elif fmt == "parquet":
-        items = _read_rows(path, _parquet_rows(path), "row")
+        items = _read_rows(path, _parquet_rows(path, units))
     elif fmt == "hf_dataset":
-        items = _read_rows(path, _hf_dataset_rows(path), "row")
+        items = _read_rows(path, _hf_dataset_rows(path, units))
     else:
-        items = _read_tsv(path, require_images=require_images)
+        items = _read_tsv(path, require_images=require_images, units=units)
     for item in items:
         item.image_root = root
         if item.error is None:
@@ -163,28 +183,21 @@ def _open_binary(path: str) -> BinaryIO:
     return gzip.open(path, "rb") if gzipped else open(path, "rb", buffering=1 << 20)
 
 
-def _read_jsonl(path: str) -> Iterator[Item]:
+def _read_jsonl(path: str, units: Units | None) -> Iterator[Item]:
     """Parsed, not yet normalised items (read_file normalises)."""
     display = _display(path)
     stream = _open_binary(path)
     try:
-        line_no = 0
-        while True:
-            try:
-                line = stream.readline()
-            except (OSError, EOFError) as exc:  # truncated gzip
-                raise AloeError(f"{display}:{line_no + 1}: cannot read input ({exc})") from None
-            if not line:
-                break
-            line_no += 1
-            if not line.strip():
+        lines = _lines(stream, display) if units is None else shard_lines(path, stream, display, units)
+        for line_no, line in lines:
+            if not line or line.isspace():
                 continue
             where = f"{display}:{line_no}"
             try:
                 raw = orjson.loads(line)
             except orjson.JSONDecodeError as exc:
                 error = RecordError("invalid_json", f"invalid JSON ({exc})", where=where)
-                yield Item(None, where, display, error=error, raw=line.decode("utf-8", "replace").rstrip("\n"))
+                yield Item(None, where, display, error=error, raw=line.decode("utf-8", "replace").rstrip("\r\n"))
                 continue
             yield Item(None, where, display, raw=raw)
     finally:
@@ -192,92 +205,89 @@ def _read_jsonl(path: str) -> Iterator[Item]:
             stream.close()
 
 
-def _read_rows(path: str, rows: Iterator[dict], unit: str) -> Iterator[Item]:
-    for index, row in enumerate(rows):
-        yield Item(None, f"{path} {unit} {index}", path, raw=row)
+def _lines(stream: BinaryIO, display: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) for every line."""
+    line_no = 0
+    while True:
+        try:
+            line = stream.readline()
+        except (OSError, EOFError) as exc:  # truncated gzip
+            raise AloeError(f"{display}:{line_no + 1}: cannot read input ({exc})") from None
+        if not line:
+            return
+        line_no += 1
+        yield line_no, line
 
 
-def _parquet_rows(path: str) -> Iterator[dict]:
+def _read_rows(path: str, rows: Iterator[tuple[int, dict]]) -> Iterator[Item]:
+    for index, row in rows:
+        yield Item(None, f"{path} row {index}", path, raw=row)
+
+
+def _parquet_rows(path: str, units: Units | None) -> Iterator[tuple[int, dict]]:
+    """(row number, row). A shard takes whole row groups when there are enough, else rows inside them."""
     import pyarrow.parquet as pq
 
     try:
         parquet = pq.ParquetFile(path)
     except Exception as exc:
         raise AloeError(f"{path}: not a readable parquet file ({exc})") from None
-    for batch in parquet.iter_batches(batch_size=1024):
-        yield from batch.to_pylist()
+    groups = parquet.num_row_groups
+    by_group = units is not None and groups >= units.shard.count
+    first_row = 0
+    for group in range(groups):
+        rows_in_group = parquet.metadata.row_group(group).num_rows
+        if by_group and not units.take():
+            first_row += rows_in_group
+            continue
+        for batch in parquet.iter_batches(batch_size=1024, row_groups=[group]):
+            picks = None if units is None or by_group else units.take_many(batch.num_rows)
+            yield from _rows_of(batch, first_row, picks)
+            first_row += batch.num_rows
 
 
-def _hf_dataset_rows(path: str) -> Iterator[dict]:
-    """Rows of a `save_to_disk` folder, read as Arrow without decoding images."""
-    import pyarrow as pa
+def _rows_of(batch, first_row: int, picks: list[int] | None) -> Iterator[tuple[int, dict]]:
+    """Rows of an Arrow batch (all, or only the offsets in `picks`), numbered from `first_row`."""
+    if picks is None:
+        yield from enumerate(batch.to_pylist(), start=first_row)
+    elif picks:
+        yield from zip((first_row + pick for pick in picks), batch.take(picks).to_pylist())
 
-    folder = Path(path)
-    if (folder / "dataset_dict.json").is_file():
-        splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
-        for split in splits:
-            yield from _hf_dataset_rows(str(folder / split))
-        return
+
+def _hf_dataset_rows(path: str, units: Units | None) -> Iterator[tuple[int, dict]]:
+    """Rows of a `save_to_disk` folder (Dataset, or every split of a DatasetDict), images left undecoded."""
     try:
-        state = json.loads((folder / "state.json").read_text())
-        files = [folder / entry["filename"] for entry in state["_data_files"]]
-    except (OSError, KeyError, ValueError) as exc:
-        raise AloeError(f"{path}: unreadable dataset folder state.json ({exc})") from None
-    for file in files:
-        try:
-            with pa.memory_map(str(file)) as source:
-                reader = pa.ipc.open_stream(source)
-                for batch in reader:
-                    yield from batch.to_pylist()
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise AloeError(f"{file}: unreadable Arrow data ({exc})") from None
+        import datasets
+    except ImportError:
+        raise AloeError(f"{path}: reading a dataset folder needs the datasets package "
+                        "(pip install 'aloe-cli[datasets]')") from None
+    try:
+        loaded = datasets.load_from_disk(path)
+    except Exception as exc:  # datasets raises several kinds for a damaged folder
+        raise AloeError(f"{path}: unreadable dataset folder ({exc})") from None
+    splits = list(loaded.values()) if isinstance(loaded, datasets.DatasetDict) else [loaded]
+    first_row = 0
+    for split in splits:
+        table = split.with_format("arrow")  # Arrow rows: Image features stay {bytes, path} structs
+        rows = len(split)
+        picks = range(rows) if units is None else units.take_many(rows)
+        for start in range(0, len(picks), 1024):
+            chunk = picks[start:start + 1024]
+            batch = table[chunk.start:chunk.stop] if isinstance(chunk, range) else table[chunk]
+            yield from zip((first_row + pick for pick in chunk), batch.to_pylist())
+        first_row += rows
 
 
 # ----------------------------------------------------------------------------- VLMEvalKit TSV
 
-def _tsv_reader(path: str) -> tuple[csv.DictReader, TextIO]:
-    csv.field_size_limit(sys.maxsize)
-    handle = open(path, encoding="utf-8", newline="")
-    return csv.DictReader(handle, delimiter="\t"), handle
-
-
-def _tsv_image_list(value: str) -> list[str]:
-    """`image` holds base64 data, or a Python/JSON list of them (multi-image benchmarks)."""
-    value = value.strip()
-    if value.startswith("["):
-        try:
-            parsed = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            parsed = None
-        if isinstance(parsed, list):
-            return [str(v) for v in parsed]
-    return [value] if value else []
-
-
-def _read_tsv(path: str, *, require_images: bool = False) -> Iterator[Item]:
-    reader, handle = _tsv_reader(path)
+def _read_tsv(path: str, *, require_images: bool = False, units: Units | None = None) -> Iterator[Item]:
+    _, handle = open_tsv(path, require_images=require_images)
     with handle:
-        columns = reader.fieldnames or []
-        missing = [c for c in ("index", "question") if c not in columns]
-        if require_images and not {"image", "image_path"} & set(columns):
-            missing.append("image (or image_path)")
-        if missing:
-            raise AloeError(f"{path}: VLMEvalKit TSV is missing column(s): {', '.join(missing)} "
-                            f"(has: {', '.join(columns) or 'none'})")
-        # First pass: keep only the images that other rows refer to.
-        referenced = {row["image"] for row in reader if 0 < len(row.get("image") or "") <= _TSV_REFERENCE_MAX_LEN}
-        handle.seek(0)
-        reader = csv.DictReader(handle, delimiter="\t")
-        shared: dict[str, str] = {}
-        if referenced:
-            for row in reader:
-                image = row.get("image") or ""
-                if row.get("index") in referenced and len(image) > _TSV_REFERENCE_MAX_LEN:
-                    shared[row["index"]] = image
-            handle.seek(0)
-            reader = csv.DictReader(handle, delimiter="\t")
+        shared = shared_images(handle)  # every row, whatever the shard: references cross shards
         source = source_name(path)
-        for row_no, row in enumerate(reader, start=2):  # line 1 is the header
+        for row_no, row in enumerate(csv.DictReader(handle, delimiter="\t"), start=2):  # line 1 is the header
+            if units is not None and not units.take():
+                continue  # another shard's row: not converted
             where = f"{path}:{row_no}"
             try:
                 record = tsv_row_to_record(row, source, shared)
@@ -285,49 +295,6 @@ def _read_tsv(path: str, *, require_images: bool = False) -> Iterator[Item]:
                 yield Item(None, where, path, error=error.located(where), raw=row)
                 continue
             yield Item(None, where, path, raw=record)
-
-
-def tsv_row_to_record(row: dict, source: str, shared_images: dict[str, str]) -> dict:
-    """One VLMEvalKit row -> a record; options A..J are appended to the question."""
-    if None in row:
-        raise RecordError("invalid_row", "row has more fields than the header")
-    index = row.get("index") or ""
-    images: list[str] = []
-    image_value = (row.get("image") or "").strip()
-    if image_value and len(image_value) <= _TSV_REFERENCE_MAX_LEN:
-        if image_value not in shared_images:
-            raise RecordError("image_missing", f"refers to the image of row index {image_value}, which has none",
-                              field="image")
-        image_value = shared_images[image_value]
-    if image_value:
-        images = [to_data_uri_from_base64(b64) for b64 in _tsv_image_list(image_value)]
-    elif (row.get("image_path") or "").strip():
-        images = _tsv_image_list(row["image_path"])
-    options = {letter: row[letter] for letter in _TSV_OPTION_COLUMNS
-               if letter in row and row[letter] is not None and row[letter].strip() not in ("", "nan")}
-    question = row.get("question") or ""
-    hint = (row.get("hint") or "").strip()
-    text = (f"Hint: {hint}\n" if hint and hint != "nan" else "") + question
-    if options:
-        text += "\nOptions:\n" + "\n".join(f"{letter}. {value}" for letter, value in options.items())
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-    messages = [{"role": "user", "content": content}]
-    answer = row.get("answer")
-    if answer not in (None, "", "nan"):
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-    meta = {k: v for k, v in row.items() if k not in ("image", "image_path", "question") + _TSV_OPTION_COLUMNS}
-    if options:
-        meta["options"] = options
-    return {"id": index, "source": source, "messages": messages, "images": images, "meta": meta}
-
-
-def to_data_uri_from_base64(b64: str) -> str:
-    """Wrap a TSV's base64 image as a data URI; the MIME type comes from the first decoded bytes."""
-    try:
-        head = base64.b64decode(b64[:64] + "=" * (-len(b64[:64]) % 4))
-    except (binascii.Error, ValueError):
-        raise RecordError("image_invalid", "image column is not valid base64", field="image") from None
-    return f"data:{image_mime(head)};base64,{b64}"
 
 
 # ----------------------------------------------------------------------------- writing
@@ -355,8 +322,54 @@ def dumps(record: dict) -> bytes:
         return (json.dumps(_json_images(record), ensure_ascii=False, default=str) + "\n").encode()
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once, at import: os.umask can only be read by setting it
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary path in `path`'s folder to write to; on success it is synced and renamed to `path`.
+
+    If the block raises, the temporary file is removed and `path` is left as
+    it was: a reader never sees a half-written file under the real name.
+    """
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise AloeError(f"output folder does not exist: {target.parent}")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the final file gets the usual mode
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _remove_quietly(path: str) -> None:
+    with suppress(OSError):
+        os.unlink(path)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through `atomic_path`."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+
+
 class RecordWriter:
-    """Write records to a file (atomically: temp file + rename on success) or stdout.
+    """Write records to a file (atomically, see `atomic_path`) or stdout.
 
     Use as a context manager: the file appears only if the block ends without
     an exception.
@@ -365,13 +378,15 @@ class RecordWriter:
     def __init__(self, path: str | os.PathLike | None):
         self.path = STDIO if path in (None, STDIO) else str(path)
         self.count = 0
-        self._tmp: str | None = None
         name = self.path.lower()
         self.format = ("parquet" if name.endswith(".parquet") else
                        "jsonl.gz" if name.endswith(".gz") else "jsonl")
         if self.path != STDIO and not name.endswith((".parquet", ".gz") + JSONL_SUFFIXES):
             raise AloeError(f"{self.path}: unknown output format (expected .jsonl, .jsonl.gz or .parquet)")
         self._stream: Any = None
+        self._files = ExitStack()
+        self._tmp: str | None = None
+        self._spool: str | None = None
 
     def __enter__(self) -> RecordWriter:
         if self.path == STDIO:
@@ -379,14 +394,14 @@ class RecordWriter:
             # Our own large buffer: sys.stdout.buffer can be unbuffered (python -u, PYTHONUNBUFFERED).
             self._stream = open(sys.stdout.fileno(), "wb", buffering=1 << 16, closefd=False)
             return self
-        target = Path(self.path)
-        if not target.parent.exists():
-            raise AloeError(f"output folder does not exist: {target.parent}")
-        fd, self._tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(fd)
+        self._tmp = self._files.enter_context(atomic_path(self.path))
         if self.format == "jsonl.gz":
             self._stream = gzip.open(self._tmp, "wb")
-        else:  # parquet is spooled as JSONL, then converted with one unified schema on close
+        elif self.format == "parquet":  # spooled as JSONL, then converted with one unified schema on close
+            self._spool = self._tmp + ".jsonl"
+            self._files.callback(_remove_quietly, self._spool)  # runs before the commit: LIFO
+            self._stream = open(self._spool, "wb", buffering=1 << 20)
+        else:
             self._stream = open(self._tmp, "wb", buffering=1 << 20)
         return self
 
@@ -405,21 +420,14 @@ class RecordWriter:
                 if exc_type is None:
                     raise OutputClosed() from None
             return
-        self._stream.close()
-        if exc_type is not None:
-            os.unlink(self._tmp)
-            return
         try:
-            if self.format == "parquet":
-                final_tmp = self._tmp + ".parquet"
-                _jsonl_to_parquet(self._tmp, final_tmp)
-                os.unlink(self._tmp)
-                self._tmp = final_tmp
-            os.replace(self._tmp, self.path)
+            self._stream.close()
+            if exc_type is None and self._spool is not None:
+                _jsonl_to_parquet(self._spool, self._tmp)
         except BaseException:
-            if self._tmp and os.path.exists(self._tmp):
-                os.unlink(self._tmp)
+            self._files.__exit__(*sys.exc_info())
             raise
+        self._files.__exit__(exc_type, exc, tb)
 
 
 def _parquet_images(record: dict) -> dict:

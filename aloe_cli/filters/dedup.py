@@ -16,7 +16,7 @@ from typing import Any
 
 from aloe_cli.data.io import Item, read_file
 from aloe_cli.data.records import annotate
-from aloe_cli.data.stage import Reject, Stage
+from aloe_cli.data.stage import Reject, RunConfig, Stage, run_stage
 from aloe_cli.errors import AloeError, RecordError
 from aloe_cli.filters.hash_index import HashIndex
 from aloe_cli.filters.hashing import Hasher, HashResult, to_hex
@@ -52,29 +52,58 @@ def _row_id(item: Item) -> str:
     return str(record_id) if record_id not in (None, "") else item.where
 
 
-def build_eval_index(against: Iterable[str], hasher: Hasher, *, max_distance: int, skip_errors: bool,
+def build_eval_index(against: Iterable[str], hasher: Hasher, *, max_distance: int, on_error: str = "fail",
                      batch_size: int = 256) -> EvalIndex:
-    """Hash every image of every evaluation input; saved indexes (`.idx`) are merged in as they are."""
+    """Hash every image of every evaluation input; saved indexes (`.idx`) are merged in as they are.
+
+    Each evaluation file runs through the stage runner (never sharded: every
+    task needs the whole index). With on_error "skip", unreadable rows and
+    images are counted as unreadable (they cannot be checked for leaks).
+    """
     result = EvalIndex(HashIndex(max_distance), hasher.kind, hasher.fast)
+    config = RunConfig(batch_size=batch_size, on_error=on_error)
     for path in against:
         if str(path).endswith(INDEX_SUFFIX):
             _merge_saved(result, path, max_distance)
             continue
         stats = result.sets.setdefault(str(path), EvalSetStats())
-        batch: list[Item] = []
-        for item in read_file(str(path), require_images=True):
-            stats.records += 1
-            if item.error is not None:
-                if not skip_errors:
-                    raise item.error
-                stats.unreadable += 1
-                continue
-            batch.append(item)
-            if len(batch) >= batch_size:
-                _index_batch(result.index, batch, hasher, str(path), stats, skip_errors)
-                batch = []
-        _index_batch(result.index, batch, hasher, str(path), stats, skip_errors)
+        stage = _EvalIndexStage(hasher, result.index, str(path), stats, fail_fast=on_error != "skip")
+        run_stage(stage, read_file(str(path), require_images=True), None, None, config)
     return result
+
+
+class _EvalIndexStage(Stage):
+    """Hashes one evaluation file's images into the index; keeps (indexes) every readable image."""
+
+    name = "dedup"
+
+    def __init__(self, hasher: Hasher, index: HashIndex, set_name: str, stats: EvalSetStats, fail_fast: bool):
+        self.hasher = hasher
+        self.index = index
+        self.set_name = set_name
+        self.stats = stats
+        self.fail_fast = fail_fast
+
+    def annotate(self, batch: list[Item]) -> None:
+        for item, results in hash_batch(self.hasher, batch):
+            if self.fail_fast:
+                item.error = _first_failure(item, results)
+            item.annotations["hashes"] = results
+
+    def decide(self, item: Item) -> Reject | None:
+        # An image that cannot be hashed does not drop the row's other images from the index.
+        for value, _, _ in item.annotations["hashes"]:
+            if value is None:
+                self.stats.unreadable += 1
+                continue
+            self.stats.images += 1
+            self.index.add(value, (self.set_name, _row_id(item)))
+        return None
+
+    def settled(self, item: Item, kept: bool) -> None:
+        self.stats.records += 1
+        if not kept:  # a row that could not be read at all
+            self.stats.unreadable += 1
 
 
 def hash_batch(hasher: Hasher, batch: list[Item]) -> Iterator[tuple[Item, list[HashResult]]]:
@@ -90,20 +119,6 @@ def _first_failure(item: Item, results: list[HashResult]) -> RecordError | None:
         if value is None:
             return RecordError(reason, message, where=item.where, field=f"images[{position}]")
     return None
-
-
-def _index_batch(index: HashIndex, batch: list[Item], hasher: Hasher, name: str, stats: EvalSetStats,
-                 skip_errors: bool) -> None:
-    for item, results in hash_batch(hasher, batch):
-        failure = _first_failure(item, results)
-        if failure is not None and not skip_errors:
-            raise failure
-        for value, _, _ in results:
-            if value is None:
-                stats.unreadable += 1
-                continue
-            stats.images += 1
-            index.add(value, (name, _row_id(item)))
 
 
 def _merge_saved(result: EvalIndex, path: str, max_distance: int) -> None:
@@ -124,6 +139,7 @@ def _merge_saved(result: EvalIndex, path: str, max_distance: int) -> None:
 
 class DedupStage(Stage):
     name = "dedup"
+    additive = ("images_hashed", "within_duplicates", "eval_sets.*.leaked_records")
 
     def __init__(self, hasher: Hasher, eval_index: EvalIndex | None, *, max_distance: int = 0,
                  within: bool = False):

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from aloe_cli.data.io import atomic_path
 from aloe_cli.errors import AloeError
 
 HASH_BITS = 64
@@ -330,17 +331,13 @@ def _write_index(path: Path, hashes: list[int], payloads: list[Any], meta: dict)
     except (TypeError, ValueError) as exc:
         raise AloeError(f"hash index meta is not JSON-serialisable: {exc}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename, so an interrupted save never leaves a half file under the real name.
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             f.write(_MAGIC)
             f.write(struct.pack("<I", len(header_bytes)))
             f.write(header_bytes)
             f.write(body_bytes)
-        os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise AloeError(f"cannot write hash index {path}: {exc.strerror or exc}") from None
 
 

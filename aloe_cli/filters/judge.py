@@ -31,7 +31,7 @@ from aloe_cli.data.io import Item
 from aloe_cli.data.records import annotate, text_of
 from aloe_cli.data.stage import Reject, Stage
 from aloe_cli.errors import AloeError, RecordError
-from aloe_cli.filters.thresholds import ANNOTATED_AHEAD, Bounds, Distribution, ResolvedThresholds, Thresholds, source_of
+from aloe_cli.filters.thresholds import Bounds, Distribution, ResolvedThresholds, Thresholds, source_of
 from aloe_cli.modeling.backends import (
     REQUEST_FAILED,
     Completion,
@@ -284,6 +284,7 @@ class ScoreStage(Stage):
     """
 
     name = STAGE
+    additive = ("requests", "cached", "parse_retries", "unparseable", "request_failures", "scores.*.*")
 
     def __init__(self, backend: GenerationBackend, config: ScoreConfig, rubric: Rubric,
                  thresholds: Thresholds | None = None, cache: ResponseCache | None = None):
@@ -296,14 +297,16 @@ class ScoreStage(Stage):
         self.counters = ScoreCounters()
         self._resolved: ResolvedThresholds | None = None
 
+    @property
+    def measure_first(self) -> bool:  # percentile thresholds need every score before the first decision
+        return self.thresholds.needs_distribution()
+
     def close(self) -> None:
         self.backend.close()
 
     def annotate(self, batch: list[Item]) -> None:
         pending: list[tuple[Item, GenerationRequest]] = []
         for item in batch:
-            if item.annotations.get(ANNOTATED_AHEAD):
-                continue
             try:
                 request = judge_request(item.record, item.image_root, self.rubric, self.config.judge,
                                         keyed=self.keyed)
@@ -386,8 +389,7 @@ class ScoreStage(Stage):
         return None
 
     def summary(self) -> dict[str, Any]:
-        if self._resolved is None:
-            self.distribution.complete = True  # after the run every value is in
+        if self._resolved is None:  # the runner marked the distribution complete
             self._resolved = self.thresholds.resolve(self.distribution)
         sources = sorted(self.counters.by_source)
         return {

@@ -41,7 +41,6 @@ from aloe_cli.data.records import annotate
 from aloe_cli.data.stage import Reject, Stage
 from aloe_cli.errors import AloeError, RecordError
 from aloe_cli.filters.thresholds import (
-    ANNOTATED_AHEAD,
     Distribution,
     ResolvedThresholds,
     Thresholds,
@@ -354,6 +353,7 @@ class PerplexityStage(Stage):
     """`aloe perplexity`: annotate aloe.perplexity and reject outside the per-source thresholds."""
 
     name = STAGE
+    additive = ("records_scored", "records_reused", "tokens_scored")
 
     def __init__(self, model_loader: Callable[[], Any], config: PerplexityConfig, thresholds: Thresholds | None = None,
                  model_name: str = ""):
@@ -377,11 +377,15 @@ class PerplexityStage(Stage):
         self._encoder = ConversationEncoder(self._loaded.processor, self.config.max_tokens)
         self._scorer = PerplexityScorer(self._loaded, self.config.batch_size)
 
+    @property
+    def measure_first(self) -> bool:  # percentile thresholds need every value before the first decision
+        return self.thresholds is not None and self.thresholds.needs_distribution()
+
     def runner_batch_size(self) -> int:
         return self.config.batch_size * SORT_WINDOW
 
     def annotate(self, batch: list[Item]) -> None:
-        todo = [item for item in batch if not item.annotations.get(ANNOTATED_AHEAD)]
+        todo = batch
         if self.config.reuse:
             todo = [item for item in todo if not self._reuse(item)]
         if not todo:
@@ -474,8 +478,7 @@ class PerplexityStage(Stage):
     def resolved_thresholds(self) -> ResolvedThresholds | None:
         if self.thresholds is None:
             return None
-        if self._resolved is None:
-            self.distribution.complete = True  # called after the run: every value is in
+        if self._resolved is None:  # after the run: the runner marked the distribution complete
             self._resolved = self.thresholds.resolve(self.distribution)
         return self._resolved
 

@@ -14,35 +14,29 @@ key by key. One file can also hold several stages in sections:
     perplexity: {default: {min: p2, max: p98}}
     score:      {default: {min: 3}}
 
-Percentiles need the whole distribution before the first decision, so a run
-with percentile bounds annotates its whole input first, spooling annotated
-records to a temporary file (memory stays flat: only the values, 8 bytes each,
-are kept), then replays the spool through the stage runner. `annotate_ahead`
-does that for any stage that collects a `Distribution`.
+Percentiles need the whole distribution before the first decision: a stage
+whose thresholds use them declares `measure_first`, and the stage runner
+(`data.stage`) annotates its whole shard first, spooled to disk, before it
+decides (memory stays flat: only the values, 8 bytes each, are kept).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import pickle
 import re
-import tempfile
-from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aloe_cli.data.io import Item, source_name
-from aloe_cli.data.stage import RunConfig, Shard
-from aloe_cli.errors import AloeError, RecordError
+from aloe_cli.data.stage import Distribution
+from aloe_cli.errors import AloeError
 
 DEFAULT_KEY = "default"
 STAGE_SECTIONS = ("perplexity", "score")
 PERCENTILE_PATTERN = re.compile(r"^p(\d+(?:\.\d+)?)$", re.IGNORECASE)
-# Marks an item annotated by `annotate_ahead`, so the replay does not annotate it twice.
-ANNOTATED_AHEAD = "annotated_ahead"
 
 
 @dataclass(frozen=True)
@@ -80,40 +74,6 @@ class Limits:
         return {"min": self.min, "max": self.max}
 
 
-class Distribution:
-    """Values per source, 8 bytes each: enough for percentiles, plots and summaries."""
-
-    def __init__(self) -> None:
-        self._values: dict[str, array] = {}
-        self.complete = False  # set once every value of the run has been added
-
-    def add(self, source: str, value: float) -> None:
-        self._values.setdefault(source, array("d")).append(float(value))
-
-    def sources(self) -> list[str]:
-        return sorted(self._values)
-
-    def values(self, source: str):
-        import numpy as np
-
-        return np.frombuffer(self._values.get(source, array("d")), dtype=np.float64)
-
-    def count(self, source: str) -> int:
-        return len(self._values.get(source, ()))
-
-    def percentile(self, source: str, q: float) -> float | None:
-        import numpy as np
-
-        values = self.values(source)
-        finite = values[np.isfinite(values)]
-        if finite.size == 0:
-            return None
-        return float(np.percentile(finite, q))
-
-    def percentiles(self, source: str, qs: Iterable[float] = (1, 5, 50, 95, 99)) -> dict[str, float | None]:
-        return {f"p{q:g}": self.percentile(source, q) for q in qs}
-
-
 @dataclass
 class Thresholds:
     """The bounds of one stage: per source, with a default."""
@@ -134,7 +94,7 @@ class Thresholds:
 
     def resolve(self, distribution: Distribution | None) -> ResolvedThresholds:
         if self.needs_distribution() and (distribution is None or not distribution.complete):
-            raise RuntimeError("percentile thresholds need the whole distribution first (see annotate_ahead)")
+            raise RuntimeError("percentile thresholds need the whole distribution first (Stage.measure_first)")
         return ResolvedThresholds(self, distribution)
 
 
@@ -303,114 +263,7 @@ def source_of(item: Item) -> str:
     return "stdin" if item.input in ("<stdin>", "-") else source_name(item.input)
 
 
-# ----------------------------------------------------------------------------- annotate ahead
-
-class SpooledItems:
-    """Items annotated ahead of the decisions, stored in a temporary file and replayed in order.
-
-    Positions outside this process's shard are replayed as a placeholder that
-    the stage runner drops unread, so the runner's own sharding and counting
-    stay exactly as in a streaming run.
-    """
-
-    _SKIPPED = Item(None, "", "")
-
-    def __init__(self, path: Path, directory: tempfile.TemporaryDirectory, total: int, shard: Shard):
-        self.path = path
-        self._directory = directory
-        self.total = total
-        self.shard = shard
-
-    def __iter__(self) -> Iterator[Item]:
-        """Replay once; the spool file is deleted when the replay ends (or on exit, if it never does)."""
-        try:
-            with open(self.path, "rb") as handle:
-                for position in range(self.total):
-                    if position % self.shard.count != self.shard.index:
-                        yield self._SKIPPED
-                        continue
-                    yield _item_from_spool(pickle.load(handle))
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        self._directory.cleanup()
-
-
-def annotate_ahead(items: Iterable[Item], annotate: Callable[[list[Item]], None], *, config: RunConfig,
-                   distribution: Distribution, spool_dir: str | os.PathLike | None = None,
-                   on_progress: Callable[[int], None] | None = None) -> SpooledItems:
-    """Annotate every item of this shard now, spool them to disk, and mark the distribution complete.
-
-    Items are annotated in chunks of `config.batch_size`. With
-    ``--on-error fail`` the first bad record raises here, exactly as the runner
-    would raise it; otherwise bad records are spooled with their error and the
-    runner sends them to the rejects on replay. The spool goes to `spool_dir`
-    (default: the system temporary folder, $TMPDIR).
-    """
-    shard, chunk_size, fail_fast = config.shard, config.batch_size, config.on_error != "skip"
-    directory = tempfile.TemporaryDirectory(prefix="aloe-spool-", dir=spool_dir)
-    path = Path(directory.name) / "items.pickle"
-    total = 0
-    try:
-        with open(path, "wb") as handle:
-            chunk: list[Item] = []
-            for position, item in enumerate(items):
-                total = position + 1
-                if position % shard.count != shard.index:
-                    continue
-                chunk.append(item)
-                if len(chunk) >= chunk_size:
-                    _annotate_and_spool(chunk, annotate, handle, fail_fast, on_progress)
-                    chunk = []
-            _annotate_and_spool(chunk, annotate, handle, fail_fast, on_progress)
-    except BaseException:
-        directory.cleanup()
-        raise
-    distribution.complete = True
-    return SpooledItems(path, directory, total, shard)
-
-
-def _annotate_and_spool(chunk: list[Item], annotate: Callable[[list[Item]], None], handle, fail_fast: bool,
-                        on_progress: Callable[[int], None] | None) -> None:
-    if not chunk:
-        return
-    if fail_fast:
-        _raise_first_error(chunk)
-    valid = [item for item in chunk if item.error is None]
-    if valid:
-        annotate(valid)
-    if fail_fast:
-        _raise_first_error(chunk)
-    for item in chunk:
-        item.annotations[ANNOTATED_AHEAD] = True
-        pickle.dump(_item_to_spool(item), handle, protocol=pickle.HIGHEST_PROTOCOL)
-    if on_progress is not None:
-        on_progress(len(chunk))
-
-
-def _raise_first_error(chunk: list[Item]) -> None:
-    for item in chunk:
-        if item.error is not None:
-            raise item.error.located(item.where)
-
-
-def _item_to_spool(item: Item) -> dict:
-    error = item.error
-    return {"record": item.record, "where": item.where, "input": item.input, "image_root": item.image_root,
-            "raw": item.raw if item.record is None else None, "annotations": item.annotations,
-            "error": None if error is None else (error.reason, error.message, error.where, error.field)}
-
-
-def _item_from_spool(data: dict) -> Item:
-    error = data["error"]
-    return Item(record=data["record"], where=data["where"], input=data["input"], image_root=data["image_root"],
-                raw=data["raw"], annotations=data["annotations"],
-                error=None if error is None else RecordError(error[0], error[1], where=error[2], field=error[3]))
-
-
 __all__ = [
-    "ANNOTATED_AHEAD", "Bounds", "Distribution", "Limits", "Percentile", "ResolvedThresholds", "SpooledItems",
-    "Thresholds", "annotate_ahead", "check_value", "describe_bound", "load_thresholds", "parse_thresholds",
-    "source_of",
+    "Bounds", "Distribution", "Limits", "Percentile", "ResolvedThresholds", "Thresholds", "check_value",
+    "describe_bound", "load_thresholds", "parse_thresholds", "source_of",
 ]

@@ -1,11 +1,12 @@
 """The two streaming passes of `aloe mix`.
 
-Pass 1 (count) reads every input once (the reader normalises the records,
-grounding text included), counts each record's loss tokens (cache first, then
-the tokenizer in batches) and keeps only two numbers per record: its group
-(source x cell, or NOT_AVAILABLE when rejected) and its loss-token count. That
-is 8 bytes a record, ~30 MB for 3.5 M records. Rejected records go to the
-rejects file here.
+Pass 1 (count) runs on the stage runner (`CountingStage`): it reads every
+input once (the reader normalises the records, grounding text included),
+counts each record's loss tokens (cache first, then the tokenizer in batches)
+and keeps only two numbers per record: its group (source x cell, or
+NOT_AVAILABLE when rejected) and its loss-token count. That is 8 bytes a
+record, ~30 MB for 3.5 M records. The runner counts read/kept/rejected per
+input and per reason and sends rejected records to the rejects file.
 
 The plan (plan.py) turns those arrays into copies per record.
 
@@ -28,18 +29,19 @@ import tempfile
 import time
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 
+from aloe_cli.console import null_progress
 from aloe_cli.data.io import STDIO, Item, RecordWriter, dumps, read_file
 from aloe_cli.data.records import DOMAINS, RecordDefaults, modality
-from aloe_cli.data.stage import reject_record
+from aloe_cli.data.stage import InputCounts, ProgressFactory, Reject, RunConfig, Stage, run_stage
 from aloe_cli.errors import AloeError, RecordError
 from aloe_cli.mixing.plan import NOT_AVAILABLE, Group, Plan, make_plan, output_rng
 from aloe_cli.mixing.recipe import Recipe, SourceSpec
@@ -51,8 +53,6 @@ _STDIN_DISPLAY = "<stdin>"
 _RECORDS_PER_BUCKET = 4096
 _MAX_BUCKETS = 256
 _PROGRESS_STEP = 1024
-
-ProgressFactory = Callable[[str, "int | None"], AbstractContextManager[Any]]
 
 
 @dataclass
@@ -70,19 +70,13 @@ class MixOptions:
 
 
 @dataclass
-class InputTally:
-    read: int = 0
-    rejected: int = 0
-
-
-@dataclass
 class MixResult:
     recipe: Recipe
     plan: Plan
     read: int
     rejected: int
     reasons: Counter
-    inputs: dict[str, InputTally]
+    inputs: dict[str, InputCounts]
     written: int
     dry_run: bool
     rejects_written: bool
@@ -169,6 +163,13 @@ def iter_items(recipe: Recipe, stdin: StdinCopy) -> Iterator[tuple[SourceSpec, I
                     yield spec, item
 
 
+def _items_with_spec(recipe: Recipe, stdin: StdinCopy) -> Iterator[Item]:
+    """`iter_items` for the stage runner: each item carries its source spec."""
+    for spec, item in iter_items(recipe, stdin):
+        item.annotations["spec"] = spec
+        yield item
+
+
 # ----------------------------------------------------------------------------- per-record state
 
 class GroupIndex:
@@ -213,76 +214,47 @@ class RecordState:
 # ----------------------------------------------------------------------------- pass 1
 
 @dataclass
-class _Accounting:
-    on_error: str
-    rejects: RecordWriter | None
-    read: int = 0
-    rejected: int = 0
-    reasons: Counter = field(default_factory=Counter)
-    inputs: dict[str, InputTally] = field(default_factory=dict)
-
-    def saw(self, item: Item) -> None:
-        self.read += 1
-        self.inputs.setdefault(item.input, InputTally()).read += 1
-
-    def bad(self, item: Item) -> None:
-        """A record that cannot be used: stop (--on-error fail) or reject it."""
-        if self.on_error != "skip":
-            raise item.error.located(item.where)
-        self.reject(item, item.error.reason, item.error.format())
-
-    def reject(self, item: Item, reason: str, detail: str) -> None:
-        self.rejected += 1
-        self.reasons[reason] += 1
-        self.inputs[item.input].rejected += 1
-        if self.rejects is not None:
-            self.rejects.write(reject_record(item, STAGE, reason, detail))
-
-
-@dataclass
 class _Batch:
-    """One batch of pass 1 between reading and accounting."""
+    """One batch of pass 1 between preparing and counting."""
 
-    entries: list[tuple[SourceSpec, Item]]
+    items: list[Item]
     prepared: list[Prepared | None]
     counts: list[int]  # -1 = still to be counted
     keys: dict[int, bytes]  # batch index -> cache key (when there is a cache)
     todo: list[int]  # batch indices sent to the tokenizer
 
 
-class _CountingPass:
-    """Reads, prepares and counts in batches; keeps 8 bytes a record; sends rejects on their way."""
+class CountingStage(Stage):
+    """Pass 1 on the stage runner: prepare, count loss tokens (cache first), keep 8 bytes a record.
 
-    def __init__(self, recipe: Recipe, counter: LossTokenCounter, cache: TokenCache | None, accounting: _Accounting,
-                 batch_size: int):
+    The runner owns the counting of read/kept/rejected, --on-error and the
+    rejects; this stage rejects records without loss tokens and remembers each
+    record's group and count, in reading order, for the plan and pass 2.
+    """
+
+    name = STAGE
+
+    def __init__(self, recipe: Recipe, counter: LossTokenCounter, cache: TokenCache | None, batch_size: int):
         self.recipe = recipe
         self.counter = counter
         self.cache = cache
-        self.accounting = accounting
         self.batch_size = batch_size
         self.groups = GroupIndex()
         self.state = RecordState()
 
-    def run(self, items: Iterator[tuple[SourceSpec, Item]], progress: Any) -> None:
+    def runner_batch_size(self) -> int:
+        return self.batch_size
+
+    def annotate_stream(self, batches: Iterator[list[Item]]) -> Iterator[list[Item]]:
         # Tokenizing batch k overlaps reading and rendering batch k + 1 (see LossTokenCounter.count_pipelined).
-        for batch, results in self.counter.count_pipelined(self._jobs(items)):
+        for batch, results in self.counter.count_pipelined(self._start(items) for items in batches):
             self._finish(batch, results)
-            progress.advance(len(batch.entries))
+            yield batch.items
 
-    def _jobs(self, items: Iterator[tuple[SourceSpec, Item]]) -> Iterator[tuple[_Batch, list[list[dict]]]]:
-        entries: list[tuple[SourceSpec, Item]] = []
-        for entry in items:
-            entries.append(entry)
-            if len(entries) >= self.batch_size:
-                yield self._start(entries)
-                entries = []
-        if entries:
-            yield self._start(entries)
-
-    def _start(self, entries: list[tuple[SourceSpec, Item]]) -> tuple[_Batch, list[list[dict]]]:
+    def _start(self, items: list[Item]) -> tuple[_Batch, list[list[dict]]]:
         """Prepare a batch and look its records up in the cache; return what is left to count."""
-        prepared = [self._prepare(spec, item) for spec, item in entries]
-        batch = _Batch(entries, prepared, [0] * len(entries), {}, [])
+        prepared = [self._prepare(item) for item in items]
+        batch = _Batch(items, prepared, [0] * len(items), {}, [])
         todo = [i for i, ready in enumerate(prepared) if ready is not None]
         if self.cache is not None and todo:
             namespace = self.counter.fingerprint
@@ -294,11 +266,11 @@ class _CountingPass:
         batch.todo = todo
         return batch, [prepared[i].record["messages"] for i in todo]
 
-    def _prepare(self, spec: SourceSpec, item: Item) -> Prepared | None:
+    def _prepare(self, item: Item) -> Prepared | None:
         if item.error is not None:
             return None
         try:
-            return prepare(item, spec)
+            return prepare(item, item.annotations["spec"])
         except RecordError as error:
             item.error = error.located(item.where)
             return None
@@ -306,7 +278,7 @@ class _CountingPass:
     def _finish(self, batch: _Batch, results: list[int | RecordError]) -> None:
         fresh = []
         for i, result in zip(batch.todo, results):
-            item = batch.entries[i][1]
+            item = batch.items[i]
             if isinstance(result, RecordError):
                 item.error = result.located(item.where)
                 batch.counts[i] = 0
@@ -316,17 +288,21 @@ class _CountingPass:
                     fresh.append((batch.keys[i], result))
         if fresh:
             self.cache.put_many(fresh)
-        for (spec, item), ready, count in zip(batch.entries, batch.prepared, batch.counts):
-            self.accounting.saw(item)
-            if item.error is not None:
-                self.accounting.bad(item)
-                self.state.add(NOT_AVAILABLE, 0)
-            elif count == 0:
-                self.accounting.reject(item, "no_loss_tokens",
-                                       "no assistant token contributes to the loss (no answer to train on)")
-                self.state.add(NOT_AVAILABLE, 0)
-            else:
-                self.state.add(self.groups.number(ready, spec), count)
+        for item, ready, count in zip(batch.items, batch.prepared, batch.counts):
+            item.annotations["prepared"] = ready
+            item.annotations["tokens"] = count
+
+    def decide(self, item: Item) -> Reject | None:
+        if item.annotations["tokens"] == 0:
+            return Reject("no_loss_tokens", "no assistant token contributes to the loss (no answer to train on)")
+        return None
+
+    def settled(self, item: Item, kept: bool) -> None:
+        if kept:
+            self.state.add(self.groups.number(item.annotations["prepared"], item.annotations["spec"]),
+                           item.annotations["tokens"])
+        else:
+            self.state.add(NOT_AVAILABLE, 0)
 
 
 # ----------------------------------------------------------------------------- pass 2
@@ -435,14 +411,6 @@ def _annotate(ready: Prepared, tokens: int) -> None:
 
 # ----------------------------------------------------------------------------- the run
 
-def _null_progress(description: str, total: int | None = None) -> AbstractContextManager[Any]:
-    class _Null:
-        def advance(self, n: int = 1) -> None:
-            pass
-
-    return nullcontext(_Null())
-
-
 @contextmanager
 def _open_cache(recipe: Recipe, options: MixOptions) -> Iterator[TokenCache | None]:
     if not options.cache:
@@ -460,7 +428,6 @@ def run_mix(recipe: Recipe, options: MixOptions, counter: LossTokenCounter | Non
     """Count, plan and (unless dry_run) write a mixture. Raises AloeError for unusable input."""
     from aloe_cli.modeling.loss_tokens import load_counter
 
-    progress = progress or _null_progress
     if options.rejects is not None and options.rejects == options.output and options.output != STDIO:
         raise AloeError("--rejects and --output must be different files")
     spool_dir = options.spool_dir or (str(Path(options.output).resolve().parent) if options.output != STDIO else None)
@@ -473,14 +440,13 @@ def run_mix(recipe: Recipe, options: MixOptions, counter: LossTokenCounter | Non
         rejects = (None if options.dry_run or options.rejects is None
                    else stack.enter_context(RecordWriter(options.rejects)))
         cache = stack.enter_context(_open_cache(recipe, options))
-        accounting = _Accounting(options.on_error, rejects)
-        counting = _CountingPass(recipe, counter, cache, accounting, options.batch_size)
-
-        with _timed(seconds, "count"), progress("mix: counting loss tokens", None) as bar:
-            counting.run(iter_items(recipe, stdin), bar)
+        counting = CountingStage(recipe, counter, cache, options.batch_size)
+        with _timed(seconds, "count"):
+            reading = run_stage(counting, _items_with_spec(recipe, stdin), None, rejects,
+                                RunConfig(on_error=options.on_error), progress=progress)
         if not counting.groups.groups:
-            raise AloeError(f"nothing to mix: none of the {accounting.read} record(s) read is usable"
-                            + (f" ({_reason_list(accounting.reasons)})" if accounting.reasons else ""))
+            raise AloeError(f"nothing to mix: none of the {reading.read} record(s) read is usable"
+                            + (f" ({_reason_list(reading.reasons)})" if reading.reasons else ""))
         group_of, tokens = counting.state.arrays()
         with _timed(seconds, "plan"):
             plan = make_plan(group_of, tokens, counting.groups.groups, recipe.targets, seed=recipe.seed,
@@ -492,13 +458,13 @@ def run_mix(recipe: Recipe, options: MixOptions, counter: LossTokenCounter | Non
                 spool = ShuffleSpool(plan.samples, stack.enter_context(
                     tempfile.TemporaryDirectory(prefix=".aloe-mix-", dir=spool_dir)))
                 stack.callback(spool.close)
-                with progress("mix: writing", len(group_of)) as bar:
+                with (progress or null_progress)("mix: writing", len(group_of)) as bar:
                     _write_pass(iter_items(recipe, stdin), plan, group_of, tokens, counting.groups, recipe, spool,
                                 bar)
                 written = spool.drain(output)
     return MixResult(
-        recipe=recipe, plan=plan, read=accounting.read, rejected=accounting.rejected, reasons=accounting.reasons,
-        inputs=accounting.inputs, written=written, dry_run=options.dry_run, rejects_written=rejects is not None,
+        recipe=recipe, plan=plan, read=reading.read, rejected=reading.rejected, reasons=reading.reasons,
+        inputs=reading.inputs, written=written, dry_run=options.dry_run, rejects_written=rejects is not None,
         cache=None if cache is None else {"path": str(cache.path), "hits": cache.hits, "misses": cache.misses},
         counting={"records_counted": counter.stats.records, "texts_tokenized": counter.stats.tokenized_texts,
                   "repeats_reused": counter.stats.memo_hits},

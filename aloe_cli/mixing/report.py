@@ -71,6 +71,7 @@ def build_report(result: MixResult) -> dict[str, Any]:
         "requested": {"total_samples": recipe.total_samples, "total_tokens": recipe.total_tokens},
         "dry_run": result.dry_run,
         "read": result.read,
+        "kept": totals.samples_available,  # kept by the reading pass = available to the plan
         "rejected": result.rejected,
         "available": totals.samples_available,
         "selected_unique": totals.unique_selected,
