@@ -37,12 +37,10 @@ def emit(config: AdvTrainConfig, path: str) -> None:
     """Perturb the inputs into `path` through the stage runner (one perturbed copy per record, balanced)."""
     from aloe_cli.commands._common import run_data_command
     from aloe_cli.data.stage import RunConfig
-    from aloe_cli.perturb import PerturbStage
+    from aloe_cli.training.adversarial import adversarial_stage
 
-    stage = PerturbStage(config.perturb_kinds(), seed=config.seed, samples=config.samples,
-                         image_root=config.image_root)
-    run_data_command(stage, config.input, image_root=config.image_root, output=path, rejects=None, report=None,
-                     config=RunConfig(on_error=config.on_error))
+    run_data_command(adversarial_stage(config), config.input, image_root=config.image_root, output=path,
+                     rejects=None, report=None, config=RunConfig(on_error=config.on_error))
 
 
 @app.command(name="adv-train", help=__doc__, no_args_is_help=True)
