@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from support import aloe, chat, read_jsonl, scan, write_jsonl
+from support import aloe, chat, scan, write_jsonl
 
 
 @pytest.fixture
@@ -38,13 +38,13 @@ def test_debug_prints_the_traceback_from_where_the_problem_was_found(bad_box, va
 
 
 def test_debug_shows_the_exception_a_one_line_error_hides(bad_box, tmp_path):
-    args = ["dedup", "-i", str(bad_box), "--within", "--on-error", "skip", "-o", str(tmp_path / "out.jsonl"),
-            "--report", str(tmp_path / "no-such-folder" / "report.json")]
+    folder = tmp_path / "eval.idx"  # a folder where the saved index should be
+    folder.mkdir()
+    args = ["dedup", "-i", str(bad_box), "--against", str(folder)]
     quiet = aloe(*args)
-    assert quiet.returncode == 1 and "FileNotFoundError" not in quiet.stderr
-    assert len(error_lines(quiet.stderr)) == 1 and "cannot write report" in error_lines(quiet.stderr)[0]
+    assert quiet.returncode == 1 and "IsADirectoryError" not in quiet.stderr
+    assert len(error_lines(quiet.stderr)) == 1 and "cannot read hash index" in error_lines(quiet.stderr)[0]
     loud = aloe(*args, env={"ALOE_DEBUG": "1"})
     assert loud.returncode == 1
-    assert "FileNotFoundError" in loud.stderr  # raised `from None` behind the AloeError, shown anyway
-    assert loud.stderr.strip().splitlines()[-1].startswith("aloe: error: cannot write report")
-    assert [r["id"] for r in read_jsonl(tmp_path / "out.jsonl")] == ["ok"]  # the records were written before
+    assert "IsADirectoryError" in loud.stderr  # raised `from None` behind the AloeError, shown anyway
+    assert loud.stderr.strip().splitlines()[-1].startswith("aloe: error: cannot read hash index")

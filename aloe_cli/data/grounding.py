@@ -24,7 +24,7 @@ import io
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,6 +129,25 @@ def parse_grounding(text: str) -> list[GroundedBox]:
             result.append(GroundedBox(label, *value))
         last_end = end
     return result
+
+
+def replace_boxes(text: str, replace: Callable[[tuple[int, int, int, int]], Sequence[int]]) -> str:
+    """`text` with each `<|box_start|>..<|box_end|>` box rewritten as `replace(corners)` (as written, 0..1000)."""
+    return _BOX_RE.sub(lambda match: format_box(replace(_coords(match))), text)
+
+
+def without_grounding(text: str) -> str:
+    """The words of `text` without grounding markup, on one line.
+
+    A line that holds only regions (as `ground_record` appends them) is
+    dropped; a phrase referred to inside a sentence keeps its words.
+    """
+    kept = []
+    for line in text.splitlines():
+        if not _BOX_RE.sub("", _REF_RE.sub("", line)).strip() and BOX_START in line:
+            continue
+        kept.append(_BOX_RE.sub("", _REF_RE.sub(lambda match: match.group(1), line)))
+    return " ".join(" ".join(kept).split())
 
 
 def _coords(match: re.Match) -> tuple[int, int, int, int]:
