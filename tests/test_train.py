@@ -351,14 +351,91 @@ def test_resume_without_a_checkpoint_is_an_error(tmp_path, tiny_model_dir):
 
 
 def test_a_broken_image_is_skipped_in_a_run_and_counted(tmp_path, tiny_model_dir):
+    """Also: --freeze-vision keeps the vision encoder as it was (the projector trains), --attn-implementation."""
+    import torch
+    from safetensors.torch import load_file
+
     task = colour_task(tmp_path / "data", count=8)
     (tmp_path / "data" / "3.png").write_bytes(b"not a png")
     proc = train("-i", str(task), "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "run"),
-                 "--max-steps", "1", "--micro-batch-size", "8", "--no-shuffle")
+                 "--max-steps", "1", "--micro-batch-size", "8", "--no-shuffle", "--freeze-vision",
+                 "--attn-implementation", "eager")
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"samples skipped \(image_corrupt\)\s+1\n", proc.stderr), proc.stderr
     logged = [line for line in read_jsonl(tmp_path / "run" / "log.jsonl") if "loss" in line]
     assert logged[-1]["skipped_image_corrupt"] == 1
+    assert "float32 weights, eager attention" in proc.stderr
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(tmp_path / "run" / "model.safetensors")
+    vision = [name for name in before if "visual" in name]
+    assert vision and all(torch.equal(before[n], after[n]) for n in vision if "merger" not in n)
+    assert not all(torch.equal(before[n], after[n]) for n in vision if "merger" in n)
+
+
+def test_freeze_options_choose_the_vision_encoder_or_the_projector(tiny_model_dir):
+    from transformers import AutoModelForImageTextToText
+
+    from aloe_cli.training.trainer import freeze
+
+    for vision, projector in ((True, False), (False, True), (True, True)):
+        model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+        freeze(model, vision=vision, projector=projector)
+        for name, parameter in model.named_parameters():
+            frozen = "visual" in name and (projector if "merger" in name else vision)
+            assert parameter.requires_grad is not frozen, name
+
+
+def test_every_input_format_and_image_form_reaches_the_collator(tmp_path, processor):
+    import datasets
+
+    from aloe_cli.data.io import RecordWriter
+
+    records = [chat(QUESTION, "Red.", [data_uri("red")], id="a"), chat(QUESTION, "Blue.", [str(DICOM)], id="b")]
+    with RecordWriter(tmp_path / "r.parquet") as writer:  # images become HF Image structs {bytes, path}
+        for record in records:
+            writer.write(record)
+    with RecordWriter(tmp_path / "r.jsonl.gz") as writer:
+        for record in records:
+            writer.write(record)
+    folder_records = [{**chat(QUESTION, "Red.", [data_uri("red")]), "images": [{"bytes": base64.b64decode(
+        data_uri("red").partition(",")[2]), "path": None}]}]
+    datasets.Dataset.from_list(folder_records).save_to_disk(str(tmp_path / "folder"))
+    inputs = [str(tmp_path / name) for name in ("r.parquet", "r.jsonl.gz", "folder")]
+    summary = build_dataset(read_items(inputs), tmp_path / "run")
+    assert (summary.read, summary.kept) == (5, 5)
+    dataset = load_dataset(tmp_path / "run")
+    assert dataset[0]["images"][0]["bytes"] and dataset[1]["images"][0]["path"] == str(DICOM)
+    batch = TrainingCollator(processor, max_length=4096)([dataset[i] for i in range(len(dataset))])
+    assert batch["image_grid_thw"].shape[0] == 5 and batch["aloe_skipped"] == {}
+
+
+def test_pixel_limits_are_set_on_the_processor(tiny_model_dir, tmp_path):
+    from aloe_cli.training.config import TrainConfig, resolve
+    from aloe_cli.training.trainer import prepare_processor
+
+    config = TrainConfig(model=str(tiny_model_dir), max_pixels=56 * 56, min_pixels=56 * 56, deepspeed="none")
+    processor = prepare_processor(resolve(config, 1))
+    assert processor.image_processor.size["longest_edge"] == processor.image_processor.size["shortest_edge"] == 3136
+    path = write_jsonl(tmp_path / "r.jsonl", [chat(QUESTION, "Red.", [str(DICOM)])])  # 128 x 128 pixels
+    build_dataset(read_items([str(path)]), tmp_path / "run")
+    batch = TrainingCollator(processor, max_length=4096)([load_dataset(tmp_path / "run")[0]])
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4]]  # 56 x 56 pixels: 2 x 2 merged tokens
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--use-liger",), "--use-liger needs the liger-kernel package"),
+    (("--report-to", "nosuch"), "--report-to nosuch: unknown"),
+])
+def test_options_that_need_a_package_fail_before_training(tmp_path, tiny_model_dir, args, message):
+    import importlib.util
+
+    if args[0] == "--use-liger" and importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel is installed here")
+    task = colour_task(tmp_path / "data", count=2)
+    proc = train("-i", str(task), "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "run"), *args)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("aloe: error: ") and message in last
+    assert not (tmp_path / "run" / "dataset").exists()  # nothing was read
 
 
 def test_on_error_fail_stops_at_a_broken_image_with_one_line_naming_the_record(tmp_path, tiny_model_dir):

@@ -132,6 +132,19 @@ def load_training_model(plan: TrainPlan, weights: str | None = None):
     return model
 
 
+def describe_model(model) -> str:
+    """Weights dtype, attention implementation and trainable parameters (ZeRO-3 partitions count in full)."""
+    def size(parameter) -> int:
+        return getattr(parameter, "ds_numel", None) or parameter.numel()
+
+    parameters = list(model.parameters())
+    total = sum(size(p) for p in parameters)
+    trainable = sum(size(p) for p in parameters if p.requires_grad)
+    dtype = str(parameters[0].dtype).replace("torch.", "")
+    attention = getattr(model.config, "_attn_implementation", None) or "default"
+    return (f"{dtype} weights, {attention} attention, {trainable:,} of {total:,} parameters trained")
+
+
 def freeze(model, *, vision: bool, projector: bool) -> None:
     """--freeze-vision: the vision encoder; --freeze-projector: the patch merger that feeds the language model."""
     from aloe_cli.training.guard import vision_core
@@ -298,6 +311,24 @@ def run_training(plan: TrainPlan, items: Callable[[], Iterable[Item]], *,
             raise _worker_error(error) from None
 
 
+def preflight(plan: TrainPlan) -> None:
+    """Options that need a package or a known name fail here, in one line, before anything is read or loaded."""
+    import importlib.util
+
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    if plan.config.use_liger and importlib.util.find_spec("liger_kernel") is None:
+        raise AloeError("--use-liger needs the liger-kernel package (pip install liger-kernel)")
+    for name in plan.sft_config_kwargs()["report_to"]:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise AloeError(f"--report-to {name}: unknown (known: {', '.join(sorted(INTEGRATION_TO_CALLBACK))}, none)")
+        if name not in get_available_reporting_integrations():
+            raise AloeError(f"--report-to {name}: its package is not installed")
+
+
 def _quiet_libraries() -> None:
     """No per-shard progress bars (our log lines say what happens) and no warnings DeepSpeed triggers every step."""
     import warnings
@@ -317,6 +348,7 @@ def _run(plan: TrainPlan, items, output_dir: Path, log) -> TrainResult:
     from aloe_cli.training.guard import VisionGuard
 
     _quiet_libraries()
+    preflight(plan)
     config = plan.config
     resume_from = None
     if config.resume:
@@ -348,11 +380,6 @@ def _run(plan: TrainPlan, items, output_dir: Path, log) -> TrainResult:
     if not torch.cuda.is_available():
         kwargs["use_cpu"] = plan.deepspeed is None
         kwargs["dataloader_pin_memory"] = False
-    if config.use_liger:
-        import importlib.util
-
-        if importlib.util.find_spec("liger_kernel") is None:
-            raise AloeError("--use-liger needs the liger-kernel package (pip install liger-kernel)")
     args = SFTConfig(**_current_names(SFTConfig, kwargs))
 
     # Without DeepSpeed the Trainer cannot restore Qwen2-VL weights itself (see AloeSFTTrainer); DeepSpeed restores
@@ -361,6 +388,8 @@ def _run(plan: TrainPlan, items, output_dir: Path, log) -> TrainResult:
     model = load_training_model(plan, weights_from)
     if config.freeze_vision or config.freeze_projector:
         freeze(model, vision=config.freeze_vision, projector=config.freeze_projector)
+    if state.is_main_process:
+        log(f"aloe {plan.command}: {describe_model(model)}")
     guard = VisionGuard(model).install()
     collator = TrainingCollator(processor, max_length=config.max_length, truncate_text=config.truncate == "text",
                                 on_error=config.on_error, dataset=dataset)
