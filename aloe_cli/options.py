@@ -158,3 +158,18 @@ RetryBackoffOpt = Annotated[
                  "at least what Retry-After asks."),
 ]
 MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest reply, in tokens.")]
+# A second model that grades the first one's answers (aloe eval's judge for open-ended items).
+JudgeBackendOpt = Annotated[
+    Backend | None,
+    typer.Option("--judge-backend", help="The judge's backend, hf or openai. Default: openai when --judge-base-url "
+                 "is given, else hf."),
+]
+JudgeBaseUrlOpt = Annotated[
+    str | None,
+    typer.Option("--judge-base-url", callback=_check_base_url, help="openai: the judge server's URL."),
+]
+JudgeApiKeyEnvOpt = Annotated[
+    str | None,
+    typer.Option("--judge-api-key-env", help="openai: environment variable holding the judge server's API key. "
+                 "Default: OPENAI_API_KEY when set, else no key."),
+]
