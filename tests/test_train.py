@@ -327,6 +327,16 @@ def test_the_trained_model_works_with_aloe_perplexity(trained, tmp_path):
     assert len(scored) == 32 and all(r["aloe"]["perplexity"]["value"] < 3 for r in scored)  # it learnt the answers
 
 
+def test_the_trained_model_answers_through_aloe_infer(trained, tmp_path):
+    _, run, _ = trained
+    for colour, answer in COLOURS.items():
+        image = tmp_path / f"{colour}.png"
+        Image.new("RGB", (56, 56), colour).save(image)
+        proc = aloe("infer", "--model", str(run), "--device", "cpu", "--image", str(image), QUESTION, env=ENV)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == answer
+
+
 def test_resume_continues_from_the_last_checkpoint_to_the_same_final_step(trained, tmp_path,
                                                                           tiny_released_model_dir):
     _, run, task = trained
