@@ -163,8 +163,8 @@ STUBS = {
     # srun runs its command once per node, as SLURM does with one task per node.
     "srun": '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
             'for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node "$@" || exit 1; done\n',
-    "scontrol": '#!/bin/bash\n[[ "$1 $2" == "show hostnames" ]] || exit 2\n'
-                'printf "gpu-node-%s\\n" 07 08 09 10 11 12 13 14\n',
+    # A long host list: a script that stops reading after the first line must not die of SIGPIPE under pipefail.
+    "scontrol": '#!/bin/bash\n[[ "$1 $2" == "show hostnames" ]] || exit 2\nseq -f "gpu-node-%02g" 7 50006\n',
     # Stands in for the Python that would start torchrun: records what each node would run.
     # One line per call, every argument in brackets so that word splitting would show.
     "python-stub": '#!/bin/bash\n'

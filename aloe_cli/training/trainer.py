@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from aloe_cli.data.io import Item
-from aloe_cli.errors import AloeError
+from aloe_cli.errors import AloeError, first_line
 from aloe_cli.training.config import CONFIG_FILE, TrainPlan
 
 LOG_FILE = "log.jsonl"
@@ -127,7 +127,7 @@ def load_training_model(plan: TrainPlan, weights: str | None = None):
         model = AutoModelForImageTextToText.from_pretrained(
             weights or config.model, dtype=dtype, attn_implementation=attn, trust_remote_code=config.trust_remote_code)
     except Exception as exc:  # transformers raises many types for a bad checkpoint
-        raise AloeError(f"cannot load model {config.model}: {_first_line(exc)}") from None
+        raise AloeError(f"cannot load model {config.model}: {first_line(exc)}") from None
     model.config.use_cache = False
     return model
 
@@ -264,11 +264,6 @@ def _current_names(config_cls, kwargs: dict) -> dict:
     return renamed
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _worker_error(error: AloeError) -> AloeError:
     """An AloeError re-raised by a data-loader worker carries the worker's traceback: keep the message only."""
     lines = [line for line in str(error).splitlines() if line.strip()]
@@ -366,6 +361,8 @@ def _run(plan: TrainPlan, items, output_dir: Path, log) -> TrainResult:
         if state.is_main_process:
             output_dir.mkdir(parents=True, exist_ok=True)
             write_plan(plan, output_dir)
+            if not resume_from:  # a new run starts a new log; a resumed one continues it
+                (output_dir / LOG_FILE).unlink(missing_ok=True)
             summary = build_dataset(items(), output_dir, on_error=config.on_error)
             records = {"read": summary.read, "kept": summary.kept, "rejected": summary.rejected,
                        "reasons": dict(summary.reasons)}
