@@ -51,16 +51,19 @@ def bin_of(name: str) -> str:
     return str(path) if path.exists() else shutil.which(name)
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "aloe_cli"]
+
+
 def test_zero3_on_two_ranks_with_a_text_only_rank_trains_and_saves_a_model_that_loads_back(tmp_path, tiny_model_dir):
+    """Also: --resume under ZeRO-3 restores DeepSpeed's own states and ends where the uninterrupted run ended."""
     import torch
     from transformers import AutoModelForImageTextToText
 
     task = mixed_ranks_task(tmp_path / "data")
     run = tmp_path / "run"
-    proc = launch([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "aloe_cli"],
-                  ["train", "-i", str(task), "--model", str(tiny_model_dir), "--output-dir", str(run), *FLAGS,
-                   "--global-batch-size", "2", "--micro-batch-size", "1", "--max-steps", "4", "--no-shuffle",
-                   "--save-steps", "4"], tmp_path)
+    args = ["train", "-i", str(task), "--model", str(tiny_model_dir), *FLAGS, "--global-batch-size", "2",
+            "--micro-batch-size", "1", "--max-steps", "4", "--no-shuffle", "--save-steps", "2"]
+    proc = launch(TORCHRUN, [*args, "--output-dir", str(run)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     # rank 0 got text only (4 micro batches through the guard), rank 1 images only
     assert "vision guard: text-only micro batches per rank [4, 0]" in proc.stderr
@@ -73,6 +76,15 @@ def test_zero3_on_two_ranks_with_a_text_only_rank_trains_and_saves_a_model_that_
                if not torch.equal(a, b)]
     assert any("visual" in name for name in changed) and any("language_model" in name for name in changed)
     assert len(dict(trained.named_parameters())) == len(dict(initial.named_parameters()))
+
+    interrupted = tmp_path / "interrupted"
+    shutil.copytree(run / "checkpoint-2", interrupted / "checkpoint-2")
+    proc = launch(TORCHRUN, [*args, "--output-dir", str(interrupted), "--resume"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("resuming from") == 1  # said once, by the main process
+    resumed = {line["step"]: line["loss"] for line in read_jsonl(interrupted / "log.jsonl") if "loss" in line}
+    assert sorted(resumed) == [3, 4]
+    assert resumed[4] == pytest.approx({line["step"]: line["loss"] for line in log}[4], rel=1e-4)
 
 
 @pytest.mark.parametrize("launcher", ["accelerate", "deepspeed"])

@@ -400,7 +400,7 @@ def _run(plan: TrainPlan, items, output_dir: Path, log) -> TrainResult:
     trainer.weights_from = weights_from
     for callback in (PrinterCallback, ProgressCallback):  # they print to stdout; our callback logs to stderr
         trainer.remove_callback(callback)
-    if resume_from:
+    if resume_from and state.is_main_process:
         log(f"aloe {plan.command}: resuming from {resume_from}")
     output = trainer.train(resume_from_checkpoint=resume_from)
     trainer.save_model(str(output_dir))
