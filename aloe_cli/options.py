@@ -99,6 +99,13 @@ ImageRootOpt = Annotated[
                  "(the working directory for stdin)."),
 ]
 
+KeepDicomBytesOpt = Annotated[
+    bool,
+    typer.Option("--keep-dicom-bytes",
+                 help="Pass embedded DICOM data (data URIs, parquet/dataset image bytes) through as it is, header "
+                 "and patient data included. Default: its pixels are re-encoded on read as PNG, rendered like every "
+                 "stage sees them (window/level, 8 bits), without the header. DICOM referenced by path stays a path."),
+]
 
 class BboxFormat(str, Enum):
     xyxy = "xyxy"

@@ -36,6 +36,7 @@ from aloe_cli.options import (
     ImageRootOpt,
     InputOpt,
     KeepAllOpt,
+    KeepDicomBytesOpt,
     OnError,
     OnErrorOpt,
     OutputOpt,
@@ -71,6 +72,7 @@ def dedup(
     report: ReportOpt = None,
     image_root: ImageRootOpt = None,
     bbox_format: BboxFormatOpt = BboxFormat.xyxy,
+    keep_dicom_bytes: KeepDicomBytesOpt = False,
     workers: WorkersOpt = 1,
     batch_size: BatchSizeOpt = 512,
     shard: ShardOpt = None,
@@ -115,7 +117,8 @@ def dedup(
                 return  # building the index was the whole job
         stage = DedupStage(hasher, eval_index, max_distance=max_distance, within=within)
         summary = run_data_command(stage, input, image_root=image_root, output=output, rejects=rejects,
-                                   defaults=RecordDefaults(bbox_format=bbox_format.value),
+                                   defaults=RecordDefaults(bbox_format=bbox_format.value,
+                                                           keep_dicom_bytes=keep_dicom_bytes),
                                    report=report, config=config)
     for name, stats in summary.extra.get("eval_sets", {}).items():
         console.log(f"  leaked from {name}: {stats['leaked_records']} training record(s)")

@@ -46,6 +46,7 @@ from aloe_cli.options import (
     BatchSizeOpt,
     ImageRootOpt,
     InputOpt,
+    KeepDicomBytesOpt,
     OnError,
     OnErrorOpt,
     OutputOpt,
@@ -111,6 +112,7 @@ def mix(
                         "$ALOE_CACHE_DIR/loss_tokens.sqlite (~/.cache/aloe).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Count every record, read and write no cache.")] = False,
     image_root: ImageRootOpt = None,
+    keep_dicom_bytes: KeepDicomBytesOpt = False,
     batch_size: BatchSizeOpt = 1024,
     on_error: OnErrorOpt = OnError.fail,
 ) -> None:
@@ -146,7 +148,7 @@ def mix(
 
     options = MixOptions(output=output, rejects=str(rejects) if rejects else None, dry_run=dry_run,
                          on_error=on_error.value, batch_size=batch_size, cache=not no_cache,
-                         cache_path=str(cache) if cache else None)
+                         cache_path=str(cache) if cache else None, keep_dicom_bytes=keep_dicom_bytes)
     from aloe_cli import console
     from aloe_cli.mixing import TargetsMissed
 

@@ -45,6 +45,7 @@ from aloe_cli.options import (
     ImageRootOpt,
     InputOpt,
     KeepAllOpt,
+    KeepDicomBytesOpt,
     ModelOpt,
     OnError,
     OnErrorOpt,
@@ -84,6 +85,7 @@ def perplexity(
     report: ReportOpt = None,
     image_root: ImageRootOpt = None,
     bbox_format: BboxFormatOpt = BboxFormat.xyxy,
+    keep_dicom_bytes: KeepDicomBytesOpt = False,
     batch_size: BatchSizeOpt = 16,
     shard: ShardOpt = None,
     resume: ResumeOpt = False,
@@ -124,7 +126,8 @@ def perplexity(
                                                    reuse=reuse), bounds, model_name=model)
     config = RunConfig(shard=chosen_shard, keep_all=keep_all, on_error=on_error.value)
     summary = run_data_command(stage, input, image_root=image_root, output=output, rejects=rejects, report=report,
-                               config=config, defaults=RecordDefaults(bbox_format=bbox_format.value))
+                               config=config, defaults=RecordDefaults(bbox_format=bbox_format.value,
+                                                                      keep_dicom_bytes=keep_dicom_bytes))
 
     rows = percentile_rows(summary.extra)
     if rows:

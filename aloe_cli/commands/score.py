@@ -51,6 +51,7 @@ from aloe_cli.options import (
     ImageRootOpt,
     InputOpt,
     KeepAllOpt,
+    KeepDicomBytesOpt,
     MaxNewTokensOpt,
     MaxRetriesOpt,
     OnError,
@@ -99,6 +100,7 @@ def score(
     report: ReportOpt = None,
     image_root: ImageRootOpt = None,
     bbox_format: BboxFormatOpt = BboxFormat.xyxy,
+    keep_dicom_bytes: KeepDicomBytesOpt = False,
     batch_size: BatchSizeOpt = 8,
     shard: ShardOpt = None,
     resume: ResumeOpt = False,
@@ -155,7 +157,8 @@ def score(
     runner_batch = batch_size * 4 if config.kind == "hf" else max(batch_size, concurrency * 4)
     run = RunConfig(batch_size=runner_batch, shard=chosen_shard, keep_all=keep_all, on_error=on_error.value)
     summary = run_data_command(stage, input, image_root=image_root, output=output, rejects=rejects, report=report,
-                               config=run, defaults=RecordDefaults(bbox_format=bbox_format.value))
+                               config=run, defaults=RecordDefaults(bbox_format=bbox_format.value,
+                                                                   keep_dicom_bytes=keep_dicom_bytes))
     # run_data_command closes the stage (backend, cache) when the run ends
     _print_scores(summary.extra)
 

@@ -36,6 +36,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
+from aloe_cli.data.dicom import scrub_embedded_dicom
 from aloe_cli.data.images import to_data_uri
 from aloe_cli.data.records import RecordDefaults, normalize
 from aloe_cli.data.shard import ALL, Shard, Units, shard_lines
@@ -165,6 +166,8 @@ def read_file(path: str, image_root: str | os.PathLike | None = None, *, require
                 item.record = normalize(item.raw, defaults, root)
             except RecordError as error:
                 item.error = error.located(item.where)
+        if item.error is not None and not defaults.keep_dicom_bytes:
+            item.raw = scrub_embedded_dicom(item.raw)  # it goes to the rejects as read: never with a DICOM header
         yield item
 
 
