@@ -100,7 +100,8 @@ def perplexity(
     from aloe_cli.commands._common import resolve_shard, run_data_command, shard_done
     from aloe_cli.data.records import RecordDefaults
     from aloe_cli.data.stage import RunConfig
-    from aloe_cli.filters.perplexity import PerplexityConfig, PerplexityStage, percentile_rows, plot_histograms
+    from aloe_cli.filters.distribution_plots import plot_histograms
+    from aloe_cli.filters.perplexity import PerplexityConfig, PerplexityStage, percentile_rows
     from aloe_cli.filters.thresholds import load_thresholds
     from aloe_cli.modeling.loading import ModelSpec, check_model_reference, load_model
     from aloe_cli.plotting import plot_folder, require_matplotlib

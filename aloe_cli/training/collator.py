@@ -1,10 +1,10 @@
 """The training collator: decode a micro batch's images, render it with the training chat template, label it.
 
 For each example the images are decoded (`aloe_cli.data.images`: paths, data
-URIs, parquet image structs, DICOM), the conversation goes through the
-processor's chat template with `return_assistant_tokens_mask=True`, and the
-labels are the input ids where the template's `{% generation %}` mask is 1 and
--100 elsewhere: the loss covers exactly the tokens `aloe mix` balanced on.
+URIs, parquet image structs, DICOM), the conversation is encoded by
+`modeling.encoding.ChatEncoder` (the training chat template and its loss mask),
+and the labels are the input ids where that mask is 1 and -100 elsewhere: the
+loss covers exactly the tokens `aloe mix` balanced on.
 
 A sample longer than `max_length` (image tokens included) is dropped, or with
 `truncate_text` its text is cut at `max_length` provided the cut falls after
@@ -25,7 +25,7 @@ from typing import Any
 
 from aloe_cli.data.images import load_image
 from aloe_cli.errors import AloeError, RecordError
-from aloe_cli.filters.perplexity import conversation_with_images
+from aloe_cli.modeling.encoding import ChatEncoder, chat_messages
 
 SKIPPED_KEY = "aloe_skipped"
 # How many following rows are tried in place of an unusable one before giving up.
@@ -60,8 +60,10 @@ class TrainingCollator:
     on_error: str = "skip"
     dataset: Any = None  # rows to draw replacements from; None: an unusable sample is an error
     _protected: frozenset = field(default=frozenset(), init=False, repr=False)
+    _chats: ChatEncoder | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._chats = ChatEncoder(self.processor)  # the training template and its loss mask
         tokenizer = self.processor.tokenizer
         names = [getattr(self.processor, "image_token", None), getattr(self.processor, "video_token", None),
                  "<|vision_start|>", "<|vision_end|>"]
@@ -80,27 +82,22 @@ class TrainingCollator:
                 where = example.get("where", "?")
                 raise AloeError(f"{where}: {error.message} (--on-error skip would skip it)") from None
             raise Unusable(error.reason, error.message) from None
-        conversation = conversation_with_images({"messages": example["messages"]}, images)
         try:
-            # Lists, not tensors: transformers maps the generation spans to tokens in a Python loop that is
-            # several times slower over tensors (the pixels come back as a tensor either way).
-            out = self.processor.apply_chat_template(conversation, tokenize=True, return_dict=True,
-                                                     return_assistant_tokens_mask=True)
-        except Exception as exc:  # the template rejects the conversation (raise_exception, bad roles)
+            chat = self._chats.encode(chat_messages(example["messages"], images))
+        except RecordError as error:  # the template rejects the conversation (raise_exception, bad roles)
             if self.on_error == "fail":
-                raise AloeError(f"{example.get('where', '?')}: the chat template cannot render this record "
-                                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-            raise Unusable("template_error", str(exc)) from None
-        input_ids = list(out["input_ids"][0])
-        labels = [token if learned else IGNORE_INDEX for token, learned in zip(input_ids, out["assistant_masks"][0])]
-        mm_types = list(out["mm_token_type_ids"][0]) if "mm_token_type_ids" in out else None
+                raise AloeError(f"{example.get('where', '?')}: {error.message}") from None
+            raise Unusable(error.reason, error.message) from None
+        input_ids = chat.input_ids
+        labels = [token if learned else IGNORE_INDEX for token, learned in zip(input_ids, chat.loss_mask)]
+        mm_types = chat.mm_token_type_ids
         if len(input_ids) > self.max_length:
             cut = self._text_cut(input_ids, labels)
             input_ids, labels = input_ids[:cut], labels[:cut]
             mm_types = mm_types[:cut] if mm_types is not None else None
         if all(label == IGNORE_INDEX for label in labels):
             raise Unusable("no_loss_tokens", "no answer token left to learn from")
-        return Encoded(input_ids, labels, mm_types, out.get("pixel_values"), out.get("image_grid_thw"))
+        return Encoded(input_ids, labels, mm_types, chat.pixel_values, chat.image_grid_thw)
 
     def _text_cut(self, input_ids: list[int], labels: list[int]) -> int:
         """Where an over-long sample may be cut (text only), or Unusable('too_long')."""
