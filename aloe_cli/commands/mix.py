@@ -96,7 +96,6 @@ def mix(
     batch_size: BatchSizeOpt = 1024,
     on_error: OnErrorOpt = OnError.fail,
 ) -> None:
-    from aloe_cli.data.reports import write_report
     from aloe_cli.mixing import MixOptions, build_report, load_recipe, plot_shares, run_mix
     from aloe_cli.plotting import require_matplotlib
 
@@ -124,6 +123,10 @@ def mix(
         recipe = _inline(input, share, tokenizer, chat_template, seed, total_samples, total_tokens, balance,
                          max_repeats, domain, image_root, bbox_format)
 
+    from aloe_cli.commands._common import check_io, write_summary_report
+
+    check_io([path for spec in recipe.sources for path in spec.paths], output=None if dry_run else output,
+             rejects=None if dry_run else rejects, report=report, written=[("--cache", cache)])
     options = MixOptions(output=output, rejects=str(rejects) if rejects else None, dry_run=dry_run,
                          on_error=on_error.value, batch_size=batch_size, cache=not no_cache,
                          cache_path=str(cache) if cache else None)
@@ -133,7 +136,7 @@ def mix(
     summary = build_report(result)
     _print_summary(summary, output)
     if report is not None:
-        write_report(report, summary)
+        write_summary_report(report, summary)
     if plot is not None:
         paths = plot_shares(summary, plot)
         console.log(f"  plots: {', '.join(str(p) for p in paths)}")

@@ -42,10 +42,11 @@ def merge(
 ) -> None:
     import json
 
-    from aloe_cli.commands._common import print_summary
+    from aloe_cli.commands._common import check_io, print_summary
     from aloe_cli.data.reports import merge_reports, write_report
     from aloe_cli.errors import AloeError
 
+    check_io(None, records=False, read=[("report", path) for path in reports], written=[("-o", output)])
     loaded = []
     for path in reports:
         try:
