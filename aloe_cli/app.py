@@ -25,7 +25,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mix": ("mix", "Mix sources to target shares of loss tokens over domain x modality (shuffled, seeded)."),
     "perplexity": ("perplexity", "Answer perplexity per record; reject trivial/noisy answers per source."),
     "score": ("score", "LVLM judge rates each sample 1-5 (local model or OpenAI-compatible server); per-source min."),
+    "eval": ("eval", "Benchmarks (MCQ, yes/no, open with an LLM judge), adversarial robustness, results tables."),
+    "infer": ("infer", "Answer prompts with images (one question, or a JSONL of records); grounded boxes."),
     "report": ("report", "Merge the --report files of a job array's shards into one summary (aloe report merge)."),
+    "train": ("train", "Stage-1 SFT on TRL + DeepSpeed ZeRO-3 (the published recipe); --slurm writes the job script."),
+    "adv-train": ("adv_train", "Stage-2 SFT from a stage-1 model on adversarially perturbed medical samples."),
 }
 
 
@@ -69,6 +73,8 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    # The deepspeed launcher puts --local_rank=N before the command; training reads the rank from the environment.
+    local_rank: int | None = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
 ) -> None:
     """Build medical vision-language models: leak-free, quality-filtered, token-balanced training data."""
 

@@ -17,7 +17,9 @@ for timeout tests), "trickle" (a valid reply with score 1, one byte every
 timeout), "drop" (the connection is closed without an answer). Requests past
 the script get `default` (itself an action, "ok" unless set); an `[action=X]`
 marker in the prompt overrides both, so one record can misbehave whatever the
-order of requests. Every request is logged with the Authorization header it
+order of requests. An `[answer=TEXT]` marker (in a prompt without a score
+marker) makes the reply TEXT: a model being evaluated, answering what the
+test wants. Every request is logged with the Authorization header it
 carried.
 
 Other knobs: `retry_after` (the Retry-After header of 429 answers),
@@ -45,6 +47,7 @@ from typing import Any
 
 SCORE_MARKER = re.compile(r"\[score=(\d+)\]")
 ACTION_MARKER = re.compile(r"\[action=(\w+)\]")
+ANSWER_MARKER = re.compile(r"\[answer=([^\]]*)\]")  # a model under evaluation answers what the marker says
 GARBAGE_REPLY = "I am sorry, but I cannot rate this sample without more context."
 
 
@@ -140,6 +143,9 @@ class FakeOpenAIServer:
         if garbage:
             return GARBAGE_REPLY + echo
         match = SCORE_MARKER.search(LoggedRequest(0, body, None, None).prompt)
+        answer = ANSWER_MARKER.search(LoggedRequest(0, body, None, None).prompt)
+        if answer and not match and score is None:
+            return answer.group(1) + echo
         score = score if score is not None else int(match.group(1)) if match else 4
         if self.style == "line":
             return f"Score: {score}\nReason: the fake judge read the marker.{echo}"

@@ -378,3 +378,16 @@ def test_hf_backend_gives_the_same_replies_batched_or_one_at_a_time(tiny_model_d
     sampling = GenerationParams(max_new_tokens=6, temperature=1.0, seed=7)
     first, second = (generate(lazy, requests[:3], sampling) for _ in range(2))
     assert first == second and loads == [1]  # seeded sampling is reproducible
+
+
+def test_hf_replies_keep_grounding_markers_and_drop_end_and_padding(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from aloe_cli.modeling.backends.hf import decode_replies
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    answer = "<|object_ref_start|>lesion<|object_ref_end|><|box_start|>(10,20),(300,400)<|box_end|>"
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    end, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id
+    rows = [ids + [end, pad, pad], [pad] + tokenizer("Yes.", add_special_tokens=False)["input_ids"] + [end]]
+    assert decode_replies(tokenizer, rows, [end, pad]) == [answer, "Yes."]

@@ -22,7 +22,7 @@ app = command_app()
 @app.command(help=__doc__)
 def sample_data(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write train.jsonl, eval.tsv and images/ into.")],
-    seed: Annotated[int, typer.Option("--seed", help="Random seed for the synthetic images and texts.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Random seed for the synthetic images and texts.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Overwrite the demo files a folder already holds.")] = False,
 ) -> None:
     from aloe_cli import console

@@ -39,6 +39,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
+from aloe_cli.data.dicom import scrub_embedded_dicom
 from aloe_cli.data.images import to_data_uri
 from aloe_cli.data.parquet import jsonl_to_parquet, parquet_rows
 from aloe_cli.data.records import RecordDefaults, normalize
@@ -171,6 +172,8 @@ def read_file(path: str, image_root: str | os.PathLike | None = None, *, require
                 item.record = normalize(item.raw, defaults, root)
             except RecordError as error:
                 item.error = error.located(item.where)
+        if item.error is not None and not defaults.keep_dicom_bytes:
+            item.raw = scrub_embedded_dicom(item.raw)  # it goes to the rejects as read: never with a DICOM header
         yield item
 
 

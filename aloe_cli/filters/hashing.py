@@ -29,6 +29,7 @@ import imagehash
 import numpy as np
 
 from aloe_cli.data.images import describe, load_image
+from aloe_cli.data.shard import available_cpus
 from aloe_cli.errors import AloeError, RecordError
 from aloe_cli.filters.hash_index import HASH_BITS
 
@@ -174,6 +175,8 @@ class Hasher:
     parent handles them, cancels queued chunks and lets the workers finish the
     chunk in hand, so an interrupted run leaves neither stray workers nor
     tracebacks. A worker that dies (killed, out of memory) is a one-line error.
+    `workers` is capped at the CPUs this process may use (`available_cpus`):
+    more processes than cores only add forks and memory.
     """
 
     # Upper bound on images per pool chunk: big enough to amortise the IPC
@@ -188,7 +191,7 @@ class Hasher:
             raise AloeError(f"workers must be at least 1, got {workers}")
         self.kind = kind
         self.fast = bool(fast)
-        self.workers = int(workers)
+        self.workers = min(int(workers), available_cpus())
         self._pool: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> Hasher:  # noqa: PYI034 - typing.Self needs Python 3.11

@@ -48,6 +48,7 @@ from aloe_cli.filters.thresholds import (
     source_of,
 )
 from aloe_cli.modeling.chat_template import template_of, training_chat_template
+from aloe_cli.modeling.loading import is_local_reference
 
 STAGE = "perplexity"
 SUMMARY_PERCENTILES = (1, 5, 50, 95, 99)
@@ -346,14 +347,30 @@ def _sum_per_turn(nll, rows, turns, batch: int) -> list[AnswerLoss]:
 class PerplexityCounters:
     scored: int = 0
     reused: int = 0
+    recomputed_other_model: int = 0  # --reuse, but the value was computed by another model (or none recorded)
     tokens: int = 0
+
+
+def same_model(recorded: Any, current: str) -> bool:
+    """Whether a value recorded under `aloe.perplexity.model` was computed by `current` (the --model given):
+    the same Hub id, or the same local folder however it is spelled."""
+    if not isinstance(recorded, str) or not recorded or not current:
+        return False
+    if recorded == current:
+        return True
+    if not (is_local_reference(recorded) and is_local_reference(current)):
+        return False
+    try:
+        return Path(recorded).expanduser().resolve() == Path(current).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
 
 
 class PerplexityStage(Stage):
     """`aloe perplexity`: annotate aloe.perplexity and reject outside the per-source thresholds."""
 
     name = STAGE
-    additive = ("records_scored", "records_reused", "tokens_scored")
+    additive = ("records_scored", "records_reused", "records_recomputed_other_model", "tokens_scored")
 
     def __init__(self, model_loader: Callable[[], Any], config: PerplexityConfig, thresholds: Thresholds | None = None,
                  model_name: str = ""):
@@ -444,8 +461,12 @@ class PerplexityStage(Stage):
         self._count(item, values)
 
     def _reuse(self, item: Item) -> bool:
+        """--reuse: keep a value already in the record when this run's model computed it."""
         previous = (item.record.get("aloe") or {}).get(self.name)
         if not isinstance(previous, dict) or not _is_number(previous.get("value")):
+            return False
+        if not same_model(previous.get("model"), self.model_name):
+            self.counters.recomputed_other_model += 1  # perplexities of two models are not comparable
             return False
         if self.config.ifd and not _is_number(previous.get("ifd")):
             return False
@@ -489,6 +510,7 @@ class PerplexityStage(Stage):
             "model": self._loaded.describe() if self._loaded is not None else self.model_name,
             "records_scored": self.counters.scored,
             "records_reused": self.counters.reused,
+            "records_recomputed_other_model": self.counters.recomputed_other_model,
             "tokens_scored": self.counters.tokens,
             "percentiles": {source: {"count": self.distribution.count(source),
                                      **self.distribution.percentiles(source, SUMMARY_PERCENTILES)}

@@ -2,7 +2,10 @@
 
 Pass 1 (count) runs on the stage runner (`CountingStage`): it reads every
 input once (the reader normalises the records, grounding text included),
-counts each record's loss tokens (cache first, then the tokenizer in batches)
+checks each image entry from its header (`images.check_images`: type, data
+URI, that a path is a non-empty file, a known format within the
+decompression-bomb limit, DICOM with pixel data and a decoder; no pixel is
+decoded), counts each record's loss tokens (cache first, then the tokenizer in batches)
 and keeps only two numbers per record: its group (source x cell, or
 NOT_AVAILABLE when rejected) and its loss-token count. That is 8 bytes a
 record, ~30 MB for 3.5 M records. The runner counts read/kept/rejected per
@@ -40,13 +43,14 @@ from typing import Any
 import numpy as np
 
 from aloe_cli.console import null_progress
+from aloe_cli.data.images import check_images
 from aloe_cli.data.io import STDIO, Item, RecordWriter, dumps, read_file, source_name, write_error
 from aloe_cli.data.records import DOMAINS, RecordDefaults, modality
 from aloe_cli.data.stage import InputCounts, ProgressFactory, Reject, RunConfig, Stage, run_stage
 from aloe_cli.data.streams import device_path, display_name, is_stream, loads, open_raw
 from aloe_cli.errors import AloeError, RecordError
 from aloe_cli.mixing.plan import NOT_AVAILABLE, Group, Plan, make_plan, output_rng
-from aloe_cli.mixing.recipe import Recipe, SourceSpec
+from aloe_cli.mixing.recipe import MAX_SAMPLES, Recipe, SourceSpec
 from aloe_cli.modeling.loss_tokens import LossTokenCounter
 from aloe_cli.modeling.token_cache import TokenCache, conversation_key, default_cache_path
 
@@ -68,6 +72,7 @@ class MixOptions:
     batch_size: int = 1024
     cache: bool = True
     cache_path: str | None = None  # default: the recipe's `cache`, else token_cache.default_cache_path()
+    keep_dicom_bytes: bool = False  # pass embedded DICOM through with its header (default: re-encoded on read)
     spool_dir: str | None = None  # default: the output's folder (the system temp folder for stdout)
 
 
@@ -89,6 +94,17 @@ class MixResult:
     @property
     def available(self) -> int:
         return self.read - self.rejected
+
+
+class TargetsMissed(AloeError):
+    """A strict recipe's plan misses targets: nothing was written; `result` holds the plan for the report."""
+
+    def __init__(self, result: MixResult):
+        self.result = result
+        plan = result.plan
+        cells = ", ".join(f"{m.cell} {m.achieved:.1%} for a {m.target:.1%} target" for m in plan.misses)
+        super().__init__(f"{len(plan.misses)} cell(s) miss their target by more than the tolerance of "
+                         f"{plan.tolerance * 100:g} percentage point(s) ({cells}); strict mixture: nothing written")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -114,9 +130,10 @@ def prepare(item: Item, spec: SourceSpec) -> Prepared:
     return Prepared(record, str(source), domain, f"{domain}/{modality(record)}")
 
 
-def read_defaults(spec: SourceSpec, default_domain: str | None) -> RecordDefaults:
+def read_defaults(spec: SourceSpec, default_domain: str | None, keep_dicom_bytes: bool = False) -> RecordDefaults:
     """What the reader fills in for a source's records (the grounding box format included)."""
-    return RecordDefaults(source=spec.name, domain=spec.domain or default_domain, bbox_format=spec.bbox_format)
+    return RecordDefaults(source=spec.name, domain=spec.domain or default_domain, bbox_format=spec.bbox_format,
+                          keep_dicom_bytes=keep_dicom_bytes)
 
 
 class StreamCopies:
@@ -162,10 +179,11 @@ def _as_original(item: Item, copy_path: str, display: str) -> Item:
     return item
 
 
-def iter_items(recipe: Recipe, streams: StreamCopies) -> Iterator[tuple[SourceSpec, Item]]:
+def iter_items(recipe: Recipe, streams: StreamCopies, keep_dicom_bytes: bool = False
+               ) -> Iterator[tuple[SourceSpec, Item]]:
     """Every item of every source, always in the same order."""
     for spec in recipe.sources:
-        defaults = read_defaults(spec, recipe.default_domain)
+        defaults = read_defaults(spec, recipe.default_domain, keep_dicom_bytes)
         for path in spec.paths:
             if is_stream(path):
                 copy = streams.get(path)
@@ -180,9 +198,9 @@ def iter_items(recipe: Recipe, streams: StreamCopies) -> Iterator[tuple[SourceSp
                     yield spec, item
 
 
-def _items_with_spec(recipe: Recipe, streams: StreamCopies) -> Iterator[Item]:
+def _items_with_spec(recipe: Recipe, streams: StreamCopies, keep_dicom_bytes: bool) -> Iterator[Item]:
     """`iter_items` for the stage runner: each item carries its source spec."""
-    for spec, item in iter_items(recipe, streams):
+    for spec, item in iter_items(recipe, streams, keep_dicom_bytes):
         item.annotations["spec"] = spec
         yield item
 
@@ -287,6 +305,8 @@ class CountingStage(Stage):
         if item.error is not None:
             return None
         try:
+            # Mix decodes no image: a header check keeps unusable entries out of the mixture.
+            check_images(item.record.get("images") or [], item.image_root)
             return prepare(item, item.annotations["spec"])
         except RecordError as error:
             item.error = error.located(item.where)
@@ -462,7 +482,7 @@ def run_mix(recipe: Recipe, options: MixOptions, counter: LossTokenCounter | Non
         cache = stack.enter_context(_open_cache(recipe, options))
         counting = CountingStage(recipe, counter, cache, options.batch_size)
         with _timed(seconds, "count"):
-            reading = run_stage(counting, _items_with_spec(recipe, streams), None, rejects,
+            reading = run_stage(counting, _items_with_spec(recipe, streams, options.keep_dicom_bytes), None, rejects,
                                 RunConfig(on_error=options.on_error), progress=progress)
         if not counting.groups.groups:
             raise AloeError(f"nothing to mix: none of the {reading.read} record(s) read is usable"
@@ -471,7 +491,24 @@ def run_mix(recipe: Recipe, options: MixOptions, counter: LossTokenCounter | Non
         with _timed(seconds, "plan"):
             plan = make_plan(group_of, tokens, counting.groups.groups, recipe.targets, seed=recipe.seed,
                              balance=recipe.balance, total_samples=recipe.total_samples,
-                             total_tokens=recipe.total_tokens)
+                             total_tokens=recipe.total_tokens, tolerance=recipe.tolerance)
+        if plan.samples > MAX_SAMPLES:
+            raise AloeError(f"the plan holds {plan.samples:,} samples, more than aloe mix writes ({MAX_SAMPLES:,}); "
+                            "lower max_repeats or ask for a smaller total_samples/total_tokens")
+
+        def result(written: int) -> MixResult:
+            return MixResult(
+                recipe=recipe, plan=plan, read=reading.read, rejected=reading.rejected, reasons=reading.reasons,
+                inputs=reading.inputs, written=written, dry_run=options.dry_run,
+                rejects_written=rejects is not None,
+                cache=None if cache is None else {"path": str(cache.path), "hits": cache.hits, "misses": cache.misses},
+                counting={"records_counted": counter.stats.records, "texts_tokenized": counter.stats.tokenized_texts,
+                          "repeats_reused": counter.stats.memo_hits},
+                seconds={k: round(v, 3) for k, v in seconds.items()},
+            )
+
+        if recipe.strict and plan.misses:
+            raise TargetsMissed(result(0))  # leaving the with-block discards the unwritten output
         written = 0
         if output is not None:
             with _timed(seconds, "write"):
@@ -479,17 +516,10 @@ def run_mix(recipe: Recipe, options: MixOptions, counter: LossTokenCounter | Non
                     tempfile.TemporaryDirectory(prefix=".aloe-mix-", dir=spool_dir)))
                 stack.callback(spool.close)
                 with (progress or null_progress)("mix: writing", len(group_of)) as bar:
-                    _write_pass(iter_items(recipe, streams), plan, group_of, tokens, counting.groups, recipe, spool,
-                                bar)
+                    _write_pass(iter_items(recipe, streams, options.keep_dicom_bytes), plan, group_of, tokens,
+                                counting.groups, recipe, spool, bar)
                 written = spool.drain(output)
-    return MixResult(
-        recipe=recipe, plan=plan, read=reading.read, rejected=reading.rejected, reasons=reading.reasons,
-        inputs=reading.inputs, written=written, dry_run=options.dry_run, rejects_written=rejects is not None,
-        cache=None if cache is None else {"path": str(cache.path), "hits": cache.hits, "misses": cache.misses},
-        counting={"records_counted": counter.stats.records, "texts_tokenized": counter.stats.tokenized_texts,
-                  "repeats_reused": counter.stats.memo_hits},
-        seconds={k: round(v, 3) for k, v in seconds.items()},
-    )
+        return result(written)
 
 
 @contextmanager

@@ -114,10 +114,23 @@ class HFBackend:
         with torch.inference_mode():
             output = loaded.model.generate(**inputs, generation_config=generation)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return decode_replies(tokenizer, new_tokens.tolist(), generation.eos_token_id)
 
     def close(self) -> None:
         pass
+
+
+def decode_replies(tokenizer, rows: list[list[int]], eos_token_id: int | list[int] | None) -> list[str]:
+    """Generated ids -> text, without the end-of-turn and padding tokens but with every other special token.
+
+    `skip_special_tokens=True` would also drop Qwen2-VL's grounding markers (`<|object_ref_start|>`,
+    `<|box_start|>`, ...), which are special tokens: a grounded answer would lose its labels and boxes.
+    """
+    stops = set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])
+    stops.add(tokenizer.pad_token_id)
+    stops.discard(None)
+    return tokenizer.batch_decode([[token for token in row if token not in stops] for row in rows],
+                                  skip_special_tokens=False)
 
 
 def template_messages(messages: list[dict]) -> list[dict]:

@@ -1,0 +1,80 @@
+"""What `aloe infer` does with its options: one question, or a file of records, through the stage runner."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from aloe_cli import console
+from aloe_cli.modeling.backends.factory import BackendConfig
+
+
+@dataclass
+class InferRequest:
+    question: str | None
+    images: list[str]
+    system: str | None
+    draw: Path | None
+    inputs: list[str] | None
+    output: str
+    rejects: Path | None
+    report: Path | None
+    image_root: Path | None
+    shard: str | None
+    on_error: str
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    backend: BackendConfig
+
+
+def infer(request: InferRequest) -> None:
+    from aloe_cli.commands import _eval_run as run
+    from aloe_cli.commands._backend import open_backend
+    from aloe_cli.commands._common import resolve_shard, run_data_command
+    from aloe_cli.data.io import Item
+    from aloe_cli.data.stage import RunConfig
+    from aloe_cli.evaluation.inference import InferStage, check_chat_template
+    from aloe_cli.modeling.backends import GenerationParams
+
+    config = request.backend
+    if config.kind == "hf":
+        check_chat_template(config.model)
+    backend = run._lazy(lambda: open_backend(config, "aloe infer:"))
+    params = GenerationParams(max_new_tokens=request.max_new_tokens, temperature=request.temperature,
+                              top_p=request.top_p, seed=request.seed)
+    stage = InferStage(backend, params, system=request.system, draw=request.draw)
+    batch = config.concurrency * 2 if config.kind == "openai" else config.batch_size * 4
+    run_config = RunConfig(batch_size=batch, on_error=request.on_error, shard=resolve_shard(request.shard))
+    try:
+        if request.question is not None:
+            record = _question_record(request.question, request.images)
+            root = request.image_root or Path.cwd()
+            item = Item(record, "<command line>", "<command line>", image_root=root)
+            stage.annotate([item])
+            if item.error is not None:
+                raise item.error
+            print(item.record["aloe"]["infer"]["text"])
+            _log_boxes(item.record["aloe"]["infer"]["boxes"], stage)
+            return
+        run_data_command(stage, request.inputs, image_root=request.image_root, output=request.output,
+                         rejects=request.rejects, report=request.report, config=run_config)
+        _log_boxes(None, stage)
+    finally:
+        backend.close_if_open()
+        sys.stdout.flush()
+
+
+def _question_record(question: str, images: list[str]) -> dict:
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+    return {"id": "answer", "messages": [{"role": "user", "content": content}], "images": list(images)}
+
+
+def _log_boxes(boxes: list[dict] | None, stage) -> None:
+    for box in boxes or []:
+        where = f" = pixels {box['pixels']}" if box.get("pixels") else ""
+        console.log(f"  box {box['label'] or '(no label)'}: {box['box']} (0-1000){where}")
+    if stage.drawn:
+        console.log(f"aloe infer: drew {len(stage.drawn)} image(s) into {stage.drawn[0].parent}")

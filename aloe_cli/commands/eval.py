@@ -1,0 +1,152 @@
+"""aloe eval: medical and general benchmarks, an LLM judge for open answers, the adversarial table.
+
+Greedy decoding; multiple-choice and yes/no answers scored by exact match after answer extraction
+(docs/eval.md lists the rules); open-ended answers graded 0 / 0.5 / 1 by a judge; with --perturb every
+item is asked again under each perturbation and the robustness table reports accuracy per
+perturbation for the classification (task cls) and detection (task det) items.
+
+Writes, under -o DIR: <model>/<benchmark>/predictions.jsonl (one line per item and perturbation),
+<model>/scores.json, and results.md / results.csv (one row per model; a later run with another
+--model adds its row).
+
+Examples:
+
+    # a local model, batched greedy generation
+    aloe eval --model Qwen/Qwen2-VL-7B-Instruct --benchmark PathMMU.tsv --benchmark probmed.jsonl -o results/
+
+    # a served model (vLLM / SGLang), a served judge for the open-ended set, the robustness table
+    aloe eval --model aloe-72b --backend openai --base-url http://gpu-node:8000/v1 --concurrency 64 \\
+        --benchmark SLAKE=slake_open.jsonl --benchmark adv=adversarial.jsonl --perturb base,cap,pmt,syc,leg \\
+        --judge Qwen/Qwen2-72B-Instruct --judge-backend openai --judge-base-url http://judge:8000/v1 -o results/
+
+    # text-only benchmarks through lm-evaluation-harness (pip install 'aloe-cli[eval]')
+    aloe eval --model runs/stage2 --lm-eval-tasks medqa_4options,medmcqa,pubmedqa -o results/
+
+    aloe eval --table results/                          # print the tables again from saved scores
+    aloe eval --rescore results/m/PathMMU/predictions.jsonl -o rescored/   # new rules, no model
+    aloe eval --show-judge-prompt                       # the judge's rubric
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from aloe_cli.options import (
+    ApiKeyEnvOpt,
+    AttnImplementationOpt,
+    BackendOpt,
+    BaseUrlOpt,
+    BatchSizeOpt,
+    ConcurrencyOpt,
+    DeviceOpt,
+    Dtype,
+    DtypeOpt,
+    ImageRootOpt,
+    JudgeApiKeyEnvOpt,
+    JudgeBackendOpt,
+    JudgeBaseUrlOpt,
+    MaxNewTokensOpt,
+    MaxRetriesOpt,
+    OnError,
+    OnErrorOpt,
+    RetryBackoffOpt,
+    TimeoutOpt,
+    TrustRemoteCodeOpt,
+    command_app,
+)
+
+app = command_app()
+
+
+@app.command(help=__doc__, no_args_is_help=True)
+def eval(  # noqa: A001 - the command's name
+    model: Annotated[list[str] | None, typer.Option(
+        "--model", help="Model folder or Hub id (hf), or the served model's name (openai); NAME=MODEL sets the "
+                        "row's name in the tables. Repeatable.")] = None,
+    benchmark: Annotated[list[str] | None, typer.Option(
+        "--benchmark", help="VLMEvalKit .tsv or .jsonl items; NAME=FILE sets the benchmark's name (default: the "
+                            "file's stem). Repeatable.")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Results folder.")] = None,
+    perturb: Annotated[str | None, typer.Option(
+        "--perturb", help="Also ask every item under these perturbations: base,cap,pmt,syc,leg (cap and leg need "
+                          "an image).")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="First N items of each benchmark.")] = None,
+    max_new_tokens: MaxNewTokensOpt = 128,
+    judge: Annotated[str | None, typer.Option(
+        "--judge", help="Judge model for open-ended items (folder / Hub id, or served name).")] = None,
+    judge_backend: JudgeBackendOpt = None,
+    judge_base_url: JudgeBaseUrlOpt = None,
+    judge_api_key_env: JudgeApiKeyEnvOpt = None,
+    judge_parse_retries: Annotated[int, typer.Option(
+        "--judge-parse-retries", min=0, help="Ask the judge again (sampling) when its verdict cannot be read.")] = 2,
+    show_judge_prompt: Annotated[bool, typer.Option(
+        "--show-judge-prompt", help="Print the judge's rubric and exit.")] = False,
+    table: Annotated[Path | None, typer.Option(
+        "--table", help="Print the tables of a results folder from its saved scores and exit.")] = None,
+    rescore: Annotated[list[str] | None, typer.Option(
+        "--rescore", help="Re-extract and re-score saved predictions.jsonl (no model); writes under -o "
+                          "(default: <its folder>/rescored).")] = None,
+    lm_eval_tasks: Annotated[str | None, typer.Option(
+        "--lm-eval-tasks", help="Comma-separated lm-evaluation-harness tasks run on the loaded model (needs the "
+                                "[eval] extra); their scores join the same table.")] = None,
+    lm_eval_include: Annotated[Path | None, typer.Option(
+        "--lm-eval-include", help="Folder of extra lm-eval task YAML files (local tasks).")] = None,
+    backend: BackendOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    concurrency: ConcurrencyOpt = 64,
+    timeout: TimeoutOpt = 120.0,
+    max_retries: MaxRetriesOpt = 5,
+    retry_backoff: RetryBackoffOpt = 1.0,
+    cache: Annotated[Path | None, typer.Option(
+        "--cache", help="JSONL cache of replies (the model's and the judge's): an interrupted run resumes "
+                        "without asking again.")] = None,
+    image_root: ImageRootOpt = None,
+    batch_size: BatchSizeOpt = 16,
+    on_error: OnErrorOpt = OnError.fail,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    attn_implementation: AttnImplementationOpt = None,
+) -> None:
+    from aloe_cli.commands import _eval_run as run
+    from aloe_cli.modeling.backends.factory import BackendConfig
+
+    if show_judge_prompt:
+        from aloe_cli.evaluation.judge import JUDGE_RUBRIC
+
+        print(JUDGE_RUBRIC, end="")
+        return
+    if table is not None:
+        run.print_table(table)
+        return
+    if rescore:
+        run.rescore(rescore, output, on_error.value)
+        return
+    if not model:
+        raise typer.BadParameter("is required (or use --table, --rescore, --show-judge-prompt)", param_hint="--model")
+    if not benchmark and not lm_eval_tasks:
+        raise typer.BadParameter("give at least one --benchmark (or --lm-eval-tasks)", param_hint="--benchmark")
+    if output is None:
+        raise typer.BadParameter("is required (the results folder)", param_hint="-o/--output")
+    if backend is not None and backend.value == "hf" and base_url:
+        raise typer.BadParameter("is for --backend openai", param_hint="--base-url")
+    if judge_backend is not None and judge_backend.value == "hf" and judge_base_url:
+        raise typer.BadParameter("is for --judge-backend openai", param_hint="--judge-base-url")
+    local = {"batch_size": batch_size, "device": device, "dtype": dtype.value,
+             "trust_remote_code": trust_remote_code, "attn_implementation": attn_implementation}
+    run.evaluate(run.Request(
+        models=model, benchmarks=benchmark or [], output=output, perturb=perturb, limit=limit,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, on_error=on_error.value, image_root=image_root,
+        lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include, cache=cache,
+        backend=BackendConfig(model="", backend=backend.value if backend else None, base_url=base_url,
+                              api_key_env=api_key_env, concurrency=concurrency, timeout=timeout,
+                              max_retries=max_retries, retry_backoff=retry_backoff, **local),
+        judge=judge, judge_backend=BackendConfig(
+            model="", backend=judge_backend.value if judge_backend else None, base_url=judge_base_url,
+            api_key_env=judge_api_key_env, concurrency=concurrency, timeout=timeout, max_retries=max_retries,
+            retry_backoff=retry_backoff, **local),
+        judge_parse_retries=judge_parse_retries))

@@ -1,0 +1,105 @@
+"""aloe infer: answer a question about images, or every record of a file; grounded boxes in pixels.
+
+With a question on the command line the answer is printed. With -i every record (JSONL, parquet,
+TSV, ...) is answered in batches and written in input order, streaming, with aloe.infer = {"text":
+..., "boxes": [{"label", "box" (0-1000), "image", "pixels" (original image)}]}. Greedy by default.
+
+Examples:
+
+    aloe infer --model Qwen/Qwen2-VL-7B-Instruct --image scan.png "What abnormality do you see?"
+    aloe infer --model M --image a.png --image b.png "Compare the two scans." --system "You are a radiologist."
+    aloe infer --model M -i prompts.jsonl --draw boxes/ > answers.jsonl
+    aloe infer --model served-name --backend openai --base-url http://gpu:8000/v1 -i prompts.jsonl -o out.jsonl
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from aloe_cli.options import (
+    ApiKeyEnvOpt,
+    AttnImplementationOpt,
+    BackendOpt,
+    BaseUrlOpt,
+    BatchSizeOpt,
+    ConcurrencyOpt,
+    DeviceOpt,
+    Dtype,
+    DtypeOpt,
+    ImageRootOpt,
+    InputOpt,
+    MaxNewTokensOpt,
+    MaxRetriesOpt,
+    OnError,
+    OnErrorOpt,
+    OutputOpt,
+    RejectsOpt,
+    ReportOpt,
+    RetryBackoffOpt,
+    ShardOpt,
+    TimeoutOpt,
+    TrustRemoteCodeOpt,
+    command_app,
+)
+
+app = command_app()
+
+
+@app.command(help=__doc__, no_args_is_help=True)
+def infer(
+    question: Annotated[str | None, typer.Argument(help="The question (omit it to answer the records of -i).")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", help="Model folder or Hub id (hf), or the served model's name (openai).")] = None,
+    image: Annotated[list[str] | None, typer.Option(
+        "--image", help="An image for the question (path, DICOM, data URI). Repeatable, in order.")] = None,
+    system: Annotated[str | None, typer.Option("--system", help="System message before every prompt.")] = None,
+    draw: Annotated[Path | None, typer.Option(
+        "--draw", help="Save each image with the answer's boxes and labels drawn, into this folder.")] = None,
+    max_new_tokens: MaxNewTokensOpt = 512,
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0: greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    backend: BackendOpt = None,
+    base_url: BaseUrlOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
+    concurrency: ConcurrencyOpt = 64,
+    timeout: TimeoutOpt = 120.0,
+    max_retries: MaxRetriesOpt = 5,
+    retry_backoff: RetryBackoffOpt = 1.0,
+    input: InputOpt = None,
+    output: OutputOpt = "-",
+    rejects: RejectsOpt = None,
+    report: ReportOpt = None,
+    image_root: ImageRootOpt = None,
+    batch_size: BatchSizeOpt = 8,
+    shard: ShardOpt = None,
+    on_error: OnErrorOpt = OnError.fail,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = Dtype.auto,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    attn_implementation: AttnImplementationOpt = None,
+) -> None:
+    from aloe_cli.commands import _infer_run
+    from aloe_cli.modeling.backends.factory import BackendConfig
+
+    if not model:
+        raise typer.BadParameter("is required", param_hint="--model")
+    if question is None and not input:
+        raise typer.BadParameter("give a question, or records with -i", param_hint="QUESTION")
+    if question is not None and input:
+        raise typer.BadParameter("a question on the command line and -i do not go together", param_hint="-i")
+    if image and question is None:
+        raise typer.BadParameter("goes with a question on the command line", param_hint="--image")
+    if backend is not None and backend.value == "hf" and base_url:
+        raise typer.BadParameter("is for --backend openai", param_hint="--base-url")
+    config = BackendConfig(model=model, backend=backend.value if backend else None, base_url=base_url,
+                           api_key_env=api_key_env, concurrency=concurrency, timeout=timeout, max_retries=max_retries,
+                           retry_backoff=retry_backoff, batch_size=batch_size, device=device, dtype=dtype.value,
+                           trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    _infer_run.infer(_infer_run.InferRequest(
+        question=question, images=image or [], system=system, draw=draw, inputs=input, output=output,
+        rejects=rejects, report=report, image_root=image_root, shard=shard, on_error=on_error.value,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, backend=config))

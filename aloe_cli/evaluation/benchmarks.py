@@ -1,0 +1,213 @@
+"""Benchmark files -> evaluation items.
+
+Two formats, read with the record readers of `aloe_cli.data.io`:
+- VLMEvalKit TSV: `index`, `question`, base64 `image` (or `image_path`), options `A`..`J`, `answer`,
+  optional `hint`, `category`, `l2-category`, and the extras `kind`, `task`, `pair_id`.
+- JSONL items: `{id, question, options?, answer, kind?: mcq|yesno|open, images?, category?, l2_category?,
+  task?: cls|det, pair_id?}` (`options` an object letter -> text, or a list lettered A, B, ...).
+
+The kind, when not given, is mcq when there are options, yesno when the answer is yes or no, else open.
+An item is text-only when it has no image. A benchmark is named after its file's stem unless given as
+NAME=FILE. Problems with one item (a missing answer, an answer letter with no such option) are
+`RecordError`s naming the file, line and field, carried on the item so `--on-error skip` can count
+them; problems with the whole file (missing, empty, no answer column) are `AloeError`s.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aloe_cli.data.io import Item, input_format, read_file, source_name
+from aloe_cli.data.records import text_of
+from aloe_cli.errors import AloeError, RecordError
+from aloe_cli.evaluation.extraction import LETTERS, normalize_yesno
+
+KINDS = ("mcq", "yesno", "open")
+TASKS = ("cls", "det")
+_NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*$")
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    name: str
+    path: str
+
+
+@dataclass
+class EvalItem:
+    """One benchmark question, as the model will be asked it and scored on it."""
+
+    id: str
+    benchmark: str
+    kind: str
+    question: str
+    answer: str  # a letter (mcq), "yes"/"no" (yesno), or the reference text (open)
+    options: dict[str, str] | None = None
+    hint: str | None = None
+    images: list = field(default_factory=list)
+    image_root: Path | None = None
+    category: str | None = None
+    l2_category: str | None = None
+    task: str | None = None
+    pair_id: str | None = None
+    where: str = ""
+
+    def fields(self) -> dict[str, Any]:
+        """The item's part of a prediction line (no images, no file position)."""
+        values = asdict(self)
+        for private in ("images", "image_root", "where", "hint"):
+            values.pop(private)
+        return values
+
+
+def parse_benchmark_spec(text: str) -> BenchmarkSpec:
+    """`NAME=FILE` or `FILE` (named after its stem)."""
+    name, sep, path = text.partition("=")
+    if sep and _NAME.match(name) and "/" not in name:
+        spec = BenchmarkSpec(name, path)
+    else:
+        spec = BenchmarkSpec(source_name(text), text)
+    if not Path(spec.path).is_file():
+        raise AloeError(f"benchmark file not found: {spec.path}")
+    if input_format(spec.path) not in ("tsv", "jsonl"):
+        raise AloeError(f"{spec.path}: a benchmark must be a VLMEvalKit .tsv or a .jsonl file")
+    return spec
+
+
+def read_benchmark(spec: BenchmarkSpec, image_root: str | Path | None = None,
+                   limit: int | None = None) -> list[Item]:
+    """Every item of a benchmark, each with `annotations["eval_item"]` or an `error` naming line and field."""
+    items: list[Item] = []
+    seen: dict[str, str] = {}
+    tsv = input_format(spec.path) == "tsv"
+    columns_checked = not tsv
+    for position, item in enumerate(read_file(spec.path, image_root), start=1):
+        if limit is not None and len(items) >= limit:
+            break
+        if item.error is None:
+            try:
+                if not columns_checked:
+                    _check_tsv_columns(spec.path, item.record)
+                    columns_checked = True
+                eval_item = to_eval_item(item, spec.name, tsv=tsv, position=position)
+                if eval_item.id in seen:
+                    raise RecordError("duplicate_id", f"id {eval_item.id!r} was already used at {seen[eval_item.id]}",
+                                      field="id" if not tsv else "index")
+                seen[eval_item.id] = item.where
+                item.annotations["eval_item"] = eval_item
+            except RecordError as error:
+                item.error = error.located(item.where)
+        items.append(item)
+    if not items:
+        raise AloeError(f"{spec.path}: the benchmark has no items (empty file)")
+    return items
+
+
+def _check_tsv_columns(path: str, record: dict) -> None:
+    if "answer" not in record.get("meta", {}):
+        raise AloeError(f"{path}: VLMEvalKit TSV has no 'answer' column (field 'answer'); every benchmark item "
+                        "needs its reference answer")
+
+
+def to_eval_item(item: Item, benchmark: str, *, tsv: bool, position: int = 0) -> EvalItem:
+    record = item.record
+    meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+    fields = meta if tsv else record
+    user = next((m for m in record["messages"] if m["role"] == "user"), None)
+    if user is None:
+        raise RecordError("missing_field", "no question", field="question")
+    options = _options(meta.get("options") if tsv else record.get("options"))
+    hint = _text(meta.get("hint")) if tsv else _text(record.get("hint"))
+    question = _question_text(text_of(user), options, hint) if tsv else text_of(user)
+    answers = [m for m in record["messages"] if m["role"] == "assistant"]
+    answer = _text(text_of(answers[-1])) if answers else None
+    if answer is None:
+        raise RecordError("missing_field", "missing or empty (every item needs its reference answer)", field="answer")
+    kind = _kind(fields.get("kind"), options, answer)
+    answer = _checked_answer(kind, answer, options)
+    item_id = _text(meta.get("index") if tsv else record.get("id")) or str(position)  # else its place in the file
+    task = _text(fields.get("task"))
+    if task is not None and task.lower() not in TASKS:
+        raise RecordError("invalid_field", f"must be one of {', '.join(TASKS)}, got {task!r}", field="task")
+    return EvalItem(
+        id=item_id, benchmark=benchmark, kind=kind, question=question.strip(), answer=answer,
+        options=options if kind == "mcq" else None, hint=hint, images=list(record.get("images") or []),
+        image_root=item.image_root, category=_text(fields.get("category")),
+        l2_category=_text(fields.get("l2-category", fields.get("l2_category"))),
+        task=task.lower() if task else None, pair_id=_text(fields.get("pair_id")), where=item.where)
+
+
+def _text(value: Any) -> str | None:
+    """A field as text; empty, null and pandas' 'nan' count as missing."""
+    if value is None or isinstance(value, bool):
+        return None
+    text = str(value).strip()
+    return None if text in ("", "nan", "None") else text
+
+
+def _options(value: Any) -> dict[str, str] | None:
+    if value is None or value == {} or value == []:
+        return None
+    if isinstance(value, list):
+        if len(value) > len(LETTERS):
+            raise RecordError("invalid_field", f"at most {len(LETTERS)} options", field="options")
+        return {LETTERS[i]: str(option) for i, option in enumerate(value)}
+    if isinstance(value, dict):
+        options = {}
+        for key, option in value.items():
+            letter = str(key).strip().upper()
+            if len(letter) != 1 or letter not in LETTERS:
+                raise RecordError("invalid_field", f"option keys must be letters A-J, got {key!r}", field="options")
+            if _text(option) is not None:
+                options[letter] = str(option).strip()
+        return options or None
+    raise RecordError("invalid_field", "must be an object letter -> text, or a list", field="options")
+
+
+def _question_text(text: str, options: dict[str, str] | None, hint: str | None) -> str:
+    """The bare question of a TSV row (the reader appends the options and prefixes the hint)."""
+    if options:
+        block = "\nOptions:\n" + "\n".join(f"{letter}. {value}" for letter, value in options.items())
+        text = text[:-len(block)] if text.endswith(block) else text
+    prefix = f"Hint: {hint}\n" if hint else ""
+    return text[len(prefix):] if prefix and text.startswith(prefix) else text
+
+
+def _kind(value: Any, options: dict | None, answer: str) -> str:
+    kind = _text(value)
+    if kind is not None:
+        kind = kind.lower().replace("/", "").replace("-", "").replace("_", "")
+        kind = {"yn": "yesno", "yorn": "yesno", "multiplechoice": "mcq", "vqa": "open"}.get(kind, kind)
+        if kind not in KINDS:
+            raise RecordError("invalid_field", f"must be one of {', '.join(KINDS)}, got {value!r}", field="kind")
+        if kind == "mcq" and not options:
+            raise RecordError("missing_field", "an mcq item needs options", field="options")
+        return kind
+    if options:
+        return "mcq"
+    return "yesno" if normalize_yesno(answer) is not None else "open"
+
+
+def _checked_answer(kind: str, answer: str, options: dict[str, str] | None) -> str:
+    if kind == "mcq":
+        letter = answer.strip().rstrip(".").strip("()").upper()
+        if letter in options:
+            return letter
+        by_text = [key for key, value in options.items() if value.strip().lower() == answer.strip().lower()]
+        if len(by_text) == 1:  # some sets store the option's text instead of its letter
+            return by_text[0]
+        raise RecordError("invalid_answer", f"answer {answer!r} is not one of the options "
+                          f"{', '.join(options)}", field="answer")
+    if kind == "yesno":
+        value = normalize_yesno(answer)
+        if value is None:
+            raise RecordError("invalid_answer", f"a yes/no item needs the answer yes or no, got {answer!r}",
+                              field="answer")
+        return value
+    return answer
+
+
+__all__ = ["BenchmarkSpec", "EvalItem", "KINDS", "TASKS", "parse_benchmark_spec", "read_benchmark", "to_eval_item"]

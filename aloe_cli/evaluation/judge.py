@@ -1,0 +1,193 @@
+"""Open-ended answers graded by an LLM judge on {0, 0.5, 1} against the reference answer.
+
+The judge reads the question, the reference and the model's answer in `JUDGE_RUBRIC` (printed by
+`aloe eval --show-judge-prompt`) and replies `{"score": 0 | 0.5 | 1, "reason": ...}` (a `Score: 0.5`
+line is read too). A reply with no valid score is asked again with sampling, up to `parse_retries`
+times; after that the item is unjudged: its score is null, it is counted and reported, and it never
+counts as right or wrong. An empty model answer scores 0 without asking.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aloe_cli.modeling.backends import Failure, GenerationBackend, GenerationParams, GenerationRequest, Reply
+from aloe_cli.modeling.backends.cache import request_key
+
+SCORES = (0.0, 0.5, 1.0)
+
+JUDGE_RUBRIC = """\
+You are grading a model's answer to a medical question against the reference answer.
+
+Question: {question}
+Reference answer: {reference}
+Model's answer: {prediction}
+
+Score the model's answer:
+1 - correct: it states the same finding, entity or value as the reference (wording, synonyms, \
+abbreviations and extra correct detail are fine).
+0.5 - partially correct: it is incomplete (e.g. names one of two findings, the organ but not the side) or \
+less specific than the reference, but contains nothing that contradicts it.
+0 - wrong: it contradicts the reference, names something else, hedges between several answers, refuses \
+or does not answer.
+
+Judge only the meaning, not the style or the length.
+Reply with one line of JSON and nothing else:
+{"score": <0, 0.5 or 1>, "reason": "<one sentence>"}
+"""
+
+
+@dataclass(frozen=True)
+class JudgeCase:
+    question: str
+    reference: str
+    prediction: str
+
+
+@dataclass
+class JudgeResult:
+    score: float | None  # 0, 0.5, 1, or None when no reply could be parsed (or the request failed)
+    reason: str = ""
+    attempts: int = 0
+    reply: str = ""  # the last reply, when unparseable
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        values = {"score": self.score, "reason": self.reason, "attempts": self.attempts}
+        if self.score is None:
+            values.update(reply=self.reply, error=self.error)
+        return values
+
+
+class UnparseableVerdict(ValueError):
+    pass
+
+
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
+_OBJECT = re.compile(r"\{[^{}]*\}", re.DOTALL)
+_SCORE_LINE = re.compile(r"\bscore\b\**\s*[:=]\s*\**\s*(1(?:\.0+)?|0?\.5|0(?:\.[05]0*)?)(?![\d.])", re.IGNORECASE)
+_LONE = re.compile(r"^\W*(1(?:\.0+)?|0?\.5|0(?:\.[05]0*)?)\W*$")
+
+
+def parse_verdict(reply: str) -> tuple[float, str]:
+    """(score, reason) from a judge reply; raises UnparseableVerdict."""
+    if not isinstance(reply, str) or not reply.strip():
+        raise UnparseableVerdict("empty reply")
+    for candidate in [*_FENCE.findall(reply), reply]:
+        for match in _OBJECT.finditer(candidate):
+            try:
+                data = json.loads(match.group(0))
+            except ValueError:
+                continue
+            lowered = {str(k).lower(): v for k, v in data.items()} if isinstance(data, dict) else {}
+            score = _score(lowered.get("score"))
+            if score is not None:
+                return score, str(lowered.get("reason") or lowered.get("explanation") or "").strip()
+    for pattern in (_SCORE_LINE, _LONE):
+        match = pattern.search(reply)
+        if match:
+            reason = " ".join((reply[:match.start()] + " " + reply[match.end():]).split()).strip(" *-:")
+            return float(match.group(1)), re.sub(r"^reason\s*[:=]\s*", "", reason, flags=re.IGNORECASE)
+    raise UnparseableVerdict("no score 0, 0.5 or 1 in the reply")
+
+
+def _score(value) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number in SCORES else None
+
+
+def judge_prompt(case: JudgeCase, rubric: str = JUDGE_RUBRIC) -> str:
+    return (rubric.replace("{question}", case.question).replace("{reference}", case.reference)
+            .replace("{prediction}", case.prediction))
+
+
+@dataclass
+class JudgeCounters:
+    requests: int = 0
+    parse_retries: int = 0
+    unparseable: int = 0
+    failed: int = 0
+
+
+@dataclass
+class OpenJudge:
+    """Grades open-ended answers through any generation backend (local model or served)."""
+
+    backend: Callable[[], GenerationBackend]  # returns the judge's backend (created on first call)
+    name: str  # the judge model, part of every cache key
+    parse_retries: int = 2
+    max_new_tokens: int = 256
+    retry_temperature: float = 0.7
+    rubric: str = JUDGE_RUBRIC
+    keyed: bool = False  # give requests cache keys (when a response cache is in front of the backend)
+    counters: JudgeCounters = field(default_factory=JudgeCounters)
+
+    def grade(self, cases: list[JudgeCase]) -> list[JudgeResult]:
+        results = [JudgeResult(None) for _ in cases]
+        pending = []
+        for index, case in enumerate(cases):
+            if case.prediction.strip():
+                pending.append(index)
+            else:
+                results[index] = JudgeResult(0.0, "empty answer")
+        for attempt in range(self.parse_retries + 1):
+            if not pending:
+                break
+            if attempt:
+                self.counters.parse_retries += len(pending)
+            self.counters.requests += len(pending)
+            pending = self._ask(cases, results, pending, attempt)
+        for index in pending:
+            self.counters.unparseable += 1
+            results[index].error = f"unparseable reply after {self.parse_retries + 1} attempt(s)"
+        return results
+
+    def _ask(self, cases: list[JudgeCase], results: list[JudgeResult], pending: list[int], attempt: int) -> list[int]:
+        prompts = [judge_prompt(cases[index], self.rubric) for index in pending]
+        messages = [[{"role": "user", "content": [{"type": "text", "text": text}]}] for text in prompts]
+        requests = [GenerationRequest(messages=chat, key=self._key(chat, attempt) if self.keyed else None)
+                    for chat in messages]
+        temperature = 0.0 if attempt == 0 else self.retry_temperature
+        params = GenerationParams(max_new_tokens=self.max_new_tokens, temperature=temperature, seed=attempt)
+        again: list[int] = []
+
+        def on_done(position: int, completion: Reply | Failure) -> None:
+            index = pending[position]
+            result = results[index]
+            result.attempts = attempt + 1
+            if isinstance(completion, Failure):
+                self.counters.failed += 1
+                result.error = f"judge request failed: {completion.message}"
+                return
+            try:
+                result.score, result.reason = parse_verdict(completion.text)
+            except UnparseableVerdict:
+                result.reply = " ".join(completion.text.split())[:300]
+                again.append(index)
+
+        self.backend().generate(requests, params, on_done)
+        return sorted(again)
+
+    def _key(self, messages: list[dict], attempt: int) -> str:
+        return request_key(self.name, messages, salt=f"judge attempt={attempt} max_new_tokens={self.max_new_tokens}")
+
+
+def verdict_parses(reply: str) -> bool:
+    """Whether a reply holds a verdict (only those are worth caching: others are asked again)."""
+    try:
+        parse_verdict(reply)
+    except UnparseableVerdict:
+        return False
+    return True
+
+
+__all__ = ["JUDGE_RUBRIC", "JudgeCase", "JudgeResult", "OpenJudge", "UnparseableVerdict", "parse_verdict",
+           "verdict_parses"]

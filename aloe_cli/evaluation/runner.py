@@ -1,0 +1,184 @@
+"""The evaluation stage: ask the model every item (and every perturbed copy), extract, judge, score.
+
+It runs on the shared stage runner (`aloe_cli.data.stage.run_stage`), one benchmark at a time, so
+batching, `--on-error`, counting and progress work as in every other command. Each item is asked as it
+is, then once per perturbation that applies to it (`cap` and `leg` need an image), and expands (1 -> N)
+into one prediction line per question asked:
+
+    {"id", "benchmark", "model", "kind", "question", "options", "answer", "prediction", "extracted",
+     "correct", "rule", "perturb", "category", "l2_category", "task", "pair_id", "prompt", "judge"?}
+
+The model sees `eval_record(item)` (perturbed by `aloe_cli.perturb` when asked), through any generation
+backend. A request that fails (a broken image, a server that gave up) or a perturbation that cannot be
+made becomes the item's error: an item is complete in the output, or counted as skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aloe_cli.data.io import Item
+from aloe_cli.data.records import text_of
+from aloe_cli.data.stage import Stage
+from aloe_cli.errors import RecordError
+from aloe_cli.evaluation.benchmarks import EvalItem
+from aloe_cli.evaluation.judge import JudgeCase, OpenJudge
+from aloe_cli.evaluation.prompts import eval_record, prompt_messages
+from aloe_cli.evaluation.scoring import benchmark_scores, score_prediction
+from aloe_cli.modeling.backends import Failure, GenerationBackend, GenerationParams, GenerationRequest
+from aloe_cli.modeling.backends.cache import request_key
+
+IMAGE_PERTURBATIONS = ("cap", "leg")  # rendered into the image: only for items that have one
+
+# (record, kind, item) -> the perturbed record; RecordError when the item cannot be perturbed
+Perturber = Callable[[dict, str, EvalItem], dict]
+
+
+def make_perturber(items: list[Item], seed: int = 0) -> Perturber:
+    """Perturbations from `aloe_cli.perturb`; wrong answers come from the item's options, the opposite of
+    yes/no, or another answer of the same benchmark."""
+    from aloe_cli.perturb import WrongAnswerPicker, perturb_record
+
+    picker = WrongAnswerPicker(eval_record(item.annotations["eval_item"]) for item in items)
+
+    def perturber(record: dict, kind: str, eval_item: EvalItem) -> dict:
+        wrong = picker.pick(record, seed=seed)
+        try:
+            return perturb_record(record, kind, wrong, image_root=eval_item.image_root, seed=seed)
+        except ValueError as exc:
+            raise RecordError("perturb_failed", str(exc)) from None
+
+    return perturber
+
+
+def perturbations_for(eval_item: EvalItem, perturbations: tuple[str, ...]) -> list[str]:
+    """The perturbations asked for that apply to an item (image ones need an image; base is the plain run)."""
+    return [kind for kind in perturbations
+            if kind != "base" and not (kind in IMAGE_PERTURBATIONS and not eval_item.images)]
+
+
+@dataclass
+class Tally:
+    """Running figures of the unperturbed items, for progress lines."""
+
+    done: int = 0
+    scored: int = 0
+    points: float = 0.0
+
+    @property
+    def accuracy(self) -> float | None:
+        return 100.0 * self.points / self.scored if self.scored else None
+
+
+@dataclass
+class EvalStage(Stage):
+    """One benchmark on one model; `lines` keeps every prediction line for the scores."""
+
+    backend: Callable[[], GenerationBackend]  # returns the model's one backend (created on first call)
+    model: str  # the label written on every line
+    params: GenerationParams
+    judge: OpenJudge | None = None
+    perturber: Perturber | None = None
+    perturbations: tuple[str, ...] = ()
+    cache_tag: str = ""  # what identifies the model in cache keys (name + backend)
+    keyed: bool = False  # give requests cache keys (when a response cache is in front of the backend)
+    lines: list[dict] = field(default_factory=list)
+    tally: Tally = field(default_factory=Tally)
+
+    name = "eval"
+
+    def annotate(self, batch: list[Item]) -> None:
+        units: list[tuple[Item, str | None, dict]] = []  # (item, perturbation or None, the record asked)
+        requests: list[GenerationRequest] = []
+        for item in batch:
+            try:
+                item_units = [(item, kind, record) for kind, record in self._records(item)]
+                item_requests = [self._request(item, record) for _, _, record in item_units]
+            except RecordError as error:
+                item.error = error.located(item.where)
+                continue
+            units.extend(item_units)
+            requests.extend(item_requests)
+        replies: dict[int, str] = {}
+
+        def on_done(index: int, completion) -> None:
+            item, kind, _ = units[index]
+            if not isinstance(completion, Failure):
+                replies[index] = completion.text
+            elif item.error is None:
+                suffix = f" (perturbation {kind})" if kind else ""
+                item.error = RecordError(completion.reason, completion.message + suffix, where=item.where)
+
+        if requests:
+            self.backend().generate(requests, self.params, on_done)
+        lines: dict[int, list[dict]] = {}
+        for index, (item, kind, record) in enumerate(units):
+            if item.error is None:
+                lines.setdefault(id(item), []).append(self._line(item, kind, record, replies[index]))
+        self._grade_open([line for group in lines.values() for line in group if line["kind"] == "open"])
+        for item in batch:
+            if item.error is None and id(item) in lines:
+                item.annotations["lines"] = lines[id(item)]
+                self.lines.extend(lines[id(item)])
+                self._count(lines[id(item)][0])
+
+    def expand(self, item: Item) -> list[dict]:
+        """The item's prediction lines: unperturbed first, then one per perturbation."""
+        return item.annotations["lines"]
+
+    def _records(self, item: Item) -> list[tuple[str | None, dict]]:
+        eval_item: EvalItem = item.annotations["eval_item"]
+        record = eval_record(eval_item)
+        kinds = perturbations_for(eval_item, self.perturbations)
+        if kinds and self.perturber is None:
+            raise RuntimeError("perturbations were asked for without a perturber")
+        return [(None, record)] + [(kind, self.perturber(record, kind, eval_item)) for kind in kinds]
+
+    def _line(self, item: Item, kind: str | None, record: dict, prediction: str) -> dict:
+        eval_item: EvalItem = item.annotations["eval_item"]
+        values = eval_item.fields()
+        line = {"id": values.pop("id"), "benchmark": values.pop("benchmark"), "model": self.model,
+                "kind": values.pop("kind"), "question": values.pop("question"), "options": values.pop("options"),
+                "answer": values.pop("answer"), "prediction": prediction, "extracted": None, "correct": None,
+                "perturb": kind, **values, "prompt": text_of(prompt_messages(record)[-1])}
+        if kind is not None:
+            line["wrong_answer"] = record.get("aloe", {}).get("perturb", {}).get("wrong_answer")
+        if line["kind"] == "open":
+            line["extracted"] = prediction.strip() or None
+        else:
+            line.update(score_prediction(line["kind"], prediction, line["answer"], line["options"]))
+        return line
+
+    def _grade_open(self, lines: list[dict]) -> None:
+        if not lines or self.judge is None:
+            return
+        results = self.judge.grade([JudgeCase(line["question"], line["answer"], line["prediction"]) for line in lines])
+        for line, result in zip(lines, results):
+            line["correct"] = result.score
+            line["judge"] = {"model": self.judge.name, **result.to_dict()}
+
+    def _count(self, line: dict) -> None:
+        self.tally.done += 1
+        correct = line["correct"]
+        if correct is not None:
+            self.tally.scored += 1
+            self.tally.points += float(correct)
+
+    def _request(self, item: Item, record: dict) -> GenerationRequest:
+        messages, images = prompt_messages(record), list(record.get("images") or [])
+        key = None
+        if self.keyed:  # the model, the conversation, the image bytes, and how long the answer may be
+            key = request_key(self.cache_tag or self.model, messages, images, item.image_root,
+                              salt=f"max_new_tokens={self.params.max_new_tokens}")
+        return GenerationRequest(messages=messages, images=images, image_root=item.image_root, key=key,
+                                 id=str(record.get("id")))
+
+    def scores(self) -> dict:
+        return benchmark_scores(self.lines)
+
+    def summary(self) -> dict:
+        return {"model": self.model, "accuracy": self.tally.accuracy}
+
+
+__all__ = ["EvalStage", "IMAGE_PERTURBATIONS", "Perturber", "Tally", "make_perturber", "perturbations_for"]
