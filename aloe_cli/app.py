@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             app(args=argv, prog_name="aloe")
         finally:
-            if sys.stdout is not None:
-                sys.stdout.flush()  # surface a closed pipe or a full device here, not at interpreter shutdown
+            _flush_stdout()  # a closed pipe or a full device surfaces here, not at interpreter shutdown
     except AloeError as error:
         _fail(error, str(error))
     except (OutputClosed, BrokenPipeError):
@@ -110,6 +109,17 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as error:  # an I/O failure no command foresaw (a full disk, a vanished folder): one line
         where = f": {error.filename}" if error.filename else ""
         _fail(error, f"{error.strerror or error}{where}")
+
+
+def _flush_stdout() -> None:
+    if sys.stdout is None:
+        return
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise AloeError(f"cannot write standard output: {exc.strerror or exc}") from None
 
 
 def _fail(error: BaseException, message: str) -> None:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from aloe_cli import console
-from aloe_cli.data.io import STDIO, RecordWriter, expand_inputs, read_paths
+from aloe_cli.data.io import STDIO, expand_inputs, print_stdout, read_paths, record_writers
 from aloe_cli.data.records import RecordDefaults
 from aloe_cli.data.shard import Shard
 from aloe_cli.data.stage import RunConfig, RunSummary, Stage, run_stage
@@ -73,7 +72,7 @@ def write_summary_report(report: Path | str, result: dict[str, Any], *, mark_don
     from aloe_cli.data.reports import write_report
 
     if str(report) == STDIO:
-        print(json.dumps(result, indent=2))
+        print_stdout(json.dumps(result, indent=2))
     else:
         write_report(report, result, mark_done=mark_done)
 
@@ -89,8 +88,7 @@ def run_data_command(stage: Stage, inputs: Iterable[str] | None, *, image_root: 
         paths = check_io(inputs, output=output, rejects=rejects, report=report)
         if stage.measure_first:
             console.log(f"aloe {stage.name}: percentile thresholds: measuring the whole shard before deciding")
-        rejects_target = RecordWriter(rejects) if rejects is not None else nullcontext()
-        with RecordWriter(output) as writer, rejects_target as rejects_writer:
+        with record_writers(output, rejects) as (writer, rejects_writer):  # both appear, or neither
             items = read_paths(paths, image_root, config.shard, defaults)
             summary = run_stage(stage, items, writer, rejects_writer, config, progress=console.progress)
     finally:

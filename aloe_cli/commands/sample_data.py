@@ -26,10 +26,11 @@ def sample_data(
     force: Annotated[bool, typer.Option("--force", help="Overwrite the demo files a folder already holds.")] = False,
 ) -> None:
     from aloe_cli import console
+    from aloe_cli.data.io import print_stdout
     from aloe_cli.data.sample_data import check_sample_folder, write_sample_data
 
     check_sample_folder(out_dir, force=force)
     data = write_sample_data(out_dir, seed=seed)
     console.log(f"aloe sample-data: wrote {data.train} and {data.eval_tsv} "
                 f"({len(data.leaked_ids)} exact leaks, 1 re-encoded near-duplicate)")
-    print(out_dir)
+    print_stdout(str(out_dir))

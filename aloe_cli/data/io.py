@@ -25,14 +25,8 @@ Integers beyond 64 bits are read and written exactly (`streams.loads`).
 from __future__ import annotations
 
 import glob
-import gzip
-import json
 import os
-import stat
-import sys
-import tempfile
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -40,13 +34,21 @@ from typing import Any, BinaryIO
 import orjson
 
 from aloe_cli.data.dicom import scrub_embedded_dicom
-from aloe_cli.data.images import to_data_uri
-from aloe_cli.data.parquet import jsonl_to_parquet, parquet_rows
+from aloe_cli.data.parquet import parquet_rows
 from aloe_cli.data.records import RecordDefaults, normalize
 from aloe_cli.data.shard import ALL, Shard, Units, shard_lines
 from aloe_cli.data.streams import STDIO, device_path, display_name, is_stream, loads, open_input
 from aloe_cli.data.tsv import TsvFile, tsv_row_to_record
-from aloe_cli.errors import AloeError, OutputClosed, RecordError
+from aloe_cli.data.writing import (  # noqa: F401 - the writing half of this module's API
+    RecordWriter,
+    atomic_path,
+    dumps,
+    print_stdout,
+    record_writers,
+    write_atomic,
+    write_error,
+)
+from aloe_cli.errors import AloeError, RecordError
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
@@ -257,7 +259,7 @@ def _read_tsv(path: str, *, require_images: bool = False, units: Units | None = 
                 continue  # another shard's row: not converted
             where = f"{display}:{row.line}"
             if row.error is not None:
-                yield Item(None, where, display, error=row.error.located(where), raw=None)
+                yield Item(None, where, display, error=row.error.located(where), raw=row.text)
                 continue
             try:
                 record = tsv_row_to_record(row.fields, source, shared)
@@ -265,193 +267,3 @@ def _read_tsv(path: str, *, require_images: bool = False, units: Units | None = 
                 yield Item(None, where, display, error=error.located(where), raw=row.fields)
                 continue
             yield Item(None, where, display, raw=record)
-
-
-# ----------------------------------------------------------------------------- writing
-
-def _json_images(record: dict) -> dict:
-    """Embedded image bytes cannot go into JSON: write them as data URIs."""
-    images = record.get("images")
-    if not isinstance(images, list) or all(isinstance(entry, str) for entry in images):
-        return record
-    converted = []
-    for entry in images:
-        if isinstance(entry, dict) and ("bytes" in entry or "path" in entry):
-            entry = to_data_uri(bytes(entry["bytes"])) if entry.get("bytes") else entry.get("path")
-        elif isinstance(entry, (bytes, bytearray, memoryview)):
-            entry = to_data_uri(bytes(entry))
-        converted.append(entry)
-    return {**record, "images": converted}
-
-
-def dumps(record: dict) -> bytes:
-    """One JSONL line (with its newline) as UTF-8 bytes."""
-    try:
-        return orjson.dumps(_json_images(record), option=orjson.OPT_APPEND_NEWLINE)
-    except TypeError:  # a value orjson does not take (e.g. an int over 64 bits): fall back to json
-        return (json.dumps(_json_images(record), ensure_ascii=False, default=str) + "\n").encode()
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()  # read once, at import: os.umask can only be read by setting it
-
-
-def write_error(path: str | os.PathLike, exc: OSError) -> AloeError:
-    """The one-line error for a write that failed (a full disk, a vanished folder, a closed device)."""
-    where = "standard output" if str(path) == STDIO else str(path)
-    return AloeError(f"cannot write {where}: {exc.strerror or exc}")
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """A temporary path in `path`'s folder to write to; on success it is synced and renamed to `path`.
-
-    If the block raises, the temporary file is removed and `path` is left as
-    it was: a reader never sees a half-written file under the real name.
-    """
-    target = Path(path)
-    if not target.parent.is_dir():
-        raise AloeError(f"output folder does not exist: {target.parent}")
-    if target.is_dir():
-        raise AloeError(f"{target} is a folder; name a file to write")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise AloeError(f"cannot write {target}: {target.parent} does not take new files "
-                        f"({exc.strerror or exc})") from None
-    os.close(fd)
-    try:
-        yield tmp
-        try:
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; the final file gets the usual mode
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, target)
-        except OSError as exc:
-            raise write_error(target, exc) from None
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-
-
-def _remove_quietly(path: str) -> None:
-    with suppress(OSError):
-        os.unlink(path)
-
-
-def _close_quietly(stream: Any) -> None:
-    """Close after a failure: buffered bytes that cannot be written any more are dropped, not raised."""
-    with suppress(OSError, ValueError):
-        stream.close()
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through `atomic_path`."""
-    with atomic_path(path) as tmp:
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-        except OSError as exc:
-            raise write_error(path, exc) from None
-
-
-def _in_place(path: str) -> bool:
-    """A FIFO or a device (/dev/null, /dev/stderr): written to directly, there is no file to replace."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return False
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
-
-
-class RecordWriter:
-    """Write records to a file (atomically, see `atomic_path`), a pipe or device, or stdout.
-
-    Use as a context manager: the file appears only if the block ends without
-    an exception. A write that fails (a full disk) raises a one-line AloeError
-    and the temporary file is removed.
-    """
-
-    def __init__(self, path: str | os.PathLike | None):
-        self.path = STDIO if path in (None, STDIO) else str(path)
-        self.count = 0
-        name = self.path.lower()
-        self.in_place = self.path != STDIO and _in_place(self.path)
-        self.format = ("parquet" if name.endswith(".parquet") else
-                       "jsonl.gz" if name.endswith(".gz") else "jsonl")
-        if self.path != STDIO and not self.in_place and not name.endswith((".parquet", ".gz") + JSONL_SUFFIXES):
-            raise AloeError(f"{self.path}: unknown output format (expected .jsonl, .jsonl.gz or .parquet)")
-        if self.in_place and self.format == "parquet":
-            raise AloeError(f"{self.path}: parquet needs a regular file (it is written in two passes), "
-                            "not a pipe or device")
-        self._stream: Any = None
-        self._files = ExitStack()
-        self._tmp: str | None = None
-        self._spool: str | None = None
-
-    def __enter__(self) -> RecordWriter:
-        if self.path == STDIO:
-            if sys.stdout is None:
-                raise AloeError("standard output is closed: give -o FILE")
-            sys.stdout.flush()  # nothing written through the text layer may come after our bytes
-            # Our own large buffer: sys.stdout.buffer can be unbuffered (python -u, PYTHONUNBUFFERED).
-            self._stream = open(sys.stdout.fileno(), "wb", buffering=1 << 16, closefd=False)
-            return self
-        if self.in_place:
-            try:
-                raw = open(self.path, "wb", buffering=1 << 16)
-            except OSError as exc:
-                raise write_error(self.path, exc) from None
-            self._stream = gzip.GzipFile(fileobj=raw, mode="wb") if self.format == "jsonl.gz" else raw
-            if self.format == "jsonl.gz":
-                self._files.callback(_close_quietly, raw)
-            return self
-        self._tmp = self._files.enter_context(atomic_path(self.path))
-        if self.format == "jsonl.gz":
-            self._stream = gzip.open(self._tmp, "wb")
-        elif self.format == "parquet":  # spooled as JSONL, then converted with one schema on close
-            self._spool = self._tmp + ".jsonl"
-            self._files.callback(_remove_quietly, self._spool)  # runs before the commit: LIFO
-            self._stream = open(self._spool, "wb", buffering=1 << 20)
-        else:
-            self._stream = open(self._tmp, "wb", buffering=1 << 20)
-        return self
-
-    def write(self, record: dict) -> None:
-        try:
-            self._stream.write(dumps(record))
-        except BrokenPipeError:
-            raise OutputClosed() from None
-        except OSError as exc:
-            raise write_error(self.path, exc) from None
-        self.count += 1
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            _close_quietly(self._stream)  # the run failed: what is still buffered is dropped
-            self._files.__exit__(exc_type, exc, tb)  # removes the temporary file
-            return
-        try:
-            try:
-                self._stream.close()  # flushes (stdout: closefd=False leaves fd 1 open)
-                if self._spool is not None:
-                    jsonl_to_parquet(self._spool, self._tmp)
-            except BrokenPipeError:
-                if self.path == STDIO:
-                    raise OutputClosed() from None
-                raise write_error(self.path, BrokenPipeError(32, "Broken pipe")) from None
-            except OSError as error:
-                raise write_error(self.path, error) from None
-        except BaseException:
-            _close_quietly(self._stream)
-            self._files.__exit__(*sys.exc_info())
-            raise
-        self._files.__exit__(None, None, None)

@@ -56,6 +56,7 @@ class TsvRow:
     line: int
     fields: dict | None
     error: RecordError | None = None
+    text: str | None = None  # the row as read (undecodable bytes replaced), for the rejects of a bad row
 
 
 class TsvFile:
@@ -134,7 +135,7 @@ class TsvFile:
                 where = f"line {bad.number}: " if bad.number != first.number else ""
                 error = RecordError("invalid_encoding", where + bad.bad_encoding,
                                     where=f"{self.display}:{first.number}")
-                yield TsvRow(first.number, None, error)
+                yield TsvRow(first.number, None, error, "".join(line.text for line in taken))
                 continue
             yield TsvRow(first.number, self._by_column(fields))
 

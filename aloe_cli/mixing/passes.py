@@ -44,7 +44,16 @@ import numpy as np
 
 from aloe_cli.console import null_progress
 from aloe_cli.data.images import check_images
-from aloe_cli.data.io import STDIO, Item, RecordWriter, dumps, read_file, source_name, write_error
+from aloe_cli.data.io import (
+    STDIO,
+    Item,
+    RecordWriter,
+    dumps,
+    read_file,
+    record_writers,
+    source_name,
+    write_error,
+)
 from aloe_cli.data.records import DOMAINS, RecordDefaults, modality
 from aloe_cli.data.stage import InputCounts, ProgressFactory, Reject, RunConfig, Stage, run_stage
 from aloe_cli.data.streams import device_path, display_name, is_stream, loads, open_raw
@@ -470,15 +479,16 @@ def run_mix(recipe: Recipe, options: MixOptions, counter: LossTokenCounter | Non
 
     if options.rejects is not None and options.rejects == options.output and options.output != STDIO:
         raise AloeError("--rejects and --output must be different files")
-    spool_dir = options.spool_dir or (str(Path(options.output).resolve().parent) if options.output != STDIO else None)
+    # Spools beside a file output (same disk as the result); for stdout, a pipe or a device, in $TMPDIR.
+    to_file = options.output != STDIO and not is_stream(options.output) and not device_path(options.output)
+    spool_dir = options.spool_dir or (str(Path(options.output).resolve().parent) if to_file else None)
     counter = counter or load_counter(recipe.tokenizer, recipe.chat_template)
     seconds: dict[str, float] = {}
     with ExitStack() as stack:
         streams = StreamCopies(spool_dir)
         stack.callback(streams.close)
-        output = None if options.dry_run else stack.enter_context(RecordWriter(options.output))
-        rejects = (None if options.dry_run or options.rejects is None
-                   else stack.enter_context(RecordWriter(options.rejects)))
+        output, rejects = (None, None) if options.dry_run else stack.enter_context(
+            record_writers(options.output, options.rejects))  # both appear, or neither
         cache = stack.enter_context(_open_cache(recipe, options))
         counting = CountingStage(recipe, counter, cache, options.batch_size)
         with _timed(seconds, "count"):
