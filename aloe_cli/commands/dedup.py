@@ -81,7 +81,7 @@ def dedup(
     keep_all: KeepAllOpt = False,
 ) -> None:
     from aloe_cli import console
-    from aloe_cli.commands._common import resolve_shard, run_data_command, shard_done
+    from aloe_cli.commands._common import check_io, resolve_shard, run_data_command, shard_done
     from aloe_cli.data.records import RecordDefaults
     from aloe_cli.data.stage import RunConfig
     from aloe_cli.filters.dedup import INDEX_SUFFIX, DedupStage, build_eval_index
@@ -100,6 +100,8 @@ def dedup(
     config = RunConfig(batch_size=batch_size, shard=resolve_shard(shard), keep_all=keep_all, on_error=on_error.value)
     if shard_done("dedup", config.shard, report, resume):
         return
+    check_io(input, output=output, rejects=rejects, report=report, read=[("--against", a) for a in against],
+             written=[("--save-index", save_index)], records=bool(input) or save_index is None)
 
     with Hasher(hash_kind, fast=fast, workers=workers) as hasher:
         eval_index = None

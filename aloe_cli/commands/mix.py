@@ -116,7 +116,6 @@ def mix(
     batch_size: BatchSizeOpt = 1024,
     on_error: OnErrorOpt = OnError.fail,
 ) -> None:
-    from aloe_cli.data.reports import write_report
     from aloe_cli.mixing import MixOptions, build_report, load_recipe, plot_shares, run_mix
     from aloe_cli.plotting import plot_folder, require_matplotlib
 
@@ -146,6 +145,10 @@ def mix(
                          max_repeats, domain, image_root, bbox_format, bool(strict),
                          DEFAULT_TOLERANCE if tolerance is None else tolerance)
 
+    from aloe_cli.commands._common import check_io, write_summary_report
+
+    check_io([path for spec in recipe.sources for path in spec.paths], output=None if dry_run else output,
+             rejects=None if dry_run else rejects, report=report, written=[("--cache", cache)])
     options = MixOptions(output=output, rejects=str(rejects) if rejects else None, dry_run=dry_run,
                          on_error=on_error.value, batch_size=batch_size, cache=not no_cache,
                          cache_path=str(cache) if cache else None, keep_dicom_bytes=keep_dicom_bytes)
@@ -160,7 +163,7 @@ def mix(
     summary = build_report(result)
     _print_summary(summary, output)
     if report is not None:
-        write_report(report, summary)
+        write_summary_report(report, summary)
     if plot is not None:
         paths = plot_shares(summary, plot)
         console.log(f"  plots: {', '.join(str(p) for p in paths)}")

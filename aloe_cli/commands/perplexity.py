@@ -97,7 +97,7 @@ def perplexity(
     attn_implementation: AttnImplementationOpt = None,
 ) -> None:
     from aloe_cli import console
-    from aloe_cli.commands._common import resolve_shard, run_data_command, shard_done
+    from aloe_cli.commands._common import check_io, resolve_shard, run_data_command, shard_done
     from aloe_cli.data.records import RecordDefaults
     from aloe_cli.data.stage import RunConfig
     from aloe_cli.filters.distribution_plots import plot_histograms
@@ -110,6 +110,7 @@ def perplexity(
     chosen_shard = resolve_shard(shard)
     if shard_done("perplexity", chosen_shard, report, resume):
         return
+    check_io(input, output=output, rejects=rejects, report=report)
     bounds = load_thresholds(thresholds, "perplexity") if thresholds is not None else None
     if plot is not None:
         require_matplotlib()

@@ -113,7 +113,7 @@ def score(
 ) -> None:
     from aloe_cli import console
     from aloe_cli.commands._backend import open_backend
-    from aloe_cli.commands._common import resolve_shard, run_data_command, shard_done
+    from aloe_cli.commands._common import check_io, resolve_shard, run_data_command, shard_done
     from aloe_cli.data.records import RecordDefaults
     from aloe_cli.data.stage import RunConfig
     from aloe_cli.filters.judge import (
@@ -139,6 +139,7 @@ def score(
     chosen_shard = resolve_shard(shard)
     if shard_done("score", chosen_shard, report, resume):
         return
+    check_io(input, output=output, rejects=rejects, report=report, written=[("--cache", cache)])
     bounds = (load_thresholds(thresholds, "score", allowed=("min",), default=Bounds(min=DEFAULT_MIN_SCORE),
                               value_range=(MIN_SCORE, MAX_SCORE))
               if thresholds is not None else default_score_thresholds())
