@@ -29,7 +29,7 @@ test: install
 	$(VENV)/bin/python -m pytest -q
 
 bench: install
-	for script in benchmarks/dedup.py benchmarks/perplexity.py benchmarks/score.py benchmarks/backends.py benchmarks/mix.py benchmarks/shard.py; do \
+	for script in benchmarks/dedup.py benchmarks/perplexity.py benchmarks/score.py benchmarks/backends.py benchmarks/mix.py benchmarks/shard.py benchmarks/train.py; do \
 		$(VENV)/bin/python $$script || exit 1; done
 
 lint: install

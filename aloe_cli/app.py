@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 
 import typer
 from typer.core import TyperGroup
 
 from aloe_cli import __version__
-from aloe_cli.errors import AloeError, OutputClosed
+from aloe_cli.errors import AloeError, OutputClosed, Terminated
 
 # name -> (module under aloe_cli.commands, one-line help shown by `aloe --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -27,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("eval", "Benchmarks (MCQ, yes/no, open with an LLM judge), adversarial robustness, results tables."),
     "infer": ("infer", "Answer prompts with images (one question, or a JSONL of records); grounded boxes."),
     "report": ("report", "Merge the --report files of a job array's shards into one summary (aloe report merge)."),
+    "train": ("train", "Stage-1 SFT on TRL + DeepSpeed ZeRO-3 (the published recipe); --slurm writes the job script."),
+    "adv-train": ("adv_train", "Stage-2 SFT from a stage-1 model on adversarially perturbed medical samples."),
 }
 
 
@@ -70,6 +73,8 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    # The deepspeed launcher puts --local_rank=N before the command; training reads the rank from the environment.
+    local_rank: int | None = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
 ) -> None:
     """Build medical vision-language models: leak-free, quality-filtered, token-balanced training data."""
 
@@ -79,22 +84,70 @@ DEBUG_ENV = "ALOE_DEBUG"
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: one-line errors, exit 1 for bad input, 2 for bad usage (typer's own)."""
+    """Console entry point: one-line errors, exit 1 for bad input, 2 for bad usage (typer's own),
+    130 for Ctrl-C, 143 for SIGTERM."""
+    _handle_sigterm()
     try:
         try:
             app(args=argv, prog_name="aloe")
         finally:
-            sys.stdout.flush()  # surface a closed pipe here, not at interpreter shutdown
+            _flush_stdout()  # a closed pipe or a full device surfaces here, not at interpreter shutdown
     except AloeError as error:
-        _traceback_if_debugging(error)
-        print(f"aloe: error: {error}", file=sys.stderr)
-        sys.exit(1)
+        _fail(error, str(error))
     except (OutputClosed, BrokenPipeError):
         _quiet_closed_pipe()
+    except Terminated as terminated:
+        _traceback_if_debugging(terminated)
+        print(f"aloe: terminated by {signal.Signals(terminated.signum).name}; nothing was written "
+              "(temporary files removed)", file=sys.stderr)
+        _detach_stdout()
+        sys.exit(128 + terminated.signum)
     except KeyboardInterrupt as interrupt:
         _traceback_if_debugging(interrupt)
         print("aloe: interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as error:  # an I/O failure no command foresaw (a full disk, a vanished folder): one line
+        where = f": {error.filename}" if error.filename else ""
+        _fail(error, f"{error.strerror or error}{where}")
+
+
+def _flush_stdout() -> None:
+    if sys.stdout is None:
+        return
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise AloeError(f"cannot write standard output: {exc.strerror or exc}") from None
+
+
+def _fail(error: BaseException, message: str) -> None:
+    _traceback_if_debugging(error)
+    print(f"aloe: error: {message}", file=sys.stderr)
+    _detach_stdout()
+    sys.exit(1)
+
+
+def _handle_sigterm() -> None:
+    """SIGTERM raises Terminated in the main thread, so the run unwinds and cleans up like Ctrl-C."""
+    main_pid = os.getpid()
+    raised = False
+
+    def terminate(signum: int, frame) -> None:
+        nonlocal raised
+        if os.getpid() != main_pid:  # a forked worker that has not set its own handlers yet: it holds nothing
+            os._exit(128 + signum)
+        if raised:  # cleanup is under way: once is enough
+            return
+        raised = True
+        raise Terminated(signum)
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        try:
+            signal.signal(signal.SIGTERM, terminate)
+        except ValueError:  # not the main thread (aloe called as a library): leave signals alone
+            pass
 
 
 def debugging() -> bool:
@@ -119,8 +172,18 @@ def _traceback_if_debugging(error: BaseException) -> None:
 
 
 def _quiet_closed_pipe() -> None:
-    """`aloe ... | head`: the reader left, which is not an error. Point stdout at
-    devnull so the interpreter's final flush does not raise again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    """`aloe ... | head`: the reader left, which is not an error."""
+    _detach_stdout()
     sys.exit(0)
+
+
+def _detach_stdout() -> None:
+    """Point stdout at devnull, dropping what is still buffered, so the interpreter's final flush cannot
+    raise again (a closed pipe, a full device) or write after an error."""
+    if sys.stdout is None:
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)

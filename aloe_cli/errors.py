@@ -50,6 +50,16 @@ class OutputClosed(Exception):
     """stdout was closed by the reader (`aloe ... | head`): stop quietly, exit 0."""
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (SLURM preemption, `timeout`, `docker stop`): unwind like Ctrl-C, so every `finally`
+    removes its temporary files, then exit 128 + the signal number. A BaseException, so that no
+    `except Exception` takes it for an error of the record at hand."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none), for one-line errors."""
     text = str(exc).strip()

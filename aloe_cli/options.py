@@ -6,11 +6,48 @@ name, short form and help text everywhere.
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+# ----------------------------------------------------------------------------- checks shared by the options
+# A value no command can use is a usage error (exit 2), caught while the options are parsed, before any input is
+# read or any model is loaded.
+
+def finite(value: float | None) -> float | None:
+    """Callback for float options: inf and nan are never meaningful (typer's min/max let inf through)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
+
+
+def _check_shard(value: str | None) -> str | None:
+    if value is None:
+        return None
+    from aloe_cli.data.shard import Shard
+    from aloe_cli.errors import AloeError
+
+    try:
+        Shard.parse(value)
+    except AloeError as error:
+        raise typer.BadParameter(str(error).removeprefix("--shard ").removeprefix("--shard: ")) from None
+    return value
+
+
+def _cap_workers(value: int) -> int:
+    """More worker processes than CPUs only adds forks (100000 would stall the machine): cap, with a note."""
+    from aloe_cli import console
+    from aloe_cli.data.shard import available_cpus
+
+    cpus = available_cpus()
+    if value > cpus:
+        console.log(f"aloe: note: --workers {value} is more than the {cpus} CPU(s) this process may use; "
+                    f"using {cpus}")
+        return cpus
+    return value
 
 
 class OnError(str, Enum):
@@ -35,14 +72,19 @@ ReportOpt = Annotated[
 ]
 ShardOpt = Annotated[
     str | None,
-    typer.Option("--shard", help="Process shard K/N (0-based) of the input. Default: from SLURM_ARRAY_TASK_ID/"
+    typer.Option("--shard", callback=_check_shard,
+                 help="Process shard K/N (0-based) of the input. Default: from SLURM_ARRAY_TASK_ID/"
                  "SLURM_ARRAY_TASK_COUNT, else 0/1."),
 ]
 ResumeOpt = Annotated[
     bool, typer.Option("--resume", help="Skip this shard (exit 0) when its --report's completion marker "
                        "FILE.done exists: rerun a job array and only unfinished shards run.")
 ]
-WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="Worker processes for CPU-bound work.")]
+WorkersOpt = Annotated[
+    int, typer.Option("--workers", min=1, callback=_cap_workers,
+                      help="Worker processes for CPU-bound work; capped at the CPUs this process may use "
+                      "(its CPU affinity, e.g. SLURM's --cpus-per-task), with a note.")
+]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Records per batch.")]
 OnErrorOpt = Annotated[
     OnError, typer.Option("--on-error", help="fail: stop at the first bad record (exit 1). skip: send it to --rejects.")
@@ -52,12 +94,18 @@ KeepAllOpt = Annotated[
 ]
 ImageRootOpt = Annotated[
     Path | None,
-    typer.Option("--image-root",
+    typer.Option("--image-root", exists=True, file_okay=False,
                  help="Folder that relative image paths resolve against. Default: the input file's folder "
                  "(the working directory for stdin)."),
 ]
 
-
+KeepDicomBytesOpt = Annotated[
+    bool,
+    typer.Option("--keep-dicom-bytes",
+                 help="Pass embedded DICOM data (data URIs, parquet/dataset image bytes) through as it is, header "
+                 "and patient data included. Default: its pixels are re-encoded on read as PNG, rendered like every "
+                 "stage sees them (window/level, 8 bits), without the header. DICOM referenced by path stays a path."),
+]
 
 class BboxFormat(str, Enum):
     xyxy = "xyxy"
@@ -86,13 +134,31 @@ class Dtype(str, Enum):
     float32 = "float32"
 
 
+def _check_model(value: str) -> str:
+    if not value or not value.strip():
+        raise typer.BadParameter("is empty: give a model folder or a Hub id")
+    return value
+
+
 ModelOpt = Annotated[
     str,
-    typer.Option("--model", help="Model folder or Hub id (Qwen2-VL family), loaded with AutoProcessor + "
+    typer.Option("--model", callback=_check_model,
+                 help="Model folder or Hub id (Qwen2-VL family), loaded with AutoProcessor + "
                  "AutoModelForImageTextToText."),
 ]
+def _check_device(value: str) -> str:
+    from aloe_cli.errors import AloeError
+    from aloe_cli.modeling.loading import check_device_name
+
+    try:
+        return check_device_name(value)
+    except AloeError as error:
+        raise typer.BadParameter(str(error).removeprefix("--device ")) from None
+
+
 DeviceOpt = Annotated[
-    str, typer.Option("--device", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
+    str, typer.Option("--device", callback=_check_device,
+                      help="auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
 ]
 DtypeOpt = Annotated[
     Dtype, typer.Option("--dtype", help="Weights/compute dtype. auto: bfloat16 on a GPU, float32 on the CPU.")
@@ -146,18 +212,22 @@ ApiKeyEnvOpt = Annotated[
 ConcurrencyOpt = Annotated[int, typer.Option("--concurrency", min=1, max=4096, help="openai: requests in flight.")]
 TimeoutOpt = Annotated[
     float,
-    typer.Option("--timeout", min=0.01, help="openai: seconds one attempt may take, from sending to the last byte "
-                 "of the reply; then it is retried."),
+    typer.Option("--timeout", min=0.01, callback=finite,
+                 help="openai: seconds one attempt may take, from sending to the last byte of the reply; then it is "
+                 "retried."),
 ]
 MaxRetriesOpt = Annotated[
-    int, typer.Option("--max-retries", min=0, help="openai: retries for 408/429/5xx, network errors and timeouts.")
+    int, typer.Option("--max-retries", min=0, max=100,
+                      help="openai: retries for 408/429/5xx, network errors and timeouts.")
 ]
 RetryBackoffOpt = Annotated[
     float,
-    typer.Option("--retry-backoff", min=0.0, help="openai: first wait between retries (s); doubles each time, "
-                 "at least what Retry-After asks."),
+    typer.Option("--retry-backoff", min=0.0, callback=finite,
+                 help="openai: first wait between retries (s); doubles each time, at least what Retry-After asks."),
 ]
-MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Longest reply, in tokens.")]
+MaxNewTokensOpt = Annotated[
+    int, typer.Option("--max-new-tokens", min=1, max=1 << 20, help="Longest reply, in tokens.")
+]
 # A second model that grades the first one's answers (aloe eval's judge for open-ended items).
 JudgeBackendOpt = Annotated[
     Backend | None,

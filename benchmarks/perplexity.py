@@ -59,15 +59,15 @@ def naive_perplexities(loaded, records: list[dict]) -> list[float]:
     import torch
 
     from aloe_cli.data.images import load_image
-    from aloe_cli.filters.perplexity import conversation_with_images
     from aloe_cli.modeling.chat_template import template_of, training_chat_template
+    from aloe_cli.modeling.encoding import chat_messages
 
     template = training_chat_template(template_of(loaded.processor))
     values = []
     for record in records:
         images = [load_image(entry).convert("RGB") for entry in record["images"]]
         inputs = loaded.processor.apply_chat_template(
-            conversation_with_images(record, images), chat_template=template, tokenize=True, return_dict=True,
+            chat_messages(record["messages"], images), chat_template=template, tokenize=True, return_dict=True,
             return_tensors="pt", return_assistant_tokens_mask=True)
         mask = inputs.pop("assistant_masks")[0, 1:].bool()
         inputs = {key: value.to(loaded.device) for key, value in inputs.items()}

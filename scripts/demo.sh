@@ -23,7 +23,7 @@ cat "$out/train.jsonl" \
       --report "$out/score.report.json" \
   | aloe perplexity --model "$out/tiny-qwen2vl" --image-root "$out" --keep-all --plot "$out/perplexity-plots" \
       --report "$out/perplexity.report.json" \
-  | aloe mix --tokenizer "$out/tiny-qwen2vl" \
+  | aloe mix --tokenizer "$out/tiny-qwen2vl" --image-root "$out" \
       --share medical/multimodal=0.4 --share medical/text=0.2 \
       --share general/multimodal=0.25 --share general/text=0.15 \
       --report "$out/mix.report.json" -o "$out/mixture.jsonl"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import random
 from collections import Counter
@@ -36,9 +37,15 @@ def sentence(rng: random.Random, low: int, high: int) -> str:
 def make_sources(folder, sources=SOURCES, seed=0):
     rng = random.Random(seed)
     paths = {}
+    (folder / "img").mkdir(exist_ok=True)
+    image = io.BytesIO()
+    scan(0, size=96).save(image, format="PNG")  # mix checks that every image exists and has a readable header
     for name, domain, multimodal, count, (low, high) in sources:
         records = [chat(sentence(rng, 4, 10), sentence(rng, low, high), [f"img/{name}-{i}.png"] if multimodal else [],
                         id=f"{name}-{i}", source=name, domain=domain) for i in range(count)]
+        for record in records:
+            for entry in record["images"]:
+                (folder / entry).write_bytes(image.getvalue())
         paths[name] = write_jsonl(folder / f"{name}.jsonl", records)
     return paths
 
@@ -334,7 +341,7 @@ def test_cli_pipe(tmp_path, tiny_model_dir):
     paths = make_sources(tmp_path, SOURCES[3:])
     text = "".join(p.read_text() for p in paths.values())
     proc = aloe("mix", "--tokenizer", str(tiny_model_dir), "--share", "general/multimodal=0.7",
-                "--share", "general/text=0.3", "--no-cache", stdin=text)
+                "--share", "general/text=0.3", "--no-cache", stdin=text, cwd=tmp_path)  # stdin's images: cwd
     assert proc.returncode == 0, proc.stderr
     records = read_jsonl(proc.stdout)
     assert records and {r["source"] for r in records} == {"general-vqa", "general-essay"}
@@ -399,7 +406,7 @@ BAD_RECIPES = {
     "typo": ("tokenizer: t\ntarget: {medical/text: 1}\nsources: [{name: a, paths: a.jsonl, domain: medical}]\n",
              "target: unknown key"),
     "bad_repeats": ("tokenizer: t\ntargets: {medical/text: 1}\nsources: [{name: a, paths: a.jsonl, domain: medical, "
-                    "max_repeats: 0}]\n", "sources[0] (a).max_repeats: must be a number >= 1"),
+                    "max_repeats: 0}]\n", "sources[0] (a).max_repeats: must be a number from 1"),
     "both_sizes": ("tokenizer: t\ntotal_samples: 10\ntotal_tokens: 10\ntargets: {medical/text: 1}\n"
                    "sources: [{name: a, paths: a.jsonl, domain: medical}]\n", "give total_samples or total_tokens"),
     "yaml": ("tokenizer: t\ntargets: {medical/text: 1\n", "not valid YAML (line"),

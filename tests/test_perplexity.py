@@ -223,9 +223,10 @@ def test_reuse_keeps_existing_values_without_loading_the_model():
         raise AssertionError("the model must not be loaded")
 
     record = chat("q", "a", source="s")
-    record["aloe"] = {"perplexity": {"value": 12.5, "tokens": 3, "per_turn": [12.5], "flag": {"reason": "x"}}}
+    record["aloe"] = {"perplexity": {"value": 12.5, "tokens": 3, "per_turn": [12.5], "flag": {"reason": "x"},
+                                     "model": "m"}}
     stage = PerplexityStage(no_model, PerplexityConfig(reuse=True), parse_thresholds({"s": {"max": 10}},
-                                                                                     "perplexity"))
+                                                                                     "perplexity"), model_name="m")
     item = Item(record, "t:1", "t")
     stage.annotate([item])
     assert stage.decide(item).reason == "noisy_answer"

@@ -73,7 +73,7 @@ def test_readme_pipe_runs_end_to_end_with_grounding_records(tmp_path, tiny_model
          "--report", str(reports["perplexity"])],
         # medical/multimodal gets the largest share so that it is the cell that limits the mixture:
         # every one of its records, the grounding ones included, is then selected.
-        ["mix", "--tokenizer", str(tiny_model_dir), "--share", "medical/multimodal=0.7",
+        ["mix", "--tokenizer", str(tiny_model_dir), "--image-root", str(folder), "--share", "medical/multimodal=0.7",
          "--share", "medical/text=0.1", "--share", "general/multimodal=0.1", "--share", "general/text=0.1",
          "--no-cache", "--report", str(reports["mix"]), "-o", str(mixture)],
     ]

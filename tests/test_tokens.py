@@ -22,7 +22,7 @@ from aloe_cli.modeling.chat_template import QWEN2_VL, training_chat_template
 from aloe_cli.modeling.loss_tokens import LossTokenCounter, load_counter, tokens_overlapping
 from aloe_cli.modeling.token_cache import TokenCache, conversation_key
 from aloe_cli.testing.oracles import reference_count
-from support import aloe, chat, read_jsonl, write_jsonl
+from support import aloe, chat, read_jsonl, scan, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +328,7 @@ def test_templates_that_do_not_say_what_the_loss_sees_are_refused(tiny_model_dir
         load_counter(str(tiny_model_dir), str(chatml))
     with pytest.raises(AloeError, match="inside {% generation %} blocks"):
         LossTokenCounter(counter.tokenizer, QWEN2_VL.released_text(), name="unmarked")
-    with pytest.raises(AloeError, match="cannot read chat template"):
+    with pytest.raises(AloeError, match="chat template not found"):
         load_counter(str(tiny_model_dir), str(tmp_path / "missing.jinja"))
     with pytest.raises(AloeError, match="cannot load tokenizer"):
         load_counter(str(tmp_path / "no-model"))
@@ -380,6 +380,7 @@ def test_mix_counts_without_importing_torch_or_transformers(tiny_released_model_
                chat("Describe the scan.", "A small nodule in the right lobe.", ["scan.png"], id="b",
                     domain="medical")]
     data = write_jsonl(tmp_path / "in.jsonl", records)
+    scan(0).save(tmp_path / "scan.png")  # mix checks the image's header (with Pillow: no torch either)
     output = tmp_path / "out.jsonl"
     proc = aloe("mix", "-i", str(data), "--tokenizer", str(tiny_released_model_dir), "--share",
                 "medical/multimodal=0.5", "--share", "medical/text=0.5", "--no-cache", "-o", str(output),

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from aloe_cli import console
-from aloe_cli.data.io import STDIO, RecordWriter, expand_inputs, read_paths
+from aloe_cli.data.io import STDIO, expand_inputs, print_stdout, read_paths, record_writers
 from aloe_cli.data.records import RecordDefaults
 from aloe_cli.data.shard import Shard
 from aloe_cli.data.stage import RunConfig, RunSummary, Stage, run_stage
@@ -27,7 +28,7 @@ def shard_done(stage_name: str, shard: Shard, report: Path | None, resume: bool)
 
     if not resume:
         return False
-    if report is None:
+    if report is None or str(report) == STDIO:
         raise typer.BadParameter("needs --report FILE: the completion marker is FILE.done", param_hint="--resume")
     if not finished(report, stage_name, shard):
         return False
@@ -35,20 +36,59 @@ def shard_done(stage_name: str, shard: Shard, report: Path | None, resume: bool)
     return True
 
 
+PathLike = str | os.PathLike | None
+
+
+def check_io(inputs: Iterable[str] | None, *, output: PathLike = STDIO, rejects: PathLike = None,
+             report: PathLike = None, read: Iterable[tuple[str, PathLike]] = (),
+             written: Iterable[tuple[str, PathLike]] = (), records: bool = True) -> list[str]:
+    """Expand the inputs and check every destination before any work (see data.destinations): a path
+    named twice, or an output that is an input, is a usage error (exit 2); a folder, a missing or
+    read-only folder, a missing input is a one-line error (exit 1). `read`/`written`: other (option, path)
+    pairs the command reads or writes (--against, --cache, --save-index); `records=False` when no records
+    are read or written (building an index only). Returns the expanded input paths."""
+    from aloe_cli.data.destinations import Named, PathConflict, check_destinations
+
+    paths = expand_inputs(inputs) if records else []
+    sources = [Named("-i", path) for path in paths]
+    for option, path in read:
+        if path is not None and str(path) != STDIO and not os.path.exists(path):
+            raise AloeError(f"{option} {path}: no such file or folder")
+        if path is not None:
+            sources.append(Named(option, str(path)))
+    pairs = [("-o", output), ("--rejects", rejects)] if records else []
+    targets = [Named(option, str(path)) for option, path in [*pairs, ("--report", report), *written]
+               if path is not None]
+    try:
+        check_destinations(sources, targets)
+    except PathConflict as conflict:
+        raise typer.BadParameter(str(conflict), param_hint=conflict.option) from None
+    return paths
+
+
+def write_summary_report(report: Path | str, result: dict[str, Any], *, mark_done: bool = False) -> None:
+    """`--report FILE` (atomically, with its completion marker), or `--report -`: the JSON on stdout
+    (allowed only when records do not go there, see check_io)."""
+    from aloe_cli.data.reports import write_report
+
+    if str(report) == STDIO:
+        print_stdout(json.dumps(result, indent=2))
+    else:
+        write_report(report, result, mark_done=mark_done)
+
+
 def run_data_command(stage: Stage, inputs: Iterable[str] | None, *, image_root: Path | None, output: str,
                      rejects: Path | None, report: Path | None, config: RunConfig,
                      defaults: RecordDefaults | None = None) -> RunSummary:
-    """Run `stage` over this shard of `inputs`, writing kept records to `output` and the rest to `rejects`."""
-    from aloe_cli.data.reports import write_report
+    """Run `stage` over this shard of `inputs`, writing kept records to `output` and the rest to `rejects`.
 
+    The command should have called `check_io` before any expensive set-up; it is checked here again,
+    before anything is read."""
     try:
-        if rejects is not None and str(rejects) == output and output != STDIO:
-            raise AloeError("--rejects and --output must be different files")
-        paths = expand_inputs(inputs)
+        paths = check_io(inputs, output=output, rejects=rejects, report=report)
         if stage.measure_first:
             console.log(f"aloe {stage.name}: percentile thresholds: measuring the whole shard before deciding")
-        rejects_target = RecordWriter(rejects) if rejects is not None else nullcontext()
-        with RecordWriter(output) as writer, rejects_target as rejects_writer:
+        with record_writers(output, rejects) as (writer, rejects_writer):  # both appear, or neither
             items = read_paths(paths, image_root, config.shard, defaults)
             summary = run_stage(stage, items, writer, rejects_writer, config, progress=console.progress)
     finally:
@@ -56,7 +96,7 @@ def run_data_command(stage: Stage, inputs: Iterable[str] | None, *, image_root: 
     result = {**summary.to_dict(), "input_files": ["<stdin>" if path == STDIO else path for path in paths]}
     print_summary(result)
     if report is not None:
-        write_report(report, result, mark_done=True)
+        write_summary_report(report, result, mark_done=True)
     return summary
 
 

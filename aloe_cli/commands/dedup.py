@@ -36,6 +36,7 @@ from aloe_cli.options import (
     ImageRootOpt,
     InputOpt,
     KeepAllOpt,
+    KeepDicomBytesOpt,
     OnError,
     OnErrorOpt,
     OutputOpt,
@@ -71,6 +72,7 @@ def dedup(
     report: ReportOpt = None,
     image_root: ImageRootOpt = None,
     bbox_format: BboxFormatOpt = BboxFormat.xyxy,
+    keep_dicom_bytes: KeepDicomBytesOpt = False,
     workers: WorkersOpt = 1,
     batch_size: BatchSizeOpt = 512,
     shard: ShardOpt = None,
@@ -79,10 +81,9 @@ def dedup(
     keep_all: KeepAllOpt = False,
 ) -> None:
     from aloe_cli import console
-    from aloe_cli.commands._common import resolve_shard, run_data_command, shard_done
+    from aloe_cli.commands._common import check_io, resolve_shard, run_data_command, shard_done
     from aloe_cli.data.records import RecordDefaults
     from aloe_cli.data.stage import RunConfig
-    from aloe_cli.errors import AloeError
     from aloe_cli.filters.dedup import INDEX_SUFFIX, DedupStage, build_eval_index
     from aloe_cli.filters.hash_index import HASH_KINDS
     from aloe_cli.filters.hashing import Hasher
@@ -94,9 +95,13 @@ def dedup(
         raise typer.BadParameter("nothing to compare against: give --against and/or --within", param_hint="--against")
     if save_index is not None and not str(save_index).endswith(INDEX_SUFFIX):
         raise typer.BadParameter(f"the index file name must end with {INDEX_SUFFIX}", param_hint="--save-index")
+    if save_index is not None and not against:
+        raise typer.BadParameter("needs --against (the evaluation sets to index)", param_hint="--save-index")
     config = RunConfig(batch_size=batch_size, shard=resolve_shard(shard), keep_all=keep_all, on_error=on_error.value)
     if shard_done("dedup", config.shard, report, resume):
         return
+    check_io(input, output=output, rejects=rejects, report=report, read=[("--against", a) for a in against],
+             written=[("--save-index", save_index)], records=bool(input) or save_index is None)
 
     with Hasher(hash_kind, fast=fast, workers=workers) as hasher:
         eval_index = None
@@ -108,15 +113,14 @@ def dedup(
                 console.log(f"aloe dedup: {name}: {stats.images} evaluation image(s) {how}"
                             + (f", {stats.unreadable} unreadable (not checked)" if stats.unreadable else ""))
         if save_index is not None:
-            if eval_index is None:
-                raise AloeError("--save-index needs --against")
             eval_index.save(save_index)
             console.log(f"aloe dedup: saved {len(eval_index.index)} hash(es) to {save_index}")
             if not input:
                 return  # building the index was the whole job
         stage = DedupStage(hasher, eval_index, max_distance=max_distance, within=within)
         summary = run_data_command(stage, input, image_root=image_root, output=output, rejects=rejects,
-                                   defaults=RecordDefaults(bbox_format=bbox_format.value),
+                                   defaults=RecordDefaults(bbox_format=bbox_format.value,
+                                                           keep_dicom_bytes=keep_dicom_bytes),
                                    report=report, config=config)
     for name, stats in summary.extra.get("eval_sets", {}).items():
         console.log(f"  leaked from {name}: {stats['leaked_records']} training record(s)")

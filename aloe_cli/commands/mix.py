@@ -25,6 +25,13 @@ Examples:
     # in a pipe
     cat filtered.jsonl | aloe mix --tokenizer ./qwen2-vl --share medical/multimodal=0.6 \\
         --share general/multimodal=0.4 > mixture.jsonl
+
+    # in a pipeline that must not go on with a mixture off its targets: exit 1, nothing written
+    aloe mix --recipe recipe.yaml --strict --tolerance 0.02 -o mixture.jsonl
+
+A cell whose achieved share of loss tokens is further than the tolerance (default 0.01, one percentage point)
+from its target is named in a warning (and in the report's `targets`), with its shortfall or excess; --strict
+makes that an error.
 """
 
 from __future__ import annotations
@@ -34,16 +41,19 @@ from typing import Annotated
 
 import typer
 
+from aloe_cli.mixing.recipe import DEFAULT_TOLERANCE, MAX_REPEATS, MAX_SAMPLES, MAX_TOKENS
 from aloe_cli.options import (
     BatchSizeOpt,
     ImageRootOpt,
     InputOpt,
+    KeepDicomBytesOpt,
     OnError,
     OnErrorOpt,
     OutputOpt,
     RejectsOpt,
     ReportOpt,
     command_app,
+    finite,
 )
 
 app = command_app()
@@ -68,14 +78,23 @@ def mix(
     seed: Annotated[int | None, typer.Option("--seed", min=0, help="Random seed (overrides the recipe's; "
                                                                      "default 0).")] = None,
     total_samples: Annotated[int | None, typer.Option(
-        "--total-samples", min=1, help="Mixture size in samples (approximate: selection is by tokens).")] = None,
+        "--total-samples", min=1, max=MAX_SAMPLES,
+        help="Mixture size in samples (approximate: selection is by tokens).")] = None,
     total_tokens: Annotated[int | None, typer.Option(
-        "--total-tokens", min=1, help="Mixture size in loss tokens.")] = None,
+        "--total-tokens", min=1, max=MAX_TOKENS, help="Mixture size in loss tokens.")] = None,
     balance: Annotated[str | None, typer.Option(
         "--balance", help="loss_tokens (default) or samples (count-balanced, for comparison).")] = None,
     max_repeats: Annotated[float | None, typer.Option(
-        "--max-repeats", min=1.0, help="Inline form: how often a record may be repeated to fill a cell "
-                                       "(1 = never).")] = None,
+        "--max-repeats", min=1.0, max=float(MAX_REPEATS),
+        help="Inline form: how often a record may be repeated to fill a cell (1 = never).")] = None,
+    strict: Annotated[bool | None, typer.Option(
+        "--strict/--no-strict", help="A cell that misses its target by more than --tolerance is an error (exit 1, "
+                                     "no mixture written) instead of a warning (overrides the recipe's strict).",
+        show_default=False)] = None,
+    tolerance: Annotated[float | None, typer.Option(
+        "--tolerance", min=0.0, max=1.0, callback=finite,
+        help=f"How far a cell's achieved share of loss tokens may be from its target, as a share (default "
+             f"{DEFAULT_TOLERANCE:g} = one percentage point; overrides the recipe's).")] = None,
     domain: Annotated[str | None, typer.Option(
         "--domain", help="Inline form: domain (medical|general) of records that have none.")] = None,
     bbox_format: Annotated[str | None, typer.Option(
@@ -93,15 +112,16 @@ def mix(
                         "$ALOE_CACHE_DIR/loss_tokens.sqlite (~/.cache/aloe).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Count every record, read and write no cache.")] = False,
     image_root: ImageRootOpt = None,
+    keep_dicom_bytes: KeepDicomBytesOpt = False,
     batch_size: BatchSizeOpt = 1024,
     on_error: OnErrorOpt = OnError.fail,
 ) -> None:
-    from aloe_cli.data.reports import write_report
     from aloe_cli.mixing import MixOptions, build_report, load_recipe, plot_shares, run_mix
-    from aloe_cli.plotting import require_matplotlib
+    from aloe_cli.plotting import plot_folder, require_matplotlib
 
     if plot is not None:
         require_matplotlib()  # before hours of counting, not after
+        plot_folder(plot)
     if balance is not None and balance not in ("loss_tokens", "samples"):
         raise typer.BadParameter("must be loss_tokens or samples", param_hint="--balance")
     if domain is not None and domain not in ("medical", "general"):
@@ -119,28 +139,40 @@ def mix(
                                      "sources come from the recipe", param_hint="--recipe")
         recipe = load_recipe(recipe_path).with_overrides(
             tokenizer=tokenizer, chat_template=chat_template, seed=seed, total_samples=total_samples,
-            total_tokens=total_tokens, balance=balance)
+            total_tokens=total_tokens, balance=balance, strict=strict, tolerance=tolerance)
     else:
         recipe = _inline(input, share, tokenizer, chat_template, seed, total_samples, total_tokens, balance,
-                         max_repeats, domain, image_root, bbox_format)
+                         max_repeats, domain, image_root, bbox_format, bool(strict),
+                         DEFAULT_TOLERANCE if tolerance is None else tolerance)
 
+    from aloe_cli.commands._common import check_io, write_summary_report
+
+    check_io([path for spec in recipe.sources for path in spec.paths], output=None if dry_run else output,
+             rejects=None if dry_run else rejects, report=report, written=[("--cache", cache)])
     options = MixOptions(output=output, rejects=str(rejects) if rejects else None, dry_run=dry_run,
                          on_error=on_error.value, batch_size=batch_size, cache=not no_cache,
-                         cache_path=str(cache) if cache else None)
+                         cache_path=str(cache) if cache else None, keep_dicom_bytes=keep_dicom_bytes)
     from aloe_cli import console
+    from aloe_cli.mixing import TargetsMissed
 
-    result = run_mix(recipe, options, progress=console.progress)
+    try:
+        result = run_mix(recipe, options, progress=console.progress)
+        missed = None
+    except TargetsMissed as error:  # --strict: nothing was written; the plan is still worth showing
+        result, missed = error.result, error
     summary = build_report(result)
     _print_summary(summary, output)
     if report is not None:
-        write_report(report, summary)
+        write_summary_report(report, summary)
     if plot is not None:
         paths = plot_shares(summary, plot)
         console.log(f"  plots: {', '.join(str(p) for p in paths)}")
+    if missed is not None:
+        raise missed
 
 
 def _inline(inputs, shares, tokenizer, chat_template, seed, total_samples, total_tokens, balance, max_repeats,
-            domain, image_root, bbox_format):
+            domain, image_root, bbox_format, strict, tolerance):
     from aloe_cli.mixing import RecipeError, inline_recipe
 
     if not shares:
@@ -153,9 +185,11 @@ def _inline(inputs, shares, tokenizer, chat_template, seed, total_samples, total
         return inline_recipe(inputs or [], shares, tokenizer=tokenizer, chat_template=chat_template, seed=seed or 0,
                              total_samples=total_samples, total_tokens=total_tokens,
                              max_repeats=max_repeats or 1.0, domain=domain, balance=balance or "loss_tokens",
-                             image_root=str(image_root) if image_root else None, bbox_format=bbox_format or "xyxy")
-    except RecipeError as error:
-        raise typer.BadParameter(str(error).removeprefix("--share: "), param_hint="--share") from None
+                             image_root=str(image_root) if image_root else None, bbox_format=bbox_format or "xyxy",
+                             strict=strict, tolerance=tolerance)
+    except RecipeError as error:  # "--share: ...", "-i: ...": a usage error of that option
+        flag, _, message = str(error).partition(": ")
+        raise typer.BadParameter(message, param_hint=flag if flag.startswith("-") else None) from None
 
 
 def _print_summary(summary: dict, output: str) -> None:
@@ -168,6 +202,11 @@ def _print_summary(summary: dict, output: str) -> None:
     console.print_table("sources", SOURCE_HEADERS, source_rows(summary))
     for note in summary["notes"]:
         console.warn(note)
+    targets = summary["targets"]
+    if targets["missed"] and not targets["strict"]:  # under --strict the closing error says it
+        console.warn(f"{len(targets['missed'])} cell(s) miss their target by more than the tolerance of "
+                     f"{targets['tolerance'] * 100:g} percentage point(s); --strict (or strict: true) makes this "
+                     "an error")
     print_summary(summary, title="aloe mix: records read (kept = available to the plan)")
     console.log(f"  of the {summary['available']} available: {summary['selected_unique']} selected, "
                 f"{summary['not_selected']} not selected; {summary['samples']} samples with repeats")

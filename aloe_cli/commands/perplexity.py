@@ -45,6 +45,7 @@ from aloe_cli.options import (
     ImageRootOpt,
     InputOpt,
     KeepAllOpt,
+    KeepDicomBytesOpt,
     ModelOpt,
     OnError,
     OnErrorOpt,
@@ -75,14 +76,16 @@ def perplexity(
         "--max-tokens", min=1, help="Records longer than this (tokens, images included) are errors "
                                     "(reason too_long). Default: no limit.")] = None,
     reuse: Annotated[bool, typer.Option(
-        "--reuse", help="Keep values already in aloe.perplexity (from an earlier run) instead of recomputing; "
-                        "the model is loaded only if some record needs scoring.")] = False,
+        "--reuse", help="Keep values already in aloe.perplexity (from an earlier run) instead of recomputing, when "
+                        "their recorded model (aloe.perplexity.model) is this --model; others are recomputed. The "
+                        "model is loaded only if some record needs scoring.")] = False,
     input: InputOpt = None,
     output: OutputOpt = "-",
     rejects: RejectsOpt = None,
     report: ReportOpt = None,
     image_root: ImageRootOpt = None,
     bbox_format: BboxFormatOpt = BboxFormat.xyxy,
+    keep_dicom_bytes: KeepDicomBytesOpt = False,
     batch_size: BatchSizeOpt = 16,
     shard: ShardOpt = None,
     resume: ResumeOpt = False,
@@ -94,21 +97,24 @@ def perplexity(
     attn_implementation: AttnImplementationOpt = None,
 ) -> None:
     from aloe_cli import console
-    from aloe_cli.commands._common import resolve_shard, run_data_command, shard_done
+    from aloe_cli.commands._common import check_io, resolve_shard, run_data_command, shard_done
     from aloe_cli.data.records import RecordDefaults
     from aloe_cli.data.stage import RunConfig
-    from aloe_cli.filters.perplexity import PerplexityConfig, PerplexityStage, percentile_rows, plot_histograms
+    from aloe_cli.filters.distribution_plots import plot_histograms
+    from aloe_cli.filters.perplexity import PerplexityConfig, PerplexityStage, percentile_rows
     from aloe_cli.filters.thresholds import load_thresholds
     from aloe_cli.modeling.loading import ModelSpec, check_model_reference, load_model
-    from aloe_cli.plotting import require_matplotlib
+    from aloe_cli.plotting import plot_folder, require_matplotlib
 
     # Everything that can be wrong with the options is checked before any model is loaded.
     chosen_shard = resolve_shard(shard)
     if shard_done("perplexity", chosen_shard, report, resume):
         return
+    check_io(input, output=output, rejects=rejects, report=report)
     bounds = load_thresholds(thresholds, "perplexity") if thresholds is not None else None
     if plot is not None:
         require_matplotlib()
+        plot_folder(plot)  # a file in the way fails now, not after the scoring
     check_model_reference(model)
     spec = ModelSpec(model, device=device, dtype=dtype.value, trust_remote_code=trust_remote_code,
                      attn_implementation=attn_implementation)
@@ -122,14 +128,18 @@ def perplexity(
                                                    reuse=reuse), bounds, model_name=model)
     config = RunConfig(shard=chosen_shard, keep_all=keep_all, on_error=on_error.value)
     summary = run_data_command(stage, input, image_root=image_root, output=output, rejects=rejects, report=report,
-                               config=config, defaults=RecordDefaults(bbox_format=bbox_format.value))
+                               config=config, defaults=RecordDefaults(bbox_format=bbox_format.value,
+                                                                      keep_dicom_bytes=keep_dicom_bytes))
 
     rows = percentile_rows(summary.extra)
     if rows:
         console.print_table("answer perplexity per source", ["source", "n", "p1", "p5", "p50", "p95", "p99",
                                                              "min", "max"], rows)
-    console.log(f"  {summary.extra['tokens_scored']} answer token(s) scored in {summary.extra['records_scored']} "
-                f"record(s)" + (f", {summary.extra['records_reused']} reused" if reuse else ""))
+    extra = summary.extra
+    console.log(f"  {extra['tokens_scored']} answer token(s) scored in {extra['records_scored']} record(s)"
+                + (f"; --reuse: {extra['records_reused']} value(s) reused, "
+                   f"{extra['records_recomputed_other_model']} recomputed (recorded by another model or none)"
+                   if reuse else ""))
     if plot is not None:
         written = plot_histograms(stage.distribution, stage.resolved_thresholds(), plot)
         console.log(f"  wrote {len(written)} histogram(s) to {plot}")

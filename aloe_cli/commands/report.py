@@ -42,10 +42,12 @@ def merge(
 ) -> None:
     import json
 
-    from aloe_cli.commands._common import print_summary
+    from aloe_cli.commands._common import check_io, print_summary
+    from aloe_cli.data.io import print_stdout
     from aloe_cli.data.reports import merge_reports, write_report
     from aloe_cli.errors import AloeError
 
+    check_io(None, records=False, read=[("report", path) for path in reports], written=[("-o", output)])
     loaded = []
     for path in reports:
         try:
@@ -64,6 +66,6 @@ def merge(
 
         console.log(f"  differs between shards, left out: {', '.join(merged['not_merged'])}")
     if output == "-":
-        print(json.dumps(merged, indent=2))
+        print_stdout(json.dumps(merged, indent=2))
     else:
         write_report(output, merged)

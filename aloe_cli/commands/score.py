@@ -51,6 +51,7 @@ from aloe_cli.options import (
     ImageRootOpt,
     InputOpt,
     KeepAllOpt,
+    KeepDicomBytesOpt,
     MaxNewTokensOpt,
     MaxRetriesOpt,
     OnError,
@@ -81,7 +82,8 @@ def score(
     max_retries: MaxRetriesOpt = 5,
     retry_backoff: RetryBackoffOpt = 1.0,
     parse_retries: Annotated[int, typer.Option(
-        "--parse-retries", min=0, help="Ask again (sampling) this many times when a reply cannot be parsed.")] = 2,
+        "--parse-retries", min=0, max=100,
+        help="Ask again (sampling) this many times when a reply cannot be parsed.")] = 2,
     max_new_tokens: MaxNewTokensOpt = 256,
     thresholds: Annotated[Path | None, typer.Option(
         "--thresholds", help="YAML/JSON per-source {min: score}; a 'default' entry covers other sources. "
@@ -98,6 +100,7 @@ def score(
     report: ReportOpt = None,
     image_root: ImageRootOpt = None,
     bbox_format: BboxFormatOpt = BboxFormat.xyxy,
+    keep_dicom_bytes: KeepDicomBytesOpt = False,
     batch_size: BatchSizeOpt = 8,
     shard: ShardOpt = None,
     resume: ResumeOpt = False,
@@ -110,7 +113,7 @@ def score(
 ) -> None:
     from aloe_cli import console
     from aloe_cli.commands._backend import open_backend
-    from aloe_cli.commands._common import resolve_shard, run_data_command, shard_done
+    from aloe_cli.commands._common import check_io, resolve_shard, run_data_command, shard_done
     from aloe_cli.data.records import RecordDefaults
     from aloe_cli.data.stage import RunConfig
     from aloe_cli.filters.judge import (
@@ -136,6 +139,7 @@ def score(
     chosen_shard = resolve_shard(shard)
     if shard_done("score", chosen_shard, report, resume):
         return
+    check_io(input, output=output, rejects=rejects, report=report, written=[("--cache", cache)])
     bounds = (load_thresholds(thresholds, "score", allowed=("min",), default=Bounds(min=DEFAULT_MIN_SCORE),
                               value_range=(MIN_SCORE, MAX_SCORE))
               if thresholds is not None else default_score_thresholds())
@@ -154,7 +158,8 @@ def score(
     runner_batch = batch_size * 4 if config.kind == "hf" else max(batch_size, concurrency * 4)
     run = RunConfig(batch_size=runner_batch, shard=chosen_shard, keep_all=keep_all, on_error=on_error.value)
     summary = run_data_command(stage, input, image_root=image_root, output=output, rejects=rejects, report=report,
-                               config=run, defaults=RecordDefaults(bbox_format=bbox_format.value))
+                               config=run, defaults=RecordDefaults(bbox_format=bbox_format.value,
+                                                                   keep_dicom_bytes=keep_dicom_bytes))
     # run_data_command closes the stage (backend, cache) when the run ends
     _print_scores(summary.extra)
 
@@ -169,7 +174,11 @@ def _print_scores(extra: dict) -> None:
         console.print_table("judge scores per source", ["source", "1", "2", "3", "4", "5", "unparseable", "min"],
                             rows)
     console.log(f"  {extra.get('requests', 0)} request(s) to the judge ({extra.get('parse_retries', 0)} of them "
-                f"retries after an unparseable reply), {extra.get('cached', 0)} reply(ies) from the cache")
+                f"retries after an unparseable reply, {extra.get('request_failures', 0)} failed after their "
+                f"retries), {extra.get('cached', 0)} reply(ies) from the cache")
+    if extra.get("failed_before_request"):
+        console.log(f"  {extra['failed_before_request']} record(s) failed before a request could be sent (no answer, "
+                    "an image that does not load, ...): rejected, never sent")
     client = extra.get("client")
     if client:
         console.log(f"  {client['attempts']} HTTP attempt(s), {client['retries']} retried; structured output: "

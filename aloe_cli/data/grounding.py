@@ -20,7 +20,6 @@ to 2000 pixels a side, and to within half a grid step beyond.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import re
@@ -36,8 +35,6 @@ BOX_START, BOX_END = "<|box_start|>", "<|box_end|>"
 BBOX_FORMATS = ("xyxy", "xywh")
 # Boxes may stick out of the image by this many pixels (annotation tools round); beyond that they are errors.
 EDGE_TOLERANCE_PX = 1.0
-_EXIF_ORIENTATION = 0x0112
-_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 _NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
 _CORNERS = rf"\({_NUMBER},{_NUMBER}\)\s*,?\s*\({_NUMBER},{_NUMBER}\)"
@@ -160,36 +157,14 @@ def image_size(entry: Any, image_root: str | os.PathLike | None = None) -> tuple
     """(width, height) as the model will see the image, read from the header only.
 
     Pixels are never decoded. EXIF orientations that rotate by 90 degrees swap
-    the two, because image loading applies the orientation.
+    the two, because image loading applies the orientation. A header that
+    promises more pixels than the decompression-bomb limit, DICOM without pixel
+    data or without a decoder, and every unreadable entry are record errors
+    (`images.probe_image`).
     """
-    from aloe_cli.data.images import describe, read_source
+    from aloe_cli.data.images import probe_image
 
-    source, dicom = read_source(entry, image_root)
-    if dicom:
-        return _dicom_size(source, describe(entry))
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            width, height = image.size
-            orientation = image.getexif().get(_EXIF_ORIENTATION)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise RecordError("image_corrupt", f"cannot read the size of image {describe(entry)}: {exc}") from None
-    if orientation in _TRANSPOSING_ORIENTATIONS:
-        width, height = height, width
-    return width, height
-
-
-def _dicom_size(source: Any, name: str) -> tuple[int, int]:
-    import pydicom
-
-    try:
-        dataset = pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else source,
-                                  specific_tags=["Rows", "Columns"], stop_before_pixels=True)
-        return int(dataset.Columns), int(dataset.Rows)
-    except Exception as exc:  # pydicom raises many types for unreadable headers
-        raise RecordError("image_corrupt",
-                          f"cannot read the size of DICOM image {name}: {type(exc).__name__}") from None
+    return probe_image(entry, image_root)
 
 
 # ----------------------------------------------------------------------------- records
@@ -303,7 +278,10 @@ def ground_record(record: dict, image_root: str | os.PathLike | None = None, bbo
                               f"region {i} refers to image {region.image}, but the record has {len(images)} image(s)",
                               field="objects" if record.get("objects") else "bbox")
         if region.image not in sizes:
-            sizes[region.image] = image_size(images[region.image], image_root)
+            try:
+                sizes[region.image] = image_size(images[region.image], image_root)
+            except RecordError as error:
+                raise RecordError(error.reason, error.message, field=f"images[{region.image}]") from None
         _check_inside(region, *sizes[region.image], field=f"objects[{i}].bbox" if record.get("objects") else "bbox")
     text = grounding_text(regions, sizes)
     if not _last_answer(record).endswith(text):

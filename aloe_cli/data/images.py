@@ -5,9 +5,11 @@ An entry of a record's `images` list is one of
 - a `data:image/...;base64,` URI,
 - a dict `{"bytes": ..., "path": ...}` (the HF `Image` feature, from parquet or datasets),
 - raw bytes.
-`.dcm` paths (and bytes that start with the DICOM preamble) are read with
-pydicom. Only pixel-related tags are ever read from a DICOM file, so patient
-data in its header cannot leak into records, reports or logs.
+DICOM (`.dcm` paths, and any entry whose bytes carry the `DICM` magic: paths
+with another name, data URIs whatever MIME type they claim) is read by
+`data.dicom`, which reads only pixel-related tags. Embedded DICOM data carries
+its header, which may hold patient data: normalisation on read replaces it
+with its rendered pixels (`without_dicom_header`).
 
 Every failure is a `RecordError` with a reason code, so the stage runner can
 fail or reject the record.
@@ -26,21 +28,17 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from aloe_cli.data import dicom
+from aloe_cli.data.dicom import DICOM_PIXEL_TAGS, is_dicom_bytes, is_embedded_dicom, to_uint8
 from aloe_cli.errors import RecordError
 
-# Tags needed to turn DICOM pixel data into an image, and nothing else.
-DICOM_PIXEL_TAGS = [
-    "PixelData", "FloatPixelData", "DoubleFloatPixelData", "Rows", "Columns", "BitsAllocated", "BitsStored",
-    "HighBit", "PixelRepresentation", "SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration",
-    "NumberOfFrames", "RescaleSlope", "RescaleIntercept", "RescaleType", "ModalityLUTSequence",
-    "VOILUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction", "PixelPaddingValue",
-    "RedPaletteColorLookupTableDescriptor", "GreenPaletteColorLookupTableDescriptor",
-    "BluePaletteColorLookupTableDescriptor", "RedPaletteColorLookupTableData",
-    "GreenPaletteColorLookupTableData", "BluePaletteColorLookupTableData",
-    "SegmentedRedPaletteColorLookupTableData", "SegmentedGreenPaletteColorLookupTableData",
-    "SegmentedBluePaletteColorLookupTableData", "ExtendedOffsetTable", "ExtendedOffsetTableLengths",
-]
-_DICOM_MAGIC_OFFSET = 128
+__all__ = ["DICOM_PIXEL_TAGS", "check_entry_type", "check_images", "describe", "image_mime", "is_dicom_bytes",
+           "is_embedded_dicom", "load_image", "png_bytes", "probe_image", "read_source", "resolve_path",
+           "to_data_uri", "to_standard_mode", "without_dicom_header"]
+
+# Suffixes of the formats Pillow reads: such a path goes to Pillow first; any other (or none) is sniffed for DICOM.
+_PILLOW_SUFFIXES = frozenset((".png", ".jpg", ".jpeg", ".jpe", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".jp2",
+                              ".j2k", ".jpx", ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".tga"))
 
 
 def describe(entry: Any) -> str:
@@ -52,8 +50,30 @@ def describe(entry: Any) -> str:
     return "<embedded image>"
 
 
-def is_dicom_bytes(data: bytes) -> bool:
-    return data[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == b"DICM"
+def png_bytes(image: Image.Image) -> bytes:
+    """The pixels alone as PNG: no text chunks, EXIF, ICC profile or other metadata."""
+    clean = Image.frombytes(image.mode, image.size, image.tobytes())  # a new image: empty .info
+    buffer = io.BytesIO()
+    clean.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def without_dicom_header(entry: Any, image_root: str | os.PathLike | None = None) -> Any:
+    """`entry`, or for embedded DICOM data its pixels as PNG, in the entry's own form.
+
+    The pixels are rendered as `load_image` renders DICOM (window/level or
+    min-max, 8 bits), so every stage sees the same image; the header, which
+    may hold patient data, is gone. DICOM referenced by path stays a path.
+    Raises RecordError when the pixels cannot be decoded.
+    """
+    if not is_embedded_dicom(entry):
+        return entry
+    png = png_bytes(load_image(entry, image_root))
+    if isinstance(entry, dict):
+        return {**entry, "bytes": png}
+    if isinstance(entry, str):
+        return to_data_uri(png)
+    return png
 
 
 def _decode_data_uri(uri: str) -> bytes:
@@ -61,9 +81,12 @@ def _decode_data_uri(uri: str) -> bytes:
     if ";base64" not in header:
         raise RecordError("image_invalid", "data URI is not base64-encoded")
     try:
-        return base64.b64decode(payload, validate=False)
+        data = base64.b64decode(payload, validate=False)
     except (binascii.Error, ValueError) as exc:
         raise RecordError("image_invalid", f"data URI is not valid base64 ({exc})") from None
+    if not data:
+        raise RecordError("image_invalid", "data URI holds no base64 data")
+    return data
 
 
 def resolve_path(entry: str, image_root: str | os.PathLike | None) -> Path:
@@ -75,19 +98,15 @@ def resolve_path(entry: str, image_root: str | os.PathLike | None) -> Path:
 
 def read_source(entry: Any, image_root: str | os.PathLike | None) -> tuple[bytes | Path, bool]:
     """Return (bytes or path, is_dicom) for an entry; raise RecordError if it cannot be found."""
+    check_entry_type(entry)
     if isinstance(entry, dict):
         if entry.get("bytes"):
             data = bytes(entry["bytes"])
             return data, is_dicom_bytes(data)
-        if entry.get("path"):
-            entry = entry["path"]
-        else:
-            raise RecordError("image_invalid", "image entry has neither bytes nor path")
+        entry = entry["path"]
     if isinstance(entry, (bytes, bytearray, memoryview)):
         data = bytes(entry)
         return data, is_dicom_bytes(data)
-    if not isinstance(entry, str) or not entry:
-        raise RecordError("image_invalid", f"image entry must be a path, data URI or bytes, got {type(entry).__name__}")
     if entry.startswith("data:"):
         data = _decode_data_uri(entry)
         return data, is_dicom_bytes(data)
@@ -96,7 +115,29 @@ def read_source(entry: Any, image_root: str | os.PathLike | None) -> tuple[bytes
         raise RecordError("image_missing", f"image file not found: {path}")
     if path.stat().st_size == 0:
         raise RecordError("image_corrupt", f"image file is empty: {path}")
-    return path, path.suffix.lower() == ".dcm"
+    suffix = path.suffix.lower()
+    return path, suffix == ".dcm" or (suffix not in _PILLOW_SUFFIXES and dicom.file_is_dicom(path))
+
+
+def check_entry_type(entry: Any) -> None:
+    """RecordError unless `entry` has the shape of an image: a path or data URI, bytes, or a {bytes, path} struct."""
+    if isinstance(entry, str):
+        if not entry or entry.isspace():
+            raise RecordError("image_invalid", "empty image entry (neither a path nor a data URI)")
+        return
+    if isinstance(entry, (bytes, bytearray, memoryview)):
+        if not len(entry):
+            raise RecordError("image_invalid", "empty image bytes")
+        return
+    if isinstance(entry, dict):
+        if entry.get("bytes") is not None and not isinstance(entry["bytes"], (bytes, bytearray, memoryview)):
+            raise RecordError("image_invalid", "an image struct's 'bytes' must be binary data")
+        if not entry.get("bytes") and not (isinstance(entry.get("path"), str) and entry["path"].strip()):
+            raise RecordError("image_invalid", "image struct has neither bytes nor a path")
+        return
+    kind = "null" if entry is None else type(entry).__name__
+    raise RecordError("image_invalid", f"image entry must be a path, data URI, bytes or {{bytes, path}} struct, "
+                      f"got {kind}")
 
 
 def load_image(entry: Any, image_root: str | os.PathLike | None = None, *,
@@ -106,34 +147,95 @@ def load_image(entry: Any, image_root: str | os.PathLike | None = None, *,
     `draft_size` asks JPEG decoders for a reduced-size decode (at least that
     many pixels a side); it is a speed knob for hashing, ignored by other formats.
     """
-    source, dicom = read_source(entry, image_root)
+    source, is_dicom = read_source(entry, image_root)
     name = describe(entry)
-    if dicom:
-        return _load_dicom(source, name)
+    if not is_dicom:
+        image = _open_pillow(source, name, draft_size=draft_size, load=True)
+        if image is not None:
+            try:
+                # In place: the usual image has no orientation tag, and a copy of every
+                # decoded image would cost as much as a quarter of the hashing.
+                ImageOps.exif_transpose(image, in_place=True)
+            except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image
+                pass
+            return to_standard_mode(image)
+        _require_dicom(source, name)  # a DICOM file whose name does not say so
+    return dicom.render(source, name)
+
+
+# EXIF orientations that turn the image by 90 degrees: the decoded image has width and height swapped.
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def probe_image(entry: Any, image_root: str | os.PathLike | None = None) -> tuple[int, int]:
+    """(width, height) as `load_image` will return the image, checked from the header alone.
+
+    Pixels are never decoded: the entry's type, a data URI's base64, that a
+    path is an existing, non-empty file, and the header (a format Pillow
+    reads, within its decompression-bomb limit; or DICOM with pixel data and an
+    installed decoder for its transfer syntax). Raises RecordError otherwise.
+    """
+    source, is_dicom = read_source(entry, image_root)
+    name = describe(entry)
+    if not is_dicom:
+        image = _open_pillow(source, name, load=False)
+        if image is not None:
+            with image:
+                width, height = image.size
+                try:
+                    orientation = image.getexif().get(_EXIF_ORIENTATION)
+                except Exception:  # noqa: BLE001 - load_image ignores a broken EXIF block too
+                    orientation = None
+            return (height, width) if orientation in _TRANSPOSING_ORIENTATIONS else (width, height)
+        _require_dicom(source, name)
+    dataset = dicom.read_pixel_tags(source, name, defer_size=1024)  # large values (the pixels) are skipped
+    dicom.check_pixels(dataset, name)
+    return int(dataset.Columns), int(dataset.Rows)
+
+
+def check_images(images: list, image_root: str | os.PathLike | None = None) -> None:
+    """`probe_image` every entry of a record's `images`; the RecordError names `images[n]`."""
+    for position, entry in enumerate(images):
+        try:
+            probe_image(entry, image_root)
+        except RecordError as error:
+            raise RecordError(error.reason, error.message, field=f"images[{position}]") from None
+
+
+def _open_pillow(source: bytes | Path, name: str, *, draft_size: int | None = None,
+                 load: bool) -> Image.Image | None:
+    """Open (and with `load`, decode) with Pillow; None when Pillow does not know the format."""
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. "Corrupt EXIF data" while probing a DICOM file
             # Pillow only warns between 1x and 2x its pixel limit; we refuse both.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-            if draft_size and image.format == "JPEG":
-                image.draft("RGB" if image.mode in ("RGB", "YCbCr", "CMYK") else image.mode, (draft_size, draft_size))
-            image.load()
+            if load:
+                if draft_size and image.format == "JPEG":
+                    image.draft("RGB" if image.mode in ("RGB", "YCbCr", "CMYK") else image.mode,
+                                (draft_size, draft_size))
+                image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         limit = Image.MAX_IMAGE_PIXELS
         raise RecordError("image_too_large",
                           f"image exceeds Pillow's decompression-bomb limit of {limit} pixels: {name}") from None
     except UnidentifiedImageError:
-        raise RecordError("image_corrupt", f"not a readable image: {name}") from None
+        return None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         reason = "image_truncated" if "truncated" in str(exc).lower() else "image_corrupt"
         raise RecordError(reason, f"cannot decode image {name}: {exc}") from None
-    try:
-        # In place: the usual image has no orientation tag, and a copy of every
-        # decoded image would cost as much as a quarter of the hashing.
-        ImageOps.exif_transpose(image, in_place=True)
-    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image
-        pass
-    return to_standard_mode(image)
+    return image
+
+
+def _require_dicom(source: bytes | Path, name: str) -> None:
+    """Pillow does not know the format: fine if it is DICOM (by its magic), else the entry is no image."""
+    if isinstance(source, Path) and dicom.file_is_dicom(source):
+        return
+    if isinstance(source, bytes) and not source:
+        raise RecordError("image_corrupt", f"image data is empty: {name}")
+    raise RecordError("image_corrupt", f"not a readable image: {name}")
 
 
 def to_standard_mode(image: Image.Image) -> Image.Image:
@@ -146,7 +248,7 @@ def to_standard_mode(image: Image.Image) -> Image.Image:
     if mode in ("L", "RGB"):
         return image
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        return Image.fromarray(_to_uint8(np.asarray(image, dtype=np.float64)), mode="L")
+        return Image.fromarray(to_uint8(np.asarray(image, dtype=np.float64)), mode="L")
     if mode == "1":
         return image.convert("L")
     if mode == "P":
@@ -160,70 +262,6 @@ def to_standard_mode(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
     return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX
-
-
-def _to_uint8(array: np.ndarray, low: float | None = None, high: float | None = None) -> np.ndarray:
-    low = float(np.nanmin(array)) if low is None else low
-    high = float(np.nanmax(array)) if high is None else high
-    if not np.isfinite(low) or not np.isfinite(high) or high <= low:
-        return np.zeros(array.shape, dtype=np.uint8)
-    scaled = (np.clip(array, low, high) - low) * (255.0 / (high - low))
-    return np.nan_to_num(np.rint(scaled)).astype(np.uint8)
-
-
-def _load_dicom(source: bytes | Path, name: str) -> Image.Image:
-    """DICOM pixel data -> 8-bit image, using the file's window/level when it has one."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    try:
-        dataset = pydicom.dcmread(io.BytesIO(source) if isinstance(source, bytes) else source,
-                                  specific_tags=DICOM_PIXEL_TAGS)
-        pixels = dataset.pixel_array
-    except InvalidDicomError:
-        raise RecordError("image_corrupt", f"not a DICOM file: {name}") from None
-    except Exception as exc:  # pydicom raises many types for truncated or unsupported data
-        raise RecordError("image_corrupt", f"cannot decode DICOM pixel data in {name}: {type(exc).__name__}") from None
-    frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
-    photometric = str(getattr(dataset, "PhotometricInterpretation", "MONOCHROME2"))
-    samples = int(getattr(dataset, "SamplesPerPixel", 1) or 1)
-    if frames > 1:
-        pixels = pixels[0]  # multi-frame: the first frame represents the series
-    if samples == 3 or photometric == "PALETTE COLOR":
-        if photometric == "PALETTE COLOR":
-            from pydicom.pixels import apply_color_lut
-
-            pixels = apply_color_lut(pixels, dataset)
-        if pixels.dtype != np.uint8:
-            pixels = _to_uint8(pixels.astype(np.float64))
-        return Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
-    values = apply_modality_lut(pixels, dataset).astype(np.float64)
-    window = _first_window(dataset)
-    if window is not None:
-        # DICOM PS3.3 C.11.2.1.2 linear window, mapped onto 0..255.
-        center, width = window
-        image8 = _to_uint8(values, center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2)
-    elif "VOILUTSequence" in dataset:
-        image8 = _to_uint8(apply_voi_lut(values, dataset).astype(np.float64))
-    else:
-        image8 = _to_uint8(values)
-    if photometric == "MONOCHROME1":
-        image8 = 255 - image8
-    return Image.fromarray(image8, mode="L")
-
-
-def _first_window(dataset) -> tuple[float, float] | None:
-    from pydicom.multival import MultiValue
-
-    center, width = dataset.get("WindowCenter"), dataset.get("WindowWidth")
-    if center is None or width is None:
-        return None
-    try:
-        center, width = (float(v[0]) if isinstance(v, MultiValue) else float(v) for v in (center, width))
-    except (TypeError, ValueError, IndexError):
-        return None
-    return (center, width) if width >= 1 else None
 
 
 def image_mime(data: bytes) -> str:

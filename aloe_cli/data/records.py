@@ -76,10 +76,35 @@ def validate(record: Any) -> Record:
             f"{placeholders} image placeholder(s) in messages but {len(images)} in images",
             field="images",
         )
+    for position, entry in enumerate(images):
+        if type(entry) is not str or not entry or entry.isspace():  # the common case, a path or data URI, passes
+            _check_image_entry(entry, position)
     domain = record.get("domain")
     if domain is not None and domain not in DOMAINS:
         raise RecordError("invalid_field", f"must be one of {', '.join(DOMAINS)}, got {domain!r}", field="domain")
+    aloe = record.get("aloe")
+    if aloe is not None and type(aloe) is not dict:  # stages write under it: aloe.<stage> = {...}
+        raise RecordError("invalid_field", f"must be an object of stage annotations, got {_json_type(aloe)}",
+                          field="aloe")
     return record
+
+
+def _check_image_entry(entry: Any, position: int) -> None:
+    from aloe_cli.data.images import check_entry_type
+
+    try:
+        check_entry_type(entry)
+    except RecordError as error:
+        raise RecordError(error.reason, error.message, field=f"images[{position}]") from None
+
+
+def _json_type(value: Any) -> str:
+    """How JSON names a value's type (what the user wrote)."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "an array"}.get(type(value), type(value).__name__)
 
 
 class _Malformed(Exception):
@@ -152,12 +177,15 @@ class RecordDefaults:
     """What normalisation fills in: the reader's options.
 
     `source` and `domain` go to records that have none (a record's own value
-    wins); `bbox_format` says how pixel boxes in `objects` / `bbox` are written.
+    wins); `bbox_format` says how pixel boxes in `objects` / `bbox` are written;
+    `keep_dicom_bytes` passes embedded DICOM data through with its header.
     """
 
     source: str | None = None
     domain: str | None = None
     bbox_format: str = "xyxy"
+    # Embedded DICOM data is re-encoded as PNG on read (its header may hold patient data) unless this is set.
+    keep_dicom_bytes: bool = False
 
     def __post_init__(self) -> None:
         if self.domain is not None and self.domain not in DOMAINS:
@@ -173,14 +201,19 @@ def normalize(raw: Any, defaults: RecordDefaults = RecordDefaults(),
     1. LLaVA/ShareGPT and question/answer shapes are rebuilt as `messages`;
        records already in the schema are kept as they are.
     2. The schema is validated.
-    3. Region annotations (`objects`, `bbox`) become grounding text in the
+    3. Embedded DICOM data (bytes, image structs, data URIs: sniffed by its
+       magic) becomes its rendered pixels as PNG, without the header that may
+       hold patient data, unless `defaults.keep_dicom_bytes`. DICOM referenced
+       by path stays a path.
+    4. Region annotations (`objects`, `bbox`) become grounding text in the
        answer; image sizes come from the image headers, relative paths
        resolve against `image_root`. Idempotent: a grounded record
        (`aloe.grounding`) is left alone, so a record read again by the next
        stage of a pipe keeps its text.
-    4. `source` and `domain` are filled in from `defaults` where missing.
+    5. `source` and `domain` are filled in from `defaults` where missing.
 
-    Raises RecordError naming the field; the record is not changed then.
+    Raises RecordError naming the field; the record may then be partly
+    normalised (the reader scrubs embedded DICOM from what it rejects).
     """
     if not isinstance(raw, dict):
         raise RecordError("invalid_record", f"expected a JSON object, got {type(raw).__name__}")
@@ -194,6 +227,8 @@ def normalize(raw: Any, defaults: RecordDefaults = RecordDefaults(),
         raise RecordError("missing_field", "missing (need 'messages', 'conversations' or 'question')",
                           field="messages")
     validate(record)
+    if not defaults.keep_dicom_bytes and record.get("images"):
+        _reencode_embedded_dicom(record["images"], image_root)
     if "objects" in record or "bbox" in record:  # the membership test keeps the common case cheap
         ground_record(record, image_root, defaults.bbox_format)
     if "aloe" in record and record["aloe"] is None:  # parquet writes null for a column a row lacks
@@ -203,6 +238,18 @@ def normalize(raw: Any, defaults: RecordDefaults = RecordDefaults(),
     if defaults.domain and not record.get("domain"):
         record["domain"] = defaults.domain
     return record
+
+
+def _reencode_embedded_dicom(images: list, image_root: str | os.PathLike | None) -> None:
+    for position, entry in enumerate(images):
+        if type(entry) is str and not entry.startswith("data:"):
+            continue  # a path: the file is the user's, and it stays a path
+        from aloe_cli.data.images import without_dicom_header
+
+        try:
+            images[position] = without_dicom_header(entry, image_root)
+        except RecordError as error:
+            raise RecordError(error.reason, error.message, field=f"images[{position}]") from None
 
 
 def _image_list(raw: Record) -> list:

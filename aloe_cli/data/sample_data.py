@@ -11,14 +11,20 @@ command turns into Qwen2-VL box text on read.
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import io
 import json
-from dataclasses import dataclass
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from aloe_cli.errors import AloeError
 
 # (source, domain, multimodal, count)
 SOURCES = [
@@ -134,9 +140,58 @@ def _grounding_record(rng: np.random.Generator, number: int, out: Path) -> dict:
             "images": [image_rel], "objects": objects}
 
 
-def write_sample_data(out_dir: str | Path, seed: int = 0) -> SampleData:
+# What write_sample_data puts in its folder (images/ holds only files it names itself).
+SAMPLE_FILES = ("train.jsonl", "eval.tsv", "images")
+
+
+def check_sample_folder(out_dir: str | Path, *, force: bool = False) -> None:
+    """Refuse a folder that already holds demo files (unless `force`), a file in the folder's place,
+    and a folder that cannot be written; before anything is written."""
+    from aloe_cli.data.destinations import Named, check_writable
+
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise AloeError(f"{out} is a file; name a folder to write the sample data into")
+    present = [name for name in SAMPLE_FILES if (out / name).exists()]
+    if present and not force:
+        raise AloeError(f"{out} already holds {', '.join(present)}: pass --force to overwrite them, "
+                        "or name another folder")
+    if out.is_dir():
+        check_writable(Named("sample-data", str(out / SAMPLE_FILES[0])))
+
+
+def write_sample_data(out_dir: str | Path, seed: int = 0) -> SampleData:
+    """Write the demo data into `out_dir` (created if needed). Everything is written into a hidden
+    folder inside it first and moved into place at the end, so a failed run (a full disk, SIGTERM)
+    leaves no partial data set behind."""
+    out = Path(out_dir)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".aloe-sample-", dir=out))
+    except OSError as exc:
+        raise AloeError(f"cannot write the sample data into {out}: {exc.strerror or exc}") from None
+    try:
+        data = _write_sample_data(staging, seed)
+        (out / "images").mkdir(exist_ok=True)
+        for image in sorted((staging / "images").iterdir()):
+            os.replace(image, out / "images" / image.name)
+        for name in ("eval.tsv", "train.jsonl"):  # train.jsonl last: it is what users look for
+            os.replace(staging / name, out / name)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if nothing else landed there
+        if isinstance(exc, OSError):
+            raise AloeError(f"cannot write the sample data into {out}: {exc.strerror or exc}") from None
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+    return replace(data, train=out / data.train.name, eval_tsv=out / data.eval_tsv.name)
+
+
+def _write_sample_data(out: Path, seed: int) -> SampleData:
+    (out / "images").mkdir()
     rng = np.random.default_rng(seed)
     records, train_images = [], []
     for source, domain, multimodal, count in SOURCES:
@@ -159,7 +214,7 @@ def write_sample_data(out_dir: str | Path, seed: int = 0) -> SampleData:
     grounding = [_grounding_record(grounding_rng, number, out) for number in range(GROUNDING_COUNT)]
     records.extend(grounding)
     train = out / "train.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in records))
+    train.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
     # Benchmark: unrelated images, exact copies of some training images, one re-encoded copy,
     # and a row that refers to another row's image by index (as VLMEvalKit files do).
@@ -172,12 +227,13 @@ def write_sample_data(out_dir: str | Path, seed: int = 0) -> SampleData:
     near_id, near_image, _ = leaked[EXACT_LEAKS]
     rows.append((200, _near_duplicate(near_image), near_id))
     eval_tsv = out / "eval.tsv"
-    with eval_tsv.open("w", newline="") as handle:
-        writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-        writer.writerow(["index", "image", "question", "A", "B", "answer", "category"])
-        for index, data, _ in rows:
-            writer.writerow([index, base64.b64encode(data).decode(), "Is there an abnormality?", "yes", "no", "A",
-                             "abnormality"])
-        writer.writerow([300, "0", "Which side is affected?", "left", "right", "B", "laterality"])
+    handle = io.StringIO(newline="")
+    writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+    writer.writerow(["index", "image", "question", "A", "B", "answer", "category"])
+    for index, data, _ in rows:
+        writer.writerow([index, base64.b64encode(data).decode(), "Is there an abnormality?", "yes", "no", "A",
+                         "abnormality"])
+    writer.writerow([300, "0", "Which side is affected?", "left", "right", "B", "laterality"])
+    eval_tsv.write_text(handle.getvalue(), encoding="utf-8")
     return SampleData(train, eval_tsv, [r[0] for r in leaked[:EXACT_LEAKS]], near_id, repeat_id,
                       [r["id"] for r in grounding])

@@ -91,6 +91,15 @@ class Units:
 ALL = Shard()
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask where the platform has one (SLURM's --cpus-per-task,
+    taskset, cgroups' cpusets), else the machine's count. `--workers` is capped at this."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
 # ----------------------------------------------------------------------------- JSONL lines
 
 # A sharded JSONL read cuts each file into ~32 chunks per shard, of at most 1 MiB.

@@ -27,7 +27,7 @@ import tempfile
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -324,17 +324,26 @@ class _Spool:
         self._batches = 0
 
     def add(self, batch: list[Item]) -> None:
-        pickle.dump([_item_to_spool(item) for item in batch], self._handle, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            pickle.dump([_item_to_spool(item) for item in batch], self._handle, protocol=pickle.HIGHEST_PROTOCOL)
+        except OSError as exc:  # a full $TMPDIR
+            raise AloeError(f"cannot write the measuring spool in {self._directory.name}: "
+                            f"{exc.strerror or exc} (set TMPDIR to a folder with room)") from None
         self._batches += 1
 
     def replay(self) -> Iterator[list[Item]]:
-        self._handle.close()
+        try:
+            self._handle.close()
+        except OSError as exc:
+            raise AloeError(f"cannot write the measuring spool in {self._directory.name}: "
+                            f"{exc.strerror or exc} (set TMPDIR to a folder with room)") from None
         with open(self._path, "rb") as handle:
             for _ in range(self._batches):
                 yield [_item_from_spool(data) for data in pickle.load(handle)]
 
     def close(self) -> None:
-        self._handle.close()
+        with suppress(OSError):  # closing flushes; after a full disk that fails again
+            self._handle.close()
         self._directory.cleanup()
 
 

@@ -16,14 +16,20 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
+from itertools import islice
 from typing import Any, NamedTuple
 
 import imagehash
 import numpy as np
 
 from aloe_cli.data.images import describe, load_image
+from aloe_cli.data.shard import available_cpus
 from aloe_cli.errors import AloeError, RecordError
 from aloe_cli.filters.hash_index import HASH_BITS
 
@@ -114,10 +120,10 @@ class HashResult(NamedTuple):
 
 
 def hash_task(args: tuple) -> HashResult:
-    """Pool worker: (entry, image_root, kind, fast) -> HashResult; never raises on a bad image.
+    """(entry, image_root, kind, fast) -> HashResult; never raises on a bad image.
 
     Top-level so it pickles under 'spawn'. A failure becomes a result rather than
-    an exception so one broken file cannot abort the pool's whole map().
+    an exception so one broken file cannot abort the pool's whole batch.
     """
     entry, image_root, kind, fast = args
     try:
@@ -129,6 +135,24 @@ def hash_task(args: tuple) -> HashResult:
         # its own reason code keeps it distinguishable from a merely corrupt file.
         # Only the type name is kept: messages from DICOM decoders could quote header values.
         return HashResult(None, "hash_failed", f"cannot hash image {describe(entry)}: {type(exc).__name__}")
+
+
+def _ignore_signals() -> None:
+    """Worker initializer: Ctrl-C and SLURM's SIGTERM reach every process of the group, but only the
+    parent acts on them; it cancels what is queued and the workers exit after their current chunk.
+    A worker that died mid-task (or held a queue lock) is what hangs or garbles a process pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def hash_chunk(chunk: list[tuple]) -> list[HashResult]:
+    """Pool worker: a chunk of `hash_task` arguments -> their results, in order."""
+    return [hash_task(args) for args in chunk]
+
+
+# The parent waits on its workers in slices this long: a signal meant for it (delivered to one of the
+# pool's helper threads) is handled at the next slice instead of after the whole batch.
+_WAIT_SLICE = 0.2
 
 
 def _pool_context():
@@ -145,8 +169,14 @@ class Hasher:
         with Hasher("phash", fast=False, workers=8) as hasher:
             results = hasher.hash_many([(entry, image_root), ...])
 
-    workers == 1 runs in this process (no pool, easy to debug). The pool is
-    started on first use and kept for later calls until close()/__exit__.
+    workers == 1 runs in this process (no pool, easy to debug). The pool
+    (`concurrent.futures.ProcessPoolExecutor`) is started on first use and kept
+    for later calls until close()/__exit__. Workers ignore SIGINT/SIGTERM: the
+    parent handles them, cancels queued chunks and lets the workers finish the
+    chunk in hand, so an interrupted run leaves neither stray workers nor
+    tracebacks. A worker that dies (killed, out of memory) is a one-line error.
+    `workers` is capped at the CPUs this process may use (`available_cpus`):
+    more processes than cores only add forks and memory.
     """
 
     # Upper bound on images per pool chunk: big enough to amortise the IPC
@@ -161,24 +191,20 @@ class Hasher:
             raise AloeError(f"workers must be at least 1, got {workers}")
         self.kind = kind
         self.fast = bool(fast)
-        self.workers = int(workers)
-        self._pool = None
+        self.workers = min(int(workers), available_cpus())
+        self._pool: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> Hasher:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        # On an error (or Ctrl-C) do not wait for queued work.
+        # On an error (or Ctrl-C, SIGTERM) do not wait for queued work.
         self.close(terminate=exc_type is not None)
 
     def close(self, terminate: bool = False) -> None:
         if self._pool is not None:
-            if terminate:
-                self._pool.terminate()
-            else:
-                self._pool.close()
-            self._pool.join()
-            self._pool = None
+            pool, self._pool = self._pool, None
+            pool.shutdown(wait=True, cancel_futures=terminate)
 
     def _args(self, tasks: Iterable[tuple[Any, Any]]) -> Iterator[tuple]:
         for entry, image_root in tasks:
@@ -188,20 +214,47 @@ class Hasher:
         # About 4 chunks per worker (Pool.map's own rule) for load balance, capped.
         return max(1, min(self.MAX_CHUNKSIZE, -(-n // (self.workers * 4))))
 
-    def _get_pool(self):
+    def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = _pool_context().Pool(self.workers)
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=_pool_context(), initializer=_ignore_signals)
         return self._pool
+
+    def _run(self, args: list[tuple], chunksize: int) -> list[HashResult]:
+        pool = self._get_pool()
+        futures = [pool.submit(hash_chunk, args[start:start + chunksize])
+                   for start in range(0, len(args), chunksize)]
+        results: list[HashResult] = []
+        try:
+            for future in futures:
+                while True:
+                    try:
+                        results.extend(future.result(timeout=_WAIT_SLICE))
+                        break
+                    except FutureTimeout:
+                        continue
+        except BrokenProcessPool:
+            raise AloeError("a hashing worker process died (killed, or out of memory?); "
+                            "run again, with fewer --workers if memory is short") from None
+        finally:
+            for future in futures:
+                future.cancel()
+        return results
 
     def hash_many(self, tasks: list[tuple[Any, Any]]) -> list[HashResult]:
         """[(entry, image_root)] -> [HashResult], in the same order."""
         tasks = list(tasks)
         if self.workers == 1 or len(tasks) <= 1:
             return [hash_task(args) for args in self._args(tasks)]
-        return self._get_pool().map(hash_task, list(self._args(tasks)), chunksize=self._chunksize(len(tasks)))
+        return self._run(list(self._args(tasks)), self._chunksize(len(tasks)))
 
     def hash_iter(self, tasks: Iterable[tuple[Any, Any]], chunksize: int | None = None) -> Iterator[HashResult]:
         """Streaming form of hash_many for inputs too large to hold twice; order preserved."""
+        args = self._args(tasks)
         if self.workers == 1:
-            return (hash_task(args) for args in self._args(tasks))
-        return self._get_pool().imap(hash_task, self._args(tasks), chunksize=chunksize or self.MAX_CHUNKSIZE)
+            return (hash_task(arg) for arg in args)
+        return self._stream(args, chunksize or self.MAX_CHUNKSIZE)
+
+    def _stream(self, args: Iterator[tuple], chunksize: int) -> Iterator[HashResult]:
+        window = chunksize * self.workers * 4  # a few chunks per worker in flight, the rest not yet read
+        while batch := list(islice(args, window)):
+            yield from self._run(batch, chunksize)

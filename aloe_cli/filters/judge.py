@@ -108,12 +108,9 @@ class Rubric:
 def load_rubric(path: str | Path | None) -> Rubric:
     if path is None:
         return Rubric()
-    try:
-        template = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise AloeError(f"prompt file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AloeError(f"cannot read prompt file {path}: {exc}") from None
+    from aloe_cli.data.textfile import read_text_file
+
+    template = read_text_file(path, "prompt file")
     if "{conversation}" not in template and "{answer}" not in template:
         raise AloeError(f"{path}: the prompt must contain {{conversation}} or {{answer}} "
                         f"(placeholders: {', '.join(PLACEHOLDERS)})")
@@ -263,11 +260,12 @@ class ScoreConfig:
 
 @dataclass
 class ScoreCounters:
-    asked: int = 0  # requests the backend served (parse retries included; not cache hits)
+    asked: int = 0  # requests sent to the judge (parse retries included; not cache hits nor records that failed before)
     cached: int = 0
     parse_retries: int = 0
     unparseable: int = 0
-    failed: int = 0
+    failed: int = 0  # requests sent that failed after their retries
+    failed_before_request: int = 0  # records that never reached the judge (no answer, a bad image, ...)
     by_source: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def count_score(self, source: str, score: int | None) -> None:
@@ -284,7 +282,8 @@ class ScoreStage(Stage):
     """
 
     name = STAGE
-    additive = ("requests", "cached", "parse_retries", "unparseable", "request_failures", "scores.*.*")
+    additive = ("requests", "cached", "parse_retries", "unparseable", "request_failures", "failed_before_request",
+                "scores.*.*")
 
     def __init__(self, backend: GenerationBackend, config: ScoreConfig, rubric: Rubric,
                  thresholds: Thresholds | None = None, cache: ResponseCache | None = None):
@@ -312,6 +311,7 @@ class ScoreStage(Stage):
                                         keyed=self.keyed)
             except RecordError as error:
                 item.error = error.located(item.where)
+                self.counters.failed_before_request += 1
                 continue
             pending.append((item, request))
         if pending:
@@ -339,17 +339,22 @@ class ScoreStage(Stage):
         """One completion of a round: annotate the record, or keep it for the next round."""
         index = asked[position]
         item = pending[index][0]
+        # A Failure other than REQUEST_FAILED was met while building the request (an image that does not load):
+        # nothing was sent, so it is not a request.
+        sent = not isinstance(completion, Failure) or completion.reason == REQUEST_FAILED
         if getattr(completion, "cached", False):
             self.counters.cached += 1
-        else:
+        elif sent:
             self.counters.asked += 1
             if attempt > 0:
                 self.counters.parse_retries += 1
         if isinstance(completion, Failure):
-            self.counters.failed += 1
             reason, message = completion.reason, completion.message
-            if reason == REQUEST_FAILED:
+            if sent:
+                self.counters.failed += 1
                 reason, message = "judge_request_failed", f"judge request failed: {message}"
+            else:
+                self.counters.failed_before_request += 1
             item.error = RecordError(reason, message, where=item.where)
             return
         try:
@@ -400,6 +405,7 @@ class ScoreStage(Stage):
             "parse_retries": self.counters.parse_retries,
             "unparseable": self.counters.unparseable,
             "request_failures": self.counters.failed,
+            "failed_before_request": self.counters.failed_before_request,
             "scores": {source: self.counters.by_source[source] for source in sources},
             "thresholds": {source: self._resolved.limits_for(source).to_dict() for source in sources},
             **self._client_summary(),

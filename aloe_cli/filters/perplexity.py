@@ -29,7 +29,6 @@ positions, in float32, a chunk at a time: memory does not grow with the vocabula
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from aloe_cli.data.images import load_image
 from aloe_cli.data.io import Item
 from aloe_cli.data.records import annotate
 from aloe_cli.data.stage import Reject, Stage
-from aloe_cli.errors import AloeError, RecordError
+from aloe_cli.errors import RecordError
 from aloe_cli.filters.thresholds import (
     Distribution,
     ResolvedThresholds,
@@ -47,7 +46,8 @@ from aloe_cli.filters.thresholds import (
     check_value,
     source_of,
 )
-from aloe_cli.modeling.chat_template import template_of, training_chat_template
+from aloe_cli.modeling.encoding import ChatEncoder, EncodedChat, chat_messages, length_sorted_batches
+from aloe_cli.modeling.loading import is_local_reference
 
 STAGE = "perplexity"
 SUMMARY_PERCENTILES = (1, 5, 50, 95, 99)
@@ -93,19 +93,6 @@ def turn_ids_from_mask(mask: list[int]) -> list[int]:
     return turns
 
 
-def conversation_with_images(record: dict, images: list) -> list[dict]:
-    """The record's messages with the n-th image placeholder carrying the n-th loaded image."""
-    remaining = iter(images)
-    messages = []
-    for message in record["messages"]:
-        content = message.get("content")
-        if isinstance(content, list):
-            content = [{"type": "image", "image": next(remaining)} if part.get("type") == "image" else part
-                       for part in content]
-        messages.append({"role": message["role"], "content": content})
-    return messages
-
-
 def answer_only(messages: list[dict]) -> list[dict]:
     """The assistant turns alone (for IFD): no system or user turns, no images."""
     kept = []
@@ -120,11 +107,10 @@ def answer_only(messages: list[dict]) -> list[dict]:
 
 
 class ConversationEncoder:
-    """Record -> `Encoded`, through the model's own chat template and processor."""
+    """Record -> `Encoded`: the shared `ChatEncoder` (training template, loss mask), then tensors and turns."""
 
     def __init__(self, processor, max_tokens: int | None = None):
-        self.processor = processor
-        self.chat_template = training_chat_template(template_of(processor))
+        self.chats = ChatEncoder(processor)
         self.max_tokens = max_tokens
 
     def conversation(self, record: dict, image_root) -> list[dict]:
@@ -137,23 +123,12 @@ class ConversationEncoder:
                 images.append(load_image(entry, image_root).convert("RGB"))
             except RecordError as error:
                 raise RecordError(error.reason, error.message, field=f"images[{position}]") from None
-        return conversation_with_images(record, images)
+        return chat_messages(record["messages"], images)
 
     def encode_many(self, conversations: list[list[dict]]) -> list[Encoded | RecordError]:
-        """Encode conversations in one processor call (much faster than one call each).
-
-        If the processor rejects the batch, each conversation is encoded on its
-        own so that only the offending ones fail.
-        """
-        if not conversations:
-            return []
-        try:
-            out = self._process(conversations)
-        except Exception as exc:  # the template or processor rejects something in this batch
-            if len(conversations) == 1:
-                return [RecordError("encode_failed", f"chat template/processor failed: {type(exc).__name__}: {exc}")]
-            return [result for conversation in conversations for result in self.encode_many([conversation])]
-        return self._split(out, [_image_count(conversation) for conversation in conversations])
+        """Encode conversations in one processor call; only the ones the template rejects fail."""
+        return [chat if isinstance(chat, RecordError) else self._encoded(chat)
+                for chat in self.chats.encode_many(conversations)]
 
     def encode(self, conversation: list[dict]) -> Encoded:
         result = self.encode_many([conversation])[0]
@@ -161,49 +136,24 @@ class ConversationEncoder:
             raise result
         return result
 
-    def _process(self, conversations: list[list[dict]]):
-        return self.processor.apply_chat_template(conversations, chat_template=self.chat_template, tokenize=True,
-                                                  return_dict=True, return_assistant_tokens_mask=True)
-
-    def _split(self, out, image_counts: list[int]) -> list[Encoded | RecordError]:
-        """Per-conversation tensors from one batched processor output (unpadded lists + concatenated pixels)."""
-        grids = out.get("image_grid_thw")
-        pixels = out.get("pixel_values")
-        next_image = next_patch = 0
-        results: list[Encoded | RecordError] = []
-        for row, n_images in enumerate(image_counts):
-            ids = list(out["input_ids"][row])
-            row_grids = grids[next_image:next_image + n_images] if n_images else None
-            patches = int(row_grids.prod(dim=-1).sum()) if n_images else 0
-            row_pixels = pixels[next_patch:next_patch + patches] if n_images else None
-            next_image += n_images
-            next_patch += patches
-            results.append(self._encoded(ids, out, row, row_pixels, row_grids))
-        return results
-
-    def _encoded(self, ids: list[int], out, row: int, pixels, grids) -> Encoded | RecordError:
+    def _encoded(self, chat: EncodedChat) -> Encoded | RecordError:
         import torch
 
-        if self.max_tokens is not None and len(ids) > self.max_tokens:
-            return RecordError("too_long", f"{len(ids)} tokens, more than --max-tokens {self.max_tokens}")
-        mask = list(out["assistant_masks"][row])
+        if self.max_tokens is not None and len(chat) > self.max_tokens:
+            return RecordError("too_long", f"{len(chat)} tokens, more than --max-tokens {self.max_tokens}")
+        mask = list(chat.loss_mask)
         mask[0] = 0  # the first token has nothing to be predicted from
         if not any(mask):
             return RecordError("no_answer", "the chat template marks no assistant tokens in this record",
                                field="messages")
-        types = out.get("mm_token_type_ids")
+        types = chat.mm_token_type_ids
         return Encoded(
-            input_ids=torch.tensor(ids, dtype=torch.long),
+            input_ids=torch.tensor(chat.input_ids, dtype=torch.long),
             turn_ids=torch.tensor(turn_ids_from_mask(mask), dtype=torch.long),
-            mm_token_type_ids=torch.tensor(list(types[row]), dtype=torch.long) if types is not None else None,
-            pixel_values=pixels,
-            image_grid_thw=grids,
+            mm_token_type_ids=torch.tensor(types, dtype=torch.long) if types is not None else None,
+            pixel_values=chat.pixel_values,
+            image_grid_thw=chat.image_grid_thw,
         )
-
-
-def _image_count(conversation: list[dict]) -> int:
-    return sum(1 for message in conversation if isinstance(message["content"], list)
-               for part in message["content"] if part.get("type") == "image")
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -266,12 +216,6 @@ def collate(examples: list[Encoded], pad_token_id: int) -> dict[str, Any]:
         inputs["pixel_values"] = torch.cat(pixels, dim=0)
         inputs["image_grid_thw"] = torch.cat([e.image_grid_thw for e in examples if e.image_grid_thw is not None])
     return {"inputs": inputs, "turn_ids": turn_ids}
-
-
-def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (longest first), so padding stays small."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 class PerplexityScorer:
@@ -346,14 +290,30 @@ def _sum_per_turn(nll, rows, turns, batch: int) -> list[AnswerLoss]:
 class PerplexityCounters:
     scored: int = 0
     reused: int = 0
+    recomputed_other_model: int = 0  # --reuse, but the value was computed by another model (or none recorded)
     tokens: int = 0
+
+
+def same_model(recorded: Any, current: str) -> bool:
+    """Whether a value recorded under `aloe.perplexity.model` was computed by `current` (the --model given):
+    the same Hub id, or the same local folder however it is spelled."""
+    if not isinstance(recorded, str) or not recorded or not current:
+        return False
+    if recorded == current:
+        return True
+    if not (is_local_reference(recorded) and is_local_reference(current)):
+        return False
+    try:
+        return Path(recorded).expanduser().resolve() == Path(current).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return False
 
 
 class PerplexityStage(Stage):
     """`aloe perplexity`: annotate aloe.perplexity and reject outside the per-source thresholds."""
 
     name = STAGE
-    additive = ("records_scored", "records_reused", "tokens_scored")
+    additive = ("records_scored", "records_reused", "records_recomputed_other_model", "tokens_scored")
 
     def __init__(self, model_loader: Callable[[], Any], config: PerplexityConfig, thresholds: Thresholds | None = None,
                  model_name: str = ""):
@@ -444,8 +404,12 @@ class PerplexityStage(Stage):
         self._count(item, values)
 
     def _reuse(self, item: Item) -> bool:
+        """--reuse: keep a value already in the record when this run's model computed it."""
         previous = (item.record.get("aloe") or {}).get(self.name)
         if not isinstance(previous, dict) or not _is_number(previous.get("value")):
+            return False
+        if not same_model(previous.get("model"), self.model_name):
+            self.counters.recomputed_other_model += 1  # perplexities of two models are not comparable
             return False
         if self.config.ifd and not _is_number(previous.get("ifd")):
             return False
@@ -489,6 +453,7 @@ class PerplexityStage(Stage):
             "model": self._loaded.describe() if self._loaded is not None else self.model_name,
             "records_scored": self.counters.scored,
             "records_reused": self.counters.reused,
+            "records_recomputed_other_model": self.counters.recomputed_other_model,
             "tokens_scored": self.counters.tokens,
             "percentiles": {source: {"count": self.distribution.count(source),
                                      **self.distribution.percentiles(source, SUMMARY_PERCENTILES)}
@@ -501,58 +466,6 @@ class PerplexityStage(Stage):
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# ----------------------------------------------------------------------------- plots
-
-def safe_file_name(source: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", source).strip("._") or "source"
-
-
-def plot_histograms(distribution: Distribution, resolved: ResolvedThresholds | None, out_dir: str | Path,
-                    *, label: str = "answer perplexity") -> list[Path]:
-    """One PNG per source: the histogram of values with the min/max thresholds drawn."""
-    import numpy as np
-
-    from aloe_cli.plotting import plot_folder, pyplot
-
-    plt = pyplot()
-    out = plot_folder(out_dir)
-    written = []
-    for source in distribution.sources():
-        values = distribution.values(source)
-        values = values[np.isfinite(values)]
-        if values.size == 0:
-            continue
-        figure, axes = plt.subplots(figsize=(7, 4))
-        log_scale = bool(values.min() > 0 and values.max() / values.min() > 20)
-        bins = np.geomspace(values.min(), values.max(), 50) if log_scale and values.max() > values.min() else 50
-        axes.hist(values, bins=bins, color="#4C72B0", alpha=0.85)
-        if log_scale:
-            axes.set_xscale("log")
-        limits = resolved.limits_for(source) if resolved is not None else None
-        _draw_limit(axes, limits.min if limits else None, "min (trivial below)", "#DD8452")
-        _draw_limit(axes, limits.max if limits else None, "max (noisy above)", "#C44E52")
-        axes.set_title(f"{source}: {label} (n={values.size}, median {np.median(values):.4g})")
-        axes.set_xlabel(label)
-        axes.set_ylabel("records")
-        if limits is not None and (limits.min is not None or limits.max is not None):
-            axes.legend()
-        figure.tight_layout()
-        path = out / f"{safe_file_name(source)}.png"
-        try:
-            figure.savefig(path, dpi=100)
-        except OSError as exc:
-            raise AloeError(f"cannot write {path}: {exc.strerror}") from None
-        finally:
-            plt.close(figure)
-        written.append(path)
-    return written
-
-
-def _draw_limit(axes, value: float | None, label: str, color: str) -> None:
-    if value is not None:
-        axes.axvline(value, color=color, linestyle="--", linewidth=1.5, label=f"{label}: {value:.4g}")
 
 
 def percentile_rows(summary: dict[str, Any]) -> list[list[str]]:
@@ -570,5 +483,4 @@ def _fmt(value: float | None) -> str:
 
 
 __all__ = ["AnswerLoss", "ConversationEncoder", "Encoded", "PerplexityConfig", "PerplexityScorer",
-           "PerplexityStage", "collate", "length_sorted_batches",
-           "percentile_rows", "plot_histograms", "turn_ids_from_mask"]
+           "PerplexityStage", "collate", "percentile_rows", "turn_ids_from_mask"]

@@ -150,12 +150,9 @@ def load_thresholds(path: str | os.PathLike, stage: str, *, allowed: tuple[str, 
 def _read_mapping(path: Path) -> Any:
     import yaml
 
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise AloeError(f"thresholds file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AloeError(f"cannot read thresholds file {path}: {exc}") from None
+    from aloe_cli.data.textfile import read_text_file
+
+    text = read_text_file(path, "thresholds file")
     try:
         return yaml.safe_load(text)  # JSON is YAML too
     except yaml.YAMLError as exc:

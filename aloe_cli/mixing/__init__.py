@@ -12,8 +12,8 @@ Typical use::
     report = build_report(result)
 """
 
-from aloe_cli.mixing.passes import MixOptions, MixResult, run_mix
-from aloe_cli.mixing.plan import Group, Plan, Tally, make_plan, water_fill
+from aloe_cli.mixing.passes import MixOptions, MixResult, TargetsMissed, run_mix
+from aloe_cli.mixing.plan import Group, Miss, Plan, Tally, make_plan, water_fill
 from aloe_cli.mixing.recipe import (
                                     CELLS,
                                     Recipe,
@@ -27,7 +27,8 @@ from aloe_cli.mixing.recipe import (
 from aloe_cli.mixing.report import build_report, plot_shares
 
 __all__ = [
-    "CELLS", "Group", "MixOptions", "MixResult", "Plan", "Recipe", "RecipeError", "SourceSpec", "Tally",
+    "CELLS", "Group", "MixOptions", "MixResult", "Miss", "Plan", "Recipe", "RecipeError", "SourceSpec", "Tally",
+    "TargetsMissed",
     "build_report", "inline_recipe", "load_recipe", "make_plan", "parse_share", "plot_shares", "recipe_from_dict",
     "run_mix", "water_fill",
 ]

@@ -2,7 +2,10 @@
 
 Pass 1 (count) runs on the stage runner (`CountingStage`): it reads every
 input once (the reader normalises the records, grounding text included),
-counts each record's loss tokens (cache first, then the tokenizer in batches)
+checks each image entry from its header (`images.check_images`: type, data
+URI, that a path is a non-empty file, a known format within the
+decompression-bomb limit, DICOM with pixel data and a decoder; no pixel is
+decoded), counts each record's loss tokens (cache first, then the tokenizer in batches)
 and keeps only two numbers per record: its group (source x cell, or
 NOT_AVAILABLE when rejected) and its loss-token count. That is 8 bytes a
 record, ~30 MB for 3.5 M records. The runner counts read/kept/rejected per
@@ -15,8 +18,11 @@ of a selected record to a spool bucket chosen by its position in the shuffled
 output; the buckets are then written out one by one in position order. Memory
 stays bounded by one bucket's index, whatever the size of the records.
 
-Standard input cannot be read twice, so it is copied to a temporary file
-during pass 1.
+Standard input, FIFOs and process substitutions cannot be read twice, so
+each is copied to a temporary file during pass 1. The copies and the buckets
+live in hidden temporary folders (beside the output, or in $TMPDIR when the
+output is stdout) that are removed however the run ends: success, an error,
+a full disk, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from array import array
@@ -36,15 +41,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
 from aloe_cli.console import null_progress
-from aloe_cli.data.io import STDIO, Item, RecordWriter, dumps, read_file
+from aloe_cli.data.images import check_images
+from aloe_cli.data.io import (
+    STDIO,
+    Item,
+    RecordWriter,
+    dumps,
+    read_file,
+    record_writers,
+    source_name,
+    write_error,
+)
 from aloe_cli.data.records import DOMAINS, RecordDefaults, modality
 from aloe_cli.data.stage import InputCounts, ProgressFactory, Reject, RunConfig, Stage, run_stage
+from aloe_cli.data.streams import device_path, display_name, is_stream, loads, open_raw
 from aloe_cli.errors import AloeError, RecordError
 from aloe_cli.mixing.plan import NOT_AVAILABLE, Group, Plan, make_plan, output_rng
-from aloe_cli.mixing.recipe import Recipe, SourceSpec
+from aloe_cli.mixing.recipe import MAX_SAMPLES, Recipe, SourceSpec
 from aloe_cli.modeling.loss_tokens import LossTokenCounter
 from aloe_cli.modeling.token_cache import TokenCache, conversation_key, default_cache_path
 
@@ -66,6 +81,7 @@ class MixOptions:
     batch_size: int = 1024
     cache: bool = True
     cache_path: str | None = None  # default: the recipe's `cache`, else token_cache.default_cache_path()
+    keep_dicom_bytes: bool = False  # pass embedded DICOM through with its header (default: re-encoded on read)
     spool_dir: str | None = None  # default: the output's folder (the system temp folder for stdout)
 
 
@@ -87,6 +103,17 @@ class MixResult:
     @property
     def available(self) -> int:
         return self.read - self.rejected
+
+
+class TargetsMissed(AloeError):
+    """A strict recipe's plan misses targets: nothing was written; `result` holds the plan for the report."""
+
+    def __init__(self, result: MixResult):
+        self.result = result
+        plan = result.plan
+        cells = ", ".join(f"{m.cell} {m.achieved:.1%} for a {m.target:.1%} target" for m in plan.misses)
+        super().__init__(f"{len(plan.misses)} cell(s) miss their target by more than the tolerance of "
+                         f"{plan.tolerance * 100:g} percentage point(s) ({cells}); strict mixture: nothing written")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -112,60 +139,77 @@ def prepare(item: Item, spec: SourceSpec) -> Prepared:
     return Prepared(record, str(source), domain, f"{domain}/{modality(record)}")
 
 
-def read_defaults(spec: SourceSpec, default_domain: str | None) -> RecordDefaults:
+def read_defaults(spec: SourceSpec, default_domain: str | None, keep_dicom_bytes: bool = False) -> RecordDefaults:
     """What the reader fills in for a source's records (the grounding box format included)."""
-    return RecordDefaults(source=spec.name, domain=spec.domain or default_domain, bbox_format=spec.bbox_format)
+    return RecordDefaults(source=spec.name, domain=spec.domain or default_domain, bbox_format=spec.bbox_format,
+                          keep_dicom_bytes=keep_dicom_bytes)
 
 
-class StdinCopy:
-    """Standard input, copied to a temporary file on first use so it can be read twice."""
+class StreamCopies:
+    """Inputs that can be read once only (stdin, FIFOs, `<(...)`), each copied to a temporary file on
+    first use so that both passes read the same records."""
 
     def __init__(self, folder: str | None):
         self._folder = folder
         self._tmp: tempfile.TemporaryDirectory | None = None
-        self.path: str | None = None
+        self._copies: dict[str, str] = {}
 
-    def get(self) -> str:
-        if self.path is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix=".aloe-mix-stdin-", dir=self._folder)
-            self.path = os.path.join(self._tmp.name, "stdin.jsonl")
-            with open(self.path, "wb") as copy:
-                shutil.copyfileobj(sys.stdin.buffer, copy, 1 << 20)
-        return self.path
+    def get(self, path: str) -> str:
+        copy = self._copies.get(path)
+        if copy is None:
+            if self._tmp is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix=".aloe-mix-stdin-", dir=self._folder)
+            # The copy keeps the input's format: a name like the input's own (stdin is JSONL, gzip is sniffed).
+            name = "stdin.jsonl" if path == STDIO else os.path.basename(path) or "input"
+            folder = os.path.join(self._tmp.name, str(len(self._copies)))
+            os.mkdir(folder)
+            copy = os.path.join(folder, name if "." in name else name + ".jsonl")
+            source = open_raw(path)
+            try:
+                with source, open(copy, "wb") as handle:
+                    shutil.copyfileobj(source, handle, 1 << 20)
+            except OSError as exc:
+                raise AloeError(f"cannot copy {display_name(path)} (read once, needed twice) to "
+                                f"{self._tmp.name}: {exc.strerror or exc}") from None
+            self._copies[path] = copy
+        return copy
 
     def close(self) -> None:
         if self._tmp is not None:
             self._tmp.cleanup()
 
 
-def _as_stdin(item: Item, copy_path: str) -> Item:
-    item.where = item.where.replace(copy_path, _STDIN_DISPLAY, 1)
-    item.input = _STDIN_DISPLAY
+def _as_original(item: Item, copy_path: str, display: str) -> Item:
+    item.where = item.where.replace(copy_path, display, 1)
+    item.input = display
     if item.error is not None:
         error = item.error
         item.error = RecordError(error.reason, error.message, where=item.where, field=error.field)
     return item
 
 
-def iter_items(recipe: Recipe, stdin: StdinCopy) -> Iterator[tuple[SourceSpec, Item]]:
+def iter_items(recipe: Recipe, streams: StreamCopies, keep_dicom_bytes: bool = False
+               ) -> Iterator[tuple[SourceSpec, Item]]:
     """Every item of every source, always in the same order."""
     for spec in recipe.sources:
-        defaults = read_defaults(spec, recipe.default_domain)
+        defaults = read_defaults(spec, recipe.default_domain, keep_dicom_bytes)
         for path in spec.paths:
-            if path == STDIO:
-                copy = stdin.get()
-                root = spec.image_root or os.getcwd()
-                stdin_defaults = defaults if defaults.source else replace(defaults, source="stdin")
-                for item in read_file(copy, root, defaults=stdin_defaults):
-                    yield spec, _as_stdin(item, copy)
+            if is_stream(path):
+                copy = streams.get(path)
+                display = _STDIN_DISPLAY if path == STDIO else path
+                root = spec.image_root or (os.getcwd() if path == STDIO or device_path(path)
+                                           else os.path.dirname(os.path.abspath(path)))
+                copy_defaults = defaults if defaults.source else replace(defaults, source=source_name(path))
+                for item in read_file(copy, root, defaults=copy_defaults):
+                    yield spec, _as_original(item, copy, display)
             else:
                 for item in read_file(path, spec.image_root, defaults=defaults):
                     yield spec, item
 
 
-def _items_with_spec(recipe: Recipe, stdin: StdinCopy) -> Iterator[Item]:
+def _items_with_spec(recipe: Recipe, streams: StreamCopies, keep_dicom_bytes: bool) -> Iterator[Item]:
     """`iter_items` for the stage runner: each item carries its source spec."""
-    for spec, item in iter_items(recipe, stdin):
+    for spec, item in iter_items(recipe, streams, keep_dicom_bytes):
         item.annotations["spec"] = spec
         yield item
 
@@ -270,6 +314,8 @@ class CountingStage(Stage):
         if item.error is not None:
             return None
         try:
+            # Mix decodes no image: a header check keeps unusable entries out of the mixture.
+            check_images(item.record.get("images") or [], item.image_root)
             return prepare(item, item.annotations["spec"])
         except RecordError as error:
             item.error = error.located(item.where)
@@ -324,7 +370,10 @@ class ShuffleSpool:
 
     def add(self, position: int, line: bytes) -> None:
         """`line` is one JSONL line (with its newline), as io.dumps writes it."""
-        self._files[position // self.per_bucket].write(b"%d\t%s" % (position, line))
+        try:
+            self._files[position // self.per_bucket].write(b"%d\t%s" % (position, line))
+        except OSError as exc:
+            raise write_error(self.folder, exc) from None
 
     def close(self) -> None:
         for handle in self._files:
@@ -351,7 +400,7 @@ class ShuffleSpool:
                 offset += len(line)
             for index in np.argsort(np.frombuffer(positions, dtype=np.int64), kind="stable"):
                 bucket.seek(offsets[index])
-                writer.write(orjson.loads(bucket.readline()))
+                writer.write(loads(bucket.readline()))
         return len(positions)
 
 
@@ -430,19 +479,20 @@ def run_mix(recipe: Recipe, options: MixOptions, counter: LossTokenCounter | Non
 
     if options.rejects is not None and options.rejects == options.output and options.output != STDIO:
         raise AloeError("--rejects and --output must be different files")
-    spool_dir = options.spool_dir or (str(Path(options.output).resolve().parent) if options.output != STDIO else None)
+    # Spools beside a file output (same disk as the result); for stdout, a pipe or a device, in $TMPDIR.
+    to_file = options.output != STDIO and not is_stream(options.output) and not device_path(options.output)
+    spool_dir = options.spool_dir or (str(Path(options.output).resolve().parent) if to_file else None)
     counter = counter or load_counter(recipe.tokenizer, recipe.chat_template)
     seconds: dict[str, float] = {}
     with ExitStack() as stack:
-        stdin = StdinCopy(spool_dir)
-        stack.callback(stdin.close)
-        output = None if options.dry_run else stack.enter_context(RecordWriter(options.output))
-        rejects = (None if options.dry_run or options.rejects is None
-                   else stack.enter_context(RecordWriter(options.rejects)))
+        streams = StreamCopies(spool_dir)
+        stack.callback(streams.close)
+        output, rejects = (None, None) if options.dry_run else stack.enter_context(
+            record_writers(options.output, options.rejects))  # both appear, or neither
         cache = stack.enter_context(_open_cache(recipe, options))
         counting = CountingStage(recipe, counter, cache, options.batch_size)
         with _timed(seconds, "count"):
-            reading = run_stage(counting, _items_with_spec(recipe, stdin), None, rejects,
+            reading = run_stage(counting, _items_with_spec(recipe, streams, options.keep_dicom_bytes), None, rejects,
                                 RunConfig(on_error=options.on_error), progress=progress)
         if not counting.groups.groups:
             raise AloeError(f"nothing to mix: none of the {reading.read} record(s) read is usable"
@@ -451,7 +501,24 @@ def run_mix(recipe: Recipe, options: MixOptions, counter: LossTokenCounter | Non
         with _timed(seconds, "plan"):
             plan = make_plan(group_of, tokens, counting.groups.groups, recipe.targets, seed=recipe.seed,
                              balance=recipe.balance, total_samples=recipe.total_samples,
-                             total_tokens=recipe.total_tokens)
+                             total_tokens=recipe.total_tokens, tolerance=recipe.tolerance)
+        if plan.samples > MAX_SAMPLES:
+            raise AloeError(f"the plan holds {plan.samples:,} samples, more than aloe mix writes ({MAX_SAMPLES:,}); "
+                            "lower max_repeats or ask for a smaller total_samples/total_tokens")
+
+        def result(written: int) -> MixResult:
+            return MixResult(
+                recipe=recipe, plan=plan, read=reading.read, rejected=reading.rejected, reasons=reading.reasons,
+                inputs=reading.inputs, written=written, dry_run=options.dry_run,
+                rejects_written=rejects is not None,
+                cache=None if cache is None else {"path": str(cache.path), "hits": cache.hits, "misses": cache.misses},
+                counting={"records_counted": counter.stats.records, "texts_tokenized": counter.stats.tokenized_texts,
+                          "repeats_reused": counter.stats.memo_hits},
+                seconds={k: round(v, 3) for k, v in seconds.items()},
+            )
+
+        if recipe.strict and plan.misses:
+            raise TargetsMissed(result(0))  # leaving the with-block discards the unwritten output
         written = 0
         if output is not None:
             with _timed(seconds, "write"):
@@ -459,17 +526,10 @@ def run_mix(recipe: Recipe, options: MixOptions, counter: LossTokenCounter | Non
                     tempfile.TemporaryDirectory(prefix=".aloe-mix-", dir=spool_dir)))
                 stack.callback(spool.close)
                 with (progress or null_progress)("mix: writing", len(group_of)) as bar:
-                    _write_pass(iter_items(recipe, stdin), plan, group_of, tokens, counting.groups, recipe, spool,
-                                bar)
+                    _write_pass(iter_items(recipe, streams, options.keep_dicom_bytes), plan, group_of, tokens,
+                                counting.groups, recipe, spool, bar)
                 written = spool.drain(output)
-    return MixResult(
-        recipe=recipe, plan=plan, read=reading.read, rejected=reading.rejected, reasons=reading.reasons,
-        inputs=reading.inputs, written=written, dry_run=options.dry_run, rejects_written=rejects is not None,
-        cache=None if cache is None else {"path": str(cache.path), "hits": cache.hits, "misses": cache.misses},
-        counting={"records_counted": counter.stats.records, "texts_tokenized": counter.stats.tokenized_texts,
-                  "repeats_reused": counter.stats.memo_hits},
-        seconds={k: round(v, 3) for k, v in seconds.items()},
-    )
+        return result(written)
 
 
 @contextmanager

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from aloe_cli.mixing.recipe import CELLS
+from aloe_cli.mixing.recipe import CELLS, DEFAULT_TOLERANCE
 
 NOT_AVAILABLE = -1  # group_of value of a record that was rejected
 _BISECTION_STEPS = 200
@@ -68,6 +68,25 @@ class Tally:
         return self.tokens_selected / self.tokens_available if self.tokens_available else 0.0
 
 
+@dataclass(frozen=True)
+class Miss:
+    """A cell whose achieved share is further than the tolerance from its target (shares of the balanced unit)."""
+
+    cell: str
+    target: float
+    achieved: float
+    units: int  # selected units minus the target's units in this mixture: < 0 short, > 0 over
+    reason: str  # "exhausted" (all its records up to max_repeats), "no_data", "filled_gap", "whole_records"
+
+    @property
+    def difference(self) -> float:
+        return self.achieved - self.target
+
+    def to_dict(self, unit: str) -> dict:
+        return {"cell": self.cell, "target_share": round(self.target, 6), "achieved_share": round(self.achieved, 6),
+                "difference": round(self.difference, 6), f"{unit}_difference": self.units, "reason": self.reason}
+
+
 @dataclass
 class Plan:
     copies: np.ndarray  # per record read: how many times it goes into the mixture
@@ -77,7 +96,17 @@ class Plan:
     targets: dict[str, float]
     balance: str
     budget_units: float
+    tolerance: float = DEFAULT_TOLERANCE
+    misses: list[Miss] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def unit(self) -> str:
+        return "tokens" if self.balance == "loss_tokens" else "samples"
+
+    @property
+    def targets_met(self) -> bool:
+        return not self.misses
 
     @property
     def samples(self) -> int:
@@ -196,7 +225,8 @@ def pick_copies(units: np.ndarray, budget: float, max_repeats: float, rng: np.ra
     if rest <= _RELATIVE_EPS * total:
         return copies
     order = permutation(len(units), rng)
-    copies[order[:_closest_prefix(units, order, rest)]] += 1
+    # A part smaller than half a record would round to nothing: a cell with a target would silently vanish.
+    copies[order[:max(_closest_prefix(units, order, rest), 1 if passes == 0 else 0)]] += 1
     return copies
 
 
@@ -227,7 +257,7 @@ def _closest_prefix(units: np.ndarray, order: np.ndarray, rest: float) -> int:
 
 def make_plan(group_of: np.ndarray, tokens: np.ndarray, groups: list[Group], targets: dict[str, float], *,
               seed: int = 0, balance: str = "loss_tokens", total_samples: int | None = None,
-              total_tokens: int | None = None) -> Plan:
+              total_tokens: int | None = None, tolerance: float = DEFAULT_TOLERANCE) -> Plan:
     """Copies per record for a mixture that meets `targets` (share of units per cell).
 
     `group_of[i]` is the group index of record i (NOT_AVAILABLE if rejected),
@@ -261,8 +291,9 @@ def make_plan(group_of: np.ndarray, tokens: np.ndarray, groups: list[Group], tar
     cell_tallies = {cell: Tally() for cell in CELLS}
     for group, tally in zip(groups, group_tallies):
         cell_tallies[group.cell].add(tally)
-    plan = Plan(copies, groups, group_tallies, cell_tallies, dict(targets), balance, budget)
-    plan.notes = _notes(plan, pool, per_cell, per_group, shares, total_samples, total_tokens)
+    plan = Plan(copies, groups, group_tallies, cell_tallies, dict(targets), balance, budget, tolerance)
+    plan.misses = _misses(plan, pool, shares)
+    plan.notes = _notes(plan, pool, per_cell, per_group, total_samples, total_tokens)
     return plan
 
 
@@ -303,21 +334,59 @@ def _tally(copies: np.ndarray, tokens: np.ndarray) -> Tally:
     )
 
 
-def _notes(plan: Plan, pool: _Pool, per_cell: np.ndarray, per_group: np.ndarray, shares: np.ndarray,
+def _misses(plan: Plan, pool: _Pool, shares: np.ndarray) -> list[Miss]:
+    """Cells whose achieved share (of the selected units, as the report's table shows them) is further than the
+    tolerance from the target."""
+    def selected(tally: Tally) -> int:
+        return tally.tokens_selected if plan.balance == "loss_tokens" else tally.samples_selected
+
+    total = sum(selected(tally) for tally in plan.cell_tallies.values())
+    exhausted = {c: pool.caps[pool.cell_of == c].sum() > 0
+                 and selected(plan.cell_tallies[cell]) >= pool.caps[pool.cell_of == c].sum() * (1 - 1e-9)
+                 for c, cell in enumerate(CELLS)}
+    misses: list[Miss] = []
+    for c, cell in enumerate(CELLS):
+        achieved = selected(plan.cell_tallies[cell]) / total if total else 0.0
+        if abs(achieved - shares[c]) <= plan.tolerance + 1e-12:
+            continue
+        short = achieved < shares[c]
+        if short:
+            reason = "exhausted" if exhausted[c] else "no_data" if pool.caps[pool.cell_of == c].sum() == 0 \
+                else "whole_records"
+        else:
+            reason = "whole_records"
+        units = int(round(selected(plan.cell_tallies[cell]) - shares[c] * total))
+        misses.append(Miss(cell, float(shares[c]), achieved, units, reason))
+    if any(m.reason in ("exhausted", "no_data") for m in misses):
+        misses = [Miss(m.cell, m.target, m.achieved, m.units, "filled_gap") if m.achieved > m.target else m
+                  for m in misses]
+    return misses
+
+
+_WHY = {
+    "exhausted": "every record of its sources is in, up to max_repeats; add data or raise max_repeats",
+    "no_data": "no record falls in this cell",
+    "filled_gap": "it took up what {short} could not supply",
+    "whole_records": "whole records cannot come closer in a mixture this small; ask for a larger total_tokens "
+                     "or total_samples",
+}
+
+
+def describe_miss(miss: Miss, unit: str, short_cells: list[str] = ()) -> str:
+    """One line for people, with the same rounding as the report's table."""
+    side = "short" if miss.difference < 0 else "over"
+    what = "loss tokens" if unit == "tokens" else "samples"
+    why = _WHY[miss.reason].format(short=" and ".join(short_cells) or "the short cells")
+    return (f"{miss.cell} misses its {miss.target:.1%} target: it has {miss.achieved:.1%} of the mixture's {what} "
+            f"({side} by {abs(miss.difference) * 100:.1f} percentage points, {abs(miss.units):,} {what}); {why}.")
+
+
+def _notes(plan: Plan, pool: _Pool, per_cell: np.ndarray, per_group: np.ndarray,
            total_samples: int | None, total_tokens: int | None) -> list[str]:
     unit = "loss tokens" if plan.balance == "loss_tokens" else "samples"
-    notes = []
-    budget = plan.budget_units
-    short_cells = set()
-    for c, cell in enumerate(CELLS):
-        wanted = shares[c] * budget
-        if shares[c] > 0 and per_cell[c] < wanted * (1 - 1e-6):
-            short_cells.add(c)
-            got = per_cell[c] / budget if budget else 0.0
-            notes.append(f"{cell} cannot reach its {shares[c]:.1%} target: it supplies {got:.1%} "
-                         f"(short by {wanted - per_cell[c]:,.0f} {unit}, {shares[c] - got:.1%} of the mixture); "
-                         "the other cells were scaled up to fill the gap. Add data or raise max_repeats of its "
-                         "sources.")
+    empty = [miss.cell for miss in plan.misses if miss.reason in ("exhausted", "no_data")]
+    notes = [describe_miss(miss, plan.unit, empty) for miss in plan.misses]
+    short_cells = {CELLS.index(cell) for cell in empty}
     for g, group in enumerate(plan.groups):
         cell = pool.cell_of[g]
         if cell in short_cells:

@@ -24,9 +24,19 @@ MODALITIES = ("multimodal", "text")
 CELLS = tuple(f"{domain}/{modality}" for domain in DOMAINS for modality in MODALITIES)
 BALANCE_MODES = ("loss_tokens", "samples")
 SHARE_TOLERANCE = 1e-6
+# Ranges of the numbers a recipe holds. Outside them a plan would overflow (copies are 2-byte counts, the output
+# order 4 bytes a sample) or mean nothing (a share below one in a million loss tokens, a weight ratio beyond 1e12).
+MIN_SHARE = 1e-6  # a share is 0 or at least this
+MAX_REPEATS = 65535
+MIN_WEIGHT, MAX_WEIGHT = 1e-6, 1e6
+MAX_SAMPLES = 2 ** 32 - 1  # the largest mixture `aloe mix` writes
+MAX_TOKENS = 2 ** 53  # loss tokens are summed in float64: exact up to here
+# A cell misses its target when its achieved share is further than this from it (an absolute difference of shares:
+# 0.01 = one percentage point of the mixture's loss tokens). `tolerance:` / --tolerance change it.
+DEFAULT_TOLERANCE = 0.01
 
 _TOP_KEYS = ("tokenizer", "chat_template", "seed", "total_samples", "total_tokens", "targets", "sources",
-             "balance", "cache")
+             "balance", "cache", "strict", "tolerance")
 _SOURCE_KEYS = ("name", "paths", "domain", "weight", "max_repeats", "image_root", "bbox_format")
 
 
@@ -65,6 +75,8 @@ class Recipe:
     cache: str | None = None
     origin: str = "options"  # the recipe file, for messages and the report
     default_domain: str | None = field(default=None)  # inline form: for records without a domain
+    strict: bool = False  # a missed target is an error (exit 1), not a warning
+    tolerance: float = DEFAULT_TOLERANCE  # how far a cell's achieved share may be from its target
 
     def with_overrides(self, **values: Any) -> Recipe:
         """A copy with the given fields replaced (None means keep), checked again."""
@@ -75,6 +87,7 @@ class Recipe:
             changed.setdefault("total_tokens", None)
         recipe = replace(self, **changed)
         _check_sizes(recipe.total_samples, recipe.total_tokens, recipe.origin)
+        check_tolerance(recipe.tolerance, recipe.origin)
         return recipe
 
 
@@ -94,6 +107,9 @@ def check_targets(targets: Any, origin: str, key: str = "targets") -> dict[str, 
             raise _fail(origin, f"{key}.{cell}", f"unknown cell (expected one of {', '.join(CELLS)})")
         if not _is_number(share) or not 0 <= share <= 1:
             raise _fail(origin, f"{key}.{cell}", f"must be a number between 0 and 1, got {share!r}")
+        if 0 < share < MIN_SHARE:
+            raise _fail(origin, f"{key}.{cell}", f"must be 0 or at least {MIN_SHARE:g} (one in a million), "
+                        f"got {share!r}")
         shares[cell] = float(share)
     total = sum(shares.values())
     if abs(total - 1) > SHARE_TOLERANCE:
@@ -105,9 +121,24 @@ def check_targets(targets: Any, origin: str, key: str = "targets") -> dict[str, 
 def _check_sizes(total_samples: Any, total_tokens: Any, origin: str) -> None:
     if total_samples is not None and total_tokens is not None:
         raise _fail(origin, "total_samples", "give total_samples or total_tokens, not both")
-    for key, value in (("total_samples", total_samples), ("total_tokens", total_tokens)):
+    for key, value, limit in (("total_samples", total_samples, MAX_SAMPLES),
+                              ("total_tokens", total_tokens, MAX_TOKENS)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise _fail(origin, key, f"must be a positive integer, got {value!r}")
+        if value is not None and value > limit:
+            raise _fail(origin, key, f"{value:,} is too large to plan (at most {limit:,})")
+
+
+def check_max_repeats(value: Any, origin: str, key: str) -> float:
+    if not _is_number(value) or not 1 <= value <= MAX_REPEATS:
+        raise _fail(origin, key, f"must be a number from 1 (never repeat) to {MAX_REPEATS}, got {value!r}")
+    return float(value)
+
+
+def check_tolerance(value: Any, origin: str, key: str = "tolerance") -> float:
+    if not _is_number(value) or not 0 <= value <= 1:
+        raise _fail(origin, key, f"must be a share between 0 and 1 (0.01 = one percentage point), got {value!r}")
+    return float(value)
 
 
 def _is_number(value: Any) -> bool:
@@ -135,11 +166,10 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and check a recipe file. Relative paths in it resolve against its folder."""
     import yaml
 
+    from aloe_cli.data.textfile import read_text_file
+
     origin = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise RecipeError(f"cannot read recipe {origin}: {exc.strerror or exc}") from None
+    text = read_text_file(path, "recipe")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -174,6 +204,10 @@ def recipe_from_dict(data: Any, *, origin: str = "recipe", base: Path | None = N
     cache = data.get("cache")
     if cache is not None and not isinstance(cache, str):
         raise _fail(origin, "cache", "must be a file path")
+    strict = data.get("strict", False)
+    if not isinstance(strict, bool):
+        raise _fail(origin, "strict", f"must be true or false, got {strict!r}")
+    tolerance = check_tolerance(data.get("tolerance", DEFAULT_TOLERANCE), origin)
     sources = _sources(data["sources"], origin, base)
     return Recipe(
         tokenizer=_local_or_id(tokenizer, base),
@@ -186,6 +220,8 @@ def recipe_from_dict(data: Any, *, origin: str = "recipe", base: Path | None = N
         balance=balance,
         cache=str(base / cache) if cache else None,
         origin=origin,
+        strict=strict,
+        tolerance=tolerance,
     )
 
 
@@ -213,9 +249,10 @@ def _sources(raw: Any, origin: str, base: Path) -> tuple[SourceSpec, ...]:
             raise _fail(origin, f"{key}.name", f"duplicate source name {spec.name!r}")
         names.add(spec.name)
         for path in spec.paths:
-            if path in owners:
-                raise _fail(origin, f"{key}.paths", f"{path} is already a file of source {owners[path]!r}")
-            owners[path] = spec.name
+            same = os.path.realpath(path)  # one file, however it is spelled or linked
+            if same in owners:
+                raise _fail(origin, f"{key}.paths", f"{path} is already a file of source {owners[same]!r}")
+            owners[same] = spec.name
         specs.append(spec)
     return tuple(specs)
 
@@ -235,11 +272,9 @@ def _source(entry: Any, origin: str, key: str, base: Path) -> SourceSpec:
     if domain not in DOMAINS:
         raise _fail(origin, f"{key}.domain", f"must be 'medical' or 'general', got {domain!r}")
     weight = entry.get("weight", 1)
-    if not _is_number(weight) or weight <= 0:
-        raise _fail(origin, f"{key}.weight", f"must be a positive number, got {weight!r}")
-    max_repeats = entry.get("max_repeats", 1)
-    if not _is_number(max_repeats) or max_repeats < 1:
-        raise _fail(origin, f"{key}.max_repeats", f"must be a number >= 1 (1 = never repeat), got {max_repeats!r}")
+    if not _is_number(weight) or not MIN_WEIGHT <= weight <= MAX_WEIGHT:
+        raise _fail(origin, f"{key}.weight", f"must be a number from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}, got {weight!r}")
+    max_repeats = check_max_repeats(entry.get("max_repeats", 1), origin, f"{key}.max_repeats")
     bbox_format = entry.get("bbox_format", "xyxy")
     if bbox_format not in BBOX_FORMATS:
         raise _fail(origin, f"{key}.bbox_format", f"must be one of {', '.join(BBOX_FORMATS)}, got {bbox_format!r}")
@@ -251,7 +286,7 @@ def _source(entry: Any, origin: str, key: str, base: Path) -> SourceSpec:
         paths=_expand_paths(entry["paths"], origin, f"{key}.paths", base),
         domain=domain,
         weight=float(weight),
-        max_repeats=float(max_repeats),
+        max_repeats=max_repeats,
         image_root=str(base / os.path.expanduser(image_root)) if image_root else None,
         bbox_format=bbox_format,
     )
@@ -283,7 +318,8 @@ def _expand_paths(value: Any, origin: str, key: str, base: Path) -> tuple[str, .
 def inline_recipe(inputs: list[str], shares: list[str], *, tokenizer: str, seed: int = 0,
                   total_samples: int | None = None, total_tokens: int | None = None, max_repeats: float = 1.0,
                   domain: str | None = None, chat_template: str | None = None, balance: str = "loss_tokens",
-                  cache: str | None = None, image_root: str | None = None, bbox_format: str = "xyxy") -> Recipe:
+                  cache: str | None = None, image_root: str | None = None, bbox_format: str = "xyxy",
+                  strict: bool = False, tolerance: float = DEFAULT_TOLERANCE) -> Recipe:
     """`-i a.jsonl -i b.jsonl --share medical/multimodal=0.4 ...`: one source per record `source` field."""
     from aloe_cli.data.io import expand_inputs
 
@@ -298,8 +334,19 @@ def inline_recipe(inputs: list[str], shares: list[str], *, tokenizer: str, seed:
             raise RecipeError(f"{origin}: {cell} is given twice")
         targets[cell] = share
     _check_sizes(total_samples, total_tokens, "options")
-    spec = SourceSpec(name=None, paths=tuple(expand_inputs(inputs)), domain=None, weight=1.0,
-                      max_repeats=float(max_repeats), image_root=image_root, bbox_format=bbox_format)
+    paths = expand_inputs(inputs)
+    seen: dict[str, str] = {}
+    for path in paths:
+        same = path if path == "-" else os.path.realpath(path)  # one file, however it is spelled or linked
+        if same in seen:
+            again = ("stdin" if path == "-" else path if path == seen[same]
+                     else f"{path} (the same file as {seen[same]})")
+            raise RecipeError(f"-i: {again} is given twice; its records would be counted twice")
+        seen[same] = path
+    spec = SourceSpec(name=None, paths=tuple(paths), domain=None, weight=1.0,
+                      max_repeats=check_max_repeats(max_repeats, "options", "max_repeats"), image_root=image_root,
+                      bbox_format=bbox_format)
     return Recipe(tokenizer=tokenizer, targets=check_targets(targets, origin, key="shares"), sources=(spec,),
                   seed=seed, total_samples=total_samples, total_tokens=total_tokens, chat_template=chat_template,
-                  balance=balance, cache=cache, origin="options", default_domain=domain)
+                  balance=balance, cache=cache, origin="options", default_domain=domain, strict=strict,
+                  tolerance=check_tolerance(tolerance, "options"))

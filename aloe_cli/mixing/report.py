@@ -43,11 +43,14 @@ def build_report(result: MixResult) -> dict[str, Any]:
         raise RuntimeError(f"record accounting broke: {result.read} read != {result.rejected} rejected + "
                            f"{totals.samples_available} available")
     cells = {}
+    missed = {miss.cell: miss for miss in plan.misses}
     for cell in CELLS:
         tally = plan.cell_tallies[cell]
         share_after = _share(tally.tokens_selected, totals.tokens_selected)
         cells[cell] = {
             "target_share": plan.targets.get(cell, 0.0),
+            "target_met": cell not in missed,
+            "miss": round(missed[cell].difference, 6) if cell in missed else 0.0,
             "share_before": _share(tally.tokens_available, totals.tokens_available),
             "share_after": share_after,
             "sample_share_before": _share(tally.samples_available, totals.samples_available),
@@ -85,6 +88,13 @@ def build_report(result: MixResult) -> dict[str, Any]:
         "inputs": {name: vars(tally) for name, tally in result.inputs.items()},
         "cells": cells,
         "sources": sources,
+        "targets": {
+            "unit": "loss_tokens" if plan.unit == "tokens" else "samples",
+            "tolerance": plan.tolerance,
+            "strict": recipe.strict,
+            "met": plan.targets_met,
+            "missed": [miss.to_dict(plan.unit) for miss in plan.misses],
+        },
         "notes": list(plan.notes),
         "token_cache": result.cache,
         "counting": result.counting,
@@ -102,17 +112,23 @@ def _repeat(value: float) -> str:
     return f"{value:.2f}x"
 
 
-CELL_HEADERS = ["cell", "target", "before", "after", "samples", "selected", "loss tokens", "selected", "repeat"]
+def _miss(cell: dict[str, Any]) -> str:
+    """Blank when the cell is within the tolerance of its target, else e.g. `-35.7 pt` (percentage points)."""
+    return "" if cell["target_met"] else f"{cell['miss'] * 100:+.1f} pt"
+
+
+CELL_HEADERS = ["cell", "target", "before", "after", "miss", "samples", "selected", "loss tokens", "selected",
+                "repeat"]
 SOURCE_HEADERS = ["source", "cell", "samples", "selected", "loss tokens", "selected", "before", "after", "repeat"]
 
 
 def cell_rows(report: dict[str, Any]) -> list[list[object]]:
     rows = []
     for cell, c in report["cells"].items():
-        rows.append([cell, _pct(c["target_share"]), _pct(c["share_before"]), _pct(c["share_after"]),
+        rows.append([cell, _pct(c["target_share"]), _pct(c["share_before"]), _pct(c["share_after"]), _miss(c),
                      f"{c['samples_available']:,}", f"{c['samples_selected']:,}", f"{c['tokens_available']:,}",
                      f"{c['tokens_selected']:,}", _repeat(c["repeat_factor"])])
-    rows.append(["total", _pct(1.0), "", "", f"{report['available']:,}", f"{report['samples']:,}",
+    rows.append(["total", _pct(1.0), "", "", "", f"{report['available']:,}", f"{report['samples']:,}",
                  f"{report['tokens_available']:,}", f"{report['tokens_selected']:,}",
                  _repeat(report["tokens_selected"] / report["tokens_available"] if report["tokens_available"] else 0)])
     return rows

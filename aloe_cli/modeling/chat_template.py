@@ -282,8 +282,6 @@ def read_template(value: str) -> str:
     """A `--chat-template` / `chat_template:` value: the template text itself, or a path to a Jinja file."""
     if "{%" in value or "{{" in value:
         return value
-    path = Path(value).expanduser()
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise AloeError(f"cannot read chat template {value}: {exc.strerror or exc}") from None
+    from aloe_cli.data.textfile import read_text_file
+
+    return read_text_file(Path(value).expanduser(), "chat template")

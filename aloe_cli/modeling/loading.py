@@ -81,25 +81,32 @@ def check_model_reference(name: str) -> None:
         raise AloeError(f"model folder has no config.json: {name}")
 
 
+_DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_device_name(name: str) -> str:
+    """`--device` spelled right (no torch import): auto, cpu, cuda or cuda:N. Whether the device exists is
+    `resolve_device`'s question."""
+    normal = (name or "auto").strip().lower()
+    if not _DEVICE_NAME.match(normal):
+        raise AloeError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return normal
+
+
 def resolve_device(name: str):
     import torch
 
-    name = (name or "auto").strip().lower()
+    name = check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise AloeError(f"--device {name}: no CUDA device is available on this machine")
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise AloeError(f"--device {name}: not a valid device") from None
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise AloeError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        return device
-    raise AloeError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if not torch.cuda.is_available():  # cuda or cuda:N
+        raise AloeError(f"--device {name}: no CUDA device is available on this machine")
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise AloeError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
 
 
 def resolve_dtype(name: str, device):
@@ -187,5 +194,5 @@ def load_model(spec: ModelSpec) -> LoadedModel:
                        attn_implementation=attn)
 
 
-__all__ = ["DEVICES", "DTYPES", "LoadedModel", "ModelSpec", "check_model_reference", "load_model",
+__all__ = ["DEVICES", "DTYPES", "LoadedModel", "ModelSpec", "check_device_name", "check_model_reference", "load_model",
            "load_processor", "resolve_attn_implementation", "resolve_device", "resolve_dtype"]

@@ -21,7 +21,6 @@ data). Every choice draws from a generator seeded by (seed, record id, kind).
 
 from __future__ import annotations
 
-import base64
 import copy
 import os
 import random
@@ -38,7 +37,7 @@ from aloe_cli.data.grounding import (
     record_regions,
     replace_boxes,
 )
-from aloe_cli.data.images import is_dicom_bytes, load_image
+from aloe_cli.data.images import is_embedded_dicom, load_image
 from aloe_cli.data.records import text_of
 from aloe_cli.errors import RecordError
 from aloe_cli.perturb import render
@@ -59,7 +58,6 @@ KINDS = ("cap", "pmt", "syc", "leg", "region")
 GROUNDING_CANVAS = (1000, 1000)
 _GROUNDING_GAP = 20  # grounding units kept between a moved box and any true box
 _MIN_GROUNDING_SIDE = 10
-_DICOM_SNIFF_CHARS = 200  # base64 characters that cover the DICOM magic at byte 128
 
 
 def perturb_record(record: dict, kind: str, wrong_answer: str, *, image_root: str | os.PathLike | None = None,
@@ -210,21 +208,5 @@ def _reencode_embedded_dicom(record: dict, image_root) -> None:
     """Embedded DICOM data carries its header; the copy gets the rendered pixels as PNG instead."""
     images = record.get("images") or []
     for i, entry in enumerate(images):
-        if _embedded_dicom(entry):
+        if is_embedded_dicom(entry):
             images[i] = render.png_data_uri(load_image(entry, image_root))
-
-
-def _embedded_dicom(entry: Any) -> bool:
-    if isinstance(entry, dict):
-        entry = entry.get("bytes")
-    if isinstance(entry, (bytes, bytearray, memoryview)):
-        return is_dicom_bytes(bytes(entry))
-    if isinstance(entry, str) and entry.startswith("data:"):
-        header, _, payload = entry.partition(",")
-        if "dicom" in header.lower():
-            return True
-        try:
-            return is_dicom_bytes(base64.b64decode(payload[:_DICOM_SNIFF_CHARS]))
-        except ValueError:
-            return False
-    return False

@@ -13,7 +13,6 @@ with text in the opposite shade of the box.
 
 from __future__ import annotations
 
-import io
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from functools import lru_cache
 
 from PIL import Image, ImageDraw, ImageFont, ImageStat, features
 
-from aloe_cli.data.images import to_data_uri
+from aloe_cli.data.images import png_bytes, to_data_uri
 from aloe_cli.errors import AloeError
 from aloe_cli.perturb.geometry import Box, place_block
 
@@ -223,7 +222,4 @@ def _inclusive(box: Box) -> tuple[int, int, int, int]:
 
 def png_data_uri(image: Image.Image) -> str:
     """The image as a PNG data URI with no metadata at all (no text chunks, EXIF or ICC profile)."""
-    clean = Image.frombytes(image.mode, image.size, image.tobytes())
-    buffer = io.BytesIO()
-    clean.save(buffer, format="PNG")
-    return to_data_uri(buffer.getvalue())
+    return to_data_uri(png_bytes(image))

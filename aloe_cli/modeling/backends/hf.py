@@ -28,6 +28,7 @@ from aloe_cli.modeling.backends import (
     check_image_count,
     indexed,
 )
+from aloe_cli.modeling.encoding import chat_messages, length_sorted_batches
 from aloe_cli.modeling.loading import LoadedModel
 
 # Qwen2-VL turns each 28x28 pixel patch into one token: an estimate of an image's share of the length.
@@ -62,23 +63,23 @@ class HFBackend:
         for index, request in enumerate(requests):
             try:
                 images = self._images(request)
-                text = processor.apply_chat_template(template_messages(request.messages), tokenize=False,
+                text = processor.apply_chat_template(chat_messages(request.messages), tokenize=False,
                                                      add_generation_prompt=True)
             except RecordError as error:
                 on_done(index, Failure(error.reason, error.format()))
                 continue
             except Exception as exc:  # noqa: BLE001 - a template that rejects one chat must not stop the others
-                on_done(index, Failure("encode_failed", f"chat template failed: {type(exc).__name__}: {exc}"))
+                on_done(index, Failure("template_error", "the chat template cannot render this request "
+                                                         f"({type(exc).__name__}: {exc})"))
                 continue
             estimate = len(text) // CHARS_PER_TOKEN + sum(i.width * i.height for i in images) // PIXELS_PER_IMAGE_TOKEN
             ready.append((estimate, index, text, images))
-        ready.sort(key=lambda row: (-row[0], row[1]))  # longest first: an out-of-memory shows up at once
         if params.temperature > 0:
             import torch
 
             torch.manual_seed(params.seed)
-        for start in range(0, len(ready), self.batch_size):
-            chunk = ready[start:start + self.batch_size]
+        for batch in length_sorted_batches([row[0] for row in ready], self.batch_size):
+            chunk = [ready[i] for i in batch]
             for (_, index, _, _), text in zip(chunk, self._generate_batch(chunk, params)):
                 on_done(index, Reply(text))
 
@@ -133,9 +134,4 @@ def decode_replies(tokenizer, rows: list[list[int]], eos_token_id: int | list[in
                                   skip_special_tokens=False)
 
 
-def template_messages(messages: list[dict]) -> list[dict]:
-    """Messages as chat templates take them: role and content only (provenance keys dropped)."""
-    return [{"role": message["role"], "content": message.get("content") or ""} for message in messages]
-
-
-__all__ = ["HFBackend", "template_messages"]
+__all__ = ["HFBackend", "decode_replies"]

@@ -1,0 +1,64 @@
+"""What `aloe train` and `aloe adv-train` share after option parsing: resolve, then dry-run, SLURM or train."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from aloe_cli import console
+from aloe_cli.training.config import TrainConfig, TrainPlan, resolve, world_size
+
+LAUNCH_OPTIONS = ("config", "dry_run", "slurm", "nodes", "gpus_per_node", "launcher", "sbatch")
+
+
+def config_from_options(config_cls: type, options: dict[str, Any]) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls.from_sources(options.get("config"), {k: v for k, v in options.items() if k in names})
+
+
+def print_sbatch(command: str, config_cls: type, config: TrainConfig, options: dict[str, Any]) -> None:
+    """--slurm: check the configuration for the job's world size, then print the script on stdout."""
+    from aloe_cli.training.slurm import SlurmJob, flags_from_values, sbatch_script
+
+    world = options["nodes"] * options["gpus_per_node"]
+    resolve(config, world, command=command)  # a global batch that does not divide fails here, not on the cluster
+    argv = [command]
+    if options.get("config") is not None:
+        argv += ["--config", str(options["config"])]  # relative paths hold: the job runs in this folder (--chdir)
+    argv += flags_from_values(config_cls, {k: v for k, v in options.items() if k not in LAUNCH_OPTIONS})
+    job = SlurmJob(argv=argv, nodes=options["nodes"], gpus_per_node=options["gpus_per_node"],
+                   launcher=options["launcher"], job_name=f"aloe-{command}", sbatch_options=options.get("sbatch") or [])
+    print(sbatch_script(job), end="")
+
+
+def plan_or_exit(command: str, config_cls: type, options: dict[str, Any]) -> TrainPlan | None:
+    """The resolved plan, or None when --slurm / --dry-run already did all there is to do."""
+    config = config_from_options(config_cls, options)
+    if options.get("slurm"):
+        print_sbatch(command, config_cls, config, options)
+        return None
+    plan = resolve(config, world_size(), command=command)
+    if options.get("dry_run"):
+        print(plan.to_yaml(), end="")
+        return None
+    return plan
+
+
+def train_and_report(plan: TrainPlan, items: Callable[[], Iterable]) -> None:
+    from aloe_cli.training.trainer import run_training
+
+    result = run_training(plan, items, log=console.log)
+    if not result.is_main:
+        return
+    records = result.records
+    rows = [["records read", records.get("read", 0)], ["records kept", records.get("kept", 0)],
+            ["records rejected", records.get("rejected", 0)], ["optimizer steps", result.global_step]]
+    rows += [[f"samples skipped ({reason})", n] for reason, n in sorted(result.skipped.items())]
+    console.print_table(f"aloe {plan.command}", ["", "value"], rows)
+    if records.get("reasons"):
+        console.log("  rejected by reason: " + ", ".join(f"{r}={n}" for r, n in sorted(records["reasons"].items())))
+    if result.train_loss is not None:
+        console.log(f"  mean training loss {result.train_loss:.4f}")
+    console.log("  vision guard: text-only micro batches per rank " + str(result.guard_calls))
+    console.log(f"  model, processor, aloe-train.yaml and log.jsonl in {result.output_dir}")

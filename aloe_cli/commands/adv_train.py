@@ -1,0 +1,74 @@
+"""aloe adv-train: stage 2, adversarial robustness, from a stage-1 model with the same optimisation.
+
+Medical records are perturbed (aloe_cli.perturb: cap = a misleading caption
+rendered into the image, pmt = a misleading caption in the prompt, syc = a
+sycophantic user statement pushing a wrong answer, leg = a misleading legend
+rendered into the image, region = a box moved to a wrong area), balanced
+across the chosen perturbations and deterministic for --seed; the target
+answer stays correct. Then SFT continues from --base with exactly the flags,
+defaults and YAML keys of `aloe train`. The perturbed set is written to --emit
+(default <output-dir>/adversarial.jsonl), each record saying which
+perturbation and which wrong answer it carries (aloe.perturb).
+
+Examples:
+
+    # the published stage 2: 17.2 K perturbed samples, from the stage-1 run folder
+    torchrun --nproc-per-node 8 -m aloe_cli adv-train -i medical.jsonl --base runs/stage1 --output-dir runs/stage2
+
+    # look at the perturbed records first (no model is loaded), then train on them as they are
+    aloe adv-train -i medical.jsonl --base runs/stage1 --perturb cap,syc --samples 2000 \\
+        --emit adversarial.jsonl --emit-only
+    aloe adv-train -i adversarial.jsonl --base runs/stage1 --output-dir runs/stage2 --perturb none
+
+    # on SLURM, like aloe train
+    aloe adv-train --config stage2.yaml --slurm --nodes 8 --gpus-per-node 4 > stage2.sbatch
+"""
+
+from __future__ import annotations
+
+from aloe_cli.commands._train_options import launch_parameters, with_config_flags
+from aloe_cli.options import command_app
+from aloe_cli.training.config import AdvTrainConfig
+
+app = command_app()
+
+
+def emit(config: AdvTrainConfig, path: str) -> None:
+    """Perturb the inputs into `path` through the stage runner (one perturbed copy per record, balanced)."""
+    from aloe_cli.commands._common import run_data_command
+    from aloe_cli.data.stage import RunConfig
+    from aloe_cli.training.adversarial import adversarial_stage
+
+    run_data_command(adversarial_stage(config), config.input, image_root=config.image_root, output=path,
+                     rejects=None, report=None, config=RunConfig(on_error=config.on_error))
+
+
+@app.command(name="adv-train", help=__doc__, no_args_is_help=True)
+@with_config_flags(AdvTrainConfig, launch_parameters("adv-train"), exclude=("model",))
+def adv_train(**options) -> None:
+    from pathlib import Path
+
+    from aloe_cli.commands._train_run import plan_or_exit, train_and_report
+    from aloe_cli.data.io import expand_inputs, read_items
+    from aloe_cli.modeling.loading import check_model_reference
+
+    plan = plan_or_exit("adv-train", AdvTrainConfig, options)
+    if plan is None:
+        return
+    config = plan.config
+    config.require("input", "base")
+    check_model_reference(config.base)
+    expand_inputs(config.input)
+    if config.emit_only:
+        emit(config, config.emit)
+        return
+    config.require("output_dir")
+
+    def records():
+        if config.perturb == "none":
+            return read_items(config.input, config.image_root)
+        path = config.emit or str(Path(config.output_dir) / "adversarial.jsonl")
+        emit(config, path)
+        return read_items([path])
+
+    train_and_report(plan, records)

@@ -1,0 +1,114 @@
+"""An sbatch script that runs an `aloe train` / `aloe adv-train` command on N nodes x G GPUs.
+
+One SLURM task per node; `srun` starts the launcher once on every node, and
+the node rank is expanded there (`$SLURM_NODEID`), not when the script is
+written or submitted. The master address is the first host of the job's node
+list. The aloe flags travel as a bash array, so values with spaces or quotes
+arrive unchanged.
+
+    print(sbatch_script(SlurmJob(argv=["train", "-i", "mix.jsonl", ...], nodes=8, gpus_per_node=4)))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aloe_cli.errors import AloeError
+
+LAUNCHERS = ("torchrun", "accelerate")
+
+
+@dataclass
+class SlurmJob:
+    argv: list[str]  # the aloe arguments, starting with the command name
+    nodes: int = 1
+    gpus_per_node: int = 8
+    launcher: str = "torchrun"
+    job_name: str = "aloe-train"
+    sbatch_options: list[str] = field(default_factory=list)  # KEY=VALUE or KEY
+    workdir: Path = field(default_factory=Path.cwd)
+    python: str = field(default_factory=lambda: sys.executable)
+    master_port: int = 29500
+
+
+def _sbatch_line(option: str) -> str:
+    key, sep, value = option.partition("=")
+    key = key.strip().lstrip("-")
+    if not key or any(c.isspace() for c in key):
+        raise AloeError(f"--sbatch {option!r}: expected KEY=VALUE (e.g. partition=gpu) or KEY (e.g. exclusive)")
+    return f"#SBATCH --{key}={value}" if sep else f"#SBATCH --{key}"
+
+
+def _launch(job: SlurmJob) -> str:
+    world = job.nodes * job.gpus_per_node
+    if job.launcher == "torchrun":
+        return ('"$ALOE_PYTHON" -m torch.distributed.run --nnodes "$SLURM_NNODES" '
+                f'--nproc-per-node {job.gpus_per_node} --node-rank "$SLURM_NODEID" '
+                '--master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" -m aloe_cli "$@"')
+    return ('"$ALOE_PYTHON" -m accelerate.commands.launch --multi_gpu --num_machines "$SLURM_NNODES" '
+            f'--num_processes {world} --machine_rank "$SLURM_NODEID" '
+            '--main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" --module aloe_cli "$@"')
+
+
+def sbatch_script(job: SlurmJob) -> str:
+    if job.launcher not in LAUNCHERS:
+        raise AloeError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {job.launcher!r}")
+    custom = [_sbatch_line(option) for option in job.sbatch_options]
+    custom_keys = {line.split("=")[0] for line in custom}
+    defaults = [f"#SBATCH --job-name={job.job_name}", f"#SBATCH --nodes={job.nodes}", "#SBATCH --ntasks-per-node=1",
+                f"#SBATCH --gpus-per-node={job.gpus_per_node}", f"#SBATCH --output={job.job_name}-%j.out",
+                f"#SBATCH --chdir={job.workdir}"]
+    header = [line for line in defaults if line.split("=")[0] not in custom_keys] + custom
+    args = " ".join(shlex.quote(arg) for arg in job.argv)
+    return "\n".join([
+        "#!/bin/bash",
+        f"# aloe {job.argv[0]} on {job.nodes} node(s) x {job.gpus_per_node} GPU(s), one task per node.",
+        "# Submit with: sbatch THIS_FILE",
+        *header,
+        "",
+        "set -euo pipefail",
+        "# The Python environment aloe is installed in (override: ALOE_PYTHON=/path/to/python sbatch ...).",
+        f"ALOE_PYTHON=${{ALOE_PYTHON:-{shlex.quote(job.python)}}}",
+        "# The first host (sed reads every line; `head` would close the pipe early, failing the job under pipefail).",
+        'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
+        f"MASTER_PORT=${{MASTER_PORT:-{job.master_port}}}",
+        "export ALOE_PYTHON MASTER_ADDR MASTER_PORT",
+        f"ALOE_ARGS=({args})",
+        "",
+        "# One launcher per node; $SLURM_NODEID is expanded on each node (single quotes).",
+        "srun --nodes=\"$SLURM_NNODES\" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c \\",
+        f"  'exec {_launch(job)}' \\",
+        '  aloe "${ALOE_ARGS[@]}"',
+        "",
+    ])
+
+
+def flags_from_values(config_cls: type, values: dict[str, Any]) -> list[str]:
+    """The given (non-None) config values as command-line flags, in field order."""
+    argv: list[str] = []
+    for f in dataclasses.fields(config_cls):
+        value = values.get(f.name)
+        if value is None or value == []:
+            continue
+        flag = f"--{f.name.replace('_', '-')}"
+        if isinstance(value, bool):
+            spelled = (f.metadata.get("flags") or (flag,))[0]
+            positive, _, negative = spelled.partition("/")
+            if value:
+                argv.append(positive)
+            elif negative:
+                argv.append(negative)
+        elif isinstance(value, list):
+            for entry in value:
+                argv += [flag, str(entry)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+__all__ = ["LAUNCHERS", "SlurmJob", "flags_from_values", "sbatch_script"]

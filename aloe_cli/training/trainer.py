@@ -1,0 +1,418 @@
+"""Run one SFT stage on TRL's SFTTrainer: data once into a memory-mapped dataset, then TRL's own loop.
+
+    result = run_training(plan, items)   # items: the records to learn from (an iterable of data.io.Item)
+
+What this adds around `SFTTrainer` (nothing of its loop is re-implemented):
+- the distributed state: on a machine without CUDA, DeepSpeed runs on gloo
+  (the state is created before SFTConfig, which then uses it as configured);
+- the data path: the global main process reads the records once into
+  `<output_dir>/dataset/train.arrow`, every rank memory-maps it, and the
+  collator (`training.collator`) decodes images lazily;
+- the chat template that defines the loss, set on the processor before the
+  trainer sees it (TRL never swaps it), and the processor's pixel limits;
+- the vision guard (`training.guard`) for text-only micro batches under ZeRO-3;
+- `log.jsonl` (step, loss, lr, tokens/s, skipped samples), `aloe-train.yaml`,
+  the final model + processor in `output_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aloe_cli.data.io import Item
+from aloe_cli.errors import AloeError, first_line
+from aloe_cli.training.config import CONFIG_FILE, TrainPlan
+
+LOG_FILE = "log.jsonl"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    records: dict[str, Any]  # the ingestion counts: read, kept, rejected, reasons
+    global_step: int = 0
+    train_loss: float | None = None
+    skipped: dict[str, int] = field(default_factory=dict)
+    guard_calls: list[int] = field(default_factory=list)  # text-only micro batches the vision guard covered, per rank
+    resumed_from: str | None = None
+    is_main: bool = True
+
+
+def write_plan(plan: TrainPlan, output_dir: Path) -> Path:
+    """`aloe-train.yaml`: the resolved configuration, written atomically."""
+    path = output_dir / CONFIG_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(plan.to_yaml(), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- distributed state
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def init_distributed(plan: TrainPlan) -> tuple[Any, bool]:
+    """The accelerate state, and whether SFTConfig must use it as configured (DeepSpeed on CPU, gloo)."""
+    import torch
+    from accelerate import PartialState
+
+    if plan.deepspeed is None or torch.cuda.is_available():
+        return None, False
+    # DeepSpeed without CUDA: a gloo process group, also for a single process started without a launcher.
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(_free_port())})
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    # `accelerate launch --cpu` asks for a CPU run, which DeepSpeed on gloo is; its flag would turn DeepSpeed off.
+    os.environ.pop("ACCELERATE_USE_CPU", None)
+    return PartialState(backend="gloo"), True
+
+
+# ----------------------------------------------------------------------------- model and processor
+
+def prepare_processor(plan: TrainPlan):
+    """The processor with the training chat template (generation markers) and the pixel limits set."""
+    from aloe_cli.modeling.chat_template import apply_training_chat_template
+    from aloe_cli.modeling.loading import ModelSpec, load_processor
+
+    config = plan.config
+    processor = load_processor(ModelSpec(config.model, trust_remote_code=config.trust_remote_code))
+    if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+        raise AloeError(f"{config.model}: not a vision-language processor (no image processor or tokenizer)")
+    try:  # set before the trainer sees the processor, so TRL finds the markers and never swaps templates
+        apply_training_chat_template(processor)
+    except AloeError as error:
+        raise AloeError(f"--model {config.model}: {error}") from None
+    if config.min_pixels or config.max_pixels:
+        size = dict(processor.image_processor.size or {})
+        if config.min_pixels:
+            size["shortest_edge"] = config.min_pixels
+        if config.max_pixels:
+            size["longest_edge"] = config.max_pixels
+        processor.image_processor.size = {key: value for key, value in size.items() if value is not None}
+    return processor
+
+
+def load_training_model(plan: TrainPlan, weights: str | None = None):
+    """AutoModelForImageTextToText for training (after SFTConfig, so ZeRO-3 partitions it while loading).
+
+    `weights`: a checkpoint folder to take the weights from instead of the model (resuming without DeepSpeed).
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from aloe_cli.modeling.loading import resolve_attn_implementation
+
+    config = plan.config
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+    # DeepSpeed keeps fp32 master weights itself; without it, autocast needs fp32 weights.
+    dtype = half if (half is not None and plan.deepspeed is not None) else torch.float32
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    attn = resolve_attn_implementation(config.attn_implementation, device, half or torch.float32)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            weights or config.model, dtype=dtype, attn_implementation=attn, trust_remote_code=config.trust_remote_code)
+    except Exception as exc:  # transformers raises many types for a bad checkpoint
+        raise AloeError(f"cannot load model {config.model}: {first_line(exc)}") from None
+    model.config.use_cache = False
+    return model
+
+
+def describe_model(model) -> str:
+    """Weights dtype, attention implementation and trainable parameters (ZeRO-3 partitions count in full)."""
+    def size(parameter) -> int:
+        return getattr(parameter, "ds_numel", None) or parameter.numel()
+
+    parameters = list(model.parameters())
+    total = sum(size(p) for p in parameters)
+    trainable = sum(size(p) for p in parameters if p.requires_grad)
+    dtype = str(parameters[0].dtype).replace("torch.", "")
+    attention = getattr(model.config, "_attn_implementation", None) or "default"
+    return (f"{dtype} weights, {attention} attention, {trainable:,} of {total:,} parameters trained")
+
+
+def freeze(model, *, vision: bool, projector: bool) -> None:
+    """--freeze-vision: the vision encoder; --freeze-projector: the patch merger that feeds the language model."""
+    from aloe_cli.training.guard import vision_core
+
+    visual = vision_core(model).visual
+    merger = getattr(visual, "merger", None)
+    merger_params = {id(p) for p in merger.parameters()} if merger is not None else set()
+    for parameter in visual.parameters():
+        is_projector = id(parameter) in merger_params
+        if (vision and not is_projector) or (projector and is_projector):
+            parameter.requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- trainer pieces
+
+def _trainer_class():
+    from trl import SFTTrainer
+
+    from aloe_cli.training.collator import SKIPPED_KEY
+
+    class AloeSFTTrainer(SFTTrainer):
+        """SFTTrainer, plus the collator's skip counts summed over ranks into every log."""
+
+        skipped: Counter
+        weights_from: str | None = None  # the checkpoint the model was loaded from, if any
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            # transformers#43701: this loads a checkpoint's state dict without the key conversion that
+            # from_pretrained applies to Qwen2-VL (saved as model.layers.*, built as model.language_model.*), so
+            # nothing would load. The model was loaded from the checkpoint with from_pretrained instead.
+            if resume_from_checkpoint != self.weights_from:
+                super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            counts = inputs.pop(SKIPPED_KEY, None)
+            if counts:
+                self.skipped.update(counts)
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            # Every rank logs at the same step, so the sum over ranks is one collective.
+            for reason, total in _sum_over_ranks(self.accelerator, self.skipped).items():
+                logs[f"skipped_{reason}"] = total
+            super().log(logs, start_time)
+
+    return AloeSFTTrainer
+
+
+# The collator's skip reasons; the counts are summed over ranks as one fixed-shape tensor.
+SKIP_REASONS = ("too_long", "no_loss_tokens", "template_error", "image_missing", "image_corrupt", "image_truncated",
+                "image_too_large", "image_invalid", "other")
+
+
+def _sum_over_ranks(accelerator, counts: Counter) -> dict[str, int]:
+    import torch
+
+    local = [counts.get(name, 0) for name in SKIP_REASONS[:-1]]
+    local.append(sum(n for name, n in counts.items() if name not in SKIP_REASONS))
+    values = torch.tensor(local, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values, reduction="sum")
+    return {name: int(value) for name, value in zip(SKIP_REASONS, values.tolist()) if value}
+
+
+def _log_callback(path: Path, log: Callable[[str], None]):
+    from transformers import TrainerCallback
+
+    class JsonlLog(TrainerCallback):
+        """log.jsonl on the main process: one line per logging step (and the closing summary)."""
+
+        def __init__(self):
+            self.last_time: float | None = None
+            self.last_tokens: float | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last_time = time.perf_counter()
+            self.last_tokens = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            now = time.perf_counter()
+            line: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+            tokens = logs.get("num_tokens")
+            if "loss" in logs:
+                line["loss"] = logs["loss"]
+                line["lr"] = logs.get("learning_rate")
+                if tokens is not None and self.last_tokens is not None and now > self.last_time:
+                    line["tokens_per_s"] = round((tokens - self.last_tokens) / (now - self.last_time), 1)
+            line.update({key: value for key, value in logs.items()
+                         if key not in ("loss", "learning_rate", "epoch")})
+            if tokens is not None:
+                self.last_tokens, self.last_time = tokens, now
+            with path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(line) + "\n")
+            if "loss" in line:
+                rate = f", {line['tokens_per_s']:.0f} tokens/s" if "tokens_per_s" in line else ""
+                log(f"step {state.global_step}/{state.max_steps}: loss {line['loss']:.4f}, "
+                    f"lr {line['lr']:.3g}{rate}")
+
+    return JsonlLog()
+
+
+def _current_names(config_cls, kwargs: dict) -> dict:
+    """transformers >= 5.2x renamed gradient_checkpointing to activation_checkpointing (the old names warn)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    if "activation_checkpointing" not in names:
+        return kwargs
+    renamed = dict(kwargs)
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if old in renamed and new in names:
+            renamed[new] = renamed.pop(old)
+    return renamed
+
+
+def _worker_error(error: AloeError) -> AloeError:
+    """An AloeError re-raised by a data-loader worker carries the worker's traceback: keep the message only."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[-1].startswith("aloe_cli.errors.AloeError: "):
+        return AloeError(lines[-1].removeprefix("aloe_cli.errors.AloeError: "))
+    return error
+
+
+@contextmanager
+def stdout_to_stderr():
+    """Training writes no data: whatever the libraries print (DeepSpeed logs, compiler output) goes to stderr."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+# ----------------------------------------------------------------------------- the run
+
+def last_checkpoint(output_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+
+
+def run_training(plan: TrainPlan, items: Callable[[], Iterable[Item]], *,
+                 log: Callable[[str], None] = lambda message: None) -> TrainResult:
+    """Train `plan.config.model` on the records `items()` yields; everything lands in `plan.config.output_dir`."""
+    config = plan.config
+    output_dir = Path(config.output_dir)
+    with stdout_to_stderr():
+        try:
+            return _run(plan, items, output_dir, log)
+        except AloeError as error:
+            raise _worker_error(error) from None
+
+
+def preflight(plan: TrainPlan) -> None:
+    """Options that need a package or a known name fail here, in one line, before anything is read or loaded."""
+    import importlib.util
+
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    if plan.config.use_liger and importlib.util.find_spec("liger_kernel") is None:
+        raise AloeError("--use-liger needs the liger-kernel package (pip install liger-kernel)")
+    for name in plan.sft_config_kwargs()["report_to"]:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise AloeError(f"--report-to {name}: unknown (known: {', '.join(sorted(INTEGRATION_TO_CALLBACK))}, none)")
+        if name not in get_available_reporting_integrations():
+            raise AloeError(f"--report-to {name}: its package is not installed")
+
+
+def _quiet_libraries() -> None:
+    """No per-shard progress bars (our log lines say what happens) and no warnings DeepSpeed triggers every step."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+
+def _run(plan: TrainPlan, items, output_dir: Path, log) -> TrainResult:
+    import torch
+    from trl import SFTConfig
+
+    from aloe_cli.training.collator import TrainingCollator
+    from aloe_cli.training.data import build_dataset, load_dataset
+    from aloe_cli.training.guard import VisionGuard
+
+    _quiet_libraries()
+    preflight(plan)
+    config = plan.config
+    resume_from = None
+    if config.resume:
+        resume_from = last_checkpoint(output_dir)
+        if resume_from is None:
+            raise AloeError(f"--resume: no checkpoint-* folder in {output_dir}")
+    state, configured = init_distributed(plan)
+    from accelerate import PartialState
+
+    state = state or PartialState()
+    processor = prepare_processor(plan)  # before the data: a bad model folder fails in seconds
+
+    records: dict[str, Any] = {}
+    with state.main_process_first():
+        if state.is_main_process:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            write_plan(plan, output_dir)
+            if not resume_from:  # a new run starts a new log; a resumed one continues it
+                (output_dir / LOG_FILE).unlink(missing_ok=True)
+            summary = build_dataset(items(), output_dir, on_error=config.on_error)
+            records = {"read": summary.read, "kept": summary.kept, "rejected": summary.rejected,
+                       "reasons": dict(summary.reasons)}
+            log(f"aloe {plan.command}: {summary.kept} training record(s) of {summary.read} read"
+                + (f" ({', '.join(f'{k}={v}' for k, v in sorted(summary.reasons.items()))} rejected)"
+                   if summary.rejected else ""))
+    dataset = load_dataset(output_dir)
+
+    kwargs = plan.sft_config_kwargs()
+    if configured:
+        kwargs["accelerator_config"] = {"use_configured_state": True}
+    if not torch.cuda.is_available():
+        kwargs["use_cpu"] = plan.deepspeed is None
+        kwargs["dataloader_pin_memory"] = False
+    args = SFTConfig(**_current_names(SFTConfig, kwargs))
+
+    # Without DeepSpeed the Trainer cannot restore Qwen2-VL weights itself (see AloeSFTTrainer); DeepSpeed restores
+    # its own per-rank states.
+    weights_from = resume_from if resume_from and plan.deepspeed is None else None
+    model = load_training_model(plan, weights_from)
+    if config.freeze_vision or config.freeze_projector:
+        freeze(model, vision=config.freeze_vision, projector=config.freeze_projector)
+    if state.is_main_process:
+        log(f"aloe {plan.command}: {describe_model(model)}")
+    guard = VisionGuard(model).install()
+    collator = TrainingCollator(processor, max_length=config.max_length, truncate_text=config.truncate == "text",
+                                on_error=config.on_error, dataset=dataset)
+
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer = _trainer_class()(model=model, args=args, data_collator=collator, train_dataset=dataset,
+                               processing_class=processor,
+                               callbacks=[_log_callback(output_dir / LOG_FILE, log)])
+    trainer.skipped = Counter()
+    trainer.weights_from = weights_from
+    for callback in (PrinterCallback, ProgressCallback):  # they print to stdout; our callback logs to stderr
+        trainer.remove_callback(callback)
+    if resume_from and state.is_main_process:
+        log(f"aloe {plan.command}: resuming from {resume_from}")
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_model(str(output_dir))
+    if trainer.accelerator.is_main_process:
+        processor.save_pretrained(str(output_dir))
+    trainer.accelerator.wait_for_everyone()
+    skipped = _sum_over_ranks(trainer.accelerator, trainer.skipped)
+    guard_calls = trainer.accelerator.gather(torch.tensor([guard.calls], device=trainer.accelerator.device))
+    guard.remove()
+    return TrainResult(output_dir=output_dir, records=records, global_step=trainer.state.global_step,
+                       train_loss=output.training_loss, skipped=skipped, guard_calls=guard_calls.tolist(),
+                       resumed_from=resume_from, is_main=trainer.accelerator.is_main_process)
+
+
+__all__ = ["LOG_FILE", "TrainResult", "freeze", "last_checkpoint", "run_training", "write_plan"]

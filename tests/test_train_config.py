@@ -1,0 +1,240 @@
+"""aloe train's configuration: flags and YAML, the published defaults, world-size resolution, the SLURM script."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aloe_cli.errors import AloeError
+from aloe_cli.training.config import TrainConfig, resolve
+from support import ROOT, aloe
+
+MODEL = "Qwen/Qwen2-VL-7B-Instruct"
+
+
+def dry_run(*args: str, world: int | None = 32, **kwargs) -> subprocess.CompletedProcess:
+    env = {"WORLD_SIZE": str(world)} if world is not None else {}
+    return aloe("train", "-i", "mixture.jsonl", "--model", MODEL, "--output-dir", "runs/stage1", "--dry-run", *args,
+                env=env, **kwargs)
+
+
+def test_dry_run_resolves_the_published_recipe_for_32_ranks():
+    proc = dry_run()
+    assert proc.returncode == 0, proc.stderr
+    resolved = yaml.safe_load(proc.stdout)
+    sft = resolved["sft_config"]
+    assert resolved["world_size"] == 32 and resolved["effective_global_batch_size"] == 1024
+    assert sft["gradient_accumulation_steps"] == 2  # 1024 / (16 x 32)
+    assert sft["per_device_train_batch_size"] == 16
+    assert sft["learning_rate"] == pytest.approx(3.75e-5)
+    assert sft["lr_scheduler_type"] == "cosine" and sft["warmup_steps"] == pytest.approx(0.03)
+    assert sft["num_train_epochs"] == 1 and sft["max_length"] == 4096 and sft["optim"] == "adamw_torch"
+    assert sft["bf16"] is True and sft["fp16"] is False and sft["gradient_checkpointing"] is True
+    assert sft["assistant_only_loss"] is True
+    ds = resolved["deepspeed"]
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
+        16, 2, 1024)
+    assert ds["bf16"]["enabled"] is True
+    assert resolved["aloe"]["model"] == MODEL
+
+
+def test_dry_run_does_not_import_torch():
+    probe = ("import sys; sys.argv = ['aloe', 'train', '--model', 'm', '--dry-run']\n"
+             "from aloe_cli.app import main\n"
+             "try:\n    main()\nexcept SystemExit:\n    pass\n"
+             "heavy = sorted({n.split('.')[0] for n in sys.modules} & {'torch', 'transformers', 'deepspeed', 'trl'})\n"
+             "sys.stderr.write(f'heavy imports: {heavy}\\n')\n")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "8"})
+    assert proc.returncode == 0, proc.stderr
+    assert "gradient_accumulation_steps: 8" in proc.stdout
+    assert "heavy imports: []" in proc.stderr
+
+
+def test_a_global_batch_that_does_not_divide_is_a_one_line_error():
+    proc = dry_run(world=24)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "aloe: error: --global-batch-size 1024 is not a multiple of --micro-batch-size 16 x world size 24 = 384"]
+    assert proc.stdout == ""
+
+
+def test_world_size_defaults_to_one():
+    proc = dry_run(world=None)  # the test environment has no launcher
+    assert proc.returncode == 0, proc.stderr
+    resolved = yaml.safe_load(proc.stdout)
+    assert resolved["world_size"] == 1 and resolved["sft_config"]["gradient_accumulation_steps"] == 64
+
+
+def test_flags_override_the_yaml_and_yaml_overrides_the_defaults(tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text("learning_rate: 1e-5\nmicro_batch_size: 8\nprecision: fp32\ngradient_checkpointing: false\n"
+                      "deepspeed: zero2\ninput: [a.jsonl, b.jsonl]\n")
+    proc = dry_run("--config", str(config), "--micro-batch-size", "4", world=2)
+    assert proc.returncode == 0, proc.stderr
+    resolved = yaml.safe_load(proc.stdout)
+    sft = resolved["sft_config"]
+    assert sft["learning_rate"] == pytest.approx(1e-5)  # from the YAML (a string there: no dot in 1e-5)
+    assert sft["per_device_train_batch_size"] == 4  # the flag wins
+    assert sft["gradient_accumulation_steps"] == 128  # 1024 / (4 x 2)
+    assert sft["bf16"] is False and sft["gradient_checkpointing"] is False
+    assert resolved["deepspeed"]["zero_optimization"]["stage"] == 2
+    assert resolved["aloe"]["input"] == ["mixture.jsonl"]  # -i given on the command line replaces the YAML list
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("lr: 1e-5\n", "unknown key 'lr'"),
+    ("micro_batch_size: many\n", "key 'micro_batch_size' must be int"),
+    ("- a\n- b\n", "must be a mapping"),
+    ("epochs: [1\n", "not valid YAML"),
+])
+def test_bad_config_files_are_one_line_errors(tmp_path, content, message):
+    config = tmp_path / "train.yaml"
+    config.write_text(content)
+    proc = dry_run("--config", str(config))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("aloe: error: ") and message in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--micro-batch-size", "0"), "--micro-batch-size must be at least 1, got 0"),
+    (("--precision", "fp8"), "--precision must be one of bf16, fp16, fp32"),
+    (("--truncate", "images"), "--truncate must be one of none, text"),
+    (("--warmup-ratio", "3"), "--warmup-ratio is a fraction"),
+    (("--deepspeed", "zero9"), "no such file: zero9"),
+    (("--lr-scheduler", "cosine_annealing"), "--lr-scheduler must be one of"),
+])
+def test_bad_flag_values_are_one_line_errors(args, message):
+    proc = dry_run(*args)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_a_deepspeed_file_gets_its_auto_values_filled_and_a_conflict_is_an_error(tmp_path):
+    good = tmp_path / "ds.json"
+    good.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
+                                "bf16": {"enabled": "auto"}}))
+    proc = dry_run("--deepspeed", str(good), world=8)
+    assert proc.returncode == 0, proc.stderr
+    ds = yaml.safe_load(proc.stdout)["deepspeed"]
+    assert ds["train_micro_batch_size_per_gpu"] == 16 and ds["gradient_accumulation_steps"] == 8
+    assert ds["train_batch_size"] == 1024 and ds["bf16"]["enabled"] is True
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
+    proc = dry_run("--deepspeed", str(bad))
+    assert proc.returncode == 1
+    assert "train_micro_batch_size_per_gpu is 4 but the training flags give 16" in proc.stderr
+
+
+def test_no_deepspeed_resolves_without_a_deepspeed_section():
+    proc = dry_run("--deepspeed", "none")
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(proc.stdout)["deepspeed"] is None
+
+
+def test_the_deepspeed_launchers_local_rank_argument_is_accepted():
+    # `deepspeed --module aloe_cli train ...` runs `python -m aloe_cli --local_rank=N train ...`
+    proc = aloe("--local_rank=3", "train", "--model", MODEL, "--dry-run", env={"WORLD_SIZE": "4"})
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(proc.stdout)["world_size"] == 4
+
+
+def test_resolve_in_python_matches_the_cli():
+    plan = resolve(TrainConfig(model="m"), 32)
+    assert plan.gradient_accumulation_steps == 2 and plan.effective_global_batch_size == 1024
+    with pytest.raises(AloeError, match="world size 24"):
+        resolve(TrainConfig(model="m"), 24)
+
+
+# ----------------------------------------------------------------------------- SLURM
+
+STUBS = {
+    # srun runs its command once per node, as SLURM does with one task per node.
+    "srun": '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
+            'for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node "$@" || exit 1; done\n',
+    # A long host list: a script that stops reading after the first line must not die of SIGPIPE under pipefail.
+    "scontrol": '#!/bin/bash\n[[ "$1 $2" == "show hostnames" ]] || exit 2\nseq -f "gpu-node-%02g" 7 50006\n',
+    # Stands in for the Python that would start torchrun: records what each node would run.
+    # One line per call, every argument in brackets so that word splitting would show.
+    "python-stub": '#!/bin/bash\n'
+                   '{ printf "node=%s argv=" "$SLURM_NODEID"; printf "[%s]" "$@"; echo; } >> "$STUB_LOG"\n',
+}
+
+
+def install_stubs(folder: Path) -> Path:
+    folder.mkdir()
+    for name, body in STUBS.items():
+        path = folder / name
+        path.write_text(body)
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return folder
+
+
+def slurm_script(tmp_path, *args: str) -> str:
+    proc = aloe("train", "-i", "mix ture.jsonl", "--model", MODEL, "--output-dir", "runs/stage1", "--slurm",
+                "--nodes", "8", "--gpus-per-node", "4", "--learning-rate", "2e-5", "--no-gradient-checkpointing",
+                *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("#!/bin/bash")
+    return proc.stdout
+
+
+def run_with_stubs(tmp_path, script: str) -> list[str]:
+    stubs = install_stubs(tmp_path / "bin")
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    log = tmp_path / "calls.log"
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_NNODES": "8",
+           "SLURM_JOB_NODELIST": "gpu-node-[07-14]", "ALOE_PYTHON": str(stubs / "python-stub"), "STUB_LOG": str(log)}
+    proc = subprocess.run(["bash", str(path)], capture_output=True, text=True, env=env, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return log.read_text().splitlines()
+
+
+def test_the_sbatch_script_runs_torchrun_once_per_node_with_the_node_rank_expanded_there(tmp_path):
+    script = slurm_script(tmp_path, "--sbatch", "partition=gpu", "--sbatch", "time=48:00:00")
+    for line in ("#SBATCH --nodes=8", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=48:00:00", f"#SBATCH --chdir={tmp_path}"):
+        assert line in script.splitlines()
+    calls = run_with_stubs(tmp_path, script)
+    assert len(calls) == 8
+    for node, call in enumerate(calls):
+        assert call.startswith(f"node={node} argv=[-m][torch.distributed.run][--nnodes][8][--nproc-per-node][4]"
+                               f"[--node-rank][{node}][--master-addr][gpu-node-07][--master-port][29500]"
+                               "[-m][aloe_cli][train]")
+        # the same flags, passed through (a path with a space arrives as one argument)
+        assert call.endswith("[train][--input][mix ture.jsonl][--model][Qwen/Qwen2-VL-7B-Instruct]"
+                             "[--output-dir][runs/stage1][--learning-rate][2e-05][--no-gradient-checkpointing]")
+
+
+def test_the_sbatch_script_can_use_accelerate_launch(tmp_path):
+    calls = run_with_stubs(tmp_path, slurm_script(tmp_path, "--launcher", "accelerate"))
+    assert calls[3].startswith("node=3 argv=[-m][accelerate.commands.launch][--multi_gpu][--num_machines][8]"
+                               "[--num_processes][32][--machine_rank][3][--main_process_ip][gpu-node-07]")
+    assert "[--module][aloe_cli][train][--input][mix ture.jsonl]" in calls[3]
+
+
+def test_slurm_checks_the_global_batch_against_the_jobs_world_size(tmp_path):
+    proc = aloe("train", "--model", MODEL, "--slurm", "--nodes", "8", "--gpus-per-node", "3", cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "world size 24 = 384" in proc.stderr
+
+
+def test_shipped_example_scripts_are_valid_bash():
+    examples = sorted((ROOT / "examples" / "slurm").glob("*.sbatch"))
+    assert examples
+    for path in examples:
+        proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert proc.returncode == 0, (path, proc.stderr)
