@@ -324,6 +324,18 @@ def preflight(plan: TrainPlan) -> None:
             raise AloeError(f"--report-to {name}: unknown (known: {', '.join(sorted(INTEGRATION_TO_CALLBACK))}, none)")
         if name not in get_available_reporting_integrations():
             raise AloeError(f"--report-to {name}: its package is not installed")
+    _check_precision(plan)
+
+
+def _check_precision(plan: TrainPlan) -> None:
+    """Half precision under DeepSpeed needs a GPU (without DeepSpeed, bf16 also runs on the CPU): say so in one
+    line before anything is read, not in the Trainer's traceback after the records were."""
+    import torch
+
+    precision = plan.config.precision
+    if precision != "fp32" and plan.deepspeed is not None and not torch.cuda.is_available():
+        raise AloeError(f"--precision {precision} with --deepspeed {plan.config.deepspeed} needs a GPU and none is "
+                        "visible: use --precision fp32 (or --deepspeed none)")
 
 
 def _cap_dataloader_workers(config, log: Callable[[str], None]) -> None:
@@ -351,8 +363,9 @@ def _run(plan: TrainPlan, items, output_dir: Path, log) -> TrainResult:
     import torch
     from trl import SFTConfig
 
+    from aloe_cli.data.writing import folders_made
     from aloe_cli.training.collator import TrainingCollator
-    from aloe_cli.training.data import build_dataset, load_dataset
+    from aloe_cli.training.data import build_dataset, dataset_path, load_dataset
     from aloe_cli.training.guard import VisionGuard
 
     _quiet_libraries()
@@ -373,11 +386,16 @@ def _run(plan: TrainPlan, items, output_dir: Path, log) -> TrainResult:
     records: dict[str, Any] = {}
     with state.main_process_first():
         if state.is_main_process:
-            output_dir.mkdir(parents=True, exist_ok=True)
+            if resume_from:  # what a run stopped mid-save left: never resumed from, and in the way of the next save
+                for folder in remove_incomplete(output_dir):
+                    log(f"aloe {plan.command}: removed the incomplete checkpoint {folder} (its save never finished)")
+            # Records that stop the run (--on-error fail, none trainable) leave no run folder it made behind.
+            with folders_made() as make:
+                make(dataset_path(output_dir).parent)
+                summary = build_dataset(items(), output_dir, on_error=config.on_error)
             write_plan(plan, output_dir)
             if not resume_from:  # a new run starts a new log; a resumed one continues it
                 (output_dir / LOG_FILE).unlink(missing_ok=True)
-            summary = build_dataset(items(), output_dir, on_error=config.on_error)
             records = {"read": summary.read, "kept": summary.kept, "rejected": summary.rejected,
                        "reasons": dict(summary.reasons)}
             log(f"aloe {plan.command}: {summary.kept} training record(s) of {summary.read} read"
