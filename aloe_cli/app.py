@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from aloe_cli import __version__
-from aloe_cli.errors import AloeError, OutputClosed, Terminated
+from aloe_cli.errors import AloeError, OutputClosed, Terminated, UsageError
 
 # name -> (module under aloe_cli.commands, one-line help shown by `aloe --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -93,19 +93,25 @@ def main(argv: list[str] | None = None) -> None:
             app(args=argv, prog_name="aloe")
         finally:
             _flush_stdout()  # a closed pipe or a full device surfaces here, not at interpreter shutdown
+    except UsageError as error:  # found after option parsing (e.g. in a --config file's flags): typer's form
+        _traceback_if_debugging(error)
+        print(f"Error: Invalid value for {error.option}: {error}", file=sys.stderr)
+        _detach_stdout()
+        sys.exit(2)
     except AloeError as error:
         _fail(error, str(error))
     except (OutputClosed, BrokenPipeError):
         _quiet_closed_pipe()
     except Terminated as terminated:
         _traceback_if_debugging(terminated)
-        print(f"aloe: terminated by {signal.Signals(terminated.signum).name}; nothing was written "
-              "(temporary files removed)", file=sys.stderr)
+        outcome = terminated.outcome or "nothing was written (temporary files removed)"
+        print(f"aloe: terminated by {signal.Signals(terminated.signum).name}; {outcome}", file=sys.stderr)
         _detach_stdout()
         sys.exit(128 + terminated.signum)
     except KeyboardInterrupt as interrupt:
         _traceback_if_debugging(interrupt)
-        print("aloe: interrupted", file=sys.stderr)
+        outcome = getattr(interrupt, "outcome", None)
+        print("aloe: interrupted" + (f"; {outcome}" if outcome else ""), file=sys.stderr)
         sys.exit(130)
     except OSError as error:  # an I/O failure no command foresaw (a full disk, a vanished folder): one line
         where = f": {error.filename}" if error.filename else ""

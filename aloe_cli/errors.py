@@ -13,6 +13,16 @@ class AloeError(Exception):
     """A mistake in the user's input, options or environment."""
 
 
+class UsageError(AloeError):
+    """An option value no run can use, found by the core rather than while the options were parsed:
+    a usage error (exit 2), printed like typer's own as `Error: Invalid value for OPTION: MESSAGE`.
+    The message reads on from the option's name."""
+
+    def __init__(self, message: str, option: str):
+        super().__init__(message)
+        self.option = option
+
+
 class RecordError(AloeError):
     """One record cannot be processed.
 
@@ -58,6 +68,9 @@ class Terminated(BaseException):
     def __init__(self, signum: int):
         super().__init__(signum)
         self.signum = signum
+        # What the run leaves behind, when it is more than nothing (set by the code that unwinds, e.g. the
+        # checkpoints a training run keeps); app.main prints it after the signal's name.
+        self.outcome: str | None = None
 
 
 def first_line(exc: BaseException) -> str:

@@ -24,6 +24,15 @@ def finite(value: float | None) -> float | None:
     return value
 
 
+def not_empty(value):
+    """Callback for text options (and lists of them): an empty or blank value is a usage error, never "the
+    current folder" or "no value"."""
+    values = value if isinstance(value, list) else [value]
+    if any(item is not None and not str(item).strip() for item in values):
+        raise typer.BadParameter("is empty")
+    return value
+
+
 def _check_shard(value: str | None) -> str | None:
     if value is None:
         return None
@@ -57,11 +66,13 @@ class OnError(str, Enum):
 
 InputOpt = Annotated[
     list[str] | None,
-    typer.Option("-i", "--input", help="Input file(s) or globs (JSONL[.gz], parquet, dataset folder, VLMEvalKit TSV). "
-                 "Repeatable. Default: stdin."),
+    typer.Option("-i", "--input", callback=not_empty,
+                 help="Input file(s) or globs (JSONL[.gz], parquet, dataset folder, VLMEvalKit TSV). Repeatable. "
+                 "Default: stdin."),
 ]
 OutputOpt = Annotated[
-    str, typer.Option("-o", "--output", help="Output file (.jsonl, .jsonl.gz, .parquet). Default: stdout.")
+    str, typer.Option("-o", "--output", callback=not_empty,
+                      help="Output file (.jsonl, .jsonl.gz, .parquet). Default: stdout.")
 ]
 RejectsOpt = Annotated[
     Path | None, typer.Option("--rejects", help="Write dropped records here, each with aloe.reject = {stage, reason}.")
@@ -206,7 +217,8 @@ BaseUrlOpt = Annotated[
 ]
 ApiKeyEnvOpt = Annotated[
     str | None,
-    typer.Option("--api-key-env", help="openai: environment variable holding the API key (never printed). "
+    typer.Option("--api-key-env", callback=not_empty,
+                 help="openai: environment variable holding the API key (never printed). "
                  "Default: OPENAI_API_KEY when set, else no key."),
 ]
 ConcurrencyOpt = Annotated[int, typer.Option("--concurrency", min=1, max=4096, help="openai: requests in flight.")]
@@ -240,6 +252,7 @@ JudgeBaseUrlOpt = Annotated[
 ]
 JudgeApiKeyEnvOpt = Annotated[
     str | None,
-    typer.Option("--judge-api-key-env", help="openai: environment variable holding the judge server's API key. "
+    typer.Option("--judge-api-key-env", callback=not_empty,
+                 help="openai: environment variable holding the judge server's API key. "
                  "Default: OPENAI_API_KEY when set, else no key."),
 ]

@@ -109,7 +109,7 @@ def test_usage_errors(tmp_path):
     assert aloe("eval", "--benchmark", "x.tsv", "-o", str(tmp_path)).returncode == 2
     result = aloe("eval", "--model", "m", "--benchmark", str(text_jsonl(tmp_path / "t.jsonl")), "-o", str(tmp_path),
                   "--perturb", "base,blur")
-    assert result.returncode == 1 and "unknown perturbation(s) blur" in result.stderr
+    assert result.returncode == 2 and "unknown perturbation(s) blur" in result.stderr
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -331,7 +331,7 @@ def test_hf_judge_rejects_the_garbage_of_a_random_model(tiny_model_dir, tmp_path
     stage.annotate(items)
     assert all(item.error is None for item in items)
     assert [stage.decide(item).reason for item in items] == ["judge_unparseable"] * 3  # random weights: garbage
-    assert stage.counters.asked == 6 and stage.summary()["unparseable"] == 3
+    assert stage.counters.requests == 6 and stage.summary()["unparseable"] == 3
     assert all(item.record["aloe"]["score"]["reply"] for item in items)
 
 

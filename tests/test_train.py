@@ -483,4 +483,4 @@ def test_a_missing_model_or_missing_inputs_fail_before_anything_loads(tmp_path):
     proc = train("-i", str(tmp_path / "nope.jsonl"), "--model", str(tmp_path / "nomodel"), "--output-dir", "x")
     assert proc.returncode == 1 and "model folder not found" in proc.stderr
     proc = train("--model", "m", "--output-dir", "x")
-    assert proc.returncode == 1 and "--input is required" in proc.stderr
+    assert proc.returncode == 2 and "Invalid value for --input: is required" in proc.stderr

@@ -121,22 +121,22 @@ def test_adv_train_resolves_the_same_optimisation_as_train():
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (("--perturb", "cap,blur"), "--perturb must be distinct names among cap, pmt, syc, leg, region"),
-    (("--perturb", "cap,cap"), "--perturb must be distinct names"),
-    (("--emit-only",), "--emit-only needs --emit FILE"),
-    (("--samples", "0"), "--samples must be at least 1"),
+    (("--perturb", "cap,blur"), "--perturb: must be distinct names among cap, pmt, syc, leg, region"),
+    (("--perturb", "cap,cap"), "--perturb: must be distinct names"),
+    (("--emit-only",), "--emit-only: needs --emit FILE"),
+    (("--samples", "0"), "--samples: must be at least 1"),
 ])
-def test_bad_adv_train_options_are_one_line_errors(args, message):
+def test_bad_adv_train_options_are_usage_errors(args, message):
     proc = aloe("adv-train", "-i", "medical.jsonl", "--base", "runs/stage1", "--dry-run", *args)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("Error: Invalid value for ") and message in lines[0], proc.stderr
 
 
 def test_adv_train_needs_a_base_model(tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", [chat("Q?", "A.")])
     proc = aloe("adv-train", "-i", str(path), "--output-dir", str(tmp_path / "run"))
-    assert proc.returncode == 1 and "--base is required" in proc.stderr
+    assert proc.returncode == 2 and "--base: is required" in proc.stderr
     proc = aloe("adv-train", "-i", str(path), "--base", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "r"))
     assert proc.returncode == 1 and "model folder not found" in proc.stderr
 

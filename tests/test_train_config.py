@@ -60,11 +60,12 @@ def test_dry_run_does_not_import_torch():
     assert "heavy imports: []" in proc.stderr
 
 
-def test_a_global_batch_that_does_not_divide_is_a_one_line_error():
+def test_a_global_batch_that_does_not_divide_is_a_usage_error():
     proc = dry_run(world=24)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "aloe: error: --global-batch-size 1024 is not a multiple of --micro-batch-size 16 x world size 24 = 384"]
+        "Error: Invalid value for --global-batch-size: 1024 is not a multiple of --micro-batch-size 16 x world "
+        "size 24 = 384"]
     assert proc.stdout == ""
 
 
@@ -107,18 +108,18 @@ def test_bad_config_files_are_one_line_errors(tmp_path, content, message):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (("--micro-batch-size", "0"), "--micro-batch-size must be at least 1, got 0"),
-    (("--precision", "fp8"), "--precision must be one of bf16, fp16, fp32"),
-    (("--truncate", "images"), "--truncate must be one of none, text"),
-    (("--warmup-ratio", "3"), "--warmup-ratio is a fraction"),
-    (("--deepspeed", "zero9"), "no such file: zero9"),
-    (("--lr-scheduler", "cosine_annealing"), "--lr-scheduler must be one of"),
+    (("--micro-batch-size", "0"), "--micro-batch-size: must be at least 1, got 0"),
+    (("--precision", "fp8"), "--precision: must be one of bf16, fp16, fp32"),
+    (("--truncate", "images"), "--truncate: must be one of none, text"),
+    (("--warmup-ratio", "3"), "--warmup-ratio: must be at most 0.999"),
+    (("--deepspeed", "zero9"), "--deepspeed: must be zero3, zero2, none or a DeepSpeed JSON file; no such file: zero9"),
+    (("--lr-scheduler", "cosine_annealing"), "--lr-scheduler: must be one of"),
 ])
-def test_bad_flag_values_are_one_line_errors(args, message):
+def test_bad_flag_values_are_usage_errors(args, message):
     proc = dry_run(*args)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("Error: Invalid value for ") and message in lines[0], proc.stderr
 
 
 def test_a_deepspeed_file_gets_its_auto_values_filled_and_a_conflict_is_an_error(tmp_path):
@@ -228,7 +229,7 @@ def test_the_sbatch_script_can_use_accelerate_launch(tmp_path):
 
 def test_slurm_checks_the_global_batch_against_the_jobs_world_size(tmp_path):
     proc = aloe("train", "--model", MODEL, "--slurm", "--nodes", "8", "--gpus-per-node", "3", cwd=tmp_path)
-    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.returncode == 2 and proc.stdout == ""
     assert "world size 24 = 384" in proc.stderr
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from aloe_cli import console
-from aloe_cli.errors import AloeError
+from aloe_cli.errors import AloeError, Terminated, UsageError
 from aloe_cli.modeling.backends.factory import BackendConfig
 
 PERTURBATION_CHOICES = ("base", "cap", "pmt", "syc", "leg")
@@ -41,24 +41,35 @@ def print_table(folder: Path) -> None:
 
 
 def rescore(paths: list[str], output: Path | None, on_error: str) -> None:
+    import os
+
     from aloe_cli.commands._common import print_summary
+    from aloe_cli.data.destinations import Named, check_conflicts, check_folder
     from aloe_cli.data.io import RecordWriter
     from aloe_cli.data.stage import RunConfig, run_stage
+    from aloe_cli.data.writing import folders_made
     from aloe_cli.evaluation.rescore import RescoreStage, prediction_items
-    from aloe_cli.evaluation.results import PREDICTIONS_FILE, save_scores, write_tables
+    from aloe_cli.evaluation.results import PREDICTIONS_FILE, SCORES_FILE, save_scores, write_tables
 
     folder = Path(output) if output is not None else Path(paths[0]).parent / "rescored"
-    folder.mkdir(parents=True, exist_ok=True)
     target = folder / PREDICTIONS_FILE
-    if any(Path(path).resolve() == target.resolve() for path in paths):
-        raise AloeError(f"--rescore would overwrite its input {target}; choose another -o folder")
+    # Before anything is read or made: an output that is one of the inputs (exit 2), a missing input, a folder
+    # that cannot be written (exit 1).
+    check_conflicts([Named("--rescore", path) for path in paths],
+                    [Named("-o", str(folder / name)) for name in (PREDICTIONS_FILE, SCORES_FILE, *TABLES)])
+    for path in paths:
+        if not os.path.exists(path):
+            raise AloeError(f"predictions file not found: {path}")
+    check_folder(Named("-o", str(folder)))
     stage = RescoreStage()
-    with RecordWriter(target) as writer:
-        summary = run_stage(stage, prediction_items(paths), writer, None, RunConfig(on_error=on_error))
+    with folders_made() as make:
+        make(folder)
+        with RecordWriter(target) as writer:
+            summary = run_stage(stage, prediction_items(paths), writer, None, RunConfig(on_error=on_error))
+        label = next(iter(stage.models)) if len(stage.models) == 1 else "rescored"
+        save_scores(folder, label, stage.scores(), {"rescored_from": [str(p) for p in paths]})
+        write_tables(folder)
     print_summary(summary.to_dict())
-    label = next(iter(stage.models)) if len(stage.models) == 1 else "rescored"
-    save_scores(folder, label, stage.scores(), {"rescored_from": [str(p) for p in paths]})
-    write_tables(folder)
     console.log(f"  {stage.changed} line(s) changed extracted/correct; wrote {target}, "
                 f"{folder / 'scores.json'}, {folder / 'results.md'}")
     _print_scores(label, stage.scores())
@@ -70,8 +81,8 @@ def parse_perturbations(text: str | None) -> tuple[str, ...]:
     kinds = tuple(dict.fromkeys(part.strip().lower() for part in text.split(",") if part.strip()))
     unknown = [kind for kind in kinds if kind not in PERTURBATION_CHOICES]
     if unknown:
-        raise AloeError(f"--perturb: unknown perturbation(s) {', '.join(unknown)} "
-                        f"(choose from {','.join(PERTURBATION_CHOICES)})")
+        raise UsageError(f"unknown perturbation(s) {', '.join(unknown)} "
+                         f"(choose from {','.join(PERTURBATION_CHOICES)})", "--perturb")
     return kinds
 
 
@@ -85,8 +96,10 @@ def model_label(text: str) -> tuple[str, str]:
 
 
 def evaluate(request: Request) -> None:
+    from aloe_cli.data.io import StreamCopies
+    from aloe_cli.data.writing import folders_made
     from aloe_cli.evaluation.benchmarks import parse_benchmark_spec
-    from aloe_cli.evaluation.evaluate import EvalPlan, evaluate_model
+    from aloe_cli.evaluation.evaluate import EvalPlan
     from aloe_cli.modeling.backends import GenerationParams
 
     perturbations = parse_perturbations(request.perturb)
@@ -98,16 +111,64 @@ def evaluate(request: Request) -> None:
         if request.backend.kind != "hf":
             raise AloeError("--lm-eval-tasks scores a local model's likelihoods: use it with --backend hf")
     specs = [parse_benchmark_spec(text) for text in request.benchmarks]
-    names = [spec.name for spec in specs]
-    if len(set(names)) != len(names):
-        raise AloeError(f"two benchmarks share a name ({', '.join(sorted(n for n in names if names.count(n) > 1))});"
-                        " name them with NAME=FILE")
+    _refuse_shared_names("--benchmark", [spec.name for spec in specs], "NAME=FILE")
+    _refuse_shared_names("--model", [model_label(text)[0] for text in request.models], "NAME=MODEL")
+    _check_outputs(request, specs)
     for text in request.models + ([request.judge] if request.judge else []):
         _check_local_model(model_label(text)[1], request.judge_backend if text == request.judge else request.backend)
-    request.output.mkdir(parents=True, exist_ok=True)
-    plan = EvalPlan(benchmarks=specs, output=request.output, params=GenerationParams(
-        max_new_tokens=request.max_new_tokens), batch_size=_runner_batch(request), perturbations=perturbations,
-        limit=request.limit, on_error=request.on_error, image_root=request.image_root)
+    finished: list[str] = []
+    try:
+        with folders_made() as make:
+            make(request.output)
+            streams = StreamCopies(request.output, prefix=".aloe-eval-stdin-")  # read once, asked per model
+            plan = EvalPlan(benchmarks=specs, output=request.output, params=GenerationParams(
+                max_new_tokens=request.max_new_tokens), batch_size=_runner_batch(request),
+                perturbations=perturbations, limit=request.limit, on_error=request.on_error,
+                image_root=request.image_root, streams=streams, make_folder=make)
+            try:
+                _evaluate_models(request, plan, perturbations, finished)
+            finally:
+                streams.close()
+    except (Terminated, KeyboardInterrupt) as stop:
+        stop.outcome = _what_is_kept(request, finished)
+        raise
+    console.log(f"aloe eval: tables in {request.output / 'results.md'} and {request.output / 'results.csv'}")
+
+
+TABLES = ("results.md", "results.csv")
+
+
+def _refuse_shared_names(option: str, names: list[str], form: str) -> None:
+    """Two benchmarks (or models) with one name would write one folder: a usage error."""
+    shared = sorted({name for name in names if names.count(name) > 1})
+    if shared:
+        raise UsageError(f"two of them share the name {', '.join(shared)}; name them with {form}", option)
+
+
+def _check_outputs(request: Request, specs) -> None:
+    """Every file the run will write, checked before any model is checked or loaded: one that is also a
+    benchmark or another output (exit 2), a results folder that cannot be (exit 1), a cache that cannot be
+    written (exit 1)."""
+    from aloe_cli.data.destinations import Named, check_conflicts, check_folder, check_writable
+    from aloe_cli.evaluation.results import PREDICTIONS_FILE, SCORES_FILE, folder_name
+
+    out = request.output
+    outputs = [Named("-o", str(out / name)) for name in TABLES]
+    for text in request.models:
+        model_dir = out / folder_name(model_label(text)[0])
+        outputs.append(Named("-o", str(model_dir / SCORES_FILE)))
+        outputs += [Named("-o", str(model_dir / spec.name / PREDICTIONS_FILE)) for spec in specs]
+    if request.cache is not None:
+        outputs.append(Named("--cache", str(request.cache)))
+    check_conflicts([Named("--benchmark", spec.path) for spec in specs], outputs)
+    check_folder(Named("-o", str(out)))
+    if request.cache is not None:
+        check_writable(Named("--cache", str(request.cache)))
+
+
+def _evaluate_models(request: Request, plan, perturbations: tuple[str, ...], finished: list[str]) -> None:
+    from aloe_cli.evaluation.evaluate import evaluate_model
+
     cache = _open_cache(request.cache)
     judge = _judge(request, cache)
     try:
@@ -117,13 +178,13 @@ def evaluate(request: Request) -> None:
             backend = _lazy(lambda config=config, label=label: _backend(config, f"aloe eval: {label}:", cache))
             info = {"model_reference": reference, "backend": config.kind}
             try:
-                runs = evaluate_model(label, backend, plan, judge=judge, perturbers=_perturbers(perturbations),
-                                      progress=_progress, info=info, cache_tag=f"{config.kind}:{reference}",
-                                      keyed=cache is not None)
-                for run in runs:
-                    _print_run(label, run)
+                evaluate_model(label, backend, plan, judge=judge, perturbers=_perturbers(perturbations),
+                               progress=_progress, info=info, cache_tag=f"{config.kind}:{reference}",
+                               keyed=cache is not None,
+                               on_run=lambda run, label=label: (finished.append(f"{label}/{run.name}"),
+                                                                _print_run(label, run)))
                 if request.lm_eval_tasks:
-                    _lm_eval(label, reference, backend, request)
+                    _lm_eval(label, reference, backend, request, plan.make_folder)
             finally:
                 backend.close_if_open()
     finally:
@@ -131,7 +192,20 @@ def evaluate(request: Request) -> None:
             judge.backend.close_if_open()
         if cache is not None:
             cache.close()
-    console.log(f"aloe eval: tables in {request.output / 'results.md'} and {request.output / 'results.csv'}")
+
+
+def _what_is_kept(request: Request, finished: list[str]) -> str | None:
+    """What an interrupted run leaves, for the closing line (None: nothing, the usual words)."""
+    parts = []
+    if finished:
+        parts.append(f"the predictions and scores of {len(finished)} finished benchmark run(s) are kept in "
+                     f"{request.output} ({', '.join(finished)}); the benchmark under way left nothing")
+    if request.cache is not None:
+        parts.append(f"the replies received so far are kept in --cache {request.cache}: a rerun asks only for "
+                     "the rest")
+    elif finished:
+        parts.append("a rerun evaluates everything again (give --cache to reuse replies)")
+    return "; ".join(parts) or None
 
 
 def _check_local_model(reference: str, config: BackendConfig) -> None:
@@ -233,7 +307,7 @@ def _perturbers(perturbations: tuple[str, ...]):
     return make_perturber if perturbations else None
 
 
-def _lm_eval(label: str, reference: str, backend: _lazy, request: Request) -> None:
+def _lm_eval(label: str, reference: str, backend: _lazy, request: Request, make_folder) -> None:
     from aloe_cli.evaluation.lm_eval_tasks import parse_tasks, run_lm_eval
     from aloe_cli.evaluation.results import folder_name, save_scores, write_tables
 
@@ -242,7 +316,7 @@ def _lm_eval(label: str, reference: str, backend: _lazy, request: Request) -> No
     console.log(f"aloe eval: {label} on lm-eval task(s) {', '.join(tasks)}")
     scores = run_lm_eval(loaded.model, getattr(loaded.processor, "tokenizer", loaded.processor), tasks,
                          include_path=request.lm_eval_include, limit=request.limit, batch_size=request.batch_size)
-    save_scores(request.output / folder_name(label), label, scores,
+    save_scores(make_folder(request.output / folder_name(label)), label, scores,
                 {"model_reference": reference, "backend": "hf"})
     write_tables(request.output)
     _print_scores(label, scores)

@@ -28,18 +28,23 @@ class InferRequest:
     top_p: float
     seed: int
     backend: BackendConfig
+    keep_dicom_bytes: bool = False
 
 
 def infer(request: InferRequest) -> None:
     from aloe_cli.commands import _eval_run as run
     from aloe_cli.commands._backend import open_backend
     from aloe_cli.commands._common import resolve_shard, run_data_command
-    from aloe_cli.data.io import Item
+    from aloe_cli.data.destinations import Named, check_folder
+    from aloe_cli.data.io import Item, print_stdout
+    from aloe_cli.data.records import RecordDefaults
     from aloe_cli.data.stage import RunConfig
     from aloe_cli.evaluation.inference import InferStage, check_chat_template
     from aloe_cli.modeling.backends import GenerationParams
 
     config = request.backend
+    if request.draw is not None:  # before any model is loaded or record read
+        check_folder(Named("--draw", str(request.draw)))
     if config.kind == "hf":
         check_chat_template(config.model)
     backend = run._lazy(lambda: open_backend(config, "aloe infer:"))
@@ -56,11 +61,12 @@ def infer(request: InferRequest) -> None:
             stage.annotate([item])
             if item.error is not None:
                 raise item.error
-            print(item.record["aloe"]["infer"]["text"])
+            print_stdout(item.record["aloe"]["infer"]["text"])
             _log_boxes(item.record["aloe"]["infer"]["boxes"], stage)
             return
         run_data_command(stage, request.inputs, image_root=request.image_root, output=request.output,
-                         rejects=request.rejects, report=request.report, config=run_config)
+                         rejects=request.rejects, report=request.report, config=run_config,
+                         defaults=RecordDefaults(keep_dicom_bytes=request.keep_dicom_bytes))
         _log_boxes(None, stage)
     finally:
         backend.close_if_open()

@@ -45,6 +45,36 @@ def plan_or_exit(command: str, config_cls: type, options: dict[str, Any]) -> Tra
     return plan
 
 
+def check_run_paths(config: TrainConfig, emit: str | None = None) -> list[str]:
+    """Before any model is loaded or record read: the inputs exist (exit 1), `--image-root` is a folder (exit 2),
+    no output is an input (`--emit` equal to `-i`, a run folder's files; exit 2), the run folder and the
+    emitted file can be written (exit 1). Returns the expanded inputs."""
+    from pathlib import Path
+
+    from aloe_cli.data.destinations import Named, check_conflicts, check_folder, check_writable
+    from aloe_cli.data.io import expand_inputs
+    from aloe_cli.errors import UsageError
+    from aloe_cli.training.config import CONFIG_FILE
+    from aloe_cli.training.data import dataset_path
+    from aloe_cli.training.trainer import LOG_FILE
+
+    paths = expand_inputs(config.input)
+    if config.image_root and not Path(config.image_root).is_dir():
+        raise UsageError(f"{config.image_root} is not a folder (or does not exist)", "--image-root")
+    outputs = []
+    if config.output_dir:
+        run = Path(config.output_dir)
+        outputs += [Named("--output-dir", str(path)) for path in (run / CONFIG_FILE, run / LOG_FILE, dataset_path(run))]
+    if emit:
+        outputs.append(Named("--emit", emit))
+    check_conflicts([Named("-i", path) for path in paths], outputs)
+    if config.output_dir:
+        check_folder(Named("--output-dir", config.output_dir))
+    if emit and not (config.output_dir and Path(emit).parent == Path(config.output_dir)):
+        check_writable(Named("--emit", emit))  # (in the run folder, it is made with the run)
+    return paths
+
+
 def train_and_report(plan: TrainPlan, items: Callable[[], Iterable]) -> None:
     from aloe_cli.training.trainer import run_training
 

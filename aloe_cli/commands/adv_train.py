@@ -36,11 +36,13 @@ app = command_app()
 def emit(config: AdvTrainConfig, path: str) -> None:
     """Perturb the inputs into `path` through the stage runner (one perturbed copy per record, balanced)."""
     from aloe_cli.commands._common import run_data_command
+    from aloe_cli.data.records import RecordDefaults
     from aloe_cli.data.stage import RunConfig
     from aloe_cli.training.adversarial import adversarial_stage
 
     run_data_command(adversarial_stage(config), config.input, image_root=config.image_root, output=path,
-                     rejects=None, report=None, config=RunConfig(on_error=config.on_error))
+                     rejects=None, report=None, config=RunConfig(on_error=config.on_error),
+                     defaults=RecordDefaults(keep_dicom_bytes=config.keep_dicom_bytes))
 
 
 @app.command(name="adv-train", help=__doc__, no_args_is_help=True)
@@ -48,8 +50,9 @@ def emit(config: AdvTrainConfig, path: str) -> None:
 def adv_train(**options) -> None:
     from pathlib import Path
 
-    from aloe_cli.commands._train_run import plan_or_exit, train_and_report
-    from aloe_cli.data.io import expand_inputs, read_items
+    from aloe_cli.commands._train_run import check_run_paths, plan_or_exit, train_and_report
+    from aloe_cli.data.io import read_items, read_paths
+    from aloe_cli.data.records import RecordDefaults
     from aloe_cli.modeling.loading import check_model_reference
 
     plan = plan_or_exit("adv-train", AdvTrainConfig, options)
@@ -57,18 +60,22 @@ def adv_train(**options) -> None:
         return
     config = plan.config
     config.require("input", "base")
+    if not config.emit_only:
+        config.require("output_dir")
     check_model_reference(config.base)
-    expand_inputs(config.input)
+    path = None if config.perturb == "none" else (
+        config.emit or str(Path(config.output_dir) / "adversarial.jsonl"))
+    paths = check_run_paths(config, emit=path)  # before any record is read or model loaded
     if config.emit_only:
         emit(config, config.emit)
         return
-    config.require("output_dir")
+    keep = RecordDefaults(keep_dicom_bytes=config.keep_dicom_bytes)
 
     def records():
-        if config.perturb == "none":
-            return read_items(config.input, config.image_root)
-        path = config.emit or str(Path(config.output_dir) / "adversarial.jsonl")
+        if path is None:
+            return read_paths(paths, config.image_root, defaults=keep)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)  # the run folder (checked above)
         emit(config, path)
-        return read_items([path])
+        return read_items([path], defaults=keep)
 
     train_and_report(plan, records)

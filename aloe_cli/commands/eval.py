@@ -56,44 +56,67 @@ from aloe_cli.options import (
     TimeoutOpt,
     TrustRemoteCodeOpt,
     command_app,
+    not_empty,
 )
 
 app = command_app()
 
 
+def _check_perturb(value: str | None) -> str | None:
+    from aloe_cli.commands._eval_run import parse_perturbations
+    from aloe_cli.errors import UsageError
+
+    if value is not None:
+        not_empty(value)
+        try:
+            parse_perturbations(value)
+        except UsageError as error:
+            raise typer.BadParameter(str(error)) from None
+    return value
+
+
 @app.command(help=__doc__, no_args_is_help=True)
 def eval(  # noqa: A001 - the command's name
     model: Annotated[list[str] | None, typer.Option(
-        "--model", help="Model folder or Hub id (hf), or the served model's name (openai); NAME=MODEL sets the "
-                        "row's name in the tables. Repeatable.")] = None,
+        "--model", callback=not_empty,
+        help="Model folder or Hub id (hf), or the served model's name (openai); NAME=MODEL sets the "
+             "row's name in the tables. Repeatable.")] = None,
     benchmark: Annotated[list[str] | None, typer.Option(
-        "--benchmark", help="VLMEvalKit .tsv or .jsonl items; NAME=FILE sets the benchmark's name (default: the "
-                            "file's stem). Repeatable.")] = None,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Results folder.")] = None,
+        "--benchmark", callback=not_empty,
+        help="VLMEvalKit .tsv or .jsonl items (a FIFO, - or /dev/stdin is read once); NAME=FILE sets the "
+             "benchmark's name (default: the file's stem). Repeatable.")] = None,
+    output: Annotated[str | None, typer.Option("-o", "--output", callback=not_empty, help="Results folder.")] = None,
     perturb: Annotated[str | None, typer.Option(
-        "--perturb", help="Also ask every item under these perturbations: base,cap,pmt,syc,leg (cap and leg need "
-                          "an image).")] = None,
+        "--perturb", callback=_check_perturb,
+        help="Also ask every item under these perturbations: base,cap,pmt,syc,leg (cap and leg need "
+             "an image).")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="First N items of each benchmark.")] = None,
     max_new_tokens: MaxNewTokensOpt = 128,
     judge: Annotated[str | None, typer.Option(
-        "--judge", help="Judge model for open-ended items (folder / Hub id, or served name).")] = None,
+        "--judge", callback=not_empty,
+        help="Judge model for open-ended items (folder / Hub id, or served name).")] = None,
     judge_backend: JudgeBackendOpt = None,
     judge_base_url: JudgeBaseUrlOpt = None,
     judge_api_key_env: JudgeApiKeyEnvOpt = None,
     judge_parse_retries: Annotated[int, typer.Option(
-        "--judge-parse-retries", min=0, help="Ask the judge again (sampling) when its verdict cannot be read.")] = 2,
+        "--judge-parse-retries", min=0, max=100,
+        help="Ask the judge again (sampling) when its verdict cannot be read.")] = 2,
     show_judge_prompt: Annotated[bool, typer.Option(
         "--show-judge-prompt", help="Print the judge's rubric and exit.")] = False,
-    table: Annotated[Path | None, typer.Option(
-        "--table", help="Print the tables of a results folder from its saved scores and exit.")] = None,
+    table: Annotated[str | None, typer.Option(
+        "--table", callback=not_empty,
+        help="Print the tables of a results folder from its saved scores and exit.")] = None,
     rescore: Annotated[list[str] | None, typer.Option(
-        "--rescore", help="Re-extract and re-score saved predictions.jsonl (no model); writes under -o "
-                          "(default: <its folder>/rescored).")] = None,
+        "--rescore", callback=not_empty,
+        help="Re-extract and re-score saved predictions.jsonl (no model); writes under -o "
+             "(default: <its folder>/rescored).")] = None,
     lm_eval_tasks: Annotated[str | None, typer.Option(
-        "--lm-eval-tasks", help="Comma-separated lm-evaluation-harness tasks run on the loaded model (needs the "
-                                "[eval] extra); their scores join the same table.")] = None,
+        "--lm-eval-tasks", callback=not_empty,
+        help="Comma-separated lm-evaluation-harness tasks run on the loaded model (needs the "
+             "[eval] extra); their scores join the same table.")] = None,
     lm_eval_include: Annotated[Path | None, typer.Option(
-        "--lm-eval-include", help="Folder of extra lm-eval task YAML files (local tasks).")] = None,
+        "--lm-eval-include", exists=True, file_okay=False,
+        help="Folder of extra lm-eval task YAML files (local tasks).")] = None,
     backend: BackendOpt = None,
     base_url: BaseUrlOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
@@ -101,9 +124,10 @@ def eval(  # noqa: A001 - the command's name
     timeout: TimeoutOpt = 120.0,
     max_retries: MaxRetriesOpt = 5,
     retry_backoff: RetryBackoffOpt = 1.0,
-    cache: Annotated[Path | None, typer.Option(
-        "--cache", help="JSONL cache of replies (the model's and the judge's): an interrupted run resumes "
-                        "without asking again.")] = None,
+    cache: Annotated[str | None, typer.Option(
+        "--cache", callback=not_empty,
+        help="JSONL cache of replies (the model's and the judge's): an interrupted run resumes "
+             "without asking again.")] = None,
     image_root: ImageRootOpt = None,
     batch_size: BatchSizeOpt = 16,
     on_error: OnErrorOpt = OnError.fail,
@@ -121,10 +145,10 @@ def eval(  # noqa: A001 - the command's name
         print(JUDGE_RUBRIC, end="")
         return
     if table is not None:
-        run.print_table(table)
+        run.print_table(Path(table))
         return
     if rescore:
-        run.rescore(rescore, output, on_error.value)
+        run.rescore(rescore, Path(output) if output else None, on_error.value)
         return
     if not model:
         raise typer.BadParameter("is required (or use --table, --rescore, --show-judge-prompt)", param_hint="--model")
@@ -139,9 +163,9 @@ def eval(  # noqa: A001 - the command's name
     local = {"batch_size": batch_size, "device": device, "dtype": dtype.value,
              "trust_remote_code": trust_remote_code, "attn_implementation": attn_implementation}
     run.evaluate(run.Request(
-        models=model, benchmarks=benchmark or [], output=output, perturb=perturb, limit=limit,
+        models=model, benchmarks=benchmark or [], output=Path(output), perturb=perturb, limit=limit,
         max_new_tokens=max_new_tokens, batch_size=batch_size, on_error=on_error.value, image_root=image_root,
-        lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include, cache=cache,
+        lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include, cache=Path(cache) if cache else None,
         backend=BackendConfig(model="", backend=backend.value if backend else None, base_url=base_url,
                               api_key_env=api_key_env, concurrency=concurrency, timeout=timeout,
                               max_retries=max_retries, retry_backoff=retry_backoff, **local),

@@ -31,6 +31,7 @@ from aloe_cli.options import (
     DtypeOpt,
     ImageRootOpt,
     InputOpt,
+    KeepDicomBytesOpt,
     MaxNewTokensOpt,
     MaxRetriesOpt,
     OnError,
@@ -43,6 +44,8 @@ from aloe_cli.options import (
     TimeoutOpt,
     TrustRemoteCodeOpt,
     command_app,
+    finite,
+    not_empty,
 )
 
 app = command_app()
@@ -50,18 +53,25 @@ app = command_app()
 
 @app.command(help=__doc__, no_args_is_help=True)
 def infer(
-    question: Annotated[str | None, typer.Argument(help="The question (omit it to answer the records of -i).")] = None,
+    question: Annotated[str | None, typer.Argument(
+        callback=not_empty, help="The question (omit it to answer the records of -i).")] = None,
     model: Annotated[str | None, typer.Option(
-        "--model", help="Model folder or Hub id (hf), or the served model's name (openai).")] = None,
+        "--model", callback=not_empty,
+        help="Model folder or Hub id (hf), or the served model's name (openai).")] = None,
     image: Annotated[list[str] | None, typer.Option(
-        "--image", help="An image for the question (path, DICOM, data URI). Repeatable, in order.")] = None,
-    system: Annotated[str | None, typer.Option("--system", help="System message before every prompt.")] = None,
-    draw: Annotated[Path | None, typer.Option(
-        "--draw", help="Save each image with the answer's boxes and labels drawn, into this folder.")] = None,
+        "--image", callback=not_empty,
+        help="An image for the question (path, DICOM, data URI). Repeatable, in order.")] = None,
+    system: Annotated[str | None, typer.Option(
+        "--system", callback=not_empty, help="System message before every prompt.")] = None,
+    draw: Annotated[str | None, typer.Option(
+        "--draw", callback=not_empty,
+        help="Save each image with the answer's boxes and labels drawn, into this folder.")] = None,
     max_new_tokens: MaxNewTokensOpt = 512,
-    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0: greedy.")] = 0.0,
+    temperature: Annotated[float, typer.Option(
+        "--temperature", min=0.0, max=2.0, callback=finite, help="0: greedy; at most 2 (the OpenAI API's range).")
+    ] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
-    seed: Annotated[int, typer.Option("--seed", help="Sampling seed.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=2 ** 63 - 1, help="Sampling seed.")] = 0,
     backend: BackendOpt = None,
     base_url: BaseUrlOpt = None,
     api_key_env: ApiKeyEnvOpt = None,
@@ -74,6 +84,7 @@ def infer(
     rejects: RejectsOpt = None,
     report: ReportOpt = None,
     image_root: ImageRootOpt = None,
+    keep_dicom_bytes: KeepDicomBytesOpt = False,
     batch_size: BatchSizeOpt = 8,
     shard: ShardOpt = None,
     on_error: OnErrorOpt = OnError.fail,
@@ -100,6 +111,7 @@ def infer(
                            retry_backoff=retry_backoff, batch_size=batch_size, device=device, dtype=dtype.value,
                            trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
     _infer_run.infer(_infer_run.InferRequest(
-        question=question, images=image or [], system=system, draw=draw, inputs=input, output=output,
+        question=question, images=image or [], system=system, draw=Path(draw) if draw else None, inputs=input,
+        output=output, keep_dicom_bytes=keep_dicom_bytes,
         rejects=rejects, report=report, image_root=image_root, shard=shard, on_error=on_error.value,
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, backend=config))

@@ -44,8 +44,8 @@ app = command_app()
 @app.command(help=__doc__, no_args_is_help=True)
 @with_config_flags(TrainConfig, launch_parameters("train"))
 def train(**options) -> None:
-    from aloe_cli.commands._train_run import plan_or_exit, train_and_report
-    from aloe_cli.data.io import expand_inputs, read_items
+    from aloe_cli.commands._train_run import check_run_paths, plan_or_exit, train_and_report
+    from aloe_cli.data.io import read_paths
     from aloe_cli.modeling.loading import check_model_reference
 
     plan = plan_or_exit("train", TrainConfig, options)
@@ -54,5 +54,5 @@ def train(**options) -> None:
     config = plan.config
     config.require("input", "model", "output_dir")
     check_model_reference(config.model)
-    expand_inputs(config.input)  # a missing input fails now, not after the model loads
-    train_and_report(plan, lambda: read_items(config.input, config.image_root))
+    paths = check_run_paths(config)  # a missing input or an unwritable run folder fails now, not after the model loads
+    train_and_report(plan, lambda: read_paths(paths, config.image_root))

@@ -29,18 +29,14 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from aloe_cli.errors import AloeError
+from aloe_cli.errors import AloeError, UsageError
 
 STDIO = "-"
 
 
-class PathConflict(AloeError):
+class PathConflict(UsageError):
     """Two options name the same file, or `-` twice: a usage error (exit 2). The message reads on from
     the option's name ("--rejects: ...")."""
-
-    def __init__(self, message: str, option: str):
-        super().__init__(message)
-        self.option = option
 
 
 @dataclass(frozen=True)
@@ -83,8 +79,17 @@ def _describe(named: Named) -> str:
 
 def check_destinations(inputs: Sequence[Named], outputs: Sequence[Named]) -> None:
     """Refuse colliding paths (PathConflict) and outputs that cannot be written (AloeError); see the module."""
-    if sys.stdin is None and any(named.path == STDIO for named in inputs):
-        raise AloeError("standard input is closed: give the input with -i FILE")
+    check_conflicts(inputs, outputs)
+    for named in outputs:
+        check_writable(named)
+
+
+def check_conflicts(inputs: Sequence[Named], outputs: Sequence[Named]) -> None:
+    """PathConflict when two outputs, or an output and an input, are the same file, or `-` is named by two
+    outputs; AloeError when an input is standard input and it is closed. Nothing is created or probed."""
+    from_stdin = [named for named in inputs if named.path == STDIO]
+    if sys.stdin is None and from_stdin:
+        raise AloeError(f"standard input is closed: give the input with {from_stdin[0].option} FILE")
     to_stdout = [named for named in outputs if named.path == STDIO]
     if len(to_stdout) > 1:
         names = " and ".join(named.option for named in to_stdout)
@@ -115,8 +120,25 @@ def check_destinations(inputs: Sequence[Named], outputs: Sequence[Named]) -> Non
                 where = "standard output" if other.path == STDIO else other.path
                 raise PathConflict(f"{where} is the same file as the input {_describe(named)}: "
                                    "writing it would destroy the input (name another output file)", other.option)
-    for named in outputs:
-        check_writable(named)
+
+
+def check_folder(named: Named) -> None:
+    """An AloeError unless `named.path` can be an output folder: an existing folder that takes new files, or
+    a folder still to be made whose nearest existing ancestor is a folder that takes new files."""
+    path = named.path
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        info = None
+    except OSError as exc:  # e.g. a path through a regular file: ENOTDIR
+        raise AloeError(f"cannot write {named.option} {path}: {_first_file(path)} is a file, not a folder "
+                        f"({exc.strerror})") from None
+    if info is not None and not stat.S_ISDIR(info.st_mode):
+        raise AloeError(f"{named.option} {path} is a file; name a folder")
+    existing = path if info is not None else _first_file(os.path.abspath(path))
+    if not os.path.isdir(existing):
+        raise AloeError(f"cannot write {named.option} {path}: {existing} is a file, not a folder")
+    _probe(existing, named)
 
 
 def check_writable(named: Named) -> None:
@@ -141,10 +163,16 @@ def check_writable(named: Named) -> None:
         raise AloeError(f"output folder does not exist: {folder} (for {named.option} {path})")
     if not os.path.isdir(folder):
         raise AloeError(f"cannot write {named.option} {path}: {_first_file(folder)} is a file, not a folder")
+    _probe(folder, named)
+
+
+def _probe(folder: str, named: Named) -> None:
+    """Create and remove a file in `folder`: the one sure test (root ignores mode bits; a read-only mount or
+    an immutable folder says no)."""
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".aloe-probe-")
     except OSError as exc:
-        raise AloeError(f"cannot write {named.option} {path}: {folder} does not take new files "
+        raise AloeError(f"cannot write {named.option} {named.path}: {folder} does not take new files "
                         f"({exc.strerror or exc})") from None
     os.close(fd)
     os.unlink(probe)
@@ -154,8 +182,11 @@ def _first_file(folder: str) -> str:
     """The deepest existing ancestor of `folder` (the regular file a path runs through)."""
     current = folder
     while current and not os.path.exists(current):
-        current = os.path.dirname(current)
-    return current
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    return current or "."
 
 
 def named(option: str, paths: Iterable[str | os.PathLike | None]) -> list[Named]:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,7 +39,7 @@ from aloe_cli.data.dicom import scrub_embedded_dicom
 from aloe_cli.data.parquet import parquet_rows
 from aloe_cli.data.records import RecordDefaults, normalize
 from aloe_cli.data.shard import ALL, Shard, Units, shard_lines
-from aloe_cli.data.streams import STDIO, device_path, display_name, is_stream, loads, open_input
+from aloe_cli.data.streams import STDIO, device_path, display_name, is_stream, loads, open_input, open_raw
 from aloe_cli.data.tsv import TsvFile, tsv_row_to_record
 from aloe_cli.data.writing import (  # noqa: F401 - the writing half of this module's API
     RecordWriter,
@@ -177,6 +179,68 @@ def read_file(path: str, image_root: str | os.PathLike | None = None, *, require
         if item.error is not None and not defaults.keep_dicom_bytes:
             item.raw = scrub_embedded_dicom(item.raw)  # it goes to the rejects as read: never with a DICOM header
         yield item
+
+
+class StreamCopies:
+    """Inputs that can be read once only (stdin, FIFOs, `<(...)`) for a command that reads them more than once
+    (`mix`: count, then write; `eval`: once per model): each is copied on first use into a hidden temporary
+    folder (`prefix...`) in `folder` ($TMPDIR when None), removed by `close()` however the run ends.
+    `read` reads any input like `read_file`, a stream from its copy, its items named after the original."""
+
+    def __init__(self, folder: str | os.PathLike | None, prefix: str = ".aloe-stdin-"):
+        self._folder = None if folder is None else str(folder)
+        self._prefix = prefix
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._copies: dict[str, str] = {}
+
+    def get(self, path: str) -> str:
+        """The path to read `path` from: itself for a regular file or folder, else its copy."""
+        if not is_stream(path):
+            return path
+        copy = self._copies.get(path)
+        if copy is None:
+            if self._tmp is None:
+                self._tmp = tempfile.TemporaryDirectory(prefix=self._prefix, dir=self._folder)
+            # The copy keeps the input's format: a name like the input's own (stdin is JSONL, gzip is sniffed).
+            name = "stdin.jsonl" if path == STDIO else os.path.basename(path) or "input"
+            folder = os.path.join(self._tmp.name, str(len(self._copies)))
+            os.mkdir(folder)
+            copy = os.path.join(folder, name if "." in name else name + ".jsonl")
+            source = open_raw(path)
+            try:
+                with source, open(copy, "wb") as handle:
+                    shutil.copyfileobj(source, handle, 1 << 20)
+            except OSError as exc:
+                raise AloeError(f"cannot copy {display_name(path)} (read once, needed again) to "
+                                f"{self._tmp.name}: {exc.strerror or exc}") from None
+            self._copies[path] = copy
+        return copy
+
+    def read(self, path: str, image_root: str | os.PathLike | None = None, *,
+             defaults: RecordDefaults | None = None, **options: Any) -> Iterator[Item]:
+        """`read_file(path, ...)`; a stream is read from its copy, with the original's name, source and folder."""
+        if not is_stream(path):
+            yield from read_file(path, image_root, defaults=defaults, **options)
+            return
+        copy = self.get(path)
+        display = display_name(path)
+        root = image_root if image_root is not None else (
+            os.getcwd() if path == STDIO or device_path(path) else os.path.dirname(os.path.abspath(path)))
+        defaults = defaults or RecordDefaults()
+        if not defaults.source:
+            defaults = replace(defaults, source=source_name(path))
+        for item in read_file(copy, root, defaults=defaults, **options):
+            item.where = item.where.replace(copy, display, 1)
+            item.input = display
+            if item.error is not None:
+                error = item.error
+                item.error = RecordError(error.reason, error.message, where=item.where, field=error.field)
+            yield item
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
 
 def _read_jsonl(path: str, units: Units | None) -> Iterator[Item]:

@@ -170,12 +170,57 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` through `atomic_path`."""
-    with atomic_path(path) as tmp:
+    write_atomic_many({path: data})
+
+
+def write_atomic_many(files: dict[str | os.PathLike, bytes]) -> None:
+    """Write several files that appear together or not at all: every one is written and synced under its
+    temporary name before the first is renamed into place (e.g. the two tables of a results folder)."""
+    pending: list[PendingFile] = []
+    try:
+        for path, data in files.items():
+            pending.append(PendingFile(path))
+            try:
+                with open(pending[-1].tmp, "wb") as handle:
+                    handle.write(data)
+            except OSError as exc:
+                raise write_error(path, exc) from None
+            pending[-1].finish()
+        for file in pending:
+            file.commit()
+    except BaseException:
+        for file in pending:
+            file.discard()
+        raise
+
+
+@contextmanager
+def folders_made() -> Iterator[Any]:
+    """`make(folder)` inside the block creates a folder and its missing parents; if the block fails, the
+    folders it created are removed again, when they are empty (a failed run leaves no empty folders)."""
+    created: list[Path] = []
+
+    def make(folder: str | os.PathLike) -> Path:
+        folder = Path(folder)
+        missing = []
+        current = folder
+        while not current.exists() and current != current.parent:
+            missing.append(current)
+            current = current.parent
         try:
-            with open(tmp, "wb") as handle:
-                handle.write(data)
+            folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise write_error(path, exc) from None
+            raise write_error(folder, exc) from None
+        created.extend(reversed(missing))
+        return folder
+
+    try:
+        yield make
+    except BaseException:
+        for folder in reversed(created):
+            with suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def _in_place(path: str) -> bool:

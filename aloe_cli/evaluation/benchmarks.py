@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aloe_cli.data.io import Item, input_format, read_file, source_name
+from aloe_cli.data.io import STDIO, Item, StreamCopies, input_format, read_file, source_name
 from aloe_cli.data.records import text_of
+from aloe_cli.data.streams import is_stream
 from aloe_cli.errors import AloeError, RecordError
 from aloe_cli.evaluation.extraction import LETTERS, normalize_yesno
 
@@ -64,13 +65,14 @@ class EvalItem:
 
 
 def parse_benchmark_spec(text: str) -> BenchmarkSpec:
-    """`NAME=FILE` or `FILE` (named after its stem)."""
+    """`NAME=FILE` or `FILE` (named after its stem). `-` is standard input; a FIFO, `/dev/stdin` or `<(...)`
+    is a stream (JSONL unless its name ends in .tsv), read once."""
     name, sep, path = text.partition("=")
     if sep and _NAME.match(name) and "/" not in name:
         spec = BenchmarkSpec(name, path)
     else:
         spec = BenchmarkSpec(source_name(text), text)
-    if not Path(spec.path).is_file():
+    if spec.path != STDIO and not (Path(spec.path).is_file() or is_stream(spec.path)):
         raise AloeError(f"benchmark file not found: {spec.path}")
     if input_format(spec.path) not in ("tsv", "jsonl"):
         raise AloeError(f"{spec.path}: a benchmark must be a VLMEvalKit .tsv or a .jsonl file")
@@ -78,13 +80,17 @@ def parse_benchmark_spec(text: str) -> BenchmarkSpec:
 
 
 def read_benchmark(spec: BenchmarkSpec, image_root: str | Path | None = None,
-                   limit: int | None = None) -> list[Item]:
-    """Every item of a benchmark, each with `annotations["eval_item"]` or an `error` naming line and field."""
+                   limit: int | None = None, streams: StreamCopies | None = None) -> list[Item]:
+    """Every item of a benchmark, each with `annotations["eval_item"]` or an `error` naming line and field.
+
+    Read through the shared record reader, so every row is normalised on read (embedded DICOM becomes PNG
+    pixels without its header). A stream is read from its copy in `streams` when given (it can be read once)."""
     items: list[Item] = []
     seen: dict[str, str] = {}
     tsv = input_format(spec.path) == "tsv"
     columns_checked = not tsv
-    for position, item in enumerate(read_file(spec.path, image_root), start=1):
+    rows = streams.read(spec.path, image_root) if streams is not None else read_file(spec.path, image_root)
+    for position, item in enumerate(rows, start=1):
         if limit is not None and len(items) >= limit:
             break
         if item.error is None:

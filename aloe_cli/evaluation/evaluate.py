@@ -12,13 +12,18 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aloe_cli.data.io import RecordWriter
+from aloe_cli.data.io import RecordWriter, StreamCopies
 from aloe_cli.data.stage import RunConfig, run_stage
 from aloe_cli.evaluation.benchmarks import BenchmarkSpec, read_benchmark
 from aloe_cli.evaluation.judge import OpenJudge
 from aloe_cli.evaluation.results import PREDICTIONS_FILE, folder_name, save_scores, write_tables
 from aloe_cli.evaluation.runner import EvalStage, Perturber
 from aloe_cli.modeling.backends import GenerationBackend, GenerationParams
+
+
+def _make(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 @dataclass
@@ -31,6 +36,8 @@ class EvalPlan:
     limit: int | None = None
     on_error: str = "fail"
     image_root: Path | None = None
+    streams: StreamCopies | None = None  # benchmarks that can be read once only (FIFOs, stdin), copied once
+    make_folder: Callable[[Path], Path] = _make  # creates a folder (and its parents) for the results
 
 
 @dataclass
@@ -52,11 +59,16 @@ PerturberFactory = Callable[[list], Perturber]
 def evaluate_model(label: str, backend: Callable[[], GenerationBackend], plan: EvalPlan, *,
                    judge: OpenJudge | None = None, perturbers: PerturberFactory | None = None,
                    progress: ProgressFactory | None = None, info: dict | None = None,
-                   cache_tag: str = "", keyed: bool = False) -> list[BenchmarkRun]:
+                   cache_tag: str = "", keyed: bool = False,
+                   on_run: Callable[[BenchmarkRun], None] | None = None) -> list[BenchmarkRun]:
+    """Every benchmark of `plan` on one model; `on_run` hears of each benchmark once its files are written.
+
+    A benchmark's predictions and its entry in scores.json are complete or absent: an interrupted run keeps
+    the benchmarks it finished, nothing of the one under way."""
     model_dir = Path(plan.output) / folder_name(label)
     runs = []
     for spec in plan.benchmarks:
-        items = read_benchmark(spec, plan.image_root, plan.limit)
+        items = read_benchmark(spec, plan.image_root, plan.limit, streams=plan.streams)
         if plan.on_error == "fail":  # a bad item stops the run before any model is loaded
             bad = next((item for item in items if item.error is not None), None)
             if bad is not None:
@@ -64,17 +76,18 @@ def evaluate_model(label: str, backend: Callable[[], GenerationBackend], plan: E
         perturber = perturbers([item for item in items if item.error is None]) if plan.perturbations else None
         stage = EvalStage(backend, label, plan.params, judge=judge, perturber=perturber,
                           perturbations=plan.perturbations, cache_tag=cache_tag, keyed=keyed)
-        target = model_dir / spec.name / PREDICTIONS_FILE
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target = plan.make_folder(model_dir / spec.name) / PREDICTIONS_FILE
         config = RunConfig(batch_size=plan.batch_size, on_error=plan.on_error)
         bar = _progress_factory(progress, label, spec.name, len(items), stage)
         with RecordWriter(target) as writer:
             summary = run_stage(stage, items, writer, None, config, progress=bar)
         scores = {**stage.scores(), "file": spec.path, "skipped": dict(sorted(summary.reasons.items()))}
-        runs.append(BenchmarkRun(spec.name, summary.read, summary.kept, summary.emitted, scores["skipped"], scores))
+        run = BenchmarkRun(spec.name, summary.read, summary.kept, summary.emitted, scores["skipped"], scores)
         save_scores(model_dir, label, {spec.name: scores}, info)
-    if runs:
-        write_tables(Path(plan.output))
+        write_tables(Path(plan.output))  # after every benchmark: the tables always match the scores files
+        runs.append(run)
+        if on_run is not None:
+            on_run(run)
     return runs
 
 

@@ -10,6 +10,7 @@ of the record; null when the record has none). `draw_boxes` saves each image wit
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,12 +59,21 @@ def _box(box: GroundedBox, size: tuple[int, int] | None) -> dict:
 
 
 def draw_boxes(images: list, image_root, boxes: list[dict], folder: Path, stem: str) -> list[Path]:
-    """Save every image of a record as PNG, its boxes drawn with their labels; returns the paths."""
+    """Save every image of a record as PNG, its boxes drawn with their labels; returns the paths.
+
+    Each file is written atomically (complete or absent). A drawing never replaces one of the record's own
+    images (`--draw` pointed at the image folder, a record id equal to an image's name): a RecordError."""
     from PIL import ImageDraw
 
-    from aloe_cli.data.images import load_image
+    from aloe_cli.data.images import load_image, resolve_path
+    from aloe_cli.data.io import atomic_path, write_error
 
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(folder, exc) from None
+    originals = {os.path.realpath(resolve_path(entry, image_root)) for entry in images
+                 if isinstance(entry, str) and not entry.startswith("data:")}
     written = []
     for position, entry in enumerate(images):
         image = load_image(entry, image_root).convert("RGB")
@@ -79,7 +89,14 @@ def draw_boxes(images: list, image_root, boxes: list[dict], folder: Path, stem: 
                 draw.rectangle([x1, label_top, x1 + (right - left) + 4, label_top + (bottom - top) + 2], fill=colour)
                 draw.text((x1 + 2, label_top), box["label"], fill="white")
         path = folder / (f"{stem}.png" if len(images) == 1 else f"{stem}_{position}.png")
-        image.save(path)
+        if os.path.realpath(path) in originals:
+            raise RecordError("draw_overwrites_input", f"--draw would replace the record's own image {path}: "
+                              "draw into another folder", field="images")
+        with atomic_path(path) as tmp:
+            try:
+                image.save(tmp, format="PNG")
+            except OSError as exc:
+                raise write_error(path, exc) from None
         written.append(path)
     return written
 

@@ -14,8 +14,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aloe_cli.modeling.backends import Failure, GenerationBackend, GenerationParams, GenerationRequest, Reply
+from aloe_cli.modeling.backends import GenerationBackend, GenerationParams, GenerationRequest
 from aloe_cli.modeling.backends.cache import request_key
+from aloe_cli.modeling.backends.retry import AskCounters, Parsed, Unparsed, ask_until_parsed
 
 SCORES = (0.0, 0.5, 1.0)
 
@@ -110,14 +111,6 @@ def judge_prompt(case: JudgeCase, rubric: str = JUDGE_RUBRIC) -> str:
 
 
 @dataclass
-class JudgeCounters:
-    requests: int = 0
-    parse_retries: int = 0
-    unparseable: int = 0
-    failed: int = 0
-
-
-@dataclass
 class OpenJudge:
     """Grades open-ended answers through any generation backend (local model or served)."""
 
@@ -128,53 +121,33 @@ class OpenJudge:
     retry_temperature: float = 0.7
     rubric: str = JUDGE_RUBRIC
     keyed: bool = False  # give requests cache keys (when a response cache is in front of the backend)
-    counters: JudgeCounters = field(default_factory=JudgeCounters)
+    counters: AskCounters = field(default_factory=AskCounters)
 
     def grade(self, cases: list[JudgeCase]) -> list[JudgeResult]:
-        results = [JudgeResult(None) for _ in cases]
-        pending = []
-        for index, case in enumerate(cases):
-            if case.prediction.strip():
-                pending.append(index)
-            else:
-                results[index] = JudgeResult(0.0, "empty answer")
-        for attempt in range(self.parse_retries + 1):
-            if not pending:
-                break
-            if attempt:
-                self.counters.parse_retries += len(pending)
-            self.counters.requests += len(pending)
-            pending = self._ask(cases, results, pending, attempt)
-        for index in pending:
-            self.counters.unparseable += 1
-            results[index].error = f"unparseable reply after {self.parse_retries + 1} attempt(s)"
-        return results
-
-    def _ask(self, cases: list[JudgeCase], results: list[JudgeResult], pending: list[int], attempt: int) -> list[int]:
-        prompts = [judge_prompt(cases[index], self.rubric) for index in pending]
-        messages = [[{"role": "user", "content": [{"type": "text", "text": text}]}] for text in prompts]
-        requests = [GenerationRequest(messages=chat, key=self._key(chat, attempt) if self.keyed else None)
-                    for chat in messages]
-        temperature = 0.0 if attempt == 0 else self.retry_temperature
-        params = GenerationParams(max_new_tokens=self.max_new_tokens, temperature=temperature, seed=attempt)
-        again: list[int] = []
-
-        def on_done(position: int, completion: Reply | Failure) -> None:
-            index = pending[position]
+        """One result per case; an empty answer scores 0 without asking (`backends.retry` asks the rest)."""
+        results = [JudgeResult(0.0, "empty answer") if not case.prediction.strip() else JudgeResult(None)
+                   for case in cases]
+        asked = [index for index, case in enumerate(cases) if case.prediction.strip()]
+        if not asked:
+            return results
+        chats = [[{"role": "user", "content": [{"type": "text", "text": judge_prompt(cases[index], self.rubric)}]}]
+                 for index in asked]
+        key = (lambda position, attempt: self._key(chats[position], attempt)) if self.keyed else None
+        outcomes = ask_until_parsed(self.backend(), [GenerationRequest(messages=chat) for chat in chats],
+                                    GenerationParams(max_new_tokens=self.max_new_tokens), parse_verdict,
+                                    parse_retries=self.parse_retries, retry_temperature=self.retry_temperature,
+                                    key=key, counters=self.counters)
+        for index, outcome in zip(asked, outcomes):
             result = results[index]
-            result.attempts = attempt + 1
-            if isinstance(completion, Failure):
-                self.counters.failed += 1
-                result.error = f"judge request failed: {completion.message}"
-                return
-            try:
-                result.score, result.reason = parse_verdict(completion.text)
-            except UnparseableVerdict:
-                result.reply = " ".join(completion.text.split())[:300]
-                again.append(index)
-
-        self.backend().generate(requests, params, on_done)
-        return sorted(again)
+            result.attempts = outcome.attempts
+            if isinstance(outcome, Parsed):
+                result.score, result.reason = outcome.value
+            elif isinstance(outcome, Unparsed):
+                result.reply = " ".join(outcome.reply.split())[:300]
+                result.error = f"unparseable reply after {outcome.attempts} attempt(s)"
+            else:
+                result.error = f"judge request failed: {outcome.failure.message}"
+        return results
 
     def _key(self, messages: list[dict], attempt: int) -> str:
         return request_key(self.name, messages, salt=f"judge attempt={attempt} max_new_tokens={self.max_new_tokens}")

@@ -8,9 +8,9 @@ be read are errors naming the file, line and field, or counted skips with `--on-
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 
 from aloe_cli.data.io import Item, read_file
 from aloe_cli.data.stage import Stage
@@ -21,7 +21,7 @@ from aloe_cli.evaluation.scoring import benchmark_scores, rescore_line
 def prediction_items(paths: Iterable[str]) -> Iterator[Item]:
     """Prediction lines as items whose record is the line itself (not a converted chat record)."""
     for path in paths:
-        if not Path(path).is_file():
+        if not os.path.exists(path):
             raise AloeError(f"predictions file not found: {path}")
         for item in read_file(path):
             if isinstance(item.raw, dict):

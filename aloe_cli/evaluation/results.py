@@ -15,14 +15,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from aloe_cli.data.io import read_file
+from aloe_cli.data.writing import write_atomic, write_atomic_many
 from aloe_cli.errors import AloeError, RecordError
 from aloe_cli.evaluation.scoring import PERTURBATION_TITLES, PERTURBATIONS
 
@@ -37,16 +36,8 @@ def folder_name(label: str) -> str:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """`text` to `path`, complete or not at all (`data.writing`: synced, renamed, the umask's mode)."""
+    write_atomic(path, text.encode("utf-8"))
 
 
 def read_prediction_lines(path: str) -> Iterator[tuple[str, dict | None, RecordError | None]]:
@@ -160,8 +151,8 @@ def render_csv(models: list[dict]) -> str:
 
 def write_tables(folder: Path) -> list[dict]:
     models = collect_scores(folder)
-    write_text_atomic(Path(folder) / "results.md", render_markdown(models))
-    write_text_atomic(Path(folder) / "results.csv", render_csv(models))
+    write_atomic_many({Path(folder) / "results.md": render_markdown(models).encode("utf-8"),
+                       Path(folder) / "results.csv": render_csv(models).encode("utf-8")})  # together, or neither
     return models
 
 

@@ -23,7 +23,6 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +31,9 @@ from aloe_cli.data.records import annotate, text_of
 from aloe_cli.data.stage import Reject, Stage
 from aloe_cli.errors import AloeError, RecordError
 from aloe_cli.filters.thresholds import Bounds, Distribution, ResolvedThresholds, Thresholds, source_of
-from aloe_cli.modeling.backends import (
-    REQUEST_FAILED,
-    Completion,
-    Failure,
-    GenerationBackend,
-    GenerationParams,
-    GenerationRequest,
-)
+from aloe_cli.modeling.backends import GenerationBackend, GenerationParams, GenerationRequest
 from aloe_cli.modeling.backends.cache import CachedBackend, ResponseCache, request_key
+from aloe_cli.modeling.backends.retry import AskCounters, Parsed, Unparsed, ask_until_parsed
 
 STAGE = "score"
 MIN_SCORE, MAX_SCORE = 1, 5
@@ -259,13 +252,10 @@ class ScoreConfig:
 
 
 @dataclass
-class ScoreCounters:
-    asked: int = 0  # requests sent to the judge (parse retries included; not cache hits nor records that failed before)
-    cached: int = 0
-    parse_retries: int = 0
-    unparseable: int = 0
-    failed: int = 0  # requests sent that failed after their retries
-    failed_before_request: int = 0  # records that never reached the judge (no answer, a bad image, ...)
+class ScoreCounters(AskCounters):
+    """The asking loop's counters (requests, cached, parse_retries, unparseable, failed, not_sent), and more."""
+
+    failed_before_request: int = 0  # records with no request to send (no answer to judge, ...)
     by_source: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def count_score(self, source: str, score: int | None) -> None:
@@ -318,52 +308,22 @@ class ScoreStage(Stage):
             self._judge(pending)
 
     def _judge(self, pending: list[tuple[Item, GenerationRequest]]) -> None:
-        """Ask, then ask again (sampling) for replies that did not parse."""
-        last_reply: dict[int, str] = {}
-        remaining = list(range(len(pending)))
-        for attempt in range(self.config.parse_retries + 1):
-            if not remaining:
-                break
-            unparsed: list[int] = []
-            on_done = partial(self._take_reply, pending, remaining, unparsed, last_reply, attempt)
-            params = GenerationParams(max_new_tokens=self.config.max_new_tokens,
-                                      temperature=0.0 if attempt == 0 else self.config.retry_temperature,
-                                      seed=self.config.seed + attempt)
-            self.backend.generate([pending[i][1] for i in remaining], params, on_done)
-            remaining = sorted(unparsed)
-        for index in remaining:
-            self._record_unparseable(pending[index][0], last_reply.get(index, ""))
-
-    def _take_reply(self, pending: list[tuple[Item, GenerationRequest]], asked: list[int], unparsed: list[int],
-                    last_reply: dict[int, str], attempt: int, position: int, completion: Completion) -> None:
-        """One completion of a round: annotate the record, or keep it for the next round."""
-        index = asked[position]
-        item = pending[index][0]
-        # A Failure other than REQUEST_FAILED was met while building the request (an image that does not load):
-        # nothing was sent, so it is not a request.
-        sent = not isinstance(completion, Failure) or completion.reason == REQUEST_FAILED
-        if getattr(completion, "cached", False):
-            self.counters.cached += 1
-        elif sent:
-            self.counters.asked += 1
-            if attempt > 0:
-                self.counters.parse_retries += 1
-        if isinstance(completion, Failure):
-            reason, message = completion.reason, completion.message
-            if sent:
-                self.counters.failed += 1
-                reason, message = "judge_request_failed", f"judge request failed: {message}"
-            else:
-                self.counters.failed_before_request += 1
-            item.error = RecordError(reason, message, where=item.where)
-            return
-        try:
-            verdict = parse_judge_reply(completion.text)
-        except UnparseableReply:
-            last_reply[index] = completion.text
-            unparsed.append(index)
-            return
-        self._record_verdict(item, verdict)
+        """Ask, then ask again (sampling) for replies that did not parse (`backends.retry`)."""
+        params = GenerationParams(max_new_tokens=self.config.max_new_tokens)
+        outcomes = ask_until_parsed(self.backend, [request for _, request in pending], params, parse_judge_reply,
+                                    parse_retries=self.config.parse_retries,
+                                    retry_temperature=self.config.retry_temperature, seed=self.config.seed,
+                                    counters=self.counters)
+        for (item, _), outcome in zip(pending, outcomes):
+            if isinstance(outcome, Parsed):
+                self._record_verdict(item, outcome.value)
+            elif isinstance(outcome, Unparsed):
+                self._record_unparseable(item, outcome.reply)
+            elif outcome.sent:
+                item.error = RecordError("judge_request_failed", f"judge request failed: {outcome.failure.message}",
+                                         where=item.where)
+            else:  # failed while the request was built (an image that does not load): nothing was sent
+                item.error = RecordError(outcome.failure.reason, outcome.failure.message, where=item.where)
 
     def _record_verdict(self, item: Item, verdict: Verdict) -> None:
         annotate(item.record, self.name, {"value": verdict.score, "reason": verdict.reason,
@@ -377,7 +337,6 @@ class ScoreStage(Stage):
         annotate(item.record, self.name, {"value": None, "judge": self.config.judge,
                                           "error": f"unparseable reply after {attempts} attempt(s)",
                                           "reply": _excerpt(reply)})
-        self.counters.unparseable += 1
         self.counters.count_score(source_of(item), None)
 
     def decide(self, item: Item) -> Reject | None:
@@ -400,12 +359,13 @@ class ScoreStage(Stage):
         return {
             "judge": self.config.judge,
             "backend": self.backend.name,
-            "requests": self.counters.asked,
+            "requests": self.counters.requests,
             "cached": self.counters.cached,
             "parse_retries": self.counters.parse_retries,
             "unparseable": self.counters.unparseable,
             "request_failures": self.counters.failed,
-            "failed_before_request": self.counters.failed_before_request,
+            # never reached the judge: no request could be made, or it failed while built (a bad image)
+            "failed_before_request": self.counters.failed_before_request + self.counters.not_sent,
             "scores": {source: self.counters.by_source[source] for source in sources},
             "thresholds": {source: self._resolved.limits_for(source).to_dict() for source in sources},
             **self._client_summary(),

@@ -17,14 +17,13 @@ Nothing here imports torch, transformers or DeepSpeed: `--dry-run` and
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from aloe_cli.errors import AloeError
+from aloe_cli.errors import AloeError, UsageError
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 # transformers' SchedulerType values that need no extra arguments.
@@ -32,14 +31,27 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
                  "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 TRUNCATE_MODES = ("none", "text")
 ON_ERROR_MODES = ("skip", "fail")
-SHIPPED_DEEPSPEED = ("zero3", "zero2")
 PERTURB_KINDS_DEFAULT = "cap,pmt,syc,leg,region"
 CONFIG_FILE = "aloe-train.yaml"
 
 
-def option(help: str, *flags: str, minimum: float | None = None, group: str = "training") -> dict:
-    """Field metadata: the flag spelling(s), help text, lower bound, and the help panel it is listed in."""
-    return {"help": help, "flags": flags, "min": minimum, "group": group}
+FLAG = "flag"  # where a value came from: a flag, else the path of the --config file
+INT_MAX = 2 ** 31 - 1
+
+
+def option(help: str, *flags: str, minimum: float | None = None, maximum: float | None = None,
+           group: str = "training") -> dict:
+    """Field metadata: the flag spelling(s), help text, bounds, and the help panel it is listed in."""
+    return {"help": help, "flags": flags, "min": minimum, "max": maximum, "group": group}
+
+
+class ConfigValueError(AloeError):
+    """A value no run can use. `fields` are the keys it involves; `TrainConfig.blame` turns it into a usage
+    error naming the flag (exit 2) or a one-line error naming the --config file and key (exit 1)."""
+
+    def __init__(self, fields: tuple[str, ...], message: str):
+        super().__init__(message)
+        self.fields = fields
 
 
 @dataclass
@@ -56,36 +68,43 @@ class TrainConfig:
     image_root: str | None = field(default=None, metadata=option(
         "Folder that relative image paths resolve against (default: each input file's folder).", group="data"))
     max_pixels: int | None = field(default=None, metadata=option(
-        "Processor limit: images larger than this many pixels are downscaled.", minimum=1, group="data"))
+        "Processor limit: images larger than this many pixels are downscaled.", minimum=1, maximum=INT_MAX,
+        group="data"))
     min_pixels: int | None = field(default=None, metadata=option(
-        "Processor limit: images smaller than this many pixels are upscaled.", minimum=1, group="data"))
+        "Processor limit: images smaller than this many pixels are upscaled.", minimum=1, maximum=INT_MAX,
+        group="data"))
     truncate: str = field(default="none", metadata=option(
         "Over-long samples: none = drop them (counted); text = cut their text, never image tokens.", group="data"))
     on_error: str = field(default="skip", metadata=option(
         "A record with a missing or broken image: skip (counted) or fail (stop the run).", group="data"))
     dataloader_workers: int = field(default=4, metadata=option(
-        "Worker processes decoding images and running the processor, per rank.", minimum=0, group="data"))
+        "Worker processes decoding images and running the processor, per rank; capped at the CPUs a rank may use.",
+        minimum=0, maximum=1024, group="data"))
 
     # -- optimisation (the published recipe)
     global_batch_size: int = field(default=1024, metadata=option(
-        "Samples per optimizer step over all ranks (= micro x accumulation x world size).", minimum=1))
-    micro_batch_size: int = field(default=16, metadata=option("Samples per forward pass per rank.", minimum=1))
-    epochs: float = field(default=1.0, metadata=option("Passes over the data.", minimum=0))
+        "Samples per optimizer step over all ranks (= micro x accumulation x world size).", minimum=1,
+        maximum=2 ** 24))
+    micro_batch_size: int = field(default=16, metadata=option("Samples per forward pass per rank.", minimum=1,
+                                                              maximum=2 ** 16))
+    epochs: float = field(default=1.0, metadata=option("Passes over the data.", minimum=0, maximum=10_000))
     max_steps: int | None = field(default=None, metadata=option(
-        "Stop after this many optimizer steps (overrides --epochs).", minimum=1))
-    learning_rate: float = field(default=3.75e-5, metadata=option("Peak learning rate (AdamW).", minimum=0))
+        "Stop after this many optimizer steps (overrides --epochs).", minimum=1, maximum=INT_MAX))
+    learning_rate: float = field(default=3.75e-5, metadata=option("Peak learning rate (AdamW).", minimum=0,
+                                                                  maximum=1))
     lr_scheduler: str = field(default="cosine", metadata=option(
         "Learning-rate schedule (transformers' names: cosine, linear, constant, constant_with_warmup, ...)."))
     warmup_ratio: float = field(default=0.03, metadata=option(
-        "Fraction of the steps spent warming up (SFTConfig's fractional warmup_steps).", minimum=0))
+        "Fraction of the steps spent warming up (SFTConfig's fractional warmup_steps).", minimum=0, maximum=0.999))
     weight_decay: float = field(default=0.0, metadata=option("AdamW weight decay.", minimum=0))
     max_length: int = field(default=4096, metadata=option(
-        "Longest sample in tokens, image tokens included.", minimum=1))
+        "Longest sample in tokens, image tokens included.", minimum=1, maximum=2 ** 20))
     precision: str = field(default="bf16", metadata=option("bf16, fp16 or fp32."))
     gradient_checkpointing: bool = field(default=True, metadata=option(
         "Recompute activations in the backward pass (less memory, ~30% more compute).",
         "--gradient-checkpointing/--no-gradient-checkpointing"))
-    seed: int = field(default=42, metadata=option("Seed for weights, data order and dropout.", minimum=0))
+    seed: int = field(default=42, metadata=option("Seed for weights, data order and dropout.", minimum=0,
+                                                  maximum=2 ** 32 - 1))
     shuffle: bool = field(default=True, metadata=option(
         "Shuffle the records each epoch (--no-shuffle keeps the input order, e.g. a mixture aloe mix shuffled).",
         "--shuffle/--no-shuffle"))
@@ -107,11 +126,11 @@ class TrainConfig:
 
     # -- run
     save_steps: int = field(default=500, metadata=option("Save a checkpoint every N optimizer steps.", minimum=1,
-                                                         group="run"))
+                                                         maximum=INT_MAX, group="run"))
     save_total_limit: int | None = field(default=None, metadata=option(
-        "Keep only the newest N checkpoints.", minimum=1, group="run"))
+        "Keep only the newest N checkpoints.", minimum=1, maximum=INT_MAX, group="run"))
     logging_steps: int = field(default=10, metadata=option(
-        "Log loss, learning rate and tokens/s every N optimizer steps.", minimum=1, group="run"))
+        "Log loss, learning rate and tokens/s every N optimizer steps.", minimum=1, maximum=INT_MAX, group="run"))
     resume: bool = field(default=False, metadata=option(
         "Continue from the last checkpoint in --output-dir.", group="run"))
     report_to: str = field(default="none", metadata=option(
@@ -121,38 +140,57 @@ class TrainConfig:
 
     @classmethod
     def from_sources(cls, yaml_path: str | os.PathLike | None, flags: dict[str, Any]) -> TrainConfig:
-        """Defaults, overridden by the YAML file, overridden by the flags that were given (not None)."""
+        """Defaults, overridden by the YAML file, overridden by the flags that were given (not None).
+
+        A value no run can use is a usage error naming the flag (exit 2) when a flag gave it, else a one-line
+        error naming the file and the key (exit 1)."""
         values: dict[str, Any] = {}
+        origins: dict[str, str] = {}
         if yaml_path is not None:
             values.update(load_yaml(yaml_path, cls))
+            origins.update(dict.fromkeys(values, str(yaml_path)))
         names = {f.name for f in dataclasses.fields(cls)}
-        values.update({key: value for key, value in flags.items() if key in names and value not in (None, [])})
+        given = {key: value for key, value in flags.items() if key in names and value not in (None, [])}
+        values.update(given)
+        origins.update(dict.fromkeys(given, FLAG))
         config = cls(**values)
-        config.validate()
+        config.origins = origins
+        try:
+            config.validate()
+        except ConfigValueError as error:
+            raise config.blame(error) from None
         return config
 
+    def blame(self, error: ConfigValueError) -> AloeError:
+        """The error for a bad value, told where it came from: the flag (exit 2), else the --config file and key
+        (exit 1); a value that came from neither (a default, the launcher's world size) blames the flag."""
+        origins = getattr(self, "origins", {})
+        flagged = [name for name in error.fields if origins.get(name) == FLAG]
+        in_file = [name for name in error.fields if origins.get(name) not in (None, FLAG)]
+        if flagged or not in_file:
+            return UsageError(str(error), describe((flagged or error.fields)[0]))
+        return AloeError(f"{origins[in_file[0]]}: key {in_file[0]!r}: {error}")
+
     def validate(self) -> None:
+        """ConfigValueError for the first value no run can use."""
         for f in dataclasses.fields(self):
-            bound = f.metadata.get("min")
             value = getattr(self, f.name)
-            if bound is not None and value is not None and value < bound:
-                raise AloeError(f"{describe(f.name)} must be at least {bound:g}, got {value}")
+            _check_value(f, value)
         _choice("precision", self.precision, PRECISIONS)
         _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _choice("truncate", self.truncate, TRUNCATE_MODES)
         _choice("on_error", self.on_error, ON_ERROR_MODES)
-        if self.warmup_ratio >= 1:
-            raise AloeError(f"{describe('warmup_ratio')} is a fraction of the steps, below 1; got {self.warmup_ratio}")
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
-            raise AloeError(f"--min-pixels {self.min_pixels} is larger than --max-pixels {self.max_pixels}")
+            raise ConfigValueError(("min_pixels", "max_pixels"),
+                                   f"{self.min_pixels} is larger than --max-pixels {self.max_pixels}")
         if self.epochs == 0 and self.max_steps is None:
-            raise AloeError("--epochs 0 trains nothing; give --max-steps or a positive --epochs")
+            raise ConfigValueError(("epochs", "max_steps"), "0 trains nothing; give --max-steps or a positive --epochs")
 
     def require(self, *names: str) -> None:
-        """Fields a real run (not --dry-run or --slurm) cannot do without."""
+        """Fields a real run (not --dry-run or --slurm) cannot do without: a usage error (exit 2)."""
         for name in names:
             if not getattr(self, name):
-                raise AloeError(f"{describe(name)} is required (as a flag or a key of --config)")
+                raise UsageError("is required (as a flag or a key of --config)", describe(name))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -168,12 +206,16 @@ class AdvTrainConfig(TrainConfig):
         "Perturbations to emit, comma-separated, balanced across them; none = the inputs are already perturbed "
         "(e.g. written by --emit-only).", group="adversarial"))
     samples: int | None = field(default=17200, metadata=option(
-        "How many perturbed samples to emit (the published stage 2 used 17.2 K).", minimum=1, group="adversarial"))
+        "How many perturbed samples to emit (the published stage 2 used 17.2 K).", minimum=1, maximum=INT_MAX,
+        group="adversarial"))
     emit: str | None = field(default=None, metadata=option(
         "Also write the perturbed records here (.jsonl, .jsonl.gz, .parquet). Default: <output-dir>/adversarial.jsonl.",
         group="adversarial"))
     emit_only: bool = field(default=False, metadata=option(
         "Write the perturbed records to --emit and stop (no model is loaded).", group="adversarial"))
+    keep_dicom_bytes: bool = field(default=False, metadata=option(
+        "Pass embedded DICOM (data URIs, parquet image bytes) through to --emit with its header and patient data. "
+        "Default: re-encoded on read as PNG pixels without the header.", group="adversarial"))
 
     def validate(self) -> None:
         if self.base:
@@ -182,9 +224,9 @@ class AdvTrainConfig(TrainConfig):
         if self.perturb != "none":
             self.perturb_kinds()
         if self.emit_only and not self.emit:
-            raise AloeError("--emit-only needs --emit FILE")
+            raise ConfigValueError(("emit_only", "emit"), "needs --emit FILE")
         if self.emit_only and self.perturb == "none":
-            raise AloeError("--emit-only with --perturb none has nothing to emit")
+            raise ConfigValueError(("emit_only", "perturb"), "with --perturb none there is nothing to emit")
 
     def perturb_kinds(self) -> tuple[str, ...]:
         from aloe_cli.perturb import KINDS
@@ -192,8 +234,8 @@ class AdvTrainConfig(TrainConfig):
         kinds = tuple(part.strip() for part in self.perturb.split(",") if part.strip())
         unknown = [kind for kind in kinds if kind not in KINDS]
         if unknown or not kinds or len(set(kinds)) != len(kinds):
-            raise AloeError(f"--perturb must be distinct names among {', '.join(KINDS)} (or none), "
-                            f"got {self.perturb!r}")
+            raise ConfigValueError(("perturb",), f"must be distinct names among {', '.join(KINDS)} (or none), "
+                                   f"got {self.perturb!r}")
         return kinds
 
 
@@ -204,7 +246,28 @@ def describe(name: str) -> str:
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise AloeError(f"{describe(name)} must be one of {', '.join(choices)}, got {value!r}")
+        raise ConfigValueError((name,), f"must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_value(f: dataclasses.Field, value: Any) -> None:
+    """Bounds, finiteness and non-empty text for one field."""
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, str) and not value.strip():
+        raise ConfigValueError((f.name,), "is empty")
+    if isinstance(value, list) and any(not str(entry).strip() for entry in value):
+        raise ConfigValueError((f.name,), "has an empty entry")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigValueError((f.name,), f"must be a finite number, got {value}")
+    low, high = f.metadata.get("min"), f.metadata.get("max")
+    if low is not None and value < low:
+        raise ConfigValueError((f.name,), f"must be at least {_bound(low)}, got {value}")
+    if high is not None and value > high:
+        raise ConfigValueError((f.name,), f"must be at most {_bound(high)}, got {value}")
+
+
+def _bound(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def load_yaml(path: str | os.PathLike, cls: type = TrainConfig) -> dict[str, Any]:
@@ -344,58 +407,19 @@ def resolve(config: TrainConfig, world: int, *, command: str = "train") -> Train
     """Gradient accumulation for `world` ranks, and the DeepSpeed config with its batch sizes filled in."""
     per_step = config.micro_batch_size * world
     if config.global_batch_size % per_step:
-        raise AloeError(f"--global-batch-size {config.global_batch_size} is not a multiple of --micro-batch-size "
-                        f"{config.micro_batch_size} x world size {world} = {per_step}")
+        raise config.blame(ConfigValueError(
+            ("global_batch_size", "micro_batch_size"), f"{config.global_batch_size} is not a multiple of "
+            f"--micro-batch-size {config.micro_batch_size} x world size {world} = {per_step}"))
     accumulation = config.global_batch_size // per_step
-    deepspeed = deepspeed_config(config, accumulation, world)
+    from aloe_cli.training.deepspeed_config import deepspeed_config
+
+    try:
+        deepspeed = deepspeed_config(config, accumulation, world)
+    except ConfigValueError as error:
+        raise config.blame(error) from None
     return TrainPlan(config=config, world_size=world, gradient_accumulation_steps=accumulation,
                      deepspeed=deepspeed, command=command)
 
 
-def shipped_deepspeed_config(name: str) -> dict:
-    """One of the DeepSpeed configs that ship in the package (`"auto"` values for transformers to fill)."""
-    text = resources.files("aloe_cli.training").joinpath("deepspeed", f"{name}.json").read_text(encoding="utf-8")
-    return json.loads(text)
-
-
-def deepspeed_config(config: TrainConfig, accumulation: int, world: int) -> dict | None:
-    """The DeepSpeed config as a dict, batch sizes and precision filled in (explicit values must agree)."""
-    choice = config.deepspeed
-    if choice == "none":
-        return None
-    if choice in SHIPPED_DEEPSPEED:
-        ds = shipped_deepspeed_config(choice)
-    else:
-        path = Path(choice)
-        if not path.is_file():
-            raise AloeError(f"--deepspeed must be zero3, zero2, none or a DeepSpeed JSON file; no such file: {choice}")
-        try:
-            ds = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise AloeError(f"--deepspeed {choice}: not a readable JSON file ({exc})") from None
-        if not isinstance(ds, dict):
-            raise AloeError(f"--deepspeed {choice}: a DeepSpeed config is a JSON object")
-    # DeepSpeed on CPU cannot take "auto" batch sizes, and explicit ones make the resolved file self-contained.
-    wanted = {"train_micro_batch_size_per_gpu": config.micro_batch_size,
-              "gradient_accumulation_steps": accumulation,
-              "train_batch_size": config.micro_batch_size * accumulation * world}
-    for key, value in wanted.items():
-        _fill(ds, key, value, choice)
-    for name in ("bf16", "fp16"):
-        section = ds.get(name)
-        if isinstance(section, dict):
-            _fill(section, "enabled", config.precision == name, choice, f"{name}.")
-    return ds
-
-
-def _fill(section: dict, key: str, value: Any, origin: str, prefix: str = "") -> None:
-    current = section.get(key, "auto")
-    if current == "auto":
-        section[key] = value
-    elif current != value:
-        raise AloeError(f"--deepspeed {origin}: {prefix}{key} is {current!r} but the training flags give {value!r} "
-                        "(set it to \"auto\")")
-
-
-__all__ = ["AdvTrainConfig", "CONFIG_FILE", "TrainConfig", "TrainPlan", "describe", "deepspeed_config", "load_yaml",
-           "resolve", "shipped_deepspeed_config", "world_size"]
+__all__ = ["AdvTrainConfig", "CONFIG_FILE", "ConfigValueError", "TrainConfig", "TrainPlan", "describe", "load_yaml",
+           "resolve", "world_size"]

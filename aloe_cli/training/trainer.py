@@ -30,8 +30,16 @@ from pathlib import Path
 from typing import Any
 
 from aloe_cli.data.io import Item
-from aloe_cli.errors import AloeError, first_line
-from aloe_cli.training.config import CONFIG_FILE, TrainPlan
+from aloe_cli.errors import AloeError, Terminated, first_line
+from aloe_cli.training.config import TrainPlan
+from aloe_cli.training.run_folder import (
+    disk_full,
+    last_checkpoint,
+    remove_incomplete,
+    save_final,
+    stopped,
+    write_plan,
+)
 
 LOG_FILE = "log.jsonl"
 
@@ -46,15 +54,6 @@ class TrainResult:
     guard_calls: list[int] = field(default_factory=list)  # text-only micro batches the vision guard covered, per rank
     resumed_from: str | None = None
     is_main: bool = True
-
-
-def write_plan(plan: TrainPlan, output_dir: Path) -> Path:
-    """`aloe-train.yaml`: the resolved configuration, written atomically."""
-    path = output_dir / CONFIG_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(plan.to_yaml(), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 # ----------------------------------------------------------------------------- distributed state
@@ -288,12 +287,6 @@ def stdout_to_stderr():
 
 # ----------------------------------------------------------------------------- the run
 
-def last_checkpoint(output_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-
-
 def run_training(plan: TrainPlan, items: Callable[[], Iterable[Item]], *,
                  log: Callable[[str], None] = lambda message: None) -> TrainResult:
     """Train `plan.config.model` on the records `items()` yields; everything lands in `plan.config.output_dir`."""
@@ -304,6 +297,15 @@ def run_training(plan: TrainPlan, items: Callable[[], Iterable[Item]], *,
             return _run(plan, items, output_dir, log)
         except AloeError as error:
             raise _worker_error(error) from None
+        except (Terminated, KeyboardInterrupt) as stop:
+            if getattr(stop, "outcome", None) is None:
+                stop.outcome = stopped(output_dir, plan.command)
+            raise
+        except Exception as exc:
+            full = disk_full(exc)
+            if full is None:
+                raise
+            raise AloeError(f"cannot write {output_dir}: {full}") from exc
 
 
 def preflight(plan: TrainPlan) -> None:
@@ -322,6 +324,29 @@ def preflight(plan: TrainPlan) -> None:
             raise AloeError(f"--report-to {name}: unknown (known: {', '.join(sorted(INTEGRATION_TO_CALLBACK))}, none)")
         if name not in get_available_reporting_integrations():
             raise AloeError(f"--report-to {name}: its package is not installed")
+    _check_precision(plan)
+
+
+def _check_precision(plan: TrainPlan) -> None:
+    """Half precision under DeepSpeed needs a GPU (without DeepSpeed, bf16 also runs on the CPU): say so in one
+    line before anything is read, not in the Trainer's traceback after the records were."""
+    import torch
+
+    precision = plan.config.precision
+    if precision != "fp32" and plan.deepspeed is not None and not torch.cuda.is_available():
+        raise AloeError(f"--precision {precision} with --deepspeed {plan.config.deepspeed} needs a GPU and none is "
+                        "visible: use --precision fp32 (or --deepspeed none)")
+
+
+def _cap_dataloader_workers(config, log: Callable[[str], None]) -> None:
+    """More data-loader workers than the CPUs this rank may use only adds processes: cap them, with a note."""
+    from aloe_cli.data.shard import available_cpus
+
+    cpus = available_cpus()
+    if config.dataloader_workers > cpus:
+        log(f"aloe: note: --dataloader-workers {config.dataloader_workers} is more than the {cpus} CPU(s) this "
+            f"rank may use; using {cpus}")
+        config.dataloader_workers = cpus
 
 
 def _quiet_libraries() -> None:
@@ -338,13 +363,15 @@ def _run(plan: TrainPlan, items, output_dir: Path, log) -> TrainResult:
     import torch
     from trl import SFTConfig
 
+    from aloe_cli.data.writing import folders_made
     from aloe_cli.training.collator import TrainingCollator
-    from aloe_cli.training.data import build_dataset, load_dataset
+    from aloe_cli.training.data import build_dataset, dataset_path, load_dataset
     from aloe_cli.training.guard import VisionGuard
 
     _quiet_libraries()
     preflight(plan)
     config = plan.config
+    _cap_dataloader_workers(config, log)
     resume_from = None
     if config.resume:
         resume_from = last_checkpoint(output_dir)
@@ -359,11 +386,16 @@ def _run(plan: TrainPlan, items, output_dir: Path, log) -> TrainResult:
     records: dict[str, Any] = {}
     with state.main_process_first():
         if state.is_main_process:
-            output_dir.mkdir(parents=True, exist_ok=True)
+            if resume_from:  # what a run stopped mid-save left: never resumed from, and in the way of the next save
+                for folder in remove_incomplete(output_dir):
+                    log(f"aloe {plan.command}: removed the incomplete checkpoint {folder} (its save never finished)")
+            # Records that stop the run (--on-error fail, none trainable) leave no run folder it made behind.
+            with folders_made() as make:
+                make(dataset_path(output_dir).parent)
+                summary = build_dataset(items(), output_dir, on_error=config.on_error)
             write_plan(plan, output_dir)
             if not resume_from:  # a new run starts a new log; a resumed one continues it
                 (output_dir / LOG_FILE).unlink(missing_ok=True)
-            summary = build_dataset(items(), output_dir, on_error=config.on_error)
             records = {"read": summary.read, "kept": summary.kept, "rejected": summary.rejected,
                        "reasons": dict(summary.reasons)}
             log(f"aloe {plan.command}: {summary.kept} training record(s) of {summary.read} read"
@@ -402,11 +434,17 @@ def _run(plan: TrainPlan, items, output_dir: Path, log) -> TrainResult:
         trainer.remove_callback(callback)
     if resume_from and state.is_main_process:
         log(f"aloe {plan.command}: resuming from {resume_from}")
-    output = trainer.train(resume_from_checkpoint=resume_from)
-    trainer.save_model(str(output_dir))
-    if trainer.accelerator.is_main_process:
-        processor.save_pretrained(str(output_dir))
-    trainer.accelerator.wait_for_everyone()
+    try:
+        output = trainer.train(resume_from_checkpoint=resume_from)
+        save_final(trainer, processor, output_dir)
+    except BaseException as stop:
+        # Preempted (SIGTERM), interrupted or failed (a full disk) while training or saving: a checkpoint or a final
+        # model half written would be taken for a whole one; remove them, so what is left resumes.
+        if state.is_main_process:
+            remove_incomplete(output_dir)
+            if isinstance(stop, (Terminated, KeyboardInterrupt)):
+                stop.outcome = stopped(output_dir, plan.command)
+        raise
     skipped = _sum_over_ranks(trainer.accelerator, trainer.skipped)
     guard_calls = trainer.accelerator.gather(torch.tensor([guard.calls], device=trainer.accelerator.device))
     guard.remove()

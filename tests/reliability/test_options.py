@@ -91,6 +91,42 @@ USAGE_ERRORS = {
     "mix-no-share": (("mix", "--tokenizer", "unused"), "--recipe", "--share"),
 }
 
+# The model commands, whole command lines (INPUT is replaced by the records file). A value found only after
+# parsing (a flag checked against another, the world size, a --deepspeed name) is a usage error too.
+TRAIN = ("train", "-i", "INPUT", "--model", "org/model", "--output-dir", "run")
+ADV = ("adv-train", "-i", "INPUT", "--base", "org/model", "--output-dir", "run")
+EVAL = ("eval", "--model", "m", "--backend", "openai", "--base-url", NO_SERVER, "--benchmark", "INPUT", "-o", "out")
+INFER = ("infer", "--model", "m", "--backend", "openai", "--base-url", NO_SERVER, "-i", "INPUT")
+MODEL_USAGE_ERRORS = {
+    "train-deepspeed": ((*TRAIN, "--deepspeed", "zero4"), "--deepspeed", "zero3, zero2, none or a DeepSpeed JSON"),
+    "train-warmup": ((*TRAIN, "--warmup-ratio", "1"), "--warmup-ratio", "at most 0.999"),
+    "train-lr-nan": ((*TRAIN, "--learning-rate", "nan"), "--learning-rate", "finite"),
+    "train-epochs-inf": ((*TRAIN, "--epochs", "inf"), "--epochs", "finite"),
+    "train-batch-divide": ((*TRAIN, "--global-batch-size", "10", "--micro-batch-size", "4"), "--global-batch-size",
+                           "not a multiple of --micro-batch-size 4"),
+    "train-seed-huge": ((*TRAIN, "--seed", str(2 ** 40)), "--seed", "at most 4294967295"),
+    "train-max-length": ((*TRAIN, "--max-length", "0"), "--max-length", "at least 1"),
+    "train-save-steps": ((*TRAIN, "--save-steps", "0"), "--save-steps", "at least 1"),
+    "train-precision": ((*TRAIN, "--precision", "fp8"), "--precision", "bf16, fp16, fp32"),
+    "train-pixels": ((*TRAIN, "--min-pixels", "100", "--max-pixels", "10"), "--min-pixels", "larger than"),
+    "train-no-output-dir": (TRAIN[:-2], "--output-dir", "is required"),
+    "adv-train-perturb": ((*ADV, "--perturb", "blur"), "--perturb", "distinct names"),
+    "adv-train-samples": ((*ADV, "--samples", "0"), "--samples", "at least 1"),
+    "adv-train-emit-only": ((*ADV, "--emit-only"), "--emit-only", "needs --emit"),
+    "adv-train-no-base": ((*ADV[:3], *ADV[5:]), "--base", "is required"),
+    "eval-perturb": ((*EVAL, "--perturb", "base,blur"), "--perturb", "unknown perturbation(s) blur"),
+    "eval-benchmark-names": ((*EVAL, "--benchmark", "INPUT"), "--benchmark", "share the name"),
+    "eval-model-names": ((*EVAL, "--model", "m"), "--model", "share the name"),
+    "eval-parse-retries": ((*EVAL, "--judge-parse-retries", "1000"), "--judge-parse-retries", "less than or equal"),
+    "eval-limit": ((*EVAL, "--limit", "0"), "--limit", "greater than or equal to 1"),
+    "eval-cache-empty": ((*EVAL, "--cache", ""), "--cache", "empty"),
+    "infer-temperature": ((*INFER, "--temperature", "5"), "--temperature", "less than or equal to 2"),
+    "infer-shard": ((*INFER, "--shard", "3/2"), "--shard", "need 0 <= K < N"),
+    "infer-seed": ((*INFER, "--seed", "-1"), "--seed", "greater than or equal to 0"),
+    "infer-system-empty": ((*INFER, "--system", " "), "--system", "empty"),
+    "infer-draw-empty": ((*INFER, "--draw", ""), "--draw", "empty"),
+}
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
@@ -117,6 +153,18 @@ def test_a_bad_option_value_is_a_usage_error(case, data):
     assert proc.stdout == ""
     assert not (data / "eval.idx").exists()
 
+
+@pytest.mark.parametrize("case", sorted(MODEL_USAGE_ERRORS))
+def test_a_bad_option_value_of_a_model_command_is_a_usage_error(case, data):
+    argv, option, fragment = MODEL_USAGE_ERRORS[case]
+    argv = [str(data / "train.jsonl") if arg == "INPUT" else arg for arg in argv]
+    proc = aloe(*argv, cwd=data, timeout=60)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    line = last_line(proc.stderr)
+    assert line.startswith("Error: Invalid value for") and option in line and fragment in line, proc.stderr
+    assert proc.stdout == ""
+    assert not (data / "run").exists() and not (data / "out").exists()
 
 def test_usage_errors_of_the_other_commands(tmp_path):
     proc = aloe("sample-data", str(tmp_path / "demo"), "--seed", "-1")

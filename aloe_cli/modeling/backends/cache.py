@@ -13,6 +13,7 @@ would be asked the same thing (moving the images elsewhere does not invalidate i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -109,8 +110,11 @@ class ResponseCache:
         if self._handle is None:
             self._handle = self._open_for_append()
         entry = {"key": key, "reply": reply, **{k: v for k, v in extra.items() if v is not None}}
-        self._handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        self._handle.flush()
+        try:
+            self._handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            self._handle.flush()
+        except OSError as exc:  # a full disk: one line (a torn last line is skipped when the cache is read)
+            raise AloeError(f"cannot write cache {self.path}: {exc.strerror or exc}") from None
 
     def _open_for_append(self):
         try:
@@ -126,8 +130,9 @@ class ResponseCache:
 
     def close(self) -> None:
         if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+            handle, self._handle = self._handle, None
+            with contextlib.suppress(OSError):  # after a failed write: what could not be flushed is lost anyway
+                handle.close()
 
 
 class CachedBackend:
