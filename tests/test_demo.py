@@ -4,6 +4,11 @@ and the whole demo, run through the CLI, meets the recipe's claims with a report
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -96,3 +101,30 @@ def test_demo_shows_the_recipe_learning(tmp_path):
     drawn = work / report["infer"]["drawn"][0]
     assert drawn.suffix == ".png" and drawn.stat().st_size > 0
     assert (work / "mixture.jsonl").stat().st_size > 0 and (work / "runs" / "stage2" / "config.json").exists()
+
+
+def _processes_in(folder) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry}/cwd").startswith(str(folder)):
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def test_sigterm_stops_every_command_of_the_running_step(tmp_path):
+    work = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "aloe_cli", "demo", "--workdir", str(work)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (work / "logs" / "curate.log").exists() or len(_processes_in(work)) < 3:  # bash + the pipe
+        assert time.monotonic() < deadline and process.poll() is None, "the curation pipe never started"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr[-2000:]
+    assert "terminated by SIGTERM" in stderr and "Traceback" not in stderr and stdout == ""
+    assert _processes_in(work) == []

@@ -17,10 +17,12 @@ and of eval's open-ended items is `RuleJudgeServer`, a stand-in on 127.0.0.1 tha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -90,14 +92,39 @@ class Runner:
         if bash is None:
             raise AloeError("aloe demo needs bash to run its curation pipe")
         with log.open("wb") as handle:
-            completed = subprocess.run([bash, "-c", script], cwd=self.workdir, env=self.env, stderr=handle,
-                                       stdout=None if stdout else handle, stdin=subprocess.DEVNULL, check=False)
+            # Its own session, so that on Ctrl-C or SIGTERM the whole pipe is stopped, not just bash.
+            process = subprocess.Popen([bash, "-c", script], cwd=self.workdir, env=self.env, stderr=handle,
+                                       stdout=None if stdout else handle, stdin=subprocess.DEVNULL,
+                                       start_new_session=True)
+            try:
+                returncode = process.wait()
+            except BaseException:
+                _stop(process)
+                raise
         self.seconds[step] = time.perf_counter() - started
-        if completed.returncode != 0:
+        if returncode != 0:
             tail = log.read_text(errors="replace").strip().splitlines()[-15:]
-            raise AloeError(f"demo step {step!r} failed (exit {completed.returncode}); the end of {log}:\n"
-                            + "\n".join(tail))
+            raise AloeError(f"demo step {step!r} failed (exit {returncode}); the end of {log}:\n" + "\n".join(tail))
         self.say(f"  done in {self.seconds[step]:.0f} s")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the step's whole process group (bash and every command of its pipe), then SIGKILL for
+    whatever is still there after 10 s; returns once the group is gone."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            process.poll()  # reap bash; its children are reaped by init once orphaned
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+    process.poll()
 
 
 def _read_json(path: Path) -> dict:
@@ -162,7 +189,9 @@ def run_demo(workdir: Path, settings: DemoSettings, say: Callable[[str], None]) 
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # the model is saved in a blink; no bar on the demo's output
-    build_tiny_qwen2vl(workdir / "models" / "untrained", seed=settings.seed)
+    # transformers may import DeepSpeed here, whose logger prints to stdout: stdout carries data only.
+    with contextlib.redirect_stdout(sys.stderr):
+        build_tiny_qwen2vl(workdir / "models" / "untrained", seed=settings.seed)
     _write_example_scan(workdir / "scan.png", settings.seed)
     runner.seconds["data"] = time.perf_counter() - started
     say(f"  {data.counts['train']} training records ({sum(map(len, data.planted.values()))} planted faults), "
