@@ -72,7 +72,7 @@ def test_demo_refuses_a_folder_that_holds_files_and_a_report_that_is_a_folder(tm
 def test_demo_shows_the_recipe_learning(tmp_path):
     """The README's first command, as CI runs it: every stage, every claim, the report's shape."""
     work, report_path = tmp_path / "run", tmp_path / "demo.json"
-    result = aloe("demo", "--workdir", str(work), "--report", str(report_path), "--check")
+    result = aloe("demo", "--workdir", str(work), "--report", str(report_path), "--check", timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == ""  # stdout carries data only; the demo has none
     for heading in ("aloe dedup", "| aloe perplexity", "| aloe score", "aloe mix", "aloe train", "aloe adv-train",
