@@ -23,7 +23,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: install
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh $(DEMO_DIR)
+	rm -rf $(DEMO_DIR)
+	$(VENV)/bin/aloe demo --workdir $(DEMO_DIR) --report demo_report.json
 
 test: install
 	$(VENV)/bin/python -m pytest -q
@@ -36,4 +37,4 @@ lint: install
 	$(VENV)/bin/python -m ruff check aloe_cli tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) $(DEMO_DIR) demo_report.json .pytest_cache

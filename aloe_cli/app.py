@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("report", "Merge the --report files of a job array's shards into one summary (aloe report merge)."),
     "train": ("train", "Stage-1 SFT on TRL + DeepSpeed ZeRO-3 (the published recipe); --slurm writes the job script."),
     "adv-train": ("adv_train", "Stage-2 SFT from a stage-1 model on adversarially perturbed medical samples."),
+    "demo": ("demo", "The whole recipe on a synthetic task in minutes on a CPU: curate, train, evaluate, infer."),
 }
 
 

@@ -13,6 +13,15 @@ class AloeError(Exception):
     """A mistake in the user's input, options or environment."""
 
 
+class ConfigValueError(AloeError):
+    """A configuration value no run can use. `fields` are the keys it involves; the configuration turns it
+    into a usage error naming the flag (exit 2) or a one-line error naming the file and key (exit 1)."""
+
+    def __init__(self, fields: tuple[str, ...], message: str):
+        super().__init__(message)
+        self.fields = fields
+
+
 class UsageError(AloeError):
     """An option value no run can use, found by the core rather than while the options were parsed:
     a usage error (exit 2), printed like typer's own as `Error: Invalid value for OPTION: MESSAGE`.

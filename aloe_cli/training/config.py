@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aloe_cli.errors import AloeError, UsageError
+from aloe_cli.errors import AloeError, ConfigValueError, UsageError
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 # transformers' SchedulerType values that need no extra arguments.
@@ -43,15 +43,6 @@ def option(help: str, *flags: str, minimum: float | None = None, maximum: float 
            group: str = "training") -> dict:
     """Field metadata: the flag spelling(s), help text, bounds, and the help panel it is listed in."""
     return {"help": help, "flags": flags, "min": minimum, "max": maximum, "group": group}
-
-
-class ConfigValueError(AloeError):
-    """A value no run can use. `fields` are the keys it involves; `TrainConfig.blame` turns it into a usage
-    error naming the flag (exit 2) or a one-line error naming the --config file and key (exit 1)."""
-
-    def __init__(self, fields: tuple[str, ...], message: str):
-        super().__init__(message)
-        self.fields = fields
 
 
 @dataclass
@@ -414,7 +405,8 @@ def resolve(config: TrainConfig, world: int, *, command: str = "train") -> Train
     from aloe_cli.training.deepspeed_config import deepspeed_config
 
     try:
-        deepspeed = deepspeed_config(config, accumulation, world)
+        deepspeed = deepspeed_config(config.deepspeed, micro_batch_size=config.micro_batch_size,
+                                     precision=config.precision, accumulation=accumulation, world=world)
     except ConfigValueError as error:
         raise config.blame(error) from None
     return TrainPlan(config=config, world_size=world, gradient_accumulation_steps=accumulation,

@@ -9,13 +9,9 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from aloe_cli.errors import AloeError
-from aloe_cli.training.config import ConfigValueError
-
-if TYPE_CHECKING:
-    from aloe_cli.training.config import TrainConfig
+from aloe_cli.errors import AloeError, ConfigValueError
 
 SHIPPED_DEEPSPEED = ("zero3", "zero2")
 
@@ -26,9 +22,10 @@ def shipped_deepspeed_config(name: str) -> dict:
     return json.loads(text)
 
 
-def deepspeed_config(config: TrainConfig, accumulation: int, world: int) -> dict | None:
-    """The DeepSpeed config as a dict, batch sizes and precision filled in (explicit values must agree)."""
-    choice = config.deepspeed
+def deepspeed_config(choice: str, *, micro_batch_size: int, precision: str, accumulation: int,
+                     world: int) -> dict | None:
+    """The DeepSpeed config for `--deepspeed CHOICE` as a dict, batch sizes and precision filled in from the
+    training flags (explicit values must agree); None for `none`."""
     if choice == "none":
         return None
     if choice in SHIPPED_DEEPSPEED:
@@ -45,15 +42,15 @@ def deepspeed_config(config: TrainConfig, accumulation: int, world: int) -> dict
         if not isinstance(ds, dict):
             raise AloeError(f"--deepspeed {choice}: a DeepSpeed config is a JSON object")
     # DeepSpeed on CPU cannot take "auto" batch sizes, and explicit ones make the resolved file self-contained.
-    wanted = {"train_micro_batch_size_per_gpu": config.micro_batch_size,
+    wanted = {"train_micro_batch_size_per_gpu": micro_batch_size,
               "gradient_accumulation_steps": accumulation,
-              "train_batch_size": config.micro_batch_size * accumulation * world}
+              "train_batch_size": micro_batch_size * accumulation * world}
     for key, value in wanted.items():
         _fill(ds, key, value, choice)
     for name in ("bf16", "fp16"):
         section = ds.get(name)
         if isinstance(section, dict):
-            _fill(section, "enabled", config.precision == name, choice, f"{name}.")
+            _fill(section, "enabled", precision == name, choice, f"{name}.")
     return ds
 
 

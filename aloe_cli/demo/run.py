@@ -1,0 +1,271 @@
+"""The demo run: the whole recipe on the synthetic task, each step the real `aloe` command.
+
+    data       write_demo_data: train.jsonl (planted faults and leaks included), adversarial.jsonl,
+               demo-med.tsv, demo-general.tsv, images/
+    curation   aloe dedup | aloe perplexity | aloe score > curated.jsonl   (one shell pipe, printed)
+               aloe mix                                                    (token-balanced mixture)
+    stage 1    aloe train      on the mixture, from a tiny Qwen2-VL built offline (random weights)
+    stage 2    aloe adv-train  from stage 1, on lesion records perturbed with pmt and syc
+    eval       aloe eval       untrained, stage 1 and stage 2, --perturb base,cap,pmt,syc,leg
+    infer      aloe infer      one scan, the predicted box drawn to a PNG
+
+Every command runs as a subprocess in the work folder (relative paths, so the printed commands can
+be pasted there), its stderr kept in logs/<step>.log and shown when it fails. The judge of `score`
+and of eval's open-ended items is `RuleJudgeServer`, a stand-in on 127.0.0.1 that grades by rule.
+`DemoReport` collects the figures; `claims` checks the three the recipe makes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aloe_cli.demo.task import DETECT_QUESTION, DemoConfig, item_prompt, write_demo_data
+from aloe_cli.errors import AloeError
+
+MODELS = ("untrained", "stage1", "stage2")
+PERTURBATIONS = ("base", "cap", "pmt", "syc", "leg")
+MEDICAL = "demo-med"
+GENERAL = "demo-general"
+CURATION_STAGES = ("dedup", "perplexity", "score", "mix")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes and optimisation of one demo run; the defaults pass every claim for the seeds tried (docs/demo.md)."""
+
+    seed: int = 0
+    data: DemoConfig = field(default_factory=DemoConfig)
+    stage1_steps: int = 1200
+    stage2_steps: int = 300
+    batch_size: int = 16
+    learning_rate: float = 5e-4  # >= 1e-3 often leaves the tiny model on the majority answer
+    stage2_learning_rate: float = 2e-4  # gentler: stage 2 must keep stage 1's clean accuracy
+    stage2_samples: int = 1600
+    eval_batch_size: int = 64
+    threads: int = 2
+    # Loss-token shares of the four cells for `aloe mix`: the lesion task carries the demo.
+    # Near the cells' natural shares (the lesion task carries the demo); the small text sets are repeated
+    # up to `max_repeats` times to fill theirs.
+    shares: tuple[tuple[str, float], ...] = (("medical/multimodal", 0.90), ("general/multimodal", 0.07),
+                                             ("medical/text", 0.02), ("general/text", 0.01))
+    max_repeats: float = 2.0
+
+
+class Runner:
+    """Runs `aloe` commands in the work folder, timing each step and keeping its log."""
+
+    def __init__(self, workdir: Path, threads: int, say: Callable[[str], None]):
+        self.workdir, self.say = workdir, say
+        self.logs = workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+                    "PYTHONUNBUFFERED": "1"}
+        self.seconds: dict[str, float] = {}
+        self.number = 0
+
+    @staticmethod
+    def shown(args: list[str]) -> str:
+        return shlex.join(["aloe", *args])
+
+    def run(self, step: str, title: str, commands: list[list[str]], stdout: str | None = None) -> None:
+        """Run one command, or several as a shell pipe (`stdout` names the file the last one writes)."""
+        self.number += 1
+        shown = " \\\n  | ".join(self.shown(c) for c in commands) + (f" > {stdout}" if stdout else "")
+        self.say(f"\n[{self.number}] {title}\n  $ {shown}")
+        started = time.perf_counter()
+        log = self.logs / f"{step}.log"
+        python = shlex.quote(sys.executable)
+        script = " | ".join(f"{python} -m aloe_cli {shlex.join(c)}" for c in commands)
+        script = f"set -o pipefail; {script}" + (f" > {shlex.quote(stdout)}" if stdout else "")
+        bash = shutil.which("bash")
+        if bash is None:
+            raise AloeError("aloe demo needs bash to run its curation pipe")
+        with log.open("wb") as handle:
+            # Its own session, so that on Ctrl-C or SIGTERM the whole pipe is stopped, not just bash.
+            process = subprocess.Popen([bash, "-c", script], cwd=self.workdir, env=self.env, stderr=handle,
+                                       stdout=None if stdout else handle, stdin=subprocess.DEVNULL,
+                                       start_new_session=True)
+            try:
+                returncode = process.wait()
+            except BaseException:
+                _stop(process)
+                raise
+        self.seconds[step] = time.perf_counter() - started
+        if returncode != 0:
+            tail = log.read_text(errors="replace").strip().splitlines()[-15:]
+            raise AloeError(f"demo step {step!r} failed (exit {returncode}); the end of {log}:\n" + "\n".join(tail))
+        self.say(f"  done in {self.seconds[step]:.0f} s")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the step's whole process group (bash and every command of its pipe), then SIGKILL for
+    whatever is still there after 10 s; returns once the group is gone."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            process.poll()  # reap bash; its children are reaped by init once orphaned
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+    process.poll()
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _pct(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)  # scores.json holds percentages already
+
+
+def stage_counts(report: dict) -> dict:
+    return {key: report.get(key, 0) for key in ("read", "kept", "rejected")} | {"reasons": report.get("reasons", {})}
+
+
+def planted_caught(workdir: Path, planted: dict[str, list[str]]) -> dict:
+    """How many planted faults each stage rejected, from the rejects files (ids of the records)."""
+    rejected = {}
+    for stage in ("dedup", "score"):
+        path = workdir / "rejects" / f"{stage}.jsonl"
+        lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+        rejected[stage] = {json.loads(line).get("id") for line in lines if line.strip()}
+    caught = {"eval_leak": rejected["dedup"], "wrong_answer": rejected["score"],
+              "empty_answer": rejected["score"]}
+    every_planted = {i for ids in planted.values() for i in ids}
+    return {kind: {"planted": len(ids), "caught": len(set(ids) & caught[kind])} for kind, ids in planted.items()} | {
+        "clean_rejected": len((rejected["dedup"] | rejected["score"]) - every_planted)}
+
+
+def claims(accuracy: dict, robustness: dict) -> dict[str, bool]:
+    """The recipe's three claims, on the medical benchmark (clean) and its pmt/syc robustness."""
+    s1, s2 = robustness["stage1"], robustness["stage2"]
+    result = {"stage 1 beats the untrained model by >= 30 points":
+              accuracy["stage1"][MEDICAL] - accuracy["untrained"][MEDICAL] >= 30}
+    for form in ("pmt", "syc"):
+        result[f"stage 1 drops >= 25 points under {form}"] = s1["base"] - s1[form] >= 25
+        result[f"stage 2 recovers >= 20 points under {form}"] = s2[form] - s1[form] >= 20
+    # Stage 2 must not cost clean accuracy: at most 5 points below stage 1 (a gain keeps it, too).
+    result["stage 2 keeps clean accuracy (>= stage 1 - 5)"] = s2["base"] >= s1["base"] - 5
+    return result
+
+
+def _write_example_scan(path: Path, seed: int) -> None:
+    import numpy as np
+
+    from aloe_cli.demo.images import lesion_scan, png_bytes
+
+    image, _ = lesion_scan(np.random.default_rng([seed, 7777]), quadrant=1)
+    path.write_bytes(png_bytes(image))
+
+
+def run_demo(workdir: Path, settings: DemoSettings, say: Callable[[str], None]) -> dict:
+    """Run every step in `workdir` and return the report (see docs/demo.md for its shape)."""
+    from aloe_cli.demo.judge_server import MODEL_NAME, RuleJudgeServer
+    from aloe_cli.testing.tiny import build_tiny_qwen2vl
+
+    started = time.perf_counter()
+    runner = Runner(workdir, settings.threads, say)
+    for folder in ("reports", "rejects", "infer"):
+        (workdir / folder).mkdir(parents=True, exist_ok=True)
+    say(f"[0] data and the untrained model (seed {settings.seed}) in {workdir}")
+    data = write_demo_data(workdir, settings.seed, settings.data)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # the model is saved in a blink; no bar on the demo's output
+    # transformers may import DeepSpeed here, whose logger prints to stdout: stdout carries data only.
+    with contextlib.redirect_stdout(sys.stderr):
+        build_tiny_qwen2vl(workdir / "models" / "untrained", seed=settings.seed)
+    _write_example_scan(workdir / "scan.png", settings.seed)
+    runner.seconds["data"] = time.perf_counter() - started
+    say(f"  {data.counts['train']} training records ({sum(map(len, data.planted.values()))} planted faults), "
+        f"{data.counts['adversarial']} for stage 2, {data.counts['eval_med']} + {data.counts['eval_general']} "
+        f"evaluation items")
+
+    common = ["--seed", str(settings.seed)]
+    with RuleJudgeServer() as judge:
+        say(f"  stand-in judge: {MODEL_NAME} on {judge.url} (grades by rule; a real run serves an LVLM)")
+        runner.run("curate", "curation: leaks, perplexity, judge", [
+            ["dedup", "-i", "train.jsonl", "--against", f"{MEDICAL}.tsv", "--against", f"{GENERAL}.tsv",
+             "--rejects", "rejects/dedup.jsonl", "--report", "reports/dedup.json"],
+            ["perplexity", "--model", "models/untrained", "--device", "cpu", "--report", "reports/perplexity.json"],
+            ["score", "--judge", MODEL_NAME, "--base-url", judge.url, "--concurrency", "8",
+             "--rejects", "rejects/score.jsonl", "--report", "reports/score.json"],
+        ], stdout="curated.jsonl")
+        shares = [arg for cell, share in settings.shares for arg in ("--share", f"{cell}={share}")]
+        runner.run("mix", "mixture: balanced by loss tokens", [
+            ["mix", "-i", "curated.jsonl", "--tokenizer", "models/untrained", *shares, "--max-repeats",
+             str(settings.max_repeats), *common, "-o", "mixture.jsonl", "--report", "reports/mix.json"]])
+        optimisation = ["--global-batch-size", str(settings.batch_size), "--micro-batch-size",
+                        str(settings.batch_size), "--lr-scheduler", "cosine", "--warmup-ratio", "0.03",
+                        "--weight-decay", "0", "--precision", "fp32", "--deepspeed", "none",
+                        "--no-gradient-checkpointing", "--dataloader-workers", "0", "--save-steps", "100000",
+                        "--logging-steps", "100", *common]
+        runner.run("stage1", f"stage 1: SFT on the mixture ({settings.stage1_steps} steps)", [
+            ["train", "-i", "mixture.jsonl", "--model", "models/untrained", "--output-dir", "runs/stage1",
+             "--max-steps", str(settings.stage1_steps), "--learning-rate", str(settings.learning_rate),
+             *optimisation]])
+        runner.run("stage2", f"stage 2: adversarial SFT from stage 1 ({settings.stage2_steps} steps)", [
+            ["adv-train", "-i", "adversarial.jsonl", "--base", "runs/stage1", "--output-dir", "runs/stage2",
+             "--perturb", "pmt,syc", "--samples", str(settings.stage2_samples),
+             "--max-steps", str(settings.stage2_steps), "--learning-rate", str(settings.stage2_learning_rate),
+             *optimisation]])
+        models = [arg for name, path in zip(MODELS, ("models/untrained", "runs/stage1", "runs/stage2"))
+                  for arg in ("--model", f"{name}={path}")]
+        runner.run("eval", "evaluation: three models, five conditions", [
+            ["eval", *models, "--benchmark", f"{MEDICAL}.tsv", "--benchmark", f"{GENERAL}.tsv",
+             "--perturb", ",".join(PERTURBATIONS), "--batch-size", str(settings.eval_batch_size),
+             "--max-new-tokens", "32", "--device", "cpu",
+             "--judge", MODEL_NAME, "--judge-backend", "openai", "--judge-base-url", judge.url,
+             "-o", "results"]])
+    prompt = item_prompt("open", DETECT_QUESTION, None)
+    runner.run("infer", "inference with grounding: the stage-2 model on one scan", [
+        ["infer", "--model", "runs/stage2", "--device", "cpu", "--max-new-tokens", "32", "--image", "scan.png",
+         "--draw", "infer", prompt]], stdout="infer/answer.txt")
+    return build_report(workdir, data.planted, runner.seconds, time.perf_counter() - started, settings)
+
+
+def build_report(workdir: Path, planted: dict[str, list[str]], seconds: dict, total: float,
+                 settings: DemoSettings) -> dict:
+    curation = {stage: stage_counts(_read_json(workdir / "reports" / f"{stage}.json")) for stage in CURATION_STAGES}
+    accuracy, robustness = {}, {}
+    for model in MODELS:
+        scores = _read_json(workdir / "results" / model / "scores.json")["benchmarks"]
+        accuracy[model] = {name: _pct(scores[name]["accuracy"]) for name in (MEDICAL, GENERAL)}
+        perturbations = scores[MEDICAL]["perturbations"]
+        robustness[model] = {kind: _pct(perturbations[kind]["accuracy"]) for kind in PERTURBATIONS}
+    from aloe_cli.data.grounding import parse_grounding
+
+    answer = (workdir / "infer" / "answer.txt").read_text(encoding="utf-8").strip()
+    return {
+        "seconds": round(total, 1),
+        "seed": settings.seed,
+        "curation": curation,
+        "planted": planted_caught(workdir, planted),
+        "accuracy": accuracy,
+        "robustness": robustness,
+        "claims": claims(accuracy, robustness),
+        "infer": {"text": answer, "boxes": [list(found.box) for found in parse_grounding(answer)],
+                  "drawn": sorted(str(p.relative_to(workdir)) for p in (workdir / "infer").glob("*.png"))},
+        "steps": {step: round(value, 1) for step, value in seconds.items()},
+        "workdir": str(workdir),
+    }
+
+
+__all__ = ["DemoSettings", "MODELS", "PERTURBATIONS", "build_report", "claims", "run_demo"]
