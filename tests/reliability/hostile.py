@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -142,6 +143,23 @@ def wait_for(condition: Callable[[], bool], proc: subprocess.Popen | None = None
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting for the command to get to work")
         time.sleep(0.05)
+
+
+def terminate_when(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = 120,
+                   grace: float = 60) -> str:
+    """Wait for `condition`, send SIGTERM, wait for the exit; returns stderr. The process never outlives it."""
+    try:
+        wait_for(condition, proc, timeout=timeout)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=grace)
+        return proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def children(pid: int) -> list[int]:

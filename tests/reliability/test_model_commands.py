@@ -10,7 +10,6 @@ of the tiny model on the CPU without DeepSpeed; eval and infer ask a local fake 
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 from fake_openai_server import FakeOpenAIServer
@@ -24,7 +23,7 @@ from reliability.hostile import (
     mounted_tmpfs,
     run,
     start,
-    wait_for,
+    terminate_when,
 )
 from support import write_jsonl
 
@@ -188,16 +187,8 @@ def test_sigterm_keeps_only_complete_checkpoints_and_says_how_to_resume(items, t
     run_dir = tmp_path / "run"
     proc = start(["train", *TRAIN, "--model", str(tiny_model_dir), "-i", str(items), "--output-dir", str(run_dir),
                   "--max-steps", "100000", "--save-steps", "2"], env=ENV)
-    try:
-        wait_for(lambda: (run_dir / "checkpoint-2" / "trainer_state.json").is_file(), proc, timeout=240)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-        stderr = proc.stderr.read().decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+    stderr = terminate_when(lambda: (run_dir / "checkpoint-2" / "trainer_state.json").is_file(), proc,
+                            timeout=240, grace=120)
     assert proc.returncode == 143, stderr[-3000:]
     assert "Traceback" not in stderr
     checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
@@ -236,16 +227,7 @@ def test_sigterm_during_eval_keeps_the_finished_benchmarks_whole(tmp_path):
         proc = start(["eval", "--model", "served", "--backend", "openai", "--base-url", server.url, "--max-retries",
                       "0", "--batch-size", "1", "--concurrency", "1", "--benchmark", str(first), "--benchmark",
                       str(second), "-o", str(out)], env=ENV)
-        try:
-            wait_for(lambda: any("[action=hang]" in prompt for prompt in server.prompts()), proc)
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-            stderr = proc.stderr.read().decode()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            proc.stderr.close()
+        stderr = terminate_when(lambda: any("[action=hang]" in prompt for prompt in server.prompts()), proc, grace=60)
     assert proc.returncode == 143, stderr[-3000:]
     assert "Traceback" not in stderr
     assert "the predictions and scores of 1 finished benchmark run(s) are kept" in stderr.strip().splitlines()[-1]
@@ -264,16 +246,7 @@ def test_sigterm_during_infer_leaves_no_output(tmp_path):
     with FakeOpenAIServer(hang_seconds=120) as server:
         proc = start(["infer", "--model", "served", "--backend", "openai", "--base-url", server.url, "-i",
                       str(questions), "-o", str(tmp_path / "answers.jsonl"), "--concurrency", "1"], env=ENV)
-        try:
-            wait_for(lambda: any("[action=hang]" in prompt for prompt in server.prompts()), proc)
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-            stderr = proc.stderr.read().decode()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            proc.stderr.close()
+        stderr = terminate_when(lambda: any("[action=hang]" in prompt for prompt in server.prompts()), proc, grace=60)
     assert proc.returncode == 143, stderr[-3000:]
     assert "terminated by SIGTERM; nothing was written" in stderr and "Traceback" not in stderr
     assert leftovers(tmp_path) == ["questions.jsonl"]

@@ -18,6 +18,7 @@ from reliability.hostile import (
     leftovers,
     stage_args,
     start,
+    terminate_when,
     wait_for,
 )
 from support import chat, write_jsonl
@@ -119,18 +120,8 @@ def test_sigterm_while_mix_writes_removes_its_buckets(ctx, tmp_path):
     args = ["mix", "--tokenizer", str(ctx["model"]), "--no-cache", "--share", "medical/text=0.5",
             "--share", "general/text=0.5", "-i", str(data)]
     proc = start(args, env=environment(TMPDIR=str(scratch)), stdout=subprocess.PIPE)
-    try:
-        wait_for(lambda: any(name.startswith(".aloe-mix-") and not name.startswith(".aloe-mix-stdin-")
-                             for name in leftovers(scratch)), proc)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-        stderr = proc.stderr.read().decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+    stderr = terminate_when(lambda: any(name.startswith(".aloe-mix-") and not name.startswith(".aloe-mix-stdin-")
+                                        for name in leftovers(scratch)), proc, grace=60)
     assert proc.returncode == 143, stderr[-3000:]
     assert "aloe: terminated by SIGTERM" in stderr and "Traceback" not in stderr
     assert leftovers(scratch) == []
