@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import subprocess
 import sys
 import threading
 import time
@@ -27,18 +26,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from _fake_server import start_server  # benchmarks/_fake_server.py
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def start_server(delay: float) -> tuple[subprocess.Popen, str]:
-    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_openai_server.py"), "--delay", str(delay)],
-                              stdout=subprocess.PIPE, text=True)
-    url = server.stdout.readline().strip()
-    if not url.startswith("http"):
-        server.kill()
-        raise SystemExit("the fake server did not start")
-    return server, url
 
 
 def prompts(count: int) -> list[str]:

@@ -18,11 +18,12 @@ import argparse
 import base64
 import io
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _fake_server import start_server  # benchmarks/_fake_server.py
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -88,16 +89,6 @@ def bench_hf(args, scratch: Path) -> float:
     if same != args.items:
         raise SystemExit("batched and one-at-a-time predictions differ")
     return ratio
-
-
-def start_server(delay: float) -> tuple[subprocess.Popen, str]:
-    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_openai_server.py"), "--delay", str(delay)],
-                              stdout=subprocess.PIPE, text=True)
-    url = server.stdout.readline().strip()
-    if not url.startswith("http"):
-        server.kill()
-        raise SystemExit("the test server did not start")
-    return server, url
 
 
 def bench_openai(args, scratch: Path) -> float:

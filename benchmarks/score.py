@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _fake_server import start_server  # benchmarks/_fake_server.py
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,16 +46,6 @@ def synthetic_records(count: int) -> list[dict]:
                         "messages": [{"role": "user", "content": user},
                                      {"role": "assistant", "content": [{"type": "text", "text": answer}]}]})
     return records
-
-
-def start_server(delay: float) -> tuple[subprocess.Popen, str]:
-    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_openai_server.py"), "--delay", str(delay)],
-                              stdout=subprocess.PIPE, text=True)
-    url = server.stdout.readline().strip()
-    if not url.startswith("http"):
-        server.kill()
-        raise SystemExit("the fake server did not start")
-    return server, url
 
 
 def run_score(url: str, records: list[dict], concurrency: int, scratch: Path) -> float:
