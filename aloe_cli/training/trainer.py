@@ -294,7 +294,9 @@ def run_training(plan: TrainPlan, items: Callable[[], Iterable[Item]], *,
     output_dir = Path(config.output_dir)
     with stdout_to_stderr():
         try:
-            return _run(plan, items, output_dir, log)
+            result = _run(plan, items, output_dir, log)
+            _leave_process_group()
+            return result
         except AloeError as error:
             raise _worker_error(error) from None
         except (Terminated, KeyboardInterrupt) as stop:
@@ -306,6 +308,17 @@ def run_training(plan: TrainPlan, items: Callable[[], Iterable[Item]], *,
             if full is None:
                 raise
             raise AloeError(f"cannot write {output_dir}: {full}") from exc
+
+
+def _leave_process_group() -> None:
+    """Every rank leaves the process group together once the run is saved. Left to interpreter exit, the
+    communication threads of gloo / DeepSpeed can be torn down while still running, and a finished run's
+    processes then abort ("terminate called without an active exception", exit -6) at random."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def preflight(plan: TrainPlan) -> None:
