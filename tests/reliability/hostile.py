@@ -146,20 +146,29 @@ def wait_for(condition: Callable[[], bool], proc: subprocess.Popen | None = None
 
 
 def terminate_when(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = 120,
-                   grace: float = 60) -> str:
-    """Wait for `condition`, send SIGTERM, wait for the exit; returns stderr. The process never outlives it."""
+                   grace: float = 60, signum: int = signal.SIGTERM, to_group: bool = False,
+                   feed: bytes | None = None) -> str:
+    """Write `feed` to stdin (left open), wait for `condition`, send `signum` (to the process, or its whole
+    group), wait for the exit; returns stderr. The process never outlives it."""
     try:
+        if feed is not None:
+            proc.stdin.write(feed)
+            proc.stdin.flush()
         wait_for(condition, proc, timeout=timeout)
-        proc.send_signal(signal.SIGTERM)
+        if to_group:
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
         proc.wait(timeout=grace)
         return proc.stderr.read().decode()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for stream in (proc.stdout, proc.stderr):
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
             if stream is not None:
-                stream.close()
+                with contextlib.suppress(OSError):  # stdin whose reader is gone
+                    stream.close()
 
 
 def children(pid: int) -> list[int]:

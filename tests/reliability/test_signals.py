@@ -4,8 +4,6 @@ $TMPDIR or beside the output, and no traceback from the worker processes."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import signal
 import subprocess
 
@@ -30,23 +28,7 @@ def _hidden(folder, prefix: str) -> bool:
 
 def _signal_while_reading(proc: subprocess.Popen, data: bytes, signum: int, to_group: bool, working) -> str:
     """Feed `data` on stdin and keep it open; once `working()` holds, send the signal; return stderr."""
-    try:
-        proc.stdin.write(data)
-        proc.stdin.flush()
-        wait_for(working, proc)
-        if to_group:
-            os.killpg(proc.pid, signum)
-        else:
-            proc.send_signal(signum)
-        proc.wait(timeout=60)
-        return proc.stderr.read().decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for stream in (proc.stdin, proc.stderr):
-            with contextlib.suppress(OSError):
-                stream.close()
+    return terminate_when(working, proc, signum=signum, to_group=to_group, feed=data)
 
 
 def _working(stage: str, proc: subprocess.Popen, out_dir, scratch, judge, asked_before: int):
