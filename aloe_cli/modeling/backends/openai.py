@@ -36,10 +36,13 @@ import email.utils
 import io
 import os
 import random
+import signal
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -47,7 +50,7 @@ import orjson
 from PIL import Image
 
 from aloe_cli.data.images import load_image, to_data_uri
-from aloe_cli.errors import AloeError, RecordError
+from aloe_cli.errors import AloeError, RecordError, Terminated
 from aloe_cli.modeling.backends import (
     REQUEST_FAILED,
     Completion,
@@ -244,8 +247,14 @@ class OpenAIBackend:
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
         main = self._loop.create_task(self._serve(requests, params, on_done))
+        received: list[int] = []
+        restore = _cancel_on_signals(self._loop, main, received)
         try:
             self._loop.run_until_complete(main)
+        except asyncio.CancelledError:
+            if received:  # stopped by the signal: raise what the signal raises outside the loop
+                raise Terminated(received[0]) if received[0] != signal.SIGINT else KeyboardInterrupt() from None
+            raise
         except BaseException:
             # Ctrl-C can land here with requests still pending: cancel them so none runs on or retries.
             if not main.done():
@@ -253,6 +262,8 @@ class OpenAIBackend:
                 with contextlib.suppress(BaseException):
                     self._loop.run_until_complete(main)
             raise
+        finally:
+            restore()
 
     async def _serve(self, requests: list[GenerationRequest], params: GenerationParams, on_done: OnDone) -> None:
         """`concurrency` workers, each with its own keep-alive connection, take requests off one queue.
@@ -387,6 +398,34 @@ class OpenAIBackend:
         finally:
             self._clients = []
             self._loop.close()
+
+
+def _cancel_on_signals(loop: asyncio.AbstractEventLoop, main: asyncio.Task, received: list[int]) -> Callable[[], None]:
+    """While the loop runs, SIGINT and SIGTERM cancel `main` (recording the signal in `received`) instead of
+    raising inside whichever coroutine happens to run: an exception raised there unwinds through httpx's and
+    anyio's cancel scopes out of order and ends the run with anyio's RuntimeError instead of a clean stop.
+    Returns the function that puts the previous handlers back. Outside the main thread: no change."""
+    previous: dict[int, Any] = {}
+
+    def stop(signum: int) -> None:
+        if not received:
+            received.append(signum)
+            main.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            handler = signal.getsignal(signum)
+            loop.add_signal_handler(signum, stop, signum)
+        except (ValueError, RuntimeError, NotImplementedError):  # not the main thread, or no such support
+            continue
+        previous[signum] = handler
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, handler)
+
+    return restore
 
 
 __all__ = ["DEFAULT_API_KEY_ENV", "DEFAULT_BASE_URL", "STRUCTURED_MODES", "ClientCounters", "OpenAIBackend",
