@@ -50,7 +50,7 @@ import orjson
 from PIL import Image
 
 from aloe_cli.data.images import load_image, to_data_uri
-from aloe_cli.errors import AloeError, RecordError, Terminated
+from aloe_cli.errors import AloeError, RecordError
 from aloe_cli.modeling.backends import (
     REQUEST_FAILED,
     Completion,
@@ -252,11 +252,11 @@ class OpenAIBackend:
         try:
             self._loop.run_until_complete(main)
         except asyncio.CancelledError:
-            if received:  # stopped by the signal: raise what the signal raises outside the loop
-                raise Terminated(received[0]) if received[0] != signal.SIGINT else KeyboardInterrupt() from None
-            raise
+            if not received:
+                raise
         except BaseException:
-            # Ctrl-C can land here with requests still pending: cancel them so none runs on or retries.
+            # An error (or a signal where the loop could not take it) can land here with requests still pending:
+            # cancel them so none runs on or retries.
             if not main.done():
                 main.cancel()
                 with contextlib.suppress(BaseException):
@@ -264,6 +264,8 @@ class OpenAIBackend:
             raise
         finally:
             restore()
+        if received:  # stopped by a signal: hand it to the handler it stood in for (Terminated, Ctrl-C...)
+            signal.raise_signal(received[0])
 
     async def _serve(self, requests: list[GenerationRequest], params: GenerationParams, on_done: OnDone) -> None:
         """`concurrency` workers, each with its own keep-alive connection, take requests off one queue.
@@ -401,10 +403,11 @@ class OpenAIBackend:
 
 
 def _cancel_on_signals(loop: asyncio.AbstractEventLoop, main: asyncio.Task, received: list[int]) -> Callable[[], None]:
-    """While the loop runs, SIGINT and SIGTERM cancel `main` (recording the signal in `received`) instead of
-    raising inside whichever coroutine happens to run: an exception raised there unwinds through httpx's and
-    anyio's cancel scopes out of order and ends the run with anyio's RuntimeError instead of a clean stop.
-    Returns the function that puts the previous handlers back. Outside the main thread: no change."""
+    """While the loop runs, SIGINT and SIGTERM cancel `main` (recording the signal in `received`, for the caller
+    to raise again once the loop is out) instead of raising inside whichever coroutine happens to run: an
+    exception raised there unwinds through httpx's and anyio's cancel scopes out of order and ends the run
+    with anyio's RuntimeError instead of a clean stop. Ignored signals stay ignored. Returns the function
+    that puts the previous handlers back. Outside the main thread: no change."""
     previous: dict[int, Any] = {}
 
     def stop(signum: int) -> None:
@@ -415,6 +418,8 @@ def _cancel_on_signals(loop: asyncio.AbstractEventLoop, main: asyncio.Task, rece
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
             handler = signal.getsignal(signum)
+            if handler is signal.SIG_IGN:
+                continue
             loop.add_signal_handler(signum, stop, signum)
         except (ValueError, RuntimeError, NotImplementedError):  # not the main thread, or no such support
             continue
