@@ -66,6 +66,9 @@ class Runner:
     """Runs `aloe` commands in the work folder, timing each step and keeping its log."""
 
     def __init__(self, workdir: Path, threads: int, say: Callable[[str], None]):
+        self.bash = shutil.which("bash")
+        if self.bash is None:  # before any work: every step runs through it (the curation step is a pipe)
+            raise AloeError("aloe demo needs bash to run its steps")
         self.workdir, self.say = workdir, say
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -88,12 +91,9 @@ class Runner:
         python = shlex.quote(sys.executable)
         script = " | ".join(f"{python} -m aloe_cli {shlex.join(c)}" for c in commands)
         script = f"set -o pipefail; {script}" + (f" > {shlex.quote(stdout)}" if stdout else "")
-        bash = shutil.which("bash")
-        if bash is None:
-            raise AloeError("aloe demo needs bash to run its curation pipe")
         with log.open("wb") as handle:
             # Its own session, so that on Ctrl-C or SIGTERM the whole pipe is stopped, not just bash.
-            process = subprocess.Popen([bash, "-c", script], cwd=self.workdir, env=self.env, stderr=handle,
+            process = subprocess.Popen([self.bash, "-c", script], cwd=self.workdir, env=self.env, stderr=handle,
                                        stdout=None if stdout else handle, stdin=subprocess.DEVNULL,
                                        start_new_session=True)
             try:
