@@ -6,6 +6,7 @@ stdout is reserved for records. When stderr is a terminal we use rich
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -91,3 +92,19 @@ def print_table(title: str, headers: list[str], rows: list[list[object]]) -> Non
         cells_aligned = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
         lines.append("  ".join(cells_aligned))
     print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+@contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """For work that writes no data (training, building a model): whatever the libraries print to stdout
+    (DeepSpeed's logger, compiler output, C extensions) goes to stderr, at the file-descriptor level."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+

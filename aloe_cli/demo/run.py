@@ -17,7 +17,6 @@ and of eval's open-ended items is `RuleJudgeServer`, a stand-in on 127.0.0.1 tha
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
@@ -30,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aloe_cli.console import stdout_to_stderr
 from aloe_cli.demo.task import DETECT_QUESTION, DemoConfig, item_prompt, write_demo_data
 from aloe_cli.errors import AloeError
 
@@ -190,7 +190,7 @@ def run_demo(workdir: Path, settings: DemoSettings, say: Callable[[str], None]) 
 
     transformers_logging.disable_progress_bar()  # the model is saved in a blink; no bar on the demo's output
     # transformers may import DeepSpeed here, whose logger prints to stdout: stdout carries data only.
-    with contextlib.redirect_stdout(sys.stderr):
+    with stdout_to_stderr():
         build_tiny_qwen2vl(workdir / "models" / "untrained", seed=settings.seed)
     _write_example_scan(workdir / "scan.png", settings.seed)
     runner.seconds["data"] = time.perf_counter() - started

@@ -20,15 +20,14 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aloe_cli.console import stdout_to_stderr
 from aloe_cli.data.io import Item
 from aloe_cli.errors import AloeError, Terminated, first_line
 from aloe_cli.training.config import TrainPlan
@@ -269,20 +268,6 @@ def _worker_error(error: AloeError) -> AloeError:
     if len(lines) > 1 and lines[-1].startswith("aloe_cli.errors.AloeError: "):
         return AloeError(lines[-1].removeprefix("aloe_cli.errors.AloeError: "))
     return error
-
-
-@contextmanager
-def stdout_to_stderr():
-    """Training writes no data: whatever the libraries print (DeepSpeed logs, compiler output) goes to stderr."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 # ----------------------------------------------------------------------------- the run
