@@ -32,6 +32,7 @@ class Request:
     judge: str | None
     judge_backend: BackendConfig
     judge_parse_retries: int
+    protocol: str = "vlmevalkit"  # whose prompt is sent
 
 
 def print_table(folder: Path) -> None:
@@ -123,7 +124,7 @@ def evaluate(request: Request) -> None:
             streams = StreamCopies(request.output, prefix=".aloe-eval-stdin-")  # read once, asked per model
             plan = EvalPlan(benchmarks=specs, output=request.output, params=GenerationParams(
                 max_new_tokens=request.max_new_tokens), batch_size=_runner_batch(request),
-                perturbations=perturbations, limit=request.limit, on_error=request.on_error,
+                perturbations=perturbations, limit=request.limit, on_error=request.on_error, protocol=request.protocol,
                 image_root=request.image_root, streams=streams, make_folder=make)
             try:
                 _evaluate_models(request, plan, perturbations, finished)
@@ -362,14 +363,15 @@ def _print_run(label: str, run) -> None:
 def _print_scores(label: str, scores: dict[str, dict]) -> None:
     rows = []
     for name, entry in scores.items():
-        rows.append([name, entry.get("items", 0), _fmt(entry.get("accuracy")),
+        rows.append([name, entry.get("items", 0), _fmt(entry.get("accuracy")), _fmt(entry.get("accuracy_aloe")),
                      _fmt(entry.get("pairs", {}).get("accuracy")) if "pairs" in entry else "-",
-                     entry.get("unanswered", 0), entry.get("unjudged", 0)])
+                     entry.get("unreadable", 0), entry.get("unanswered", 0), entry.get("unjudged", 0)])
         for kind, values in entry.get("perturbations", {}).items():
             if kind != "base":
-                rows.append([f"  {kind}", values["items"], _fmt(values["accuracy"]), "-", "-", "-"])
-    console.print_table(f"aloe eval: {label}", ["benchmark", "items", "accuracy", "paired", "unanswered",
-                                                 "unjudged"], rows)
+                rows.append([f"  {kind}", values["items"], _fmt(values["accuracy"]),
+                             _fmt(values.get("accuracy_aloe")), "-", "-", "-", "-"])
+    console.print_table(f"aloe eval: {label}", ["benchmark", "items", "accuracy", "accuracy_aloe", "paired",
+                                                 "unreadable", "unanswered", "unjudged"], rows)
     unjudged = sum(entry.get("unjudged", 0) for entry in scores.values())
     if unjudged:
         console.warn(f"{unjudged} open-ended item(s) have no judge verdict (no --judge, or unparseable after "
