@@ -35,8 +35,9 @@ def tally(pairs) -> Counter:
 
 def vlmevalkit_readings() -> list[tuple[str | None, str]]:
     """(what VLMEvalKit's exact matching reads, reference) for every case: `can_infer`, `YOrN_Extraction`."""
-    return ([(vlmevalkit.can_infer(vlmevalkit.prediction_as_read(out), opts), ref) for opts, ref, out, _ in CHOICE_CASES]
-            + [({"Yes": "yes", "No": "no"}.get(vlmevalkit.yorn_extraction(vlmevalkit.prediction_as_read(out))), ref)
+    read = vlmevalkit.prediction_as_read
+    return ([(vlmevalkit.can_infer(read(out), opts), ref) for opts, ref, out, _ in CHOICE_CASES]
+            + [({"Yes": "yes", "No": "no"}.get(vlmevalkit.yorn_extraction(read(out))), ref)
                for ref, out, _ in YESNO_CASES])
 
 

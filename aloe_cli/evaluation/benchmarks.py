@@ -82,7 +82,8 @@ class EvalItem:
         if self.vlmevalkit is not None:
             return self.vlmevalkit
         options = {letter: text for letter, text in (self.options or {}).items() if vlmevalkit.na_cell(text)}
-        return VlmFields(self.question, vlmevalkit.na_cell(self.hint), options, canonical_answer(self.kind, self.answer))
+        answer = canonical_answer(self.kind, self.answer)
+        return VlmFields(self.question, vlmevalkit.na_cell(self.hint), options, answer)
 
 
 def canonical_answer(kind: str, answer: str) -> str:

@@ -18,7 +18,6 @@ family evaluated with `judge exact_matching` (no LLM answer matching):
 from __future__ import annotations
 
 import re
-import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -96,7 +95,7 @@ def read_tsv_fields(path: str) -> list[dict[str, str | None]] | None:
         import pandas as pd
     except ImportError:
         from aloe_cli.errors import AloeError
-        raise AloeError("reading a TSV as VLMEvalKit does needs pandas: pip install 'aloe-cli[eval]'") from None
+        raise AloeError("reading a TSV as VLMEvalKit does needs pandas: pip install 'aloe-cli[vlmevalkit]'") from None
     try:
         frame = pd.read_csv(path, sep="\t", usecols=lambda column: column in TEXT_COLUMNS)
     except Exception:  # noqa: BLE001 - any parser failure means VLMEvalKit could not read it either
