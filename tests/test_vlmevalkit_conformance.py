@@ -13,14 +13,15 @@ from fake_openai_server import FakeOpenAIServer
 from aloe_cli.evaluation import vlmevalkit
 from aloe_cli.evaluation.benchmarks import BenchmarkSpec, read_benchmark
 from aloe_cli.evaluation.prompts import prompt_text
-from aloe_cli.evaluation.scoring import benchmark_scores, score_prediction
+from aloe_cli.evaluation.scoring import benchmark_scores, score_open, score_prediction
 from support import aloe, read_jsonl
 
 DATA = Path(__file__).parent / "data" / "vlmevalkit"
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT_SUITES = {"mcq": "mcq", "yesno": "yesno", "open": "open", "e2e_mcq": "mcq", "e2e_yesno": "yesno"}
+PROMPT_SUITES = {"mcq": "mcq", "yesno": "yesno", "open": "open", "e2e_mcq": "mcq", "e2e_yesno": "yesno",
+                 "MMMU_DEV_VAL": "mcq"}
 VERDICT_SUITES = {"mcq": "mcq", "yesno": "yesno", "e2e_mcq": "mcq", "e2e_yesno": "yesno",
-                  "extraction_choice": "mcq", "extraction_yesno": "yesno"}
+                  "extraction_choice": "mcq", "extraction_yesno": "yesno", "MMMU_DEV_VAL": "mcq"}
 
 
 def items_of(suite: str) -> dict:
@@ -38,8 +39,11 @@ def verdict_lines(suite: str) -> list[tuple[dict, dict]]:
         item = items[str(fact["index"])]
         fields = item.vlmevalkit_fields()
         view = {"dataset": suite, "answer": fields.answer, "options": fields.options}
-        line = {**item.fields(), "prediction": fact["prediction"], "protocol": "vlmevalkit",
-                **score_prediction(item.kind, fact["prediction"], item.answer, item.options, view)}
+        line = {**item.fields(), "prediction": fact["prediction"], "protocol": "vlmevalkit"}
+        if item.kind == "open":  # MMMU's questions without options
+            line.update(score_open(fact["prediction"], view), correct_aloe=None)
+        else:
+            line.update(score_prediction(item.kind, fact["prediction"], item.answer, item.options, view))
         pairs.append((fact, line))
     return pairs
 
@@ -78,8 +82,8 @@ def test_verdicts_are_vlmevalkits(suite):
     pairs = verdict_lines(suite)
     wrong = []
     for fact, line in pairs:
-        if VERDICT_SUITES[suite] == "mcq":
-            expected = (fact["extracted"], bool(fact["hit"]))
+        if "hit" in fact:
+            expected = (fact.get("extracted", line["extracted"]), bool(fact["hit"]))
         else:
             expected = (None if fact["extracted"] == "Unknown" else fact["extracted"], fact["score"])
         if (line["extracted"], line["correct"]) != expected:
@@ -92,7 +96,7 @@ def percent(value: float) -> float:
     return round(100.0 * value, 2)
 
 
-@pytest.mark.parametrize("suite", ["mcq", "e2e_mcq", "extraction_choice"])
+@pytest.mark.parametrize("suite", ["mcq", "e2e_mcq", "extraction_choice", "MMMU_DEV_VAL"])
 def test_mcq_breakdowns_are_report_accs(suite):
     scores = benchmark_scores(line for _, line in verdict_lines(suite))
     facts = json.loads((DATA / f"{suite}_acc.json").read_text()) if suite != "extraction_choice" else \
@@ -173,3 +177,14 @@ def test_cli_run_matches_vlmevalkit_prompts_and_per_category_figures(tmp_path):
         assert ours == expected
         assert entry["protocol"] == "vlmevalkit" and entry["accuracy_aloe"] is not None
         assert entry["unreadable"] == sum(1 for line in lines if line["extracted"] is None)
+
+
+def test_an_mmmu_question_without_options_gets_exact_matching_beside_the_judges_grade():
+    from aloe_cli.evaluation.scoring import rescore_line
+
+    line = rescore_line({"id": "7", "benchmark": "MMMU_DEV_VAL", "kind": "open", "question": "<image 1> How many?",
+                         "options": None, "answer": "24", "prediction": "The answer is 24.",
+                         "judge": {"score": 0.5}, "vlmevalkit": {"dataset": "MMMU_DEV_VAL", "answer": "24"}})
+    assert (line["extracted"], line["correct"], line["correct_aloe"]) == ("A", True, 0.5)
+    plain = rescore_line({**line, "vlmevalkit": None, "benchmark": "slake"})
+    assert plain["correct"] == plain["correct_aloe"] == 0.5

@@ -28,7 +28,7 @@ from aloe_cli.errors import RecordError
 from aloe_cli.evaluation.benchmarks import EvalItem
 from aloe_cli.evaluation.judge import JudgeCase, OpenJudge
 from aloe_cli.evaluation.prompts import eval_record, prompt_messages
-from aloe_cli.evaluation.scoring import benchmark_scores, score_prediction
+from aloe_cli.evaluation.scoring import benchmark_scores, score_open, score_prediction
 from aloe_cli.modeling.backends import Failure, GenerationBackend, GenerationParams, GenerationRequest
 from aloe_cli.modeling.backends.cache import request_key
 
@@ -150,11 +150,14 @@ class EvalStage(Stage):
                 "prompt": text_of(prompt_messages(record)[-1]), "protocol": self.protocol}
         if kind is not None:
             line["wrong_answer"] = record.get("aloe", {}).get("perturb", {}).get("wrong_answer")
+        fields = eval_item.vlmevalkit_fields()  # the options and answer VLMEvalKit's rules compare
+        view = {"dataset": self.dataset or line["benchmark"], "answer": fields.answer}
         if line["kind"] == "open":
             line["extracted"] = line["extracted_aloe"] = prediction.strip() or None
+            theirs = score_open(prediction, view)
+            if theirs is not None:  # MMMU: exact matching scores it; the judge grades it for aloe
+                line.update(theirs, vlmevalkit=view)
         else:
-            fields = eval_item.vlmevalkit_fields()  # the options and answer VLMEvalKit's rules compare
-            view = {"dataset": self.dataset or line["benchmark"], "answer": fields.answer}
             if line["kind"] == "mcq":
                 view["options"] = dict(fields.options)
             line["vlmevalkit"] = view
@@ -166,7 +169,9 @@ class EvalStage(Stage):
             return
         results = self.judge.grade([JudgeCase(line["question"], line["answer"], line["prediction"]) for line in lines])
         for line, result in zip(lines, results):
-            line["correct"] = line["correct_aloe"] = result.score
+            line["correct_aloe"] = result.score
+            if "vlmevalkit" not in line:  # else VLMEvalKit's exact matching already gave its verdict
+                line["correct"] = result.score
             line["judge"] = {"model": self.judge.name, **result.to_dict()}
 
     def _count(self, line: dict) -> None:

@@ -57,16 +57,29 @@ def score_prediction(kind: str, prediction: str | None, answer: str, options: di
     """Both verdicts on an mcq or yes/no prediction: `extracted`, `correct` (VLMEvalKit's rules, on `view`,
     the fields as VLMEvalKit holds them) and `extracted_aloe`, `correct_aloe`, `rule` (aloe's)."""
     view = view or vlmevalkit_view(kind, answer, options)
+    dataset = view.get("dataset")
     if kind == "mcq":
-        theirs = vlmevalkit.mcq_verdict(prediction, view.get("options") or {}, view.get("answer"))
+        theirs = vlmevalkit.mcq_verdict(prediction, view.get("options") or {}, view.get("answer"), dataset)
         ours = extract_choice(prediction, options or {})
         correct_aloe = ours.value == str(answer).strip().upper()
     else:
-        theirs = vlmevalkit.yesno_verdict(prediction, view.get("answer"), view.get("dataset"))
+        if vlmevalkit.reformulates_open(dataset):  # MMMU scores a question without options as a choice
+            theirs = vlmevalkit.mmmu_open_verdict(prediction, view.get("answer"))
+        else:
+            theirs = vlmevalkit.yesno_verdict(prediction, view.get("answer"), dataset)
         ours = extract_yesno(prediction)
         correct_aloe = ours.value == normalize_yesno(answer)
     return {"extracted": theirs.extracted, "correct": theirs.correct, "extracted_aloe": ours.value,
             "correct_aloe": correct_aloe, "rule": ours.rule}
+
+
+def score_open(prediction: str | None, view: dict) -> dict | None:
+    """VLMEvalKit's exact-matching verdict on an open item, where it has one (MMMU's questions without options);
+    None elsewhere (open items are graded by the judge under both protocols)."""
+    if not vlmevalkit.reformulates_open(view.get("dataset")):
+        return None
+    verdict = vlmevalkit.mmmu_open_verdict(prediction, view.get("answer"))
+    return {"extracted": verdict.extracted, "correct": verdict.correct}
 
 
 def rescore_line(line: dict) -> dict:
@@ -82,8 +95,11 @@ def rescore_line(line: dict) -> dict:
     if kind == "open":
         grade = line.get("judge", {}).get("score") if isinstance(line.get("judge"), dict) else line.get("correct")
         extracted = prediction.strip() if prediction and prediction.strip() else None
-        value = judge_value(grade)
-        return {**line, "extracted": extracted, "correct": value, "extracted_aloe": extracted, "correct_aloe": value}
+        value = judge_value(line.get("correct_aloe", grade) if "judge" not in line else grade)
+        scored = {**line, "extracted": extracted, "correct": value, "extracted_aloe": extracted, "correct_aloe": value}
+        view = line.get("vlmevalkit")
+        theirs = score_open(prediction, view) if isinstance(view, dict) else None
+        return {**scored, **theirs} if theirs is not None else scored
     if kind == "mcq":
         options = line.get("options")
         if not isinstance(options, dict) or not options:
@@ -103,7 +119,7 @@ def rescore_line(line: dict) -> dict:
 
 
 def _value(line: dict, key: str = "correct") -> float | None:
-    correct = line.get(key)
+    correct = line.get(key, line.get("correct"))  # a line of another tool may carry one verdict only
     if line.get("kind") == "open":
         return judge_value(correct)
     return None if correct is None else (1.0 if correct is True or correct == 1 else 0.0)
@@ -139,14 +155,14 @@ def benchmark_scores(lines: Iterable[dict]) -> dict:
     """Every figure of one benchmark from its prediction lines."""
     lines = list(lines)
     base = [line for line in lines if perturbation_of(line) == "base"]
-    judged = [line for line in base if _value(line) is not None]
+    judged = [line for line in base if _value(line, "correct_aloe") is not None]
     closed = [line for line in base if line.get("kind") != "open"]
     scores: dict[str, Any] = {
         **_accuracy(base),
         "unreadable": sum(1 for line in closed if line.get("extracted") is None),
         "kinds": _counts(line.get("kind") for line in base),
         "unanswered": sum(1 for line in closed if line.get("extracted_aloe", line.get("extracted")) is None),
-        "unjudged": sum(1 for line in base if line.get("kind") == "open" and _value(line) is None),
+        "unjudged": sum(1 for line in base if line.get("kind") == "open" and _value(line, "correct_aloe") is None),
         "judged": len(judged),
     }
     pairs = _pairs(base)
@@ -208,4 +224,4 @@ def _pairs(lines: list[dict]) -> dict | None:
 
 
 __all__ = ["PERTURBATIONS", "PERTURBATION_TITLES", "benchmark_scores", "judge_value", "perturbation_of",
-           "rescore_line", "score_prediction", "vlmevalkit_view"]
+           "rescore_line", "score_open", "score_prediction", "vlmevalkit_view"]

@@ -12,12 +12,14 @@ family evaluated with `judge exact_matching` (no LLM answer matching):
   dataset name, else the dataset class's own `build_prompt` (a name VLMEvalKit does not know is a custom
   dataset: multiple choice when it has options, else the bare question).
 - Extraction: `can_infer` (multiple choice) and `YOrN_Extraction` (yes/no), quirks included.
-- Metric: the mean of hits, per split, category and l2-category (`report_acc`; yes/no `default_rating`).
+- Metric: the mean of hits, per split, category and l2-category (`report_acc`; yes/no `default_rating`);
+  MMMU's questions without options are scored as a choice between their answer and 'Other Answers'.
 """
 
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -261,10 +263,32 @@ class Verdict:
     correct: bool
 
 
-def mcq_verdict(prediction: str | None, options: Mapping[str, str], answer: str | None) -> Verdict:
+def reformulates_open(name: str | None) -> bool:
+    """`mcq_vanilla_eval` applies `MMMU_preproc` to a dataset whose name contains 'MMMU'."""
+    return name is not None and "MMMU" in name
+
+
+def mmmu_reference(answer: str | None) -> str:
+    """`mcq_vanilla_eval` for MMMU: a reference that is not one capital letter becomes 'A'."""
+    return answer if answer is not None and len(answer) == 1 and answer in string.ascii_uppercase else "A"
+
+
+def mcq_verdict(prediction: str | None, options: Mapping[str, str], answer: str | None,
+                dataset: str | None = None) -> Verdict:
     """`eval_vanilla` under exact matching: the hit is `can_infer(...) == GT` (an unread answer is 'Z')."""
     extracted = can_infer(prediction_as_read(prediction), dict(options))
-    return Verdict(extracted, extracted is not None and extracted == answer)
+    reference = mmmu_reference(answer) if reformulates_open(dataset) else answer
+    return Verdict(extracted, extracted is not None and extracted == reference)
+
+
+def mmmu_open_verdict(prediction: str | None, answer: str | None) -> Verdict:
+    """`MMMU_preproc`: an MMMU question without options (asked as it is) is scored as a choice between its
+    answer (A) and 'Other Answers' (B), against `mmmu_reference(answer)`."""
+    choices = {"A": answer if answer is not None else "nan", "B": OTHER_ANSWERS}
+    return mcq_verdict(prediction, choices, answer, "MMMU")
+
+
+OTHER_ANSWERS = "Other Answers"
 
 
 def yesno_verdict(prediction: str | None, answer: str | None, name: str | None = None) -> Verdict:
@@ -281,7 +305,8 @@ def yesno_verdict(prediction: str | None, answer: str | None, name: str | None =
 SPLIT_NONE = "none"  # report_acc's split for a benchmark without a `split` column
 
 
-__all__ = ["DATASET_TYPES", "NA_STRINGS", "SPLIT_NONE", "VLMEVALKIT_COMMIT", "VLMEVALKIT_REPOSITORY", "Verdict",
-           "VlmFields", "can_infer", "can_infer_option", "can_infer_text", "cell_text", "dataset_type",
-           "fields_from_row", "mcq_verdict", "na_cell", "prediction_as_read", "process_punctuation", "prompt",
-           "read_tsv_fields", "uses_mixin_prompt", "yesno_verdict", "yorn_extraction"]
+__all__ = ["DATASET_TYPES", "NA_STRINGS", "OTHER_ANSWERS", "SPLIT_NONE", "VLMEVALKIT_COMMIT", "VLMEVALKIT_REPOSITORY",
+           "Verdict", "VlmFields", "can_infer", "can_infer_option", "can_infer_text", "cell_text", "dataset_type",
+           "fields_from_row", "mcq_verdict", "mmmu_open_verdict", "mmmu_reference", "na_cell", "prediction_as_read",
+           "process_punctuation", "prompt", "read_tsv_fields", "reformulates_open", "uses_mixin_prompt",
+           "yesno_verdict", "yorn_extraction"]
