@@ -188,3 +188,21 @@ def test_an_mmmu_question_without_options_gets_exact_matching_beside_the_judges_
     assert (line["extracted"], line["correct"], line["correct_aloe"]) == ("A", True, 0.5)
     plain = rescore_line({**line, "vlmevalkit": None, "benchmark": "slake"})
     assert plain["correct"] == plain["correct_aloe"] == 0.5
+
+
+def test_a_tsv_pandas_reads_otherwise_falls_back_to_the_na_rule_cell_by_cell(tmp_path):
+    """An unclosed quote makes pandas read on over the next rows; aloe's reader keeps them apart, and each item
+    then applies pandas' NA rule to its own cells."""
+    path = tmp_path / "odd.tsv"
+    path.write_text('index\tquestion\tA\tB\tC\tanswer\n'
+                    '1\t"Quoted start of a question?\tLiver\tNone\tSpleen\tC\n'
+                    '2\tWhich side?\tLeft\tRight\tNA\tA\n', encoding="utf-8")
+    assert vlmevalkit.read_tsv_fields(str(path)) is None or len(vlmevalkit.read_tsv_fields(str(path))) < 2
+    items = {item.annotations["eval_item"].id: item.annotations["eval_item"]
+             for item in read_benchmark(BenchmarkSpec("odd", str(path)))}
+    assert prompt_text(items["1"], "vlmevalkit") == ('Question: "Quoted start of a question?\nOptions:\nA. Liver\n'
+                                                      'C. Spleen\nPlease select the correct answer from the options '
+                                                      'above. \n')
+    assert items["2"].vlmevalkit_fields().options == {"A": "Left", "B": "Right"}
+    assert items["1"].question == '"Quoted start of a question?'  # the options block is not part of it
+    assert prompt_text(items["1"], "aloe").count("Options:") == 1

@@ -178,7 +178,7 @@ def to_eval_item(item: Item, benchmark: str, *, tsv: bool, position: int = 0) ->
         raise RecordError("missing_field", "no question", field="question")
     options = _options(meta.get("options") if tsv else record.get("options"))
     hint = _text(meta.get("hint")) if tsv else _text(record.get("hint"))
-    question = _question_text(text_of(user), options, hint) if tsv else text_of(user)
+    question = _question_text(text_of(user), meta.get("options"), meta.get("hint")) if tsv else text_of(user)
     answers = [m for m in record["messages"] if m["role"] == "assistant"]
     answer = _text(text_of(answers[-1])) if answers else None
     if answer is None:
@@ -240,12 +240,14 @@ def _options(value: Any) -> dict[str, str] | None:
     raise RecordError("invalid_field", "must be an object letter -> text, or a list", field="options")
 
 
-def _question_text(text: str, options: dict[str, str] | None, hint: str | None) -> str:
-    """The bare question of a TSV row (the reader appends the options and prefixes the hint)."""
-    if options:
+def _question_text(text: str, options: Any, hint: Any) -> str:
+    """The bare question of a TSV row: the reader appended its options and prefixed its hint, as they are in
+    the file (`aloe_cli.data.tsv.tsv_row_to_record`), before any is read as missing here."""
+    if isinstance(options, dict) and options:
         block = "\nOptions:\n" + "\n".join(f"{letter}. {value}" for letter, value in options.items())
         text = text[:-len(block)] if text.endswith(block) else text
-    prefix = f"Hint: {hint}\n" if hint else ""
+    hint = hint.strip() if isinstance(hint, str) else ""
+    prefix = f"Hint: {hint}\n" if hint and hint != "nan" else ""
     return text[len(prefix):] if prefix and text.startswith(prefix) else text
 
 

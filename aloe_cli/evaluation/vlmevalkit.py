@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 import string
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -99,7 +100,9 @@ def read_tsv_fields(path: str) -> list[dict[str, str | None]] | None:
         from aloe_cli.errors import AloeError
         raise AloeError("reading a TSV as VLMEvalKit does needs pandas: pip install 'aloe-cli[vlmevalkit]'") from None
     try:
-        frame = pd.read_csv(path, sep="\t", usecols=lambda column: column in TEXT_COLUMNS)
+        with warnings.catch_warnings():  # pandas' DtypeWarning on a large mixed column: its reading is the point
+            warnings.simplefilter("ignore")
+            frame = pd.read_csv(path, sep="\t", usecols=lambda column: column in TEXT_COLUMNS)
     except Exception:  # noqa: BLE001 - any parser failure means VLMEvalKit could not read it either
         return None
     columns = list(frame.columns)
