@@ -177,6 +177,13 @@ def test_cli_run_matches_vlmevalkit_prompts_and_per_category_figures(tmp_path):
         assert ours == expected
         assert entry["protocol"] == "vlmevalkit" and entry["accuracy_aloe"] is not None
         assert entry["unreadable"] == sum(1 for line in lines if line["extracted"] is None)
+        # rescoring the saved predictions, without the model, gives the same figures under both protocols
+        again = aloe("eval", "--rescore", str(tmp_path / "out" / "served" / suite / "predictions.jsonl"),
+                     "-o", str(tmp_path / f"rescored-{suite}"))
+        assert again.returncode == 0 and "0 line(s) changed" in again.stderr, again.stderr
+        rescored = json.loads((tmp_path / f"rescored-{suite}" / "scores.json").read_text())["benchmarks"][suite]
+        for key in ("accuracy", "accuracy_aloe", "categories", "l2_categories", "splits", "unreadable"):
+            assert rescored[key] == entry[key]
 
 
 def test_an_mmmu_question_without_options_gets_exact_matching_beside_the_judges_grade():
