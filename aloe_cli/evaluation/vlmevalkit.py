@@ -141,7 +141,7 @@ def uses_mixin_prompt(name: str | None) -> bool:
 def _mcq_body(fields: VlmFields) -> str:
     """The text `ImageMCQDataset.build_prompt` and the mixin's `_build_mcq_prompt` share, up to the options."""
     prompt = f"Hint: {fields.hint}\n" if fields.hint is not None else ""
-    prompt += f"Question: {fields.question}\n"
+    prompt += f"Question: {fields.question if fields.question is not None else 'nan'}\n"  # NaN prints as nan
     if fields.options:
         prompt += "Options:\n" + "".join(f"{letter}. {text}\n" for letter, text in fields.options.items())
     return prompt
