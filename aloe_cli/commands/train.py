@@ -55,4 +55,4 @@ def train(**options) -> None:
     config.require("input", "model", "output_dir")
     check_model_reference(config.model)
     paths = check_run_paths(config)  # a missing input or an unwritable run folder fails now, not after the model loads
-    train_and_report(plan, lambda: read_paths(paths, config.image_root))
+    train_and_report(plan, lambda: read_paths(paths, config.image_root), paths)
