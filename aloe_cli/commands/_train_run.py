@@ -133,7 +133,13 @@ def resume_command(argv: list[str] | None = None) -> str:
 def train_and_report(plan: TrainPlan, items: Callable[[], Iterable], paths: list[str]) -> None:
     from aloe_cli.training.trainer import run_training
 
-    result = run_training(plan, items, paths=paths, log=console.log, resume_command=resume_command())
+    try:
+        result = run_training(plan, items, paths=paths, log=console.log, resume_command=resume_command())
+    except KeyboardInterrupt as interrupt:
+        # typer turns Ctrl-C into a silent exit 130 before app.main sees it: say here where to resume from.
+        outcome = getattr(interrupt, "outcome", None)
+        console.log("aloe: interrupted" + (f"; {outcome}" if outcome else ""))
+        raise
     if not result.is_main:
         return
     if result.complete:

@@ -17,8 +17,10 @@ What this adds around `SFTTrainer` (nothing of its loop is re-implemented):
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
 import socket
 import time
 from collections import Counter
@@ -183,6 +185,16 @@ def _trainer_class():
             if resume_from_checkpoint != self.weights_from:
                 super()._load_from_checkpoint(resume_from_checkpoint, model)
 
+        def _save_checkpoint(self, model, trial):
+            try:
+                super()._save_checkpoint(model, trial)
+            except Exception as exc:
+                # torch's zip writer reports a full disk as "unexpected pos ..." with no errno: a save that fails
+                # with less room left than a checkpoint takes is a full disk.
+                if disk_full(exc) is None and _short_of_space(Path(self.args.output_dir), self):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from exc
+                raise
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             counts = inputs.pop(SKIPPED_KEY, None)
             if counts:
@@ -302,7 +314,7 @@ def run_training(plan: TrainPlan, items: Callable[[], Iterable[Item]], *, paths:
             if getattr(stop, "outcome", None) is None:
                 stop.outcome = stopped(output_dir, plan.command, resume_command)
             _failed(run, "interrupted (SIGINT)" if isinstance(stop, KeyboardInterrupt)
-                    else f"terminated by signal {stop.signum}")
+                    else f"terminated by {signal.Signals(stop.signum).name}")
             raise
         except Exception as exc:
             full = disk_full(exc)
@@ -318,30 +330,48 @@ def _failed(run: dict, why: str) -> None:
         ledger.fail(why)
 
 
-def _disk_full_message(output_dir: Path, reason: str, trainer) -> str:
-    """A full disk while saving: what a save needs (the newest checkpoint's size, else the model's weights and
-    AdamW's two moments) and what is free, and that the last complete checkpoint is intact."""
-    import shutil
-
-    from aloe_cli.training.run_folder import folder_bytes, human_bytes
+def _checkpoint_need(output_dir: Path, trainer) -> tuple[int, str] | None:
+    """About how many bytes a checkpoint takes, and how that was found: the newest complete checkpoint's size,
+    else the weights plus AdamW's two fp32 moments of the trained parameters."""
+    from aloe_cli.training.run_folder import folder_bytes
 
     kept = last_checkpoint(output_dir)
     if kept is not None:
-        needed, basis = folder_bytes(Path(kept)), f"the size of {Path(kept).name}"
-    elif trainer is not None:
-        parameters = list(trainer.model.parameters())
-        total = sum(getattr(p, "ds_numel", None) or p.numel() for p in parameters)
-        trained = sum(getattr(p, "ds_numel", None) or p.numel() for p in parameters if p.requires_grad)
-        needed, basis = total * parameters[0].element_size() + trained * 8, "weights and AdamW's moments"
-    else:
-        needed = None
+        return folder_bytes(Path(kept)), f"the size of {Path(kept).name}"
+    if trainer is None:
+        return None
+    parameters = list(trainer.model.parameters())
+    total = sum(getattr(p, "ds_numel", None) or p.numel() for p in parameters)
+    trained = sum(getattr(p, "ds_numel", None) or p.numel() for p in parameters if p.requires_grad)
+    return total * parameters[0].element_size() + trained * 8, "weights and AdamW's moments"
+
+
+def _short_of_space(output_dir: Path, trainer) -> bool:
+    import shutil
+
+    need = _checkpoint_need(output_dir, trainer)
+    try:
+        return need is not None and shutil.disk_usage(output_dir).free < need[0]
+    except OSError:
+        return False
+
+
+def _disk_full_message(output_dir: Path, reason: str, trainer) -> str:
+    """A full disk while saving: what a save needs and what is free, and that the last complete checkpoint is
+    intact."""
+    import shutil
+
+    from aloe_cli.training.run_folder import human_bytes
+
+    kept = last_checkpoint(output_dir)
+    need = _checkpoint_need(output_dir, trainer)
     try:
         free = shutil.disk_usage(output_dir).free
     except OSError:
         free = None
     message = f"cannot write {output_dir}: {reason}"
-    if needed is not None:
-        message += f"; a checkpoint needs about {human_bytes(needed)} ({basis})"
+    if need is not None:
+        message += f"; a checkpoint needs about {human_bytes(need[0])} ({need[1]})"
     if free is not None:
         message += f", {human_bytes(free)} free"
     if kept is not None:
