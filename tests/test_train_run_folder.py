@@ -341,3 +341,31 @@ def test_a_short_schedule_warns_that_it_has_few_steps(complete_run):
     *_, proc = complete_run
     assert ("aloe: warning: the schedule has only 4 optimizer step(s) (8 record(s), global batch 4, --max-steps 4)"
             in proc.stderr)
+
+
+def test_a_folder_a_live_run_is_training_is_refused_with_and_without_resume(tiny_model_dir, tmp_path):
+    """Two runs started into one folder at once: the second is refused (it would share the folder), and --resume
+    names the live process instead of continuing under its feet."""
+    import signal
+
+    from reliability.hostile import environment, start, terminate_when
+
+    data = write_jsonl(tmp_path / "items.jsonl", [chat(f"Question {i}?", "Answer.") for i in range(8)])
+    run = tmp_path / "run"
+    args = ["-i", str(data), "--model", str(tiny_model_dir), "--output-dir", str(run), "--max-steps", "100000",
+            "--save-steps", "1000"]
+    first = start(["train", *FLAGS, *args], env=environment(**ENV))
+    seen = {}
+
+    def second_runs_refused() -> bool:
+        if not (run / "log.jsonl").is_file():
+            return False
+        seen["plain"] = train(*args)
+        seen["resume"] = train(*args, "--resume")
+        return True
+
+    stderr = terminate_when(second_runs_refused, first, timeout=240, grace=120, signum=signal.SIGTERM)
+    assert first.returncode == 143, stderr[-3000:]
+    assert "holds a run of aloe train (running" in one_line_error(seen["plain"], 2)
+    line = one_line_error(seen["resume"], 1)
+    assert f"--resume: {run} is being trained right now (process {first.pid} on" in line, line

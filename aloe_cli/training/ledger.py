@@ -173,11 +173,11 @@ def has_final_model(output_dir: Path) -> bool:
     return (output_dir / "config.json").is_file() and any(output_dir.glob("model*.safetensors*"))
 
 
-def _alive(record: dict[str, Any]) -> bool:
-    """Whether a run marked running may still be running: not when it ran on this machine in a process that is
-    gone (killed without a chance to say so); on another machine there is no telling."""
+def _alive(record: dict[str, Any]) -> bool | None:
+    """Whether a run marked running is still running: True or False when it ran on this machine (a process that
+    is gone was killed without a chance to say so), None when it ran on another one (there is no telling)."""
     if record.get("host") != socket.gethostname():
-        return True
+        return None
     pid = record.get("pid")
     if not isinstance(pid, int) or pid == os.getpid():
         return False
@@ -196,7 +196,7 @@ def what_it_holds(output_dir: Path, record: dict[str, Any] | None) -> str | None
     if record is not None:
         state = record.get("state")
         step = record.get("global_step")
-        if state == RUNNING and not _alive(record):
+        if state == RUNNING and _alive(record) is False:
             state = "stopped without a word (killed?)"
         if state == COMPLETE or state == RUNNING or found or has_final_model(output_dir):
             at = f", step {step}" if step else ""
@@ -259,6 +259,11 @@ def claim(plan: TrainPlan, paths: list[str]) -> Claim:
             result.record = None
         return result
 
+    # Only a live process on this machine is known to be training: a run marked running elsewhere is taken for one
+    # whose node died (SLURM requeues it elsewhere), so --resume may continue it.
+    if record is not None and record.get("state") == RUNNING and _alive(record):
+        raise AloeError(f"--resume: {output_dir} is being trained right now (process {record.get('pid')} on "
+                        f"{record.get('host')}, state running); stop it first")
     final_step = completed_step(output_dir)
     complete = final_step is not None
     point, damaged = resume_point(output_dir)
@@ -276,9 +281,6 @@ def claim(plan: TrainPlan, paths: list[str]) -> Claim:
         if differs:
             raise AloeError(f"--resume: {output_dir} holds another run: {'; '.join(differs)} (--overwrite moves it "
                             "aside and starts a new one)")
-        if record.get("state") == RUNNING and _alive(record):
-            raise AloeError(f"--resume: {output_dir} is being trained right now (process {record.get('pid')} on "
-                            f"{record.get('host')}, state running); stop it first")
     if complete:
         result.complete, result.step = True, step
         return result
