@@ -450,7 +450,7 @@ def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume
     from aloe_cli.training.collator import TrainingCollator
     from aloe_cli.training.data import build_dataset, dataset_path, load_dataset, lost_message
     from aloe_cli.training.guard import VisionGuard
-    from aloe_cli.training.ledger import Ledger, claim, completed_step
+    from aloe_cli.training.ledger import Ledger, claim, completed_step, read_run
 
     _quiet_libraries()
     preflight(plan)
@@ -505,6 +505,8 @@ def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume
             ledger = Ledger(plan, output_dir, claimed)
             ledger.start(records)
     run["ledger"] = ledger
+    if not state.is_main_process:  # the counts --max-skipped weighs, as the main process wrote them
+        records = (read_run(output_dir) or {}).get("records") or {}
     resume_from = str(claimed.resume_from) if claimed is not None and claimed.resume_from else None
     if not state.is_main_process and config.resume:
         from aloe_cli.training.run_folder import resume_point
