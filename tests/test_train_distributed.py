@@ -126,3 +126,19 @@ def test_plain_data_parallel_on_two_ranks_prepares_the_data_once_and_trains(tmp_
     assert "world size 2" in (run / "aloe-train.yaml").read_text()
     assert not list((run / "dataset").glob(".*.tmp"))
     AutoModelForImageTextToText.from_pretrained(run)
+
+
+def test_samples_lost_on_one_rank_stop_every_rank_at_the_same_step(tmp_path, tiny_model_dir):
+    """A broken image in one rank's micro batch: the skip counts are summed over ranks, so both ranks find
+    --max-skipped exceeded at the same logging step and stop with the same line (no rank left waiting)."""
+    task = mixed_ranks_task(tmp_path / "data", count=8)
+    (tmp_path / "data" / "5.png").write_bytes(b"not a png")  # record 6: rank 1's third micro batch
+    flags = [flag if flag != "zero3" else "none" for flag in FLAGS]
+    proc = launch(TORCHRUN, ["train", "-i", str(task), "--model", str(tiny_model_dir), "--output-dir",
+                             str(tmp_path / "run"), *flags, "--no-gradient-checkpointing", "--global-batch-size", "2",
+                             "--micro-batch-size", "1", "--max-steps", "4", "--no-shuffle"], tmp_path)
+    assert proc.returncode != 0, proc.stderr[-4000:]
+    line = ("aloe: error: 1 of 8 records lost (image_corrupt=1): more than --max-skipped 0.1% of 8 = 0 allows; fix "
+            "the inputs (image paths, files) or raise --max-skipped")
+    assert proc.stderr.count(line) == 2, proc.stderr[-4000:]  # said by both ranks
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["state"] == "failed"

@@ -307,7 +307,7 @@ class Ledger:
     def __init__(self, plan: TrainPlan, output_dir: Path, claimed: Claim):
         from aloe_cli import __version__
 
-        base = claimed.record or {}
+        base = (claimed.record or {}) if claimed.resume_from is not None else {}  # a new run starts a new record
         self.path = output_dir / RUN_FILE
         self.record: dict[str, Any] = {
             "aloe_version": __version__, "command": plan.command, "state": RUNNING,
