@@ -369,3 +369,22 @@ def test_a_folder_a_live_run_is_training_is_refused_with_and_without_resume(tiny
     assert "holds a run of aloe train (running" in one_line_error(seen["plain"], 2)
     line = one_line_error(seen["resume"], 1)
     assert f"--resume: {run} is being trained right now (process {first.pid} on" in line, line
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_is_started_again_in_its_folder(tiny_model_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(weights[:1000])  # found when the weights load, after the records
+    data = write_jsonl(tmp_path / "items.jsonl", [chat(f"Question {i}?", "Answer.") for i in range(4)])
+    run = tmp_path / "run"
+    args = ["-i", str(data), "--model", str(model), "--output-dir", str(run), "--max-steps", "1"]
+    line = one_line_error(train(*args), 1)
+    assert line.startswith(f"aloe: error: cannot load model {model}: ")
+    failed = json.loads((run / "run.json").read_text())
+    assert failed["state"] == "failed" and failed["error"] == line.removeprefix("aloe: error: ")
+    (model / "model.safetensors").write_bytes(weights)
+    proc = train(*args)  # nothing worth keeping: no --overwrite needed
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((run / "run.json").read_text())
+    assert record["state"] == "complete" and record["started"] >= failed["started"] and record["resumed_from"] == []
