@@ -125,8 +125,8 @@ def resume_command(argv: list[str] | None = None) -> str:
         args.append("--resume")
     line = "aloe " + shlex.join(args)
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-        line += f" (under the same launcher: e.g. torchrun --nproc-per-node {os.environ['WORLD_SIZE']} -m aloe_cli " \
-                f"{shlex.join(args)})"
+        per_node = os.environ.get("LOCAL_WORLD_SIZE") or os.environ["WORLD_SIZE"]
+        line += f" (under the same launcher: e.g. torchrun --nproc-per-node {per_node} -m aloe_cli {shlex.join(args)})"
     return line
 
 
