@@ -388,3 +388,34 @@ def test_a_run_that_failed_before_its_first_checkpoint_is_started_again_in_its_f
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((run / "run.json").read_text())
     assert record["state"] == "complete" and record["started"] >= failed["started"] and record["resumed_from"] == []
+
+
+def test_damage_is_found_in_sharded_and_deepspeed_checkpoints_without_loading_them(tmp_path):
+    """Other shapes of checkpoint: a sharded model (an index naming its shards) and DeepSpeed's per-rank states
+    under global_stepN/. Real files written by torch and safetensors, then damaged."""
+    import torch
+    from safetensors.torch import save_file
+
+    from aloe_cli.training.run_folder import checkpoint_damage, resume_point
+
+    def checkpoint(step: int) -> Path:
+        folder = tmp_path / f"checkpoint-{step}"
+        (folder / f"global_step{step}").mkdir(parents=True)
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+            save_file({"w": torch.zeros(64, 64)}, str(folder / shard))
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+            "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+        torch.save({"exp_avg": torch.zeros(256, 256)}, folder / f"global_step{step}" / "zero_pp_rank_0_optim_states.pt")
+        return folder
+
+    whole, missing_shard, cut_states = checkpoint(1), checkpoint(2), checkpoint(3)
+    assert checkpoint_damage(whole) is None
+    (missing_shard / "model-00002-of-00002.safetensors").unlink()
+    assert checkpoint_damage(missing_shard) == ("model.safetensors.index.json names a missing shard "
+                                                "model-00002-of-00002.safetensors")
+    truncate(cut_states / "global_step3" / "zero_pp_rank_0_optim_states.pt", keep=0.9)
+    assert checkpoint_damage(cut_states).startswith(
+        "global_step3/zero_pp_rank_0_optim_states.pt is truncated or corrupt")
+    point, damaged = resume_point(tmp_path)
+    assert point == whole and [folder for folder, _ in damaged] == [cut_states, missing_shard]
