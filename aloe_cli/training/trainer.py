@@ -1,6 +1,6 @@
 """Run one SFT stage on TRL's SFTTrainer: data once into a memory-mapped dataset, then TRL's own loop.
 
-    result = run_training(plan, items)   # items: the records to learn from (an iterable of data.io.Item)
+    result = run_training(plan, items, paths=paths)   # items(): the records of `paths`, as data.io.Items
 
 What this adds around `SFTTrainer` (nothing of its loop is re-implemented):
 - the distributed state: on a machine without CUDA, DeepSpeed runs on gloo
@@ -11,6 +11,9 @@ What this adds around `SFTTrainer` (nothing of its loop is re-implemented):
 - the chat template that defines the loss, set on the processor before the
   trainer sees it (TRL never swaps it), and the processor's pixel limits;
 - the vision guard (`training.guard`) for text-only micro batches under ZeRO-3;
+- the run folder's rules and its ledger `run.json` (`training.ledger`): the folder is claimed (refused, moved
+  aside, or resumed from its newest whole checkpoint) before anything is read;
+- samples lost to unreadable records and images, held against `--max-skipped` at every logging step;
 - `log.jsonl` (step, loss, lr, tokens/s, skipped samples), `aloe-train.yaml`,
   the final model + processor in `output_dir`.
 """
