@@ -293,11 +293,13 @@ def test_resume_with_every_checkpoint_damaged_is_one_line_naming_them(failed_run
     shutil.copytree(run, copy)
     for step in (1, 2, 3):
         truncate(copy / f"checkpoint-{step}" / "optimizer.pt")
+    before = digest(copy)
     proc = resume(copy, data, tiny_model_dir)
     line = one_line_error(proc, 1)
     assert line.startswith(f"aloe: error: --resume: no checkpoint in {copy} is whole: checkpoint-3 (optimizer.pt is "
                            "truncated or corrupt"), line
     assert "checkpoint-1 (optimizer.pt" in line
+    assert digest(copy) == before  # refused: nothing renamed or removed
 
 
 # ----------------------------------------------------------------------------- lost samples and short schedules

@@ -284,15 +284,15 @@ def claim(plan: TrainPlan, paths: list[str]) -> Claim:
     if complete:
         result.complete, result.step = True, step
         return result
+    if point is None:
+        names = ", ".join(f"{folder.name} ({why})" for folder, why in damaged)
+        raise AloeError(f"--resume: no checkpoint in {output_dir} is whole: {names}; --overwrite starts the run "
+                        "again")
     for folder in remove_incomplete(output_dir):
         result.notes.append(f"removed the incomplete checkpoint {folder} (its save never finished)")
     for folder, why in damaged:
         aside = set_aside(folder)
         result.notes.append(f"{folder} is damaged: {why}; kept aside as {aside.name}")
-    if point is None:
-        names = ", ".join(f"{folder.name} ({why})" for folder, why in damaged)
-        raise AloeError(f"--resume: no checkpoint in {output_dir} is whole: {names}; --overwrite starts the run "
-                        "again")
     if damaged:
         result.notes.append(f"resuming from {point}, the newest complete checkpoint, instead")
     result.resume_from, result.step = point, checkpoint_step(point)
