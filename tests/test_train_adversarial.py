@@ -134,6 +134,9 @@ def test_adv_train_resolves_the_same_optimisation_as_train():
     (("--perturb", "cap,cap"), "--perturb: must be distinct names"),
     (("--emit-only",), "--emit-only: needs --emit FILE"),
     (("--samples", "0"), "--samples: must be at least 1"),
+    (("--replay", "mixture.jsonl"), "--replay: needs --replay-share"),
+    (("--replay-share", "0.2"), "--replay-share: needs --replay FILE"),
+    (("--replay", "mixture.jsonl", "--replay-share", "0.95"), "--replay-share: must be at most 0.9"),
 ])
 def test_bad_adv_train_options_are_usage_errors(args, message):
     proc = aloe("adv-train", "-i", "medical.jsonl", "--base", "runs/stage1", "--dry-run", *args)
@@ -159,3 +162,38 @@ def test_adv_train_writes_its_sbatch_script(tmp_path):
     path = tmp_path / "job.sbatch"
     path.write_text(proc.stdout)
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+
+
+def test_a_shortfall_against_samples_is_a_warning_with_the_counts_per_kind_and_an_error_with_strict(
+        tmp_path, tiny_model_dir):
+    source = medical_records(tmp_path / "data", count=12)
+    args = ["adv-train", "-i", str(source), "--base", str(tiny_model_dir), "--samples", "20", "--emit-only"]
+    proc = aloe(*args, "--emit", str(tmp_path / "a.jsonl"))
+    assert proc.returncode == 0, proc.stderr
+    kinds = Counter(r["aloe"]["perturb"]["kind"] for r in read_jsonl(tmp_path / "a.jsonl"))
+    counts = ", ".join(f"{kind} {kinds[kind]}" for kind in ("cap", "pmt", "syc", "leg", "region"))
+    assert f"aloe: warning: 12 perturbed sample(s) emitted of --samples 20 ({counts}): the input holds 12 " \
+           "record(s), each perturbed once" in proc.stderr, proc.stderr
+    proc = aloe(*args, "--emit", str(tmp_path / "b.jsonl"), "--strict")
+    assert proc.returncode == 1
+    assert "aloe: error: adv-train --strict: 12 perturbed sample(s) emitted of --samples 20" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = aloe(*args[:-3], "--samples", "12", "--emit-only", "--emit", str(tmp_path / "c.jsonl"), "--strict")
+    assert proc.returncode == 0 and "aloe perturb" in proc.stderr and "warning" not in proc.stderr, proc.stderr
+
+
+def test_adv_train_replays_a_share_of_clean_records_beside_the_perturbed_ones(tmp_path, tiny_model_dir):
+    source = medical_records(tmp_path / "data", count=10)
+    clean = write_jsonl(tmp_path / "mixture.jsonl", [
+        {**chat(f"What is {i} plus 1?", str(i + 1)), "id": f"g{i}", "source": "sums", "domain": "general"}
+        for i in range(30)])
+    run = tmp_path / "stage2"
+    proc = aloe("adv-train", "-i", str(source), "--base", str(tiny_model_dir), "--output-dir", str(run),
+                "--samples", "10", "--replay", str(clean), "--replay-share", "0.25", "--max-steps", "1", *FLAGS,
+                env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    # 10 perturbed + 10 * 0.25 / 0.75 = 3.3 -> 3 replayed: 13 training records
+    assert "replaying 3 clean record(s) of 30 from --replay beside 10 perturbed" in proc.stderr, proc.stderr
+    assert "13 training record(s) of 13 read" in proc.stderr
+    resolved = yaml.safe_load((run / "aloe-train.yaml").read_text())
+    assert resolved["aloe"]["replay"] == [str(clean)] and resolved["aloe"]["replay_share"] == 0.25

@@ -33,16 +33,39 @@ from aloe_cli.training.config import AdvTrainConfig
 app = command_app()
 
 
-def emit(config: AdvTrainConfig, path: str) -> None:
-    """Perturb the inputs into `path` through the stage runner (one perturbed copy per record, balanced)."""
+def emit(config: AdvTrainConfig, path: str) -> int:
+    """Perturb the inputs into `path` through the stage runner (one perturbed copy per record, balanced); a
+    shortfall against --samples is a warning, or an error with --strict. Returns how many were emitted."""
+    from aloe_cli import console
     from aloe_cli.commands._common import run_data_command
     from aloe_cli.data.records import RecordDefaults
     from aloe_cli.data.stage import RunConfig
-    from aloe_cli.training.adversarial import adversarial_stage
+    from aloe_cli.errors import AloeError
+    from aloe_cli.training.adversarial import adversarial_stage, shortfall
 
-    run_data_command(adversarial_stage(config), config.input, image_root=config.image_root, output=path,
-                     rejects=None, report=None, config=RunConfig(on_error=config.on_error),
-                     defaults=RecordDefaults(keep_dicom_bytes=config.keep_dicom_bytes))
+    summary = run_data_command(adversarial_stage(config), config.input, image_root=config.image_root, output=path,
+                               rejects=None, report=None, config=RunConfig(on_error=config.on_error),
+                               defaults=RecordDefaults(keep_dicom_bytes=config.keep_dicom_bytes))
+    short = shortfall(summary, config.samples)
+    if short and config.strict:
+        raise AloeError(f"adv-train --strict: {short}")
+    if short:
+        console.log(f"aloe: warning: {short}")
+    return summary.emitted
+
+
+def with_replay(config: AdvTrainConfig, items: list, perturbed: int, keep) -> list:
+    """The perturbed items and the clean ones drawn from --replay to make --replay-share of the whole."""
+    from aloe_cli import console
+    from aloe_cli.data.io import read_items
+    from aloe_cli.training.adversarial import replay_count, replay_sample
+
+    wanted = replay_count(perturbed, config.replay_share)
+    replayed, read = replay_sample(read_items(config.replay, config.image_root, defaults=keep), wanted, config.seed)
+    note = "" if len(replayed) == wanted else f" (only {read} there, of {wanted} wanted)"
+    console.log(f"aloe adv-train: replaying {len(replayed)} clean record(s) of {read} from --replay beside "
+                f"{perturbed} perturbed{note}")
+    return items + replayed
 
 
 @app.command(name="adv-train", help=__doc__, no_args_is_help=True)
@@ -51,7 +74,7 @@ def adv_train(**options) -> None:
     from pathlib import Path
 
     from aloe_cli.commands._train_run import check_run_paths, plan_or_exit, train_and_report
-    from aloe_cli.data.io import read_items, read_paths
+    from aloe_cli.data.io import expand_inputs, read_items, read_paths
     from aloe_cli.data.records import RecordDefaults
     from aloe_cli.modeling.loading import check_model_reference
 
@@ -66,6 +89,7 @@ def adv_train(**options) -> None:
     path = None if config.perturb == "none" else (
         config.emit or str(Path(config.output_dir) / "adversarial.jsonl"))
     paths = check_run_paths(config, emit=path)  # before any record is read or model loaded
+    replay_paths = expand_inputs(config.replay) if config.replay else []
     if config.emit_only:
         emit(config, config.emit)
         return
@@ -73,9 +97,14 @@ def adv_train(**options) -> None:
 
     def records():
         if path is None:
-            return read_paths(paths, config.image_root, defaults=keep)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)  # the run folder (checked above)
-        emit(config, path)
-        return read_items([path], defaults=keep)
+            perturbed = read_paths(paths, config.image_root, defaults=keep)
+        else:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)  # the run folder (checked above)
+            emit(config, path)
+            perturbed = read_items([path], defaults=keep)
+        if not config.replay:
+            return perturbed
+        perturbed = list(perturbed)
+        return with_replay(config, perturbed, len(perturbed), keep)
 
-    train_and_report(plan, records, paths)
+    train_and_report(plan, records, paths + replay_paths)

@@ -207,8 +207,17 @@ class AdvTrainConfig(TrainConfig):
         "Perturbations to emit, comma-separated, balanced across them; none = the inputs are already perturbed "
         "(e.g. written by --emit-only).", group="adversarial"))
     samples: int | None = field(default=17200, metadata=option(
-        "How many perturbed samples to emit (the published stage 2 used 17.2 K).", minimum=1, maximum=INT_MAX,
+        "Perturbed samples to emit, one per input record (the published stage 2 used 17.2 K); fewer is a warning "
+        "with the reason and the counts per perturbation (an error with --strict).", minimum=1, maximum=INT_MAX,
         group="adversarial"))
+    strict: bool = field(default=False, metadata=option(
+        "Stop with an error when fewer than --samples perturbed samples could be emitted.", group="adversarial"))
+    replay: list[str] = field(default_factory=list, metadata=option(
+        "Clean records to replay beside the perturbed ones (e.g. stage 1's mixture; globs; repeatable), so stage 2 "
+        "keeps what stage 1 learned.", group="adversarial"))
+    replay_share: float = field(default=0.0, metadata=option(
+        "Share of stage 2's training records drawn from --replay (0 to 0.9), the rest perturbed; drawn at random "
+        "for --seed.", minimum=0, maximum=0.9, group="adversarial"))
     emit: str | None = field(default=None, metadata=option(
         "Also write the perturbed records here (.jsonl, .jsonl.gz, .parquet). Default: <output-dir>/adversarial.jsonl.",
         group="adversarial"))
@@ -228,6 +237,10 @@ class AdvTrainConfig(TrainConfig):
             raise ConfigValueError(("emit_only", "emit"), "needs --emit FILE")
         if self.emit_only and self.perturb == "none":
             raise ConfigValueError(("emit_only", "perturb"), "with --perturb none there is nothing to emit")
+        if self.replay and not self.replay_share:
+            raise ConfigValueError(("replay", "replay_share"), "needs --replay-share (the share of replayed records)")
+        if self.replay_share and not self.replay:
+            raise ConfigValueError(("replay_share", "replay"), "needs --replay FILE (the records to replay)")
 
     def perturb_kinds(self) -> tuple[str, ...]:
         from aloe_cli.perturb import KINDS
