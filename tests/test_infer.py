@@ -14,7 +14,7 @@ from PIL import Image
 from aloe_cli.data.grounding import format_object, pixels_to_grounding
 from aloe_cli.data.images import load_image
 from aloe_cli.errors import AloeError
-from aloe_cli.evaluation.inference import BOX_COLOURS, check_chat_template, draw_boxes, locate_boxes
+from aloe_cli.evaluation.inference import BOX_COLOURS, check_chat_template, draw_boxes, drawing_scale, locate_boxes
 from support import aloe, chat, read_jsonl, write_jsonl
 
 DICOM_DIR = Path(pydicom.data.__file__).parent / "test_files"  # shipped with pydicom, no download
@@ -63,11 +63,26 @@ def test_drawn_boxes_sit_on_the_original_pixels(tmp_path):
     drawn = Image.open(path).convert("RGB")
     original = load_image(str(dicom)).convert("RGB")
     colour = tuple(int(BOX_COLOURS[0][i:i + 2], 16) for i in (1, 3, 5))
-    x1, y1, x2, y2 = (round(v) for v in boxes[0]["pixels"])
-    assert drawn.size == original.size
+    scale = drawing_scale(original.size)
+    assert original.size == (128, 128) and scale == 4  # a small image is drawn enlarged, whole pixels kept
+    assert drawn.size == (128 * scale, 128 * scale)
+    original = original.resize(drawn.size, Image.Resampling.NEAREST)
+    x1, y1, x2, y2 = (round(v * scale) for v in boxes[0]["pixels"])
     assert drawn.getpixel((x2, (y1 + y2) // 2)) == colour and drawn.getpixel(((x1 + x2) // 2, y2)) == colour
     assert drawn.getpixel(((x1 + x2) // 2, (y1 + y2) // 2)) == original.getpixel(((x1 + x2) // 2, (y1 + y2) // 2))
     assert drawn.getpixel((x1 + 1, y1 - 3)) == colour  # the label's background sits just above the box
+
+
+def test_a_label_at_the_canvas_edge_is_drawn_inside_it(tmp_path):
+    Image.new("L", (56, 56), 90).save(tmp_path / "scan.png")
+    boxes = locate_boxes(answer_with_boxes([("a long lesion label", (50, 0, 56, 12))], 56, 56), ["scan.png"],
+                         tmp_path)
+    [path] = draw_boxes(["scan.png"], tmp_path, boxes, tmp_path / "drawn", "edge")
+    drawn = Image.open(path).convert("RGB")
+    assert drawn.size == (448, 448)  # 56 px scaled by 8: large enough to read
+    colour = tuple(int(BOX_COLOURS[0][i:i + 2], 16) for i in (1, 3, 5))
+    label = [x for x in range(drawn.width) if drawn.getpixel((x, 2)) == colour]  # a row through the label
+    assert label[-1] == drawn.width - 1 and label[0] < 50 * 8  # moved left of the box's corner to fit
 
 
 def test_a_model_folder_without_chat_template_is_refused(tmp_path, tiny_model_dir):

@@ -25,6 +25,12 @@ from aloe_cli.modeling.backends import Failure, GenerationBackend, GenerationPar
 
 STAGE = "infer"
 BOX_COLOURS = ("#ff3b30", "#34c759", "#0a84ff", "#ffcc00", "#af52de", "#ff9500")
+MIN_DRAWN_SIDE = 448  # a smaller image is drawn scaled up by a whole factor, so its label can be read
+
+
+def drawing_scale(size: tuple[int, int]) -> int:
+    """The whole factor an image of `size` is enlarged by when drawn (1 for an image of readable size)."""
+    return max(1, -(-MIN_DRAWN_SIDE // max(1, min(size))))
 
 
 def check_chat_template(model: str) -> None:
@@ -61,9 +67,12 @@ def _box(box: GroundedBox, size: tuple[int, int] | None) -> dict:
 def draw_boxes(images: list, image_root, boxes: list[dict], folder: Path, stem: str) -> list[Path]:
     """Save every image of a record as PNG, its boxes drawn with their labels; returns the paths.
 
+    A small image is enlarged first (`drawing_scale`, nearest neighbour: the pixels stay as they were, only
+    bigger), and a label stays inside the canvas.
+
     Each file is written atomically (complete or absent). A drawing never replaces one of the record's own
     images (`--draw` pointed at the image folder, a record id equal to an image's name): a RecordError."""
-    from PIL import ImageDraw
+    from PIL import Image, ImageDraw
 
     from aloe_cli.data.images import load_image, resolve_path
     from aloe_cli.data.io import atomic_path, write_error
@@ -77,17 +86,22 @@ def draw_boxes(images: list, image_root, boxes: list[dict], folder: Path, stem: 
     written = []
     for position, entry in enumerate(images):
         image = load_image(entry, image_root).convert("RGB")
+        scale = drawing_scale(image.size)
+        if scale > 1:
+            image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
         draw = ImageDraw.Draw(image)
         width = max(1, round(max(image.size) / 200))
         for number, box in enumerate(b for b in boxes if b.get("image") == position and b.get("pixels")):
             colour = BOX_COLOURS[number % len(BOX_COLOURS)]
-            x1, y1, x2, y2 = box["pixels"]
+            x1, y1, x2, y2 = (value * scale for value in box["pixels"])
             draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
             if box.get("label"):
-                left, top, right, bottom = draw.textbbox((x1, y1), box["label"])
-                label_top = max(0, y1 - (bottom - top) - 2)
-                draw.rectangle([x1, label_top, x1 + (right - left) + 4, label_top + (bottom - top) + 2], fill=colour)
-                draw.text((x1 + 2, label_top), box["label"], fill="white")
+                left, top, right, bottom = draw.textbbox((0, 0), box["label"])
+                label_w, label_h = right - left + 4, bottom - top + 2
+                label_left = max(0, min(x1, image.width - label_w))
+                label_top = max(0, y1 - label_h)
+                draw.rectangle([label_left, label_top, label_left + label_w, label_top + label_h], fill=colour)
+                draw.text((label_left + 2, label_top - top), box["label"], fill="white")
         path = folder / (f"{stem}.png" if len(images) == 1 else f"{stem}_{position}.png")
         if os.path.realpath(path) in originals:
             raise RecordError("draw_overwrites_input", f"--draw would replace the record's own image {path}: "
