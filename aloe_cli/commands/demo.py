@@ -17,6 +17,7 @@ Examples:
     aloe demo                                   # in a temporary folder, removed at the end
     aloe demo --workdir demo_run --report demo.json
     aloe demo --seed 1 --check                  # exit 1 unless every claim holds (what CI runs)
+    aloe demo --quick                           # every step in about a minute, claims not expected
 """
 
 from __future__ import annotations
@@ -41,19 +42,22 @@ def demo(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the data, the model and training.")] = 0,
     check: Annotated[bool, typer.Option(
         "--check/--no-check", help="Exit 1 when a claim of the recipe does not hold.")] = False,
+    quick: Annotated[bool, typer.Option(
+        "--quick/--no-quick", help="Every step on a sliver of the data with a few training steps (about a minute): "
+                                   "shows the pipeline, not the claims.")] = False,
 ) -> None:
     import tempfile
 
     from aloe_cli.commands._common import check_io
     from aloe_cli.console import log
-    from aloe_cli.demo.run import DemoSettings, run_demo
+    from aloe_cli.demo.run import DemoSettings, quick_settings, run_demo
     from aloe_cli.demo.summary import print_demo_summary
     from aloe_cli.errors import AloeError
 
     check_io(None, records=False, report=report)
     if workdir is not None and workdir.exists() and any(workdir.iterdir()):
         raise AloeError(f"--workdir {workdir} is not empty (the demo writes a fresh run; pick a new folder)")
-    settings = DemoSettings(seed=seed)
+    settings = quick_settings(seed) if quick else DemoSettings(seed=seed)
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="aloe-demo-") as tmp:
             result = run_demo(Path(tmp), settings, log)

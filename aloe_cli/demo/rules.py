@@ -6,7 +6,7 @@ shape come from its pixels (`read_object`), text answers from the fact table or 
 the question. `check_sample` then says whether a training sample's answer is right, and why not:
 planted wrong and empty answers fail it, everything else the generator writes passes
 (tests/test_demo_task.py). `grade_open` grades an open-ended prediction against its reference on
-the evaluation judge's 0 / 0.5 / 1 scale (a box by its overlap, words by the answer they name).
+the evaluation judge's 0 / 0.5 / 1 scale (a box right at IoU >= 0.5, words by the answer they name).
 """
 
 from __future__ import annotations
@@ -123,11 +123,11 @@ def _answer_words() -> tuple[str, ...]:
 
 
 def grade_open(reference: str, prediction: str) -> float:
-    """An open-ended prediction against its reference: 1 right, 0.5 half right, 0 wrong.
+    """An open-ended prediction against its reference: 1 right, 0 wrong.
 
-    A box reference: 1 when the prediction holds exactly one box overlapping it by IoU >= 0.5, 0.5
-    for one box at IoU >= 0.25. A word reference: 1 when the prediction names it and no other answer
-    of the task. A number: 1 when the prediction is that number.
+    A box reference: 1 when the prediction holds exactly one box overlapping it by IoU >= 0.5 (grounding
+    accuracy as usually counted: no half credit). A word reference: 1 when the prediction names it and no
+    other answer of the task. A number: 1 when the prediction is that number.
     """
     reference_boxes = parse_grounding(reference)
     if reference_boxes:
@@ -135,7 +135,7 @@ def grade_open(reference: str, prediction: str) -> float:
         if len(boxes) != 1:
             return 0.0
         overlap = iou(boxes[0].box, reference_boxes[0].box)
-        return 1.0 if overlap >= MIN_IOU else 0.5 if overlap >= MIN_IOU / 2 else 0.0
+        return 1.0 if overlap >= MIN_IOU else 0.0
     if reference.strip().isdigit():
         return 1.0 if prediction.strip().rstrip(".") == reference.strip() else 0.0
     named = _words(prediction, {*_answer_words(), reference})

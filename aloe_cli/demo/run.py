@@ -5,14 +5,16 @@
     curation   aloe dedup | aloe perplexity | aloe score > curated.jsonl   (one shell pipe, printed)
                aloe mix                                                    (token-balanced mixture)
     stage 1    aloe train      on the mixture, from a tiny Qwen2-VL built offline (random weights)
-    stage 2    aloe adv-train  from stage 1, on lesion records perturbed with pmt and syc
+    stage 2    aloe adv-train  from stage 1, on lesion records perturbed with cap, pmt, syc, leg and region,
+                               with a share of stage 1's mixture replayed (--replay mixture.jsonl)
     eval       aloe eval       untrained, stage 1 and stage 2, --perturb base,cap,pmt,syc,leg
     infer      aloe infer      one scan, the predicted box drawn to a PNG
 
 Every command runs as a subprocess in the work folder (relative paths, so the printed commands can
 be pasted there), its stderr kept in logs/<step>.log and shown when it fails. The judge of `score`
 and of eval's open-ended items is `RuleJudgeServer`, a stand-in on 127.0.0.1 that grades by rule.
-`DemoReport` collects the figures; `claims` checks the three the recipe makes.
+`build_report` collects the figures, in the published layout (classification and detection parts);
+`claims` checks those the published model card makes.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from aloe_cli.errors import AloeError
 
 MODELS = ("untrained", "stage1", "stage2")
 PERTURBATIONS = ("base", "cap", "pmt", "syc", "leg")
+STAGE2_PERTURBATIONS = ("cap", "pmt", "syc", "leg", "region")  # every kind the recipe names
+# The published robustness table: classification Base/Cap/Pmt/Syc, detection Base/Cap/Pmt/Syc/Leg.
+TABLE_COLUMNS = (("cls", ("base", "cap", "pmt", "syc")), ("det", ("base", "cap", "pmt", "syc", "leg")))
 MEDICAL = "demo-med"
 GENERAL = "demo-general"
 CURATION_STAGES = ("dedup", "perplexity", "score", "mix")
@@ -52,6 +57,9 @@ class DemoSettings:
     learning_rate: float = 5e-4  # >= 1e-3 often leaves the tiny model on the majority answer
     stage2_learning_rate: float = 2e-4  # gentler: stage 2 must keep stage 1's clean accuracy
     stage2_samples: int = 1600
+    # Share of stage 2's records replayed from stage 1's mixture (clean, medical and general): without it the
+    # tiny model forgets the general task and part of the clean one while it learns to ignore hints (docs/demo.md).
+    stage2_replay_share: float = 0.25
     eval_batch_size: int = 64
     threads: int = 2
     # Loss-token shares of the four cells for `aloe mix`: the lesion task carries the demo.
@@ -60,6 +68,13 @@ class DemoSettings:
     shares: tuple[tuple[str, float], ...] = (("medical/multimodal", 0.90), ("general/multimodal", 0.07),
                                              ("medical/text", 0.02), ("general/text", 0.01))
     max_repeats: float = 2.0
+
+
+def quick_settings(seed: int = 0) -> DemoSettings:
+    """Every step on a sliver of the data with a few optimizer steps: the pipeline runs, the claims do not hold."""
+    from aloe_cli.demo.task import SMOKE
+
+    return DemoSettings(seed=seed, data=SMOKE, stage1_steps=40, stage2_steps=8, stage2_samples=100)
 
 
 class Runner:
@@ -154,15 +169,29 @@ def planted_caught(workdir: Path, planted: dict[str, list[str]]) -> dict:
 
 
 def claims(accuracy: dict, robustness: dict) -> dict[str, bool]:
-    """The recipe's three claims, on the medical benchmark (clean) and its pmt/syc robustness."""
+    """The published card's claims, in miniature.
+
+    Stage 1 learns the task (>= 30 points over the untrained model on demo-med) and is misled by hints (>= 25
+    points lost under pmt and under syc); stage 2 improves every adversarial column of the classification and
+    detection parts over stage 1 (>= 20 points where stage 1 lost >= 25 from its clean figure, >= 5 elsewhere)
+    and keeps clean classification, clean detection and general accuracy within 5 points of stage 1.
+    """
     s1, s2 = robustness["stage1"], robustness["stage2"]
     result = {"stage 1 beats the untrained model by >= 30 points":
               accuracy["stage1"][MEDICAL] - accuracy["untrained"][MEDICAL] >= 30}
     for form in ("pmt", "syc"):
         result[f"stage 1 drops >= 25 points under {form}"] = s1["base"] - s1[form] >= 25
-        result[f"stage 2 recovers >= 20 points under {form}"] = s2[form] - s1[form] >= 20
-    # Stage 2 must not cost clean accuracy: at most 5 points below stage 1 (a gain keeps it, too).
-    result["stage 2 keeps clean accuracy (>= stage 1 - 5)"] = s2["base"] >= s1["base"] - 5
+    for part, kinds in TABLE_COLUMNS:
+        for kind in kinds[1:]:
+            column = f"{part}_{kind}"
+            need = 20 if s1[f"{part}_base"] - s1[column] >= 25 else 5
+            result[f"stage 2 improves {part.capitalize()} {kind.capitalize()} by >= {need}"] = \
+                s2[column] - s1[column] >= need
+    for part in ("cls", "det"):
+        base = f"{part}_base"
+        result[f"stage 2 keeps clean {part.capitalize()} (>= stage 1 - 5)"] = s2[base] >= s1[base] - 5
+    result["stage 2 keeps general accuracy (>= stage 1 - 5)"] = \
+        accuracy["stage2"][GENERAL] >= accuracy["stage1"][GENERAL] - 5
     return result
 
 
@@ -223,7 +252,8 @@ def run_demo(workdir: Path, settings: DemoSettings, say: Callable[[str], None]) 
              *optimisation]])
         runner.run("stage2", f"stage 2: adversarial SFT from stage 1 ({settings.stage2_steps} steps)", [
             ["adv-train", "-i", "adversarial.jsonl", "--base", "runs/stage1", "--output-dir", "runs/stage2",
-             "--perturb", "pmt,syc", "--samples", str(settings.stage2_samples),
+             "--perturb", ",".join(STAGE2_PERTURBATIONS), "--samples", str(settings.stage2_samples),
+             "--replay", "mixture.jsonl", "--replay-share", str(settings.stage2_replay_share),
              "--max-steps", str(settings.stage2_steps), "--learning-rate", str(settings.stage2_learning_rate),
              *optimisation]])
         models = [arg for name, path in zip(MODELS, ("models/untrained", "runs/stage1", "runs/stage2"))
@@ -252,6 +282,9 @@ def build_report(workdir: Path, planted: dict[str, list[str]], seconds: dict, to
         accuracy[model] = {name: _pct(scores[name]["accuracy_aloe"]) for name in (MEDICAL, GENERAL)}
         perturbations = scores[MEDICAL]["perturbations"]
         robustness[model] = {kind: _pct(perturbations[kind]["accuracy_aloe"]) for kind in PERTURBATIONS}
+        by_task = scores[MEDICAL]["robustness"]
+        robustness[model].update({f"{part}_{kind}": _pct(by_task[part][kind]["accuracy_aloe"])
+                                  for part, kinds in TABLE_COLUMNS for kind in kinds})
     from aloe_cli.data.grounding import parse_grounding
 
     answer = (workdir / "infer" / "answer.txt").read_text(encoding="utf-8").strip()
@@ -270,4 +303,4 @@ def build_report(workdir: Path, planted: dict[str, list[str]], seconds: dict, to
     }
 
 
-__all__ = ["DemoSettings", "MODELS", "PERTURBATIONS", "build_report", "claims", "run_demo"]
+__all__ = ["DemoSettings", "MODELS", "PERTURBATIONS", "TABLE_COLUMNS", "build_report", "claims", "run_demo"]

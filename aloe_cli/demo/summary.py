@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from aloe_cli.console import log, print_table
-from aloe_cli.demo.run import MODELS, PERTURBATIONS
+from aloe_cli.demo.run import GENERAL, MODELS, PERTURBATIONS, TABLE_COLUMNS
 
 
 def _cell(value: float | None) -> str:
@@ -25,6 +25,11 @@ def print_demo_summary(report: dict) -> None:
                 [[model, *(_cell(report["accuracy"][model][b]) for b in benchmarks)] for model in MODELS])
     print_table("Robustness on demo-med (%)", ["model", *(p.capitalize() for p in PERTURBATIONS)],
                 [[model, *(_cell(report["robustness"][model][p]) for p in PERTURBATIONS)] for model in MODELS])
+    columns = [f"{part}_{kind}" for part, kinds in TABLE_COLUMNS for kind in kinds]
+    print_table("The published table in miniature (%): demo-med classification and detection, demo-general",
+                ["model", *(" ".join(c.split("_")).title() for c in columns), "General"],
+                [[model, *(_cell(report["robustness"][model][c]) for c in columns),
+                  _cell(report["accuracy"][model][GENERAL])] for model in MODELS])
     print_table("The recipe's claims", ["claim", "holds"],
                 [[claim, "yes" if holds else "NO"] for claim, holds in report["claims"].items()])
     infer = report["infer"]

@@ -267,6 +267,8 @@ class DemoConfig:
 
 QUICK = replace(DemoConfig(), lesion_records=1600, adversarial_records=800, shapes_records=240,
                 fact_records=40, arithmetic_records=40, eval_lesion=(24, 24, 12, 16), eval_shapes=16)
+SMOKE = replace(DemoConfig(), lesion_records=400, adversarial_records=100, shapes_records=60, fact_records=20,
+                arithmetic_records=20, eval_lesion=(4, 4, 2, 4), eval_shapes=4)  # `aloe demo --quick`: every step
 EVAL_COLUMNS = ["index", "question", "image", *LETTERS, "answer", "category", "task", "kind"]
 
 
