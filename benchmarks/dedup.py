@@ -41,7 +41,7 @@ def photo_source() -> Image.Image:
 
 def make_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
     """Half crops of a real photograph (random scale, rotation, colour), half synthetic scans."""
-    from aloe_cli.data.sample_data import synthetic_scan
+    from aloe_cli.demo.images import synthetic_scan
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"img{i:05d}.jpg" for i in range(count)]

@@ -71,7 +71,7 @@ def run(backend, bench: Path, out: Path, batch: int, max_new_tokens: int) -> tup
 def bench_hf(args, scratch: Path) -> float:
     from aloe_cli.modeling.backends.hf import HFBackend
     from aloe_cli.modeling.loading import ModelSpec, load_model
-    from aloe_cli.testing.tiny import build_tiny_qwen2vl
+    from aloe_cli.modeling.tiny import build_tiny_qwen2vl
 
     loaded = load_model(ModelSpec(str(build_tiny_qwen2vl(scratch / "tiny", seed=0)), device="cpu"))
     bench = write_benchmark(scratch / "hf.jsonl", args.items)

@@ -87,7 +87,8 @@ def bench_counting(model_dir: Path, count: int, runs: int = 5) -> None:
     from transformers import AutoTokenizer
 
     from aloe_cli.modeling.loss_tokens import load_counter
-    from aloe_cli.testing.oracles import reference_count
+    sys.path.insert(0, str(ROOT / "tests"))  # the reference count is a test oracle: it lives with the tests
+    from oracles import reference_count
 
     print(f"(a) loss-token counting, {count} records, best of {runs} alternated runs")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))  # the reference only; aloe does not load it
@@ -231,7 +232,7 @@ def main() -> None:
     caches = [c for c in args.caches.split(",") if c]
     if not caches or set(caches) - {"cold", "warm"}:
         parser.error("--caches takes cold, warm or cold,warm")
-    from aloe_cli.testing.tiny import build_tiny_qwen2vl
+    from aloe_cli.modeling.tiny import build_tiny_qwen2vl
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     model_dir = args.workdir / "tiny"

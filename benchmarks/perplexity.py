@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         model = args.model
         if model is None:
-            from aloe_cli.testing.tiny import build_tiny_qwen2vl
+            from aloe_cli.modeling.tiny import build_tiny_qwen2vl
 
             model = str(build_tiny_qwen2vl(Path(scratch) / "tiny"))
         loaded = load_model(ModelSpec(model, device=args.device, dtype=args.dtype))

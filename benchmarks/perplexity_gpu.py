@@ -45,7 +45,7 @@ WORDS = ("the chest film shows a small nodule in the right upper lobe with mild 
 def processor_with_real_pixel_limits(scratch: Path):
     from transformers import AutoProcessor
 
-    from aloe_cli.testing.tiny import build_tiny_qwen2vl
+    from aloe_cli.modeling.tiny import build_tiny_qwen2vl
 
     processor = AutoProcessor.from_pretrained(build_tiny_qwen2vl(scratch / "tiny"))
     processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": IMAGE_SIDE * IMAGE_SIDE}

@@ -41,7 +41,7 @@ WORDS = ("the chest film shows a small nodule in the right upper lobe with mild 
 
 
 def tiny_model(scratch: Path) -> Path:
-    from aloe_cli.testing.tiny import build_tiny_qwen2vl
+    from aloe_cli.modeling.tiny import build_tiny_qwen2vl
 
     return build_tiny_qwen2vl(scratch / "tiny")
 
@@ -68,7 +68,7 @@ def jpeg_records(folder: Path, count: int, seed: int = 0) -> Path:
     import numpy as np
 
     from aloe_cli.data.io import RecordWriter
-    from aloe_cli.data.sample_data import synthetic_scan
+    from aloe_cli.demo.images import synthetic_scan
 
     rng, words = np.random.default_rng(seed), random.Random(seed)
     path = folder / "jpegs.jsonl"

@@ -62,7 +62,7 @@ def build_model_folder(scratch: Path, args) -> tuple[Path, dict]:
     import torch
     from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    from aloe_cli.testing.tiny import build_tiny_qwen2vl
+    from aloe_cli.modeling.tiny import build_tiny_qwen2vl
 
     processor = AutoProcessor.from_pretrained(build_tiny_qwen2vl(scratch / "tiny"))
     processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": IMAGE_SIDE * IMAGE_SIDE}

@@ -13,7 +13,7 @@ def tiny_model_dir(tmp_path_factory):
     a few seconds, so model-backed code can be tested without a model hub.
     Tests must treat it as read-only: it is shared by the session.
     """
-    from aloe_cli.testing.tiny import build_tiny_qwen2vl
+    from aloe_cli.modeling.tiny import build_tiny_qwen2vl
 
     return build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny_qwen2vl"), seed=0)
 
@@ -21,6 +21,6 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_released_model_dir(tmp_path_factory):
     """The same tiny checkpoint with the chat template Qwen2-VL is released with (no generation markers)."""
-    from aloe_cli.testing.tiny import build_tiny_qwen2vl
+    from aloe_cli.modeling.tiny import build_tiny_qwen2vl
 
     return build_tiny_qwen2vl(tmp_path_factory.mktemp("tiny_qwen2vl_released"), seed=0, template="released")

@@ -54,6 +54,6 @@ def scan(seed: int, size: int = 128) -> Image.Image:
     """A distinct synthetic image per seed (same generator the demo data uses)."""
     import numpy as np
 
-    from aloe_cli.data.sample_data import synthetic_scan
+    from aloe_cli.demo.images import synthetic_scan
 
     return synthetic_scan(np.random.default_rng(seed), size=size)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from aloe_cli.data.sample_data import write_sample_data
+from aloe_cli.demo.sample_data import write_sample_data
 from support import ROOT, aloe, chat, jpeg_bytes, read_jsonl, scan, write_jsonl
 
 

@@ -30,7 +30,7 @@ from aloe_cli.filters.hashing import (
     imagehash_to_int,
     to_hex,
 )
-from aloe_cli.testing.oracles import brute_force_search
+from oracles import brute_force_search
 
 SAMPLE_DATA = Path(matplotlib.__file__).parent / "mpl-data" / "sample_data"
 GRACE = SAMPLE_DATA / "grace_hopper.jpg"

@@ -11,7 +11,7 @@ import sys
 import pytest
 from PIL import Image
 
-from aloe_cli.data.sample_data import write_sample_data
+from aloe_cli.demo.sample_data import write_sample_data
 from support import ROOT, read_jsonl
 
 pytestmark = pytest.mark.slow

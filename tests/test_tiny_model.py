@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 Image = pytest.importorskip("PIL.Image")
 
-from aloe_cli.testing.tiny import (  # noqa: E402 (after the importorskip guards)
+from aloe_cli.modeling.tiny import (  # noqa: E402 (after the importorskip guards)
     CHAT_TEMPLATE,
     MAX_PIXELS,
     MERGE_SIZE,

@@ -21,7 +21,7 @@ from aloe_cli.errors import AloeError, RecordError
 from aloe_cli.modeling.chat_template import QWEN2_VL, training_chat_template
 from aloe_cli.modeling.loss_tokens import LossTokenCounter, load_counter, tokens_overlapping
 from aloe_cli.modeling.token_cache import TokenCache, conversation_key
-from aloe_cli.testing.oracles import reference_count
+from oracles import reference_count
 from support import aloe, chat, read_jsonl, scan, write_jsonl
 
 
@@ -193,7 +193,7 @@ def test_the_training_template_writes_the_released_text(hf_released):
 
 
 def test_the_training_template_is_the_own_one_when_it_has_markers_else_the_family_one(tiny_model_dir):
-    from aloe_cli.testing.tiny import CHAT_TEMPLATE
+    from aloe_cli.modeling.tiny import CHAT_TEMPLATE
 
     assert training_chat_template(CHAT_TEMPLATE) == CHAT_TEMPLATE
     assert training_chat_template(QWEN2_VL.released_text() + "\n") == QWEN2_VL.training_text()

@@ -27,7 +27,7 @@ def sample_data(
 ) -> None:
     from aloe_cli import console
     from aloe_cli.data.io import print_stdout
-    from aloe_cli.data.sample_data import check_sample_folder, write_sample_data
+    from aloe_cli.demo.sample_data import check_sample_folder, write_sample_data
 
     check_sample_folder(out_dir, force=force)
     data = write_sample_data(out_dir, seed=seed)

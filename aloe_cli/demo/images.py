@@ -1,7 +1,8 @@
-"""The demo task's pictures: drawn from a seed, and read back from their pixels.
+"""The demo's pictures (the one place aloe draws synthetic scans): drawn from a seed, read back from pixels.
 
 `lesion_scan` draws an axial abdominal scan with a bright round lesion near the centre of one quadrant
-(or none); `shape_image` a coloured circle, square or triangle. `locate_lesion`, `lesion_quadrant` and
+(or none); `shape_image` a coloured circle, square or triangle; `synthetic_scan` the plainer scan-like image
+of `aloe sample-data` and the tests. `locate_lesion`, `lesion_quadrant` and
 `read_object` recover what was drawn from the pixels alone, which is how a rule-based judge and the
 tests know the truth without trusting the generator's labels.
 """
@@ -30,6 +31,32 @@ def _ellipse(yy: np.ndarray, xx: np.ndarray, centre, radii, edge: float) -> np.n
     return 1 / (1 + np.exp((distance - 1) * edge))
 
 
+def smooth_field(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, centres: tuple[float, float],
+                 spreads: tuple[float, float]) -> np.ndarray:
+    """Six random Gaussian blobs, scaled to 0..1: structure at the scales a perceptual hash looks at."""
+    field = np.zeros(yy.shape)
+    for _ in range(6):
+        cy, cx = rng.uniform(*centres, 2)
+        sy, sx = rng.uniform(*spreads, 2)
+        field += rng.uniform(-1, 1) * np.exp(-(((yy - cy) / sy) ** 2 + ((xx - cx) / sx) ** 2))
+    return (field - field.min()) / (np.ptp(field) + 1e-9)
+
+
+def synthetic_scan(rng: np.random.Generator, size: int = 256, color: bool = False) -> Image.Image:
+    """A smooth random image with a few ellipses: what `aloe sample-data` and the tests use as a scan."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    field = smooth_field(rng, yy, xx, (0.1, 0.9), (0.05, 0.3))
+    gray = (field * 200 + rng.normal(0, 6, field.shape)).clip(0, 255).astype(np.uint8)
+    image = Image.fromarray(gray, "L").convert("RGB" if color else "L")
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        x0, y0 = rng.integers(0, size - 60, 2)
+        w, h = rng.integers(15, 60, 2)
+        fill = tuple(int(v) for v in rng.integers(0, 255, 3)) if color else int(rng.integers(0, 255))
+        draw.ellipse([int(x0), int(y0), int(x0 + w), int(y0 + h)], fill=fill)
+    return image
+
+
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """An axial abdominal section: body outline, liver on the image's left, stomach gas on its right.
 
@@ -39,12 +66,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     so on a featureless background the model can hardly learn *where* a lesion is.
     """
     yy, xx = (np.mgrid[0:size, 0:size] + 0.5) / size
-    texture = np.zeros((size, size))
-    for _ in range(6):
-        cy, cx = rng.uniform(0.05, 0.95, 2)
-        sy, sx = rng.uniform(0.15, 0.4, 2)
-        texture += rng.uniform(-1, 1) * np.exp(-(((yy - cy) / sy) ** 2 + ((xx - cx) / sx) ** 2))
-    texture = (texture - texture.min()) / (np.ptp(texture) + 1e-9)
+    texture = smooth_field(rng, yy, xx, (0.05, 0.95), (0.15, 0.4))
     tissue = 40 + 100 * texture
     shift = lambda: rng.uniform(-0.03, 0.03)  # noqa: E731
     liver = _ellipse(yy, xx, (0.45 + shift(), 0.32 + shift()), rng.uniform((0.18, 0.14), (0.24, 0.18)), 8)

@@ -207,7 +207,7 @@ def _write_example_scan(path: Path, seed: int) -> None:
 def run_demo(workdir: Path, settings: DemoSettings, say: Callable[[str], None]) -> dict:
     """Run every step in `workdir` and return the report (see docs/demo.md for its shape)."""
     from aloe_cli.demo.judge_server import MODEL_NAME, RuleJudgeServer
-    from aloe_cli.testing.tiny import build_tiny_qwen2vl
+    from aloe_cli.modeling.tiny import build_tiny_qwen2vl
 
     started = time.perf_counter()
     runner = Runner(workdir, settings.threads, say)

@@ -9,7 +9,7 @@ from fake_openai_server import FakeOpenAIServer
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """The demo data set (train.jsonl: 57 records with images, eval.tsv with planted leaks). Read-only."""
-    from aloe_cli.data.sample_data import write_sample_data
+    from aloe_cli.demo.sample_data import write_sample_data
 
     return write_sample_data(tmp_path_factory.mktemp("demo")).train.parent
 

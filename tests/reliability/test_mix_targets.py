@@ -1,7 +1,7 @@
 """`aloe mix` never passes a missed target silently, and plans the closest mixture whole records allow.
 
 Every check recomputes the shares from the written records with loss tokens counted independently
-(transformers' assistant mask, `testing.oracles.reference_count`), then holds the report, the warnings and
+(transformers' assistant mask, `tests/oracles.reference_count`), then holds the report, the warnings and
 the table on stderr to them. Through the real CLI on the tiny model's tokenizer.
 """
 
@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from aloe_cli.testing.oracles import reference_count
+from oracles import reference_count
 from support import aloe, chat, read_jsonl, write_jsonl
 
 CELLS = ("medical/multimodal", "medical/text", "general/multimodal", "general/text")

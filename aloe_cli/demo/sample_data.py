@@ -1,4 +1,4 @@
-"""The bundled demo data: a small training set and a VLMEvalKit-style benchmark with planted leaks.
+"""`aloe sample-data`: a small training set and a VLMEvalKit-style benchmark with planted leaks.
 
 Images are synthesised (scan-like blobs and shapes) so the demo needs no
 download. Some benchmark rows reuse training images byte-for-byte (exact
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from aloe_cli.demo.images import jpeg_bytes, synthetic_scan
 from aloe_cli.errors import AloeError
 
 # (source, domain, multimodal, count)
@@ -52,32 +53,6 @@ class SampleData:
     grounding_ids: list[str]  # records with `objects` (pixel boxes)
 
 
-def synthetic_scan(rng: np.random.Generator, size: int = 256, color: bool = False) -> Image.Image:
-    """A smooth random image with structure at the scales a perceptual hash looks at."""
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    field = np.zeros((size, size))
-    for _ in range(6):
-        cy, cx = rng.uniform(0.1, 0.9, 2)
-        sy, sx = rng.uniform(0.05, 0.3, 2)
-        field += rng.uniform(-1, 1) * np.exp(-(((yy - cy) / sy) ** 2 + ((xx - cx) / sx) ** 2))
-    field = (field - field.min()) / (np.ptp(field) + 1e-9)
-    gray = (field * 200 + rng.normal(0, 6, field.shape)).clip(0, 255).astype(np.uint8)
-    image = Image.fromarray(gray, "L").convert("RGB" if color else "L")
-    draw = ImageDraw.Draw(image)
-    for _ in range(3):
-        x0, y0 = rng.integers(0, size - 60, 2)
-        w, h = rng.integers(15, 60, 2)
-        fill = tuple(int(v) for v in rng.integers(0, 255, 3)) if color else int(rng.integers(0, 255))
-        draw.ellipse([int(x0), int(y0), int(x0 + w), int(y0 + h)], fill=fill)
-    return image
-
-
-def _jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
-
-
 def _near_duplicate(image: Image.Image) -> bytes:
     """A slightly rotated or cropped, re-encoded copy whose pHash differs by 1-4 bits.
 
@@ -92,7 +67,7 @@ def _near_duplicate(image: Image.Image) -> bytes:
     edits = [lambda im, a=a / 2: im.rotate(a) for a in range(1, 16)]
     edits += [lambda im, m=m: im.crop((m, m, size - m, size - m)).resize(im.size) for m in range(1, size // 8)]
     for edit in edits:
-        data = _jpeg_bytes(edit(image), quality=60)
+        data = jpeg_bytes(edit(image), quality=60)
         if 1 <= imagehash.phash(Image.open(io.BytesIO(data))) - original <= 4:
             return data
     raise RuntimeError("no near-duplicate edit found")
@@ -132,7 +107,7 @@ def _grounding_record(rng: np.random.Generator, number: int, out: Path) -> dict:
         objects.append({"bbox": [x0, y0, x0 + w, y0 + h], "label": "lesion", "image": 0})
     record_id = f"{GROUNDING_SOURCE}-{number:04d}"
     image_rel = f"images/{record_id}.jpg"
-    (out / image_rel).write_bytes(_jpeg_bytes(image))
+    (out / image_rel).write_bytes(jpeg_bytes(image, 90))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Locate every lesion."}]}]
     if number % 2 == 0:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": "There is one lesion."}]})
@@ -200,7 +175,7 @@ def _write_sample_data(out: Path, seed: int) -> SampleData:
             if multimodal:
                 image = synthetic_scan(rng, color=domain == "general")
                 image_rel = f"images/{source}-{number:04d}.jpg"
-                data = _jpeg_bytes(image)
+                data = jpeg_bytes(image, 90)
                 (out / image_rel).write_bytes(data)
                 train_images.append((f"{source}-{number:04d}", image, data))
             records.append(_record(rng, source, domain, number, image_rel))
@@ -221,7 +196,7 @@ def _write_sample_data(out: Path, seed: int) -> SampleData:
     leaked = [train_images[i] for i in 1 + rng.choice(len(train_images) - 1, EXACT_LEAKS + 1, replace=False)]
     rows = []
     for index in range(8):
-        rows.append((index, _jpeg_bytes(synthetic_scan(rng)), None))
+        rows.append((index, jpeg_bytes(synthetic_scan(rng), 90), None))
     for offset, (train_id, _, data) in enumerate(leaked[:EXACT_LEAKS]):
         rows.append((100 + offset, data, train_id))
     near_id, near_image, _ = leaked[EXACT_LEAKS]

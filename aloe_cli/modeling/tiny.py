@@ -13,7 +13,7 @@ family's training template).
 
 Usage::
 
-    python -m aloe_cli.testing.tiny OUT_DIR [--seed N] [--template marked|released]
+    python -m aloe_cli.modeling.tiny OUT_DIR [--seed N] [--template marked|released]
 """
 
 from __future__ import annotations
@@ -395,7 +395,7 @@ def build_tiny_qwen2vl(out_dir: str | Path, *, seed: int = 0, vocab_size: int = 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m aloe_cli.testing.tiny",
+        prog="python -m aloe_cli.modeling.tiny",
         description="Build a tiny random-weight Qwen2-VL test fixture (offline, CPU, seconds).",
     )
     parser.add_argument("out_dir", type=Path, help="directory to write the checkpoint into")

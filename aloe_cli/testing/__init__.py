@@ -1,1 +1,0 @@
-"""Test fixtures for aloe (never imported by the CLI's real code paths)."""
