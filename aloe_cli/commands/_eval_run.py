@@ -10,8 +10,7 @@ from pathlib import Path
 from aloe_cli import console
 from aloe_cli.errors import AloeError, Terminated, UsageError
 from aloe_cli.modeling.backends.factory import BackendConfig
-
-PERTURBATION_CHOICES = ("base", "cap", "pmt", "syc", "leg")
+from aloe_cli.perturb.names import EVAL_NAMES
 
 
 @dataclass
@@ -32,6 +31,7 @@ class Request:
     judge: str | None
     judge_backend: BackendConfig
     judge_parse_retries: int
+    judge_vision: bool | None = None  # None: decided from the judge (evaluation.judge.judge_vision)
 
 
 def print_table(folder: Path) -> None:
@@ -79,10 +79,10 @@ def parse_perturbations(text: str | None) -> tuple[str, ...]:
     if not text:
         return ()
     kinds = tuple(dict.fromkeys(part.strip().lower() for part in text.split(",") if part.strip()))
-    unknown = [kind for kind in kinds if kind not in PERTURBATION_CHOICES]
+    unknown = [kind for kind in kinds if kind not in EVAL_NAMES]
     if unknown:
         raise UsageError(f"unknown perturbation(s) {', '.join(unknown)} "
-                         f"(choose from {','.join(PERTURBATION_CHOICES)})", "--perturb")
+                         f"(choose from {','.join(EVAL_NAMES)})", "--perturb")
     return kinds
 
 
@@ -292,13 +292,14 @@ def _loaded_model(backend: _lazy, reference: str, request: Request):
 def _judge(request: Request, cache):
     if request.judge is None:
         return None
-    from aloe_cli.evaluation.judge import OpenJudge, verdict_parses
+    from aloe_cli.evaluation.judge import OpenJudge, judge_vision, verdict_parses
 
     _, reference = model_label(request.judge)
     config = replace(request.judge_backend, model=reference)
     backend = _lazy(lambda: _backend(config, "aloe eval: judge:", cache, accept=verdict_parses))
     return OpenJudge(backend, f"{config.kind}:{reference}", parse_retries=request.judge_parse_retries,
-                     keyed=cache is not None)
+                     keyed=cache is not None, vision=judge_vision(config.kind, reference, request.judge_vision,
+                                                                  trust_remote_code=config.trust_remote_code))
 
 
 def _perturbers(perturbations: tuple[str, ...]):
@@ -370,10 +371,14 @@ def _print_scores(label: str, scores: dict[str, dict]) -> None:
                 rows.append([f"  {kind}", values["items"], _fmt(values["accuracy"]), "-", "-", "-"])
     console.print_table(f"aloe eval: {label}", ["benchmark", "items", "accuracy", "paired", "unanswered",
                                                  "unjudged"], rows)
+    not_judged = sum(entry.get("scored_by", {}).get("exact_match", 0) for entry in scores.values())
+    if not_judged:
+        console.warn(f"{not_judged} open-ended item(s) not judged (no --judge): scored by exact match after "
+                     "normalisation (VLMEvalKit's VQA score in accuracy, the exact match in accuracy_aloe)")
     unjudged = sum(entry.get("unjudged", 0) for entry in scores.values())
     if unjudged:
-        console.warn(f"{unjudged} open-ended item(s) have no judge verdict (no --judge, or unparseable after "
-                     "retries): they are left out of the accuracy, listed with correct=null")
+        console.warn(f"{unjudged} open-ended item(s) have no judge verdict (unparseable after retries, or the "
+                     "request failed): they are left out of the accuracy, listed with correct=null")
 
 
 def _fmt(value) -> str:

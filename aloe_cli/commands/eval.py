@@ -1,7 +1,8 @@
 """aloe eval: medical and general benchmarks, an LLM judge for open answers, the adversarial table.
 
 Greedy decoding; multiple-choice and yes/no answers scored by exact match after answer extraction
-(docs/eval.md lists the rules); open-ended answers graded 0 / 0.5 / 1 by a judge; with --perturb every
+(docs/eval.md lists the rules); open-ended answers graded 0 / 0.5 / 1 by a judge (a vision-language judge
+also sees the images), or, without --judge, by exact match (not judged); with --perturb every
 item is asked again under each perturbation and the robustness table reports accuracy per
 perturbation for the classification (task cls) and detection (task det) items.
 
@@ -17,7 +18,7 @@ Examples:
     # a served model (vLLM / SGLang), a served judge for the open-ended set, the robustness table
     aloe eval --model aloe-72b --backend openai --base-url http://gpu-node:8000/v1 --concurrency 64 \\
         --benchmark SLAKE=slake_open.jsonl --benchmark adv=adversarial.jsonl --perturb base,cap,pmt,syc,leg \\
-        --judge Qwen/Qwen2-72B-Instruct --judge-backend openai --judge-base-url http://judge:8000/v1 -o results/
+        --judge Qwen/Qwen2.5-VL-72B-Instruct --judge-backend openai --judge-base-url http://judge:8000/v1 -o results/
 
     # text-only benchmarks through lm-evaluation-harness (pip install 'aloe-cli[eval]')
     aloe eval --model runs/stage2 --lm-eval-tasks medqa_4options,medmcqa,pubmedqa -o results/
@@ -58,6 +59,7 @@ from aloe_cli.options import (
     command_app,
     not_empty,
 )
+from aloe_cli.perturb.names import EVAL_NAMES
 
 app = command_app()
 
@@ -88,8 +90,8 @@ def eval(  # noqa: A001 - the command's name
     output: Annotated[str | None, typer.Option("-o", "--output", callback=not_empty, help="Results folder.")] = None,
     perturb: Annotated[str | None, typer.Option(
         "--perturb", callback=_check_perturb,
-        help="Also ask every item under these perturbations: base,cap,pmt,syc,leg (cap and leg need "
-             "an image).")] = None,
+        help=f"Also ask every item under these perturbations: {','.join(EVAL_NAMES)} (cap and leg need an "
+             "image, region a box in the question or answer).")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="First N items of each benchmark.")] = None,
     max_new_tokens: MaxNewTokensOpt = 128,
     judge: Annotated[str | None, typer.Option(
@@ -101,6 +103,10 @@ def eval(  # noqa: A001 - the command's name
     judge_parse_retries: Annotated[int, typer.Option(
         "--judge-parse-retries", min=0, max=100,
         help="Ask the judge again (sampling) when its verdict cannot be read.")] = 2,
+    judge_vision: Annotated[bool | None, typer.Option(
+        "--judge-vision/--no-judge-vision",
+        help="Show the judge the item's images. Default: --judge-backend hf when the judge model has a vision "
+             "part; openai on (a vision-language judge; a text-only server needs --no-judge-vision).")] = None,
     show_judge_prompt: Annotated[bool, typer.Option(
         "--show-judge-prompt", help="Print the judge's rubric and exit.")] = False,
     table: Annotated[str | None, typer.Option(
@@ -173,4 +179,4 @@ def eval(  # noqa: A001 - the command's name
             model="", backend=judge_backend.value if judge_backend else None, base_url=judge_base_url,
             api_key_env=judge_api_key_env, concurrency=concurrency, timeout=timeout, max_retries=max_retries,
             retry_backoff=retry_backoff, **local),
-        judge_parse_retries=judge_parse_retries))
+        judge_parse_retries=judge_parse_retries, judge_vision=judge_vision))

@@ -6,6 +6,9 @@ Two formats, read with the record readers of `aloe_cli.data.io`:
 - JSONL items: `{id, question, options?, answer, kind?: mcq|yesno|open, images?, category?, l2_category?,
   task?: cls|det, pair_id?}` (`options` an object letter -> text, or a list lettered A, B, ...).
 
+An item without a `task` gets one (`infer_task`): `det` when its answer is a box or its question asks
+where something is, else `cls`.
+
 The kind, when not given, is mcq when there are options, yesno when the answer is yes or no, else open.
 An item is text-only when it has no image. A benchmark is named after its file's stem unless given as
 NAME=FILE. Problems with one item (a missing answer, an answer letter with no such option) are
@@ -25,6 +28,7 @@ from aloe_cli.data.records import text_of
 from aloe_cli.data.streams import is_stream
 from aloe_cli.errors import AloeError, RecordError
 from aloe_cli.evaluation.extraction import LETTERS, normalize_yesno
+from aloe_cli.evaluation.open_answers import reference_box
 
 KINDS = ("mcq", "yesno", "open")
 TASKS = ("cls", "det")
@@ -138,12 +142,25 @@ def to_eval_item(item: Item, benchmark: str, *, tsv: bool, position: int = 0) ->
     task = _text(fields.get("task"))
     if task is not None and task.lower() not in TASKS:
         raise RecordError("invalid_field", f"must be one of {', '.join(TASKS)}, got {task!r}", field="task")
+    task = task or infer_task(question, answer)
     return EvalItem(
         id=item_id, benchmark=benchmark, kind=kind, question=question.strip(), answer=answer,
         options=options if kind == "mcq" else None, hint=hint, images=list(record.get("images") or []),
         image_root=item.image_root, category=_text(fields.get("category")),
         l2_category=_text(fields.get("l2-category", fields.get("l2_category"))),
         task=task.lower() if task else None, pair_id=_text(fields.get("pair_id")), where=item.where)
+
+
+_GROUNDING_QUESTION = re.compile(r"\b(where|locat(e|es|ed|ing|ion)|locali[sz](e|es|ed|ing|ation)|box(es)?|bounding)\b",
+                                 re.IGNORECASE)
+
+
+def infer_task(question: str, answer: str) -> str:
+    """`det` for an item with a reference box in its answer or a grounding question ("where", "locate",
+    "box", "bounding"), else `cls`: the adversarial table's split when items carry no `task`."""
+    if reference_box(answer) is not None or _GROUNDING_QUESTION.search(question):
+        return "det"
+    return "cls"
 
 
 def _text(value: Any) -> str | None:
@@ -216,4 +233,5 @@ def _checked_answer(kind: str, answer: str, options: dict[str, str] | None) -> s
     return answer
 
 
-__all__ = ["BenchmarkSpec", "EvalItem", "KINDS", "TASKS", "parse_benchmark_spec", "read_benchmark", "to_eval_item"]
+__all__ = ["BenchmarkSpec", "EvalItem", "KINDS", "TASKS", "infer_task", "parse_benchmark_spec", "read_benchmark",
+           "to_eval_item"]

@@ -2,7 +2,8 @@
 
 A prediction line (DESIGN.md, "Evaluation output") holds the item (`id, benchmark, kind, question,
 options, answer`, breakdown fields), the raw `prediction`, what was `extracted` from it, and `correct`:
-true/false for mcq and yes/no, the judge's 0 / 0.5 / 1 for open items (null when unjudged). Lines are
+true/false for mcq and yes/no; for open items the judge's 0 / 0.5 / 1 (null when unjudged), or, without a
+judge, a score from exact matching, or a box's IoU verdict (`scored_by`, `evaluation.open_answers`). Lines are
 the source of truth: `rescore_line` recomputes `extracted` and `correct` from `prediction` with the
 current rules, and `benchmark_scores` computes every figure from lines alone.
 
@@ -20,21 +21,10 @@ from typing import Any
 
 from aloe_cli.errors import RecordError
 from aloe_cli.evaluation.extraction import extract_choice, extract_yesno, normalize_yesno
+from aloe_cli.evaluation.open_answers import judge_value, open_value, rescore_open, scored_by_counts
+from aloe_cli.perturb.names import EVAL_NAMES
 
-PERTURBATIONS = ("base", "cap", "pmt", "syc", "leg")
-PERTURBATION_TITLES = {"base": "Base", "cap": "Cap", "pmt": "Pmt", "syc": "Syc", "leg": "Leg"}
 REQUIRED = ("id", "benchmark", "kind", "answer", "prediction")
-
-
-def judge_value(value: Any) -> float | None:
-    """A stored open-item score: 0, 0.5 or 1 (booleans as 1/0); None when unjudged."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return 1.0 if value else 0.0
-    if isinstance(value, (int, float)) and float(value) in (0.0, 0.5, 1.0):
-        return float(value)
-    raise RecordError("invalid_field", f"must be true/false, 0, 0.5, 1 or null, got {value!r}", field="correct")
 
 
 def score_prediction(kind: str, prediction: str | None, answer: str, options: dict | None) -> dict:
@@ -58,10 +48,8 @@ def rescore_line(line: dict) -> dict:
                               "prediction)", field=name)
     kind = line["kind"]
     prediction = line["prediction"] if isinstance(line["prediction"], str) else None
-    if kind == "open":
-        grade = line.get("judge", {}).get("score") if isinstance(line.get("judge"), dict) else line.get("correct")
-        extracted = prediction.strip() if prediction and prediction.strip() else None
-        return {**line, "extracted": extracted, "correct": judge_value(grade)}
+    if kind == "open":  # judged, exact-matched or box-scored: evaluation.open_answers
+        return {**line, **rescore_open(line)}
     if kind == "mcq":
         options = line.get("options")
         if not isinstance(options, dict) or not options:
@@ -80,7 +68,7 @@ def rescore_line(line: dict) -> dict:
 def _value(line: dict) -> float | None:
     correct = line.get("correct")
     if line.get("kind") == "open":
-        return judge_value(correct)
+        return open_value(line)
     return None if correct is None else (1.0 if correct is True or correct == 1 else 0.0)
 
 
@@ -109,6 +97,8 @@ def benchmark_scores(lines: Iterable[dict]) -> dict:
         "unjudged": sum(1 for line in base if line.get("kind") == "open" and _value(line) is None),
         "judged": len(judged),
     }
+    if any(line.get("kind") == "open" for line in base):
+        scores["scored_by"] = scored_by_counts(base)  # exact_match: open items that were not judged
     pairs = _pairs(base)
     if pairs is not None:
         scores["pairs"] = pairs
@@ -120,7 +110,8 @@ def benchmark_scores(lines: Iterable[dict]) -> dict:
     by_perturbation = _group(lines, None)
     if set(by_perturbation) != {"base"}:
         scores["perturbations"] = {kind: _accuracy(group) for kind, group in by_perturbation.items()}
-    tasks = _group([line for line in lines if line.get("task")], "task")
+    # every item has a task (given or inferred): the robustness figures are for runs that perturbed
+    tasks = _group([line for line in lines if line.get("task")], "task") if "perturbations" in scores else {}
     if tasks:
         scores["robustness"] = {task: {kind: _accuracy(group) for kind, group in _group(task_lines, None).items()}
                                 for task, task_lines in tasks.items()}
@@ -142,7 +133,7 @@ def _group(lines: list[dict], field_name: str | None) -> dict[str, list[dict]]:
         if key not in (None, ""):
             groups[str(key)].append(line)
     if field_name is None:
-        order = {kind: position for position, kind in enumerate(PERTURBATIONS)}
+        order = {kind: position for position, kind in enumerate(EVAL_NAMES)}
         return dict(sorted(groups.items(), key=lambda entry: order.get(entry[0], len(order))))
     return dict(groups)
 
@@ -160,5 +151,5 @@ def _pairs(lines: list[dict]) -> dict | None:
     return {"count": len(groups), "accuracy": _percent(results)}
 
 
-__all__ = ["PERTURBATIONS", "PERTURBATION_TITLES", "benchmark_scores", "judge_value", "perturbation_of",
+__all__ = ["benchmark_scores", "judge_value", "perturbation_of",
            "rescore_line", "score_prediction"]
