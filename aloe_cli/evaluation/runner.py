@@ -74,11 +74,6 @@ def make_perturber(items: list[Item], seed: int = 0) -> Perturber:
     return perturber
 
 
-def perturbations_for(eval_item: EvalItem, perturbations: tuple[str, ...]) -> list[str]:
-    """The perturbations to try on an item (base is the plain run; a kind that does not apply is `Skipped`)."""
-    return [kind for kind in perturbations if kind != BASE]
-
-
 @dataclass
 class Tally:
     """Running figures of the unperturbed items, for progress lines."""
@@ -156,7 +151,7 @@ class EvalStage(Stage):
     def _records(self, item: Item) -> list[tuple[str | None, dict]]:
         eval_item: EvalItem = item.annotations["eval_item"]
         record = eval_record(eval_item)
-        kinds = perturbations_for(eval_item, self.perturbations)
+        kinds = [kind for kind in self.perturbations if kind != BASE]  # base is the plain run; others may not apply
         if kinds and self.perturber is None:
             raise RuntimeError("perturbations were asked for without a perturber")
         records: list[tuple[str | None, dict]] = [(None, record)]
@@ -219,4 +214,4 @@ class EvalStage(Stage):
         return {"model": self.model, "accuracy": self.tally.accuracy}
 
 
-__all__ = ["EvalStage", "Perturber", "Skipped", "Tally", "make_perturber", "perturbations_for"]
+__all__ = ["EvalStage", "Perturber", "Skipped", "Tally", "make_perturber"]
