@@ -21,7 +21,7 @@ from aloe_cli.evaluation.open_answers import (
     exact_match,
     judge_reference,
     normalize_answer,
-    score_open,
+    open_verdict,
     vqa_score,
 )
 from aloe_cli.evaluation.scoring import benchmark_scores, rescore_line
@@ -59,12 +59,12 @@ def test_vqa_score_and_exact_match_over_alternatives():
 
 
 def test_box_answers_are_scored_by_iou():
-    right = score_open(BOX, "It is here: <|box_start|>(110,100),(300,310)<|box_end|>")
+    right = open_verdict(BOX, "It is here: <|box_start|>(110,100),(300,310)<|box_end|>")
     assert (right["correct"], right["correct_aloe"], right["scored_by"]) == (True, True, "box_iou")
     assert right["iou"] == 0.9069
-    wrong = score_open("[100, 100, 300, 300]", "[200, 200, 400, 400]")
+    wrong = open_verdict("[100, 100, 300, 300]", "[200, 200, 400, 400]")
     assert (wrong["correct"], wrong["iou"]) == (False, 0.1429)
-    assert score_open(BOX, "no idea")["correct"] is False
+    assert open_verdict(BOX, "no idea")["correct"] is False
 
 
 def test_task_is_inferred_from_a_box_answer_or_a_grounding_question():
@@ -87,7 +87,7 @@ def test_rescore_keeps_judge_grades_and_scores_the_rest_by_exact_match():
     assert (again["correct"], again["correct_aloe"]) == (0.0, False)
     scores = benchmark_scores([judged, fallback])
     assert scores["scored_by"] == {"judge": 1, "exact_match": 1}
-    assert scores["accuracy"] == round(100 * (0.5 + 1 / 6) / 2, 2)
+    assert scores["accuracy"] == round(100 * (0.5 + 1 / 6) / 2, 2) and scores["accuracy_aloe"] == 75.0
 
 
 def test_an_hf_judge_with_a_vision_part_is_shown_the_images(tiny_model_dir, tmp_path):
@@ -141,7 +141,8 @@ def test_open_items_without_a_judge_get_the_vqa_score_and_exact_match_not_judged
     assert [lines[i]["correct_aloe"] for i in ("o1", "o2", "o3", "o4")] == [True, True, True, False]
     assert [lines[i]["correct"] for i in ("o1", "o2", "o3", "o4")] == [0.0, pytest.approx(1 / 6), 1.0, 0.0]
     scores = json.loads((tmp_path / "out" / "served-model" / "scores.json").read_text())["benchmarks"]["vqa"]
-    assert scores["accuracy"] == round(100 * (1 / 6 + 1) / 4, 2) == 29.17
+    assert scores["accuracy"] == round(100 * (1 / 6 + 1) / 4, 2) == 29.17  # VLMEvalKit's VQA score
+    assert scores["accuracy_aloe"] == 75.0  # the exact match
     assert scores["scored_by"] == {"exact_match": 4} and scores["unjudged"] == 0
     rescored = aloe("eval", "--rescore", str(tmp_path / "out" / "served-model" / "vqa" / "predictions.jsonl"),
                     "-o", str(tmp_path / "re"))
@@ -221,8 +222,8 @@ def test_an_adversarial_benchmark_without_tasks_gets_cls_and_det_rows_and_region
     assert set(robustness) == {"cls", "det"}
     assert set(robustness["cls"]) == {"base", "cap", "pmt", "syc", "leg"}
     assert set(robustness["det"]) == {"base", "cap", "pmt", "syc", "leg", "region"}
-    assert robustness["cls"]["base"] == {"items": 2, "accuracy": 50.0}
-    assert robustness["det"]["base"] == {"items": 2, "accuracy": 50.0}
-    assert robustness["det"]["region"] == {"items": 2, "accuracy": 50.0}  # the fake model ignores the image
+    figures = {"items": 2, "accuracy": 50.0, "accuracy_aloe": 50.0}
+    assert robustness["cls"]["base"] == robustness["det"]["base"] == figures
+    assert robustness["det"]["region"] == figures  # the fake model ignores the image
     table = (tmp_path / "out" / "results.md").read_text()
     assert "## Adversarial robustness" in table and "cls Base" in table and "det Base" in table

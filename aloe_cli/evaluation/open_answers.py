@@ -7,7 +7,7 @@ An open item is scored one of three ways, named on its prediction line as `score
   grade (null when the judge gave no verdict: unjudged).
 - `exact_match` (no `--judge`): **not judged**. `correct` is VLMEvalKit's VQA score and `correct_aloe` the
   exact match, both after VLMEvalKit's answer normalisation (`normalize_answer`), following
-  `vlmeval/dataset/utils/vqa_eval.py` and `vlmeval/smp/misc.py` at VLMEVALKIT_COMMIT, as
+  `vlmeval/dataset/utils/vqa_eval.py` and `vlmeval/smp/misc.py` at `vlmevalkit.VLMEVALKIT_COMMIT`, as
   `ImageVQADataset.evaluate_heuristic` applies them to a dataset with no rule of its own:
   the VQA score compares the prediction with each reference in turn against the *other* references,
   min(1, matches / 3), averaged over the references (VQA's leave-one-out accuracy; with a single
@@ -30,9 +30,9 @@ from typing import Any
 
 from aloe_cli.data.grounding import BOX_START, parse_grounding
 from aloe_cli.errors import RecordError
+from aloe_cli.evaluation.vlmevalkit import process_punctuation
 from aloe_cli.perturb.geometry import iou
 
-VLMEVALKIT_COMMIT = "e8e78f05"  # the VLMEvalKit code the normalisation and VQA score follow
 JUDGE, EXACT_MATCH, BOX_IOU = "judge", "exact_match", "box_iou"
 SCORED_BY = (JUDGE, EXACT_MATCH, BOX_IOU)
 IOU_THRESHOLD = 0.5
@@ -102,12 +102,6 @@ def judge_reference(answer: str) -> str:
 
 # ----------------------------------------------------------------------------- VLMEvalKit's normalisation
 
-# Split off or removed; which of the two depends on the whole answer (see `_strip_punctuation`).
-_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
-                "?", "!")
-_COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
-_LONE_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")
-_PERIODS_REMOVED = 32  # the reference passes re.UNICODE (32) where re.sub takes its count: 32 periods at most
 _ARTICLES = frozenset({"a", "an", "the"})
 _NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                  "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
@@ -127,17 +121,6 @@ _SPELLED = {form[:i] + form[i + 1:]: form for form in _CONTRACTIONS for i, c in 
 _SPELLED["somebody'd"] = "somebodyd"  # the reference table maps this one the wrong way round; kept for parity
 
 
-def _strip_punctuation(text: str) -> str:
-    """Punctuation next to a space (or any, when a comma sits between digits) is removed, elsewhere it becomes
-    a space; then every period not touching a digit is removed."""
-    remove_all = _COMMA_IN_NUMBER.search(text) is not None
-    out = text
-    for mark in _PUNCTUATION:
-        spaced = mark + " " in text or " " + mark in text
-        out = out.replace(mark, "" if spaced or remove_all else " ")
-    return _LONE_PERIOD.sub("", out, count=_PERIODS_REMOVED)
-
-
 def _words(text: str) -> str:
     """Lower case; number words one to ten (and none) as digits; no articles; contractions spelled out."""
     kept = [word for word in (_NUMBER_WORDS.get(w, w) for w in text.lower().split()) if word not in _ARTICLES]
@@ -147,7 +130,7 @@ def _words(text: str) -> str:
 def normalize_answer(text: str) -> str:
     """An answer as VLMEvalKit compares open answers (its `process_answer`)."""
     text = text.replace("\n", " ").replace("\t", " ").strip()
-    return _words(_strip_punctuation(text))
+    return _words(process_punctuation(text))
 
 
 def vqa_score(references: list[str], prediction: str) -> float:
@@ -168,7 +151,7 @@ def exact_match(references: list[str], prediction: str) -> bool:
 
 # ----------------------------------------------------------------------------- prediction lines
 
-def score_open(answer: str, prediction: str | None) -> dict:
+def open_verdict(answer: str, prediction: str | None) -> dict:
     """An open item's verdict without a judge: box IoU for a box reference, else the exact-match fallback."""
     prediction = prediction if isinstance(prediction, str) else ""
     extracted = prediction.strip() or None
@@ -206,22 +189,24 @@ def judge_value(value: Any) -> float | None:
 
 def rescore_open(line: dict) -> dict:
     """An open line's verdict from its fields: a judge's grade is kept (the line has a `judge` verdict, says
-    `scored_by: judge`, or carries a grade and says nothing), everything else is scored again."""
+    `scored_by: judge`, or carries a grade and says nothing), everything else is scored again. The grade is
+    the one aloe's verdict holds (`correct_aloe`; `correct` may hold VLMEvalKit's own rule, as for MMMU)."""
     scored_by = line.get("scored_by")
     if scored_by is not None and scored_by not in SCORED_BY:
         raise RecordError("invalid_field", f"must be one of {', '.join(SCORED_BY)}, got {scored_by!r}",
                           field="scored_by")
     verdict = line.get("judge") if isinstance(line.get("judge"), dict) else None
-    if verdict is not None or scored_by == JUDGE or (scored_by is None and line.get("correct") is not None):
-        grade = verdict.get("score") if verdict is not None else line.get("correct")
+    stored = line.get("correct_aloe", line.get("correct"))
+    if verdict is not None or scored_by == JUDGE or (scored_by is None and stored is not None):
+        grade = verdict.get("score") if verdict is not None else stored
         prediction = line["prediction"] if isinstance(line["prediction"], str) else ""
         return {"extracted": prediction.strip() or None, **judged(judge_value(grade))}
-    return score_open(str(line["answer"]), line["prediction"])
+    return open_verdict(str(line["answer"]), line["prediction"])
 
 
-def open_value(line: dict, name: str = "correct") -> float | None:
-    """An open line's `correct` (or `correct_aloe`) as a number in 0..1; None when unjudged."""
-    value = line.get(name)
+def open_value(line: dict, value: Any, name: str = "correct") -> float | None:
+    """An open line's verdict `value` (its `correct` or `correct_aloe`) as a number in 0..1; None when
+    unjudged. Without a judge it may be any score in 0..1 (the VQA score); a judge's is 0, 0.5 or 1."""
     if line.get("scored_by") in (EXACT_MATCH, BOX_IOU):
         if value is None:
             return None
@@ -241,6 +226,6 @@ def scored_by_counts(lines: list[dict]) -> dict[str, int]:
     return counts
 
 
-__all__ = ["BOX_IOU", "EXACT_MATCH", "JUDGE", "VLMEVALKIT_COMMIT", "alternatives", "exact_match", "judge_reference",
-           "judge_value", "judged", "normalize_answer", "open_value", "predicted_box", "reference_box",
-           "rescore_open", "score_open", "scored_by_counts", "vqa_score"]
+__all__ = ["BOX_IOU", "EXACT_MATCH", "JUDGE", "alternatives", "exact_match", "judge_reference",
+           "judge_value", "judged", "normalize_answer", "open_value", "open_verdict", "predicted_box",
+           "reference_box", "rescore_open", "scored_by_counts", "vqa_score"]

@@ -6,16 +6,17 @@ is, then once per perturbation that applies to it (`cap` and `leg` need an image
 expands (1 -> N) into one prediction line per question asked:
 
     {"id", "benchmark", "model", "kind", "question", "options", "answer", "prediction", "extracted",
-     "correct", "rule", "perturb", "category", "l2_category", "task", "pair_id", "prompt", "scored_by"?,
-     "judge"?}
+     "correct", "extracted_aloe", "correct_aloe", "rule", "perturb", "category", "l2_category", "split",
+     "task", "pair_id", "prompt", "protocol", "vlmevalkit"?, "scored_by"?, "judge"?}
 
-A perturbation that does not apply to an item is left out and counted in the scores (`not_perturbed`:
-kind -> reason -> items). Open items are graded by the judge when there is one, else by exact match
-(`evaluation.open_answers`).
+Both verdicts are computed whatever the protocol (`aloe_cli.evaluation.scoring`); the protocol only
+chooses the prompt. Open items are graded by the judge when there is one, else by exact match (not
+judged), or by IoU when the answer is a box (`evaluation.open_answers`). A perturbation that does not apply
+to an item is left out and counted in the scores (`not_perturbed`: kind -> reason -> items).
 
-The model sees `eval_record(item)` (perturbed by `aloe_cli.perturb` when asked), through any generation
-backend. A request that fails (a broken image, a server that gave up) or a perturbation that breaks
-becomes the item's error: an item is complete in the output, or counted as skipped.
+The model sees `eval_record(item, protocol)` (perturbed by `aloe_cli.perturb` when asked), through any
+generation backend. A request that fails (a broken image, a server that gave up) or a perturbation that
+breaks becomes the item's error: an item is complete in the output, or counted as skipped.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from aloe_cli.data.stage import Stage
 from aloe_cli.errors import RecordError
 from aloe_cli.evaluation.benchmarks import EvalItem
 from aloe_cli.evaluation.judge import JudgeCase, OpenJudge
-from aloe_cli.evaluation.open_answers import EXACT_MATCH, judge_reference, judged, score_open
+from aloe_cli.evaluation.open_answers import EXACT_MATCH, JUDGE, judge_reference, open_verdict
 from aloe_cli.evaluation.prompts import eval_record, prompt_messages
-from aloe_cli.evaluation.scoring import benchmark_scores, score_prediction
+from aloe_cli.evaluation.scoring import benchmark_scores, score_open, score_prediction
 from aloe_cli.modeling.backends import Failure, GenerationBackend, GenerationParams, GenerationRequest
 from aloe_cli.modeling.backends.cache import request_key
 from aloe_cli.perturb.names import BASE
@@ -99,6 +100,8 @@ class EvalStage(Stage):
     perturbations: tuple[str, ...] = ()
     cache_tag: str = ""  # what identifies the model in cache keys (name + backend)
     keyed: bool = False  # give requests cache keys (when a response cache is in front of the backend)
+    protocol: str = "vlmevalkit"  # whose prompt is sent: vlmevalkit or aloe (both verdicts are always scored)
+    dataset: str | None = None  # the VLMEvalKit dataset name (None: the benchmark's name)
     lines: list[dict] = field(default_factory=list)
     tally: Tally = field(default_factory=Tally)
     not_perturbed: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> why it did not apply -> items
@@ -150,7 +153,7 @@ class EvalStage(Stage):
 
     def _records(self, item: Item) -> list[tuple[str | None, dict]]:
         eval_item: EvalItem = item.annotations["eval_item"]
-        record = eval_record(eval_item)
+        record = eval_record(eval_item, self.protocol, self.dataset)
         kinds = [kind for kind in self.perturbations if kind != BASE]  # base is the plain run; others may not apply
         if kinds and self.perturber is None:
             raise RuntimeError("perturbations were asked for without a perturber")
@@ -169,13 +172,23 @@ class EvalStage(Stage):
         line = {"id": values.pop("id"), "benchmark": values.pop("benchmark"), "model": self.model,
                 "kind": values.pop("kind"), "question": values.pop("question"), "options": values.pop("options"),
                 "answer": values.pop("answer"), "prediction": prediction, "extracted": None, "correct": None,
-                "perturb": kind, **values, "prompt": text_of(prompt_messages(record)[-1])}
+                "extracted_aloe": None, "correct_aloe": None, "perturb": kind, **values,
+                "prompt": text_of(prompt_messages(record)[-1]), "protocol": self.protocol}
         if kind is not None:
             line["wrong_answer"] = record.get("aloe", {}).get("perturb", {}).get("wrong_answer")
+        fields = eval_item.vlmevalkit_fields()  # the options and answer VLMEvalKit's rules compare
+        view = {"dataset": self.dataset or line["benchmark"], "answer": fields.answer}
         if line["kind"] == "open":  # exact match or box IoU until a judge grades it
-            line.update(score_open(line["answer"], prediction))
+            line.update(open_verdict(line["answer"], prediction))
+            line["extracted_aloe"] = line["extracted"]
+            theirs = score_open(prediction, view)
+            if theirs is not None:  # MMMU: exact matching scores it; the judge grades it for aloe
+                line.update(theirs, vlmevalkit=view)
         else:
-            line.update(score_prediction(line["kind"], prediction, line["answer"], line["options"]))
+            if line["kind"] == "mcq":
+                view["options"] = dict(fields.options)
+            line["vlmevalkit"] = view
+            line.update(score_prediction(line["kind"], prediction, line["answer"], line["options"], view))
         return line
 
     def _grade_open(self, lines: list[tuple[dict, EvalItem]]) -> None:
@@ -185,7 +198,9 @@ class EvalStage(Stage):
         results = self.judge.grade([JudgeCase(line["question"], judge_reference(line["answer"]), line["prediction"],
                                               tuple(item.images), item.image_root) for line, item in lines])
         for (line, _), result in zip(lines, results):
-            line.update(judged(result.score))
+            line["correct_aloe"], line["scored_by"] = result.score, JUDGE
+            if "vlmevalkit" not in line:  # else VLMEvalKit's exact matching already gave its verdict
+                line["correct"] = result.score
             line["judge"] = {"model": self.judge.name, **result.to_dict()}
 
     def _count(self, line: dict) -> None:
