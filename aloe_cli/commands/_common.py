@@ -79,13 +79,16 @@ def write_summary_report(report: Path | str, result: dict[str, Any], *, mark_don
 
 def run_data_command(stage: Stage, inputs: Iterable[str] | None, *, image_root: Path | None, output: str,
                      rejects: Path | None, report: Path | None, config: RunConfig,
-                     defaults: RecordDefaults | None = None) -> RunSummary:
+                     defaults: RecordDefaults | None = None, images_first: bool = False) -> RunSummary:
     """Run `stage` over this shard of `inputs`, writing kept records to `output` and the rest to `rejects`.
 
     The command should have called `check_io` before any expensive set-up; it is checked here again,
-    before anything is read."""
+    before anything is read. With `images_first` (a stage that loads a model), every image path is checked
+    to resolve before the first record is processed (`check_image_paths`)."""
     try:
         paths = check_io(inputs, output=output, rejects=rejects, report=report)
+        if images_first:
+            check_image_paths(stage.name, paths, image_root, config.on_error, config.shard)
         if stage.measure_first:
             console.log(f"aloe {stage.name}: percentile thresholds: measuring the whole shard before deciding")
         with record_writers(output, rejects) as (writer, rejects_writer):  # both appear, or neither
@@ -98,6 +101,21 @@ def run_data_command(stage: Stage, inputs: Iterable[str] | None, *, image_root: 
     if report is not None:
         write_summary_report(report, result, mark_done=True)
     return summary
+
+
+def check_image_paths(command: str, paths: list[str], image_root: str | os.PathLike | None, on_error: str,
+                      shard: Shard | None = None) -> None:
+    """Before work: records whose image paths do not resolve are one error under --on-error fail, else a
+    warning with their count (the run then skips and counts each as image_missing)."""
+    from aloe_cli.data.preflight import unresolved_images
+    from aloe_cli.data.shard import ALL
+
+    check = unresolved_images(paths, image_root, shard or ALL)
+    if check.ok:
+        return
+    if on_error == "fail":
+        raise AloeError(check.message())
+    console.warn(f"{command}: {check.message()}; --on-error skip: each is skipped as image_missing")
 
 
 def print_summary(report: dict[str, Any], title: str | None = None) -> None:

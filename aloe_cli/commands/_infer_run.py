@@ -66,7 +66,7 @@ def infer(request: InferRequest) -> None:
             return
         run_data_command(stage, request.inputs, image_root=request.image_root, output=request.output,
                          rejects=request.rejects, report=request.report, config=run_config,
-                         defaults=RecordDefaults(keep_dicom_bytes=request.keep_dicom_bytes))
+                         defaults=RecordDefaults(keep_dicom_bytes=request.keep_dicom_bytes), images_first=True)
         _log_boxes(None, stage)
     finally:
         backend.close_if_open()

@@ -52,6 +52,8 @@ class MixOptions:
     cache_path: str | None = None  # default: the recipe's `cache`, else token_cache.default_cache_path()
     keep_dicom_bytes: bool = False  # pass embedded DICOM through with its header (default: re-encoded on read)
     spool_dir: str | None = None  # default: the output's folder (the system temp folder for stdout)
+    # Image paths in the mixture: relative to the output's folder, or absolute (always, for stdout).
+    absolute_paths: bool = False
 
 
 @dataclass
@@ -109,6 +111,8 @@ def run_mix(recipe: Recipe, options: MixOptions, counter: LossTokenCounter | Non
     # Spools beside a file output (same disk as the result); for stdout, a pipe or a device, in $TMPDIR.
     to_file = options.output != STDIO and not is_stream(options.output) and not device_path(options.output)
     spool_dir = options.spool_dir or (str(Path(options.output).resolve().parent) if to_file else None)
+    # A reader resolves a relative image path against the input's folder, symlinks followed: so does this.
+    image_folder = None if options.absolute_paths or not to_file else str(Path(options.output).resolve().parent)
     counter = counter or load_counter(recipe.tokenizer, recipe.chat_template)
     seconds: dict[str, float] = {}
     with ExitStack() as stack:
@@ -154,7 +158,7 @@ def run_mix(recipe: Recipe, options: MixOptions, counter: LossTokenCounter | Non
                 stack.callback(spool.close)
                 with (progress or null_progress)("mix: writing", len(group_of)) as bar:
                     write_pass(iter_items(recipe, streams, options.keep_dicom_bytes), plan, group_of, tokens,
-                                counting.groups, recipe, spool, bar)
+                                counting.groups, recipe, spool, bar, image_folder)
                 written = spool.drain(output)
         return result(written)
 
