@@ -244,10 +244,14 @@ class StreamCopies:
 
 
 def _read_jsonl(path: str, units: Units | None) -> Iterator[Item]:
-    """Parsed, not yet normalised items (read_file normalises)."""
+    """Parsed, not yet normalised items (read_file normalises). A file that holds one JSON array of records
+    (LLaVA's and LLaMA-Factory's `.json`) is read as that array."""
     display = display_name(path)
     stream = open_input(path)
     try:
+        if _holds_array(stream):
+            yield from _array_items(stream, display, units)
+            return
         lines = _lines(stream, display) if units is None else shard_lines(path, stream, display, units)
         for line_no, line in lines:
             if not line or line.isspace():
@@ -262,6 +266,37 @@ def _read_jsonl(path: str, units: Units | None) -> Iterator[Item]:
             yield Item(None, where, display, raw=raw)
     finally:
         stream.close()
+
+
+_LEADING_SPACE = b" \t\r\n\xef\xbb\xbf"  # whitespace, and a UTF-8 byte-order mark
+
+
+def _holds_array(stream: BinaryIO) -> bool:
+    """True when the input's first character (past whitespace) opens a JSON array: no JSON line is a record
+    then, so the input is one array. Looks without consuming (the buffered stream's peek)."""
+    head = stream.peek(4096)[:4096]  # type: ignore[attr-defined]
+    stripped = head.lstrip(_LEADING_SPACE)
+    return stripped[:1] == b"["
+
+
+def _array_items(stream: BinaryIO, display: str, units: Units | None) -> Iterator[Item]:
+    """One item per element of a JSON array, named `file[index]`. The array is parsed whole: a syntax error
+    anywhere loses every record in it, so it is an error for the whole input (line and column named)."""
+    try:
+        data = stream.read()
+    except (OSError, EOFError) as exc:  # truncated gzip
+        raise AloeError(f"{display}: cannot read input ({exc})") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        elements = loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise AloeError(f"{display}:{exc.lineno}: invalid JSON array (column {exc.colno}: {exc.msg}); a .json "
+                        "input holds one array of records, a .jsonl input one record per line") from None
+    for index, element in enumerate(elements):
+        if units is not None and not units.take():
+            continue
+        yield Item(None, f"{display}[{index}]", display, raw=element)
 
 
 def _lines(stream: BinaryIO, display: str) -> Iterator[tuple[int, bytes]]:
