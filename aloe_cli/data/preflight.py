@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aloe_cli.data.images import resolve_path
+from aloe_cli.data.io import Item, read_paths
 from aloe_cli.data.shard import ALL, Shard
 from aloe_cli.data.streams import is_stream
 
@@ -40,21 +41,22 @@ class ImagePathCheck:
         """One line: how many, where the first is, and what the paths were resolved against."""
         roots = ", ".join(sorted(self.roots)) or "their input's folder"
         return (f"{self.missing} of {self.records} record(s) have image paths that do not resolve (first: "
-                f"{self.examples[0]}); relative paths resolve against {roots}: pass --image-root, or write the "
-                "mixture again with aloe mix, which writes paths relative to its output")
+                f"{self.examples[0]}); relative paths resolve against {roots}: pass --image-root, or keep the "
+                "file beside its images (aloe mix writes paths relative to its output)")
 
 
 def unresolved_images(paths: Iterable[str], image_root: str | os.PathLike | None = None,
                       shard: Shard = ALL) -> ImagePathCheck:
     """Read the regular-file inputs among `paths` (this shard of them) and stat every image path entry."""
-    from aloe_cli.data.io import read_paths
-
-    check = ImagePathCheck()
     files = [path for path in paths if not is_stream(path)]
-    if not files:
-        return check
-    for item in read_paths(files, image_root, shard):
-        if item.record is None:
+    return check_items(read_paths(files, image_root, shard)) if files else ImagePathCheck()
+
+
+def check_items(items: Iterable[Item]) -> ImagePathCheck:
+    """`unresolved_images` over items already read (each resolves against its own `image_root`)."""
+    check = ImagePathCheck()
+    for item in items:
+        if item.record is None or item.error is not None:
             continue  # a broken record is the run's to report, with its own reason
         check.records += 1
         for position, entry in enumerate(item.record.get("images") or []):

@@ -63,6 +63,8 @@ class HFBackend:
         for index, request in enumerate(requests):
             try:
                 images = self._images(request)
+                for position, image in enumerate(images):
+                    check_image_shape(processor, image, position)
                 text = processor.apply_chat_template(chat_messages(request.messages), tokenize=False,
                                                      add_generation_prompt=True)
             except RecordError as error:
@@ -119,6 +121,25 @@ class HFBackend:
 
     def close(self) -> None:
         pass
+
+
+def check_image_shape(processor, image, position: int) -> None:
+    """RecordError (`image_shape`, naming `images[position]`) for an image the processor cannot resize, asked
+    before any batch is built: Qwen2-VL's processor refuses aspect ratios of 200:1 and beyond (a 1x1000 strip)
+    with a ValueError that would otherwise stop the whole batch, and the run with it."""
+    import sys
+
+    image_processor = getattr(processor, "image_processor", None)
+    resize = getattr(sys.modules.get(type(image_processor).__module__), "smart_resize", None)
+    if resize is None:
+        return  # a processor without Qwen2-VL's resizing rule: nothing known to refuse
+    factor = getattr(image_processor, "patch_size", 14) * getattr(image_processor, "merge_size", 2)
+    width, height = image.size
+    try:
+        resize(height, width, factor=factor)
+    except ValueError as exc:
+        raise RecordError("image_shape", f"the model's processor cannot take a {width}x{height} image ({exc}); "
+                          "crop or pad it", field=f"images[{position}]") from None
 
 
 def decode_replies(tokenizer, rows: list[list[int]], eos_token_id: int | list[int] | None) -> list[str]:
