@@ -461,7 +461,7 @@ def from_prompt_completion(raw: Record) -> Record:
                 raise RecordError("invalid_field", "must be an object", field=f"{name}[{i}]")
     combined = {**_passthrough(raw, ("prompt", "completion")), "messages": prompt + completion}
     try:
-        return from_chat_messages(combined)
+        return validate(from_chat_messages(combined))
     except RecordError as error:  # name the field the user wrote, not the combined list
         raise RecordError(error.reason, error.message, field=_prompt_field(error.field, len(prompt))) from None
 
