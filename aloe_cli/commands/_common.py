@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from aloe_cli import console
-from aloe_cli.data.io import STDIO, expand_inputs, print_stdout, read_paths, record_writers
+from aloe_cli.data.io import STDIO, expand_inputs, output_folder, print_stdout, read_paths, record_writers
 from aloe_cli.data.records import RecordDefaults
 from aloe_cli.data.shard import Shard
 from aloe_cli.data.stage import RunConfig, RunSummary, Stage, run_stage
@@ -91,6 +92,8 @@ def run_data_command(stage: Stage, inputs: Iterable[str] | None, *, image_root: 
             check_image_paths(stage.name, paths, image_root, config.on_error, config.shard)
         if stage.measure_first:
             console.log(f"aloe {stage.name}: percentile thresholds: measuring the whole shard before deciding")
+        # Records from inputs in several folders (or read with --image-root) keep images the next command finds.
+        config = replace(config, relocate_images=True, image_folder=output_folder(output))
         with record_writers(output, rejects) as (writer, rejects_writer):  # both appear, or neither
             items = read_paths(paths, image_root, config.shard, defaults)
             summary = run_stage(stage, items, writer, rejects_writer, config, progress=console.progress)

@@ -181,6 +181,15 @@ def read_file(path: str, image_root: str | os.PathLike | None = None, *, require
         yield item
 
 
+def output_folder(output: str) -> str | None:
+    """The folder relative image paths in `output` resolve from when it is read again, symlinks followed as a
+    reader follows them; None for stdout, a pipe or a device (whoever reads it resolves against their own
+    working directory, or --image-root: records written there carry absolute paths)."""
+    if output == STDIO or is_stream(output) or device_path(output):
+        return None
+    return str(Path(output).resolve().parent)
+
+
 class StreamCopies:
     """Inputs that can be read once only (stdin, FIFOs, `<(...)`) for a command that reads them more than once
     (`mix`: count, then write; `eval`: once per model): each is copied on first use into a hidden temporary

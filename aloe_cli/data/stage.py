@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from aloe_cli.console import null_progress
+from aloe_cli.data.images import relocate
 from aloe_cli.data.io import Item, RecordWriter
 from aloe_cli.data.shard import Shard
 from aloe_cli.errors import AloeError, RecordError
@@ -142,6 +143,10 @@ class RunConfig:
     keep_all: bool = False
     on_error: str = "fail"  # or "skip": bad records go to the rejects
     spool_dir: str | None = None  # measure-first spool; default: the system temporary folder ($TMPDIR)
+    # Written records' image paths are rewritten to resolve from `image_folder` (the output's folder; None:
+    # absolute), so the next command finds them whichever folder each input came from (`io.output_folder`).
+    relocate_images: bool = False
+    image_folder: str | None = None
 
 
 @dataclass
@@ -267,6 +272,9 @@ def _decide_all(stage: Stage, batches: Iterable[list[Item]], output: RecordWrite
                 summary.kept += 1
                 counts.kept += 1
                 for record in records:
+                    if config.relocate_images and record.get("images"):
+                        record["images"] = [relocate(entry, item.image_root, config.image_folder)
+                                            for entry in record["images"]]
                     output.write(record)
                 summary.emitted += len(records)
                 stage.settled(item, True)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aloe_cli.console import null_progress
-from aloe_cli.data.io import STDIO, StreamCopies, record_writers
+from aloe_cli.data.io import STDIO, StreamCopies, output_folder, record_writers
 from aloe_cli.data.stage import InputCounts, ProgressFactory, RunConfig, run_stage
 from aloe_cli.data.streams import device_path, is_stream
 from aloe_cli.errors import AloeError
@@ -111,8 +111,7 @@ def run_mix(recipe: Recipe, options: MixOptions, counter: LossTokenCounter | Non
     # Spools beside a file output (same disk as the result); for stdout, a pipe or a device, in $TMPDIR.
     to_file = options.output != STDIO and not is_stream(options.output) and not device_path(options.output)
     spool_dir = options.spool_dir or (str(Path(options.output).resolve().parent) if to_file else None)
-    # A reader resolves a relative image path against the input's folder, symlinks followed: so does this.
-    image_folder = None if options.absolute_paths or not to_file else str(Path(options.output).resolve().parent)
+    image_folder = None if options.absolute_paths else output_folder(options.output)
     counter = counter or load_counter(recipe.tokenizer, recipe.chat_template)
     seconds: dict[str, float] = {}
     with ExitStack() as stack:
