@@ -91,7 +91,8 @@ def test_a_json_array_of_llama_factory_records_is_read_as_records(tmp_path):
     sharegpt = out["lf-sharegpt"]["messages"]
     assert sharegpt[0] == {"role": "system", "content": [{"type": "text", "text": "You are a radiologist."}]}
     assert [part["type"] for part in sharegpt[1]["content"]] == ["image", "text", "image"]
-    assert out["lf-sharegpt"]["images"] == ["a.png", "b.png"]
+    # on stdout, paths are absolute: the next command in a pipe finds them from any folder
+    assert out["lf-sharegpt"]["images"] == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
     alpaca = out["lf-alpaca"]["messages"]
     assert [m["role"] for m in alpaca] == ["system", "user", "assistant", "user", "assistant"]
     assert alpaca[3]["content"] == [{"type": "image"}, {"type": "text", "text": "Describe the scan.\nOne sentence."}]
@@ -118,9 +119,9 @@ def test_trl_prompt_completion_and_openai_image_parts_are_read(tmp_path):
         {"type": "text", "text": "The spleen."}]
     assert out["openai-data-uri"]["images"] == [data_uri(7)]
     assert out["openai-data-uri"]["messages"][0]["content"][0] == {"type": "image"}
-    assert out["openai-paths"]["images"] == ["a.png", "b.png"]
+    assert out["openai-paths"]["images"] == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
     assert [p["type"] for p in out["openai-paths"]["messages"][0]["content"]] == ["text", "image", "image"]
-    assert out["transformers-image-part"]["images"] == ["a.png"]
+    assert out["transformers-image-part"]["images"] == [str(tmp_path / "a.png")]
     # the same image, hashed through a path and through a data URI, agrees
     assert out["openai-paths"]["aloe"]["dedup"]["phash"][0] == out["trl-conversational"]["aloe"]["dedup"]["phash"][0]
 
