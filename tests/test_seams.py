@@ -87,6 +87,23 @@ def test_a_mixture_read_from_stdin_in_a_pipe_keeps_resolvable_paths(tmp_path, tw
     assert all((output.parent / r["images"][0]).is_file() for r in read_jsonl(output))
 
 
+def test_kept_and_rejected_records_keep_images_that_resolve_from_their_own_files(tmp_path, two_folders):
+    med, gen = two_folders
+    leak = write_jsonl(tmp_path / "eval.jsonl", [chat("?", "!", [str(med.parent / "img" / "med0.png")], id="e")])
+    kept, rejects = tmp_path / "kept" / "kept.jsonl", tmp_path / "rejected" / "rejects.jsonl"
+    kept.parent.mkdir()
+    rejects.parent.mkdir()
+    result = aloe("dedup", "-i", str(med), "--against", str(leak), "-o", str(kept), "--rejects", str(rejects))
+    assert result.returncode == 0, result.stderr
+    assert "4 read = 3 kept + 1 rejected" in result.stderr
+    [rejected] = read_jsonl(rejects)
+    assert rejected["id"] == "med-0" and rejected["images"] == ["../med/img/med0.png"]
+    assert all((kept.parent / r["images"][0]).is_file() for r in read_jsonl(kept))
+    # the rejects, looked at and fed back, find their images
+    again = aloe("dedup", "-i", str(rejects), "--against", str(gen))
+    assert again.returncode == 0 and "1 read = 1 kept + 0 rejected" in again.stderr, again.stderr
+
+
 def test_model_commands_check_image_paths_before_work(tmp_path, two_folders, tiny_model_dir):
     """A mixture moved away from its images (or written with paths relative to each source): one line before
     the model loads under --on-error fail; a loud count, then counted skips, under skip."""

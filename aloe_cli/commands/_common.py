@@ -93,7 +93,8 @@ def run_data_command(stage: Stage, inputs: Iterable[str] | None, *, image_root: 
         if stage.measure_first:
             console.log(f"aloe {stage.name}: percentile thresholds: measuring the whole shard before deciding")
         # Records from inputs in several folders (or read with --image-root) keep images the next command finds.
-        config = replace(config, relocate_images=True, image_folder=output_folder(output))
+        config = replace(config, relocate_images=True, image_folder=output_folder(output),
+                         rejects_image_folder=output_folder(str(rejects)) if rejects is not None else None)
         with record_writers(output, rejects) as (writer, rejects_writer):  # both appear, or neither
             items = read_paths(paths, image_root, config.shard, defaults)
             summary = run_stage(stage, items, writer, rejects_writer, config, progress=console.progress)

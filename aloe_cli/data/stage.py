@@ -147,6 +147,7 @@ class RunConfig:
     # absolute), so the next command finds them whichever folder each input came from (`io.output_folder`).
     relocate_images: bool = False
     image_folder: str | None = None
+    rejects_image_folder: str | None = None  # the same for the rejects file
 
 
 @dataclass
@@ -238,6 +239,8 @@ def _decide_all(stage: Stage, batches: Iterable[list[Item]], output: RecordWrite
         summary.reasons[reason] += 1
         counts.rejected += 1
         if rejects is not None:
+            if config.relocate_images and item.record is not None and item.record.get("images"):
+                _relocate_images(item.record, item, config.rejects_image_folder)
             rejects.write(reject_record(item, stage.name, reason, detail))
         stage.settled(item, False)
 
@@ -273,13 +276,17 @@ def _decide_all(stage: Stage, batches: Iterable[list[Item]], output: RecordWrite
                 counts.kept += 1
                 for record in records:
                     if config.relocate_images and record.get("images"):
-                        record["images"] = [relocate(entry, item.image_root, config.image_folder)
-                                            for entry in record["images"]]
+                        _relocate_images(record, item, config.image_folder)
                     output.write(record)
                 summary.emitted += len(records)
                 stage.settled(item, True)
         bar.advance(len(batch))
     return summary
+
+
+def _relocate_images(record: dict, item: Item, folder: str | None) -> None:
+    if isinstance(record["images"], list):
+        record["images"] = [relocate(entry, item.image_root, folder) for entry in record["images"]]
 
 
 def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:

@@ -123,7 +123,9 @@ def run_mix(recipe: Recipe, options: MixOptions, counter: LossTokenCounter | Non
         counting = CountingStage(recipe, counter, cache, options.batch_size)
         with _timed(seconds, "count"):
             reading = run_stage(counting, items_with_spec(recipe, streams, options.keep_dicom_bytes), None, rejects,
-                                RunConfig(on_error=options.on_error), progress=progress)
+                                RunConfig(on_error=options.on_error, relocate_images=True,
+                                          rejects_image_folder=output_folder(options.rejects)
+                                          if options.rejects else None), progress=progress)
         if not counting.groups.groups:
             raise AloeError(f"nothing to mix: none of the {reading.read} record(s) read is usable"
                             + (f" ({_reason_list(reading.reasons)})" if reading.reasons else ""))
