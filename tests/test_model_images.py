@@ -106,7 +106,7 @@ def test_an_extreme_aspect_ratio_is_one_line_or_a_counted_skip_in_infer(tmp_path
     assert [r["id"] for r in read_jsonl(skipped.stdout)] == ["ok"]
     assert "2 read = 1 kept + 1 rejected" in skipped.stderr
     [reject] = read_jsonl(tmp_path / "rejects.jsonl")
-    assert reject["aloe"]["reject"]["reason"] == "image_shape"
+    assert reject["aloe"]["reject"]["reason"] == "image_invalid"
 
 
 def test_an_extreme_aspect_ratio_in_eval_is_one_line_or_a_counted_skip(tmp_path, tiny_model_dir):
@@ -127,6 +127,26 @@ def test_an_extreme_aspect_ratio_in_eval_is_one_line_or_a_counted_skip(tmp_path,
     skipped = aloe("eval", "--model", str(tiny_model_dir), "--benchmark", str(bench), "-o", str(out),
                    "--max-new-tokens", "2", "--on-error", "skip")
     assert skipped.returncode == 0, skipped.stderr
-    assert "3 read = 1 written + 2 skipped (image_shape=2)" in skipped.stderr
+    assert "3 read = 1 written + 2 skipped (image_invalid=2)" in skipped.stderr
     label = tiny_model_dir.name
     assert [p["id"] for p in read_jsonl(out / label / "b" / "predictions.jsonl")] == ["2"]
+
+
+def test_an_extreme_aspect_ratio_in_perplexity_and_a_local_judge(tmp_path, tiny_model_dir):
+    Image.new("RGB", (1, 1000), "gray").save(tmp_path / "strip.png")
+    scan(1, size=64).save(tmp_path / "ok.png")
+    data = write_jsonl(tmp_path / "p.jsonl", [chat("What is it?", "A strip.", ["strip.png"], id="strip"),
+                                              chat("What is it?", "A scan.", ["ok.png"], id="ok")])
+    commands = {"perplexity": ["perplexity", "--model", str(tiny_model_dir)],
+                "score": ["score", "--backend", "hf", "--judge", str(tiny_model_dir), "--max-new-tokens", "4"]}
+    for name, args in commands.items():
+        failed = aloe(*args, "-i", str(data))
+        assert failed.returncode == 1 and failed.stdout == "", name
+        assert failed.stderr.strip().splitlines()[-1] == (
+            f"aloe: error: {data}:1: field 'images[0]': the model's processor cannot take a 1x1000 image (absolute "
+            "aspect ratio must be smaller than 200, got 1000.0); crop or pad it"), failed.stderr
+        # --keep-all: the tiny judge's replies are not scores, and its verdict on "ok" is not what is tested here
+        skipped = aloe(*args, "-i", str(data), "--on-error", "skip", "--keep-all")
+        assert skipped.returncode == 0, skipped.stderr
+        assert [r["id"] for r in read_jsonl(skipped.stdout)] == ["ok"], name
+        assert "2 read = 1 kept + 1 rejected" in skipped.stderr and "image_invalid=1" in skipped.stderr, name

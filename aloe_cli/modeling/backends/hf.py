@@ -28,7 +28,7 @@ from aloe_cli.modeling.backends import (
     check_image_count,
     indexed,
 )
-from aloe_cli.modeling.encoding import chat_messages, length_sorted_batches
+from aloe_cli.modeling.encoding import chat_messages, check_image_shapes, length_sorted_batches
 from aloe_cli.modeling.loading import LoadedModel
 
 # Qwen2-VL turns each 28x28 pixel patch into one token: an estimate of an image's share of the length.
@@ -63,8 +63,7 @@ class HFBackend:
         for index, request in enumerate(requests):
             try:
                 images = self._images(request)
-                for position, image in enumerate(images):
-                    check_image_shape(processor, image, position)
+                check_image_shapes(processor, images)
                 text = processor.apply_chat_template(chat_messages(request.messages), tokenize=False,
                                                      add_generation_prompt=True)
             except RecordError as error:
@@ -121,25 +120,6 @@ class HFBackend:
 
     def close(self) -> None:
         pass
-
-
-def check_image_shape(processor, image, position: int) -> None:
-    """RecordError (`image_shape`, naming `images[position]`) for an image the processor cannot resize, asked
-    before any batch is built: Qwen2-VL's processor refuses aspect ratios of 200:1 and beyond (a 1x1000 strip)
-    with a ValueError that would otherwise stop the whole batch, and the run with it."""
-    import sys
-
-    image_processor = getattr(processor, "image_processor", None)
-    resize = getattr(sys.modules.get(type(image_processor).__module__), "smart_resize", None)
-    if resize is None:
-        return  # a processor without Qwen2-VL's resizing rule: nothing known to refuse
-    factor = getattr(image_processor, "patch_size", 14) * getattr(image_processor, "merge_size", 2)
-    width, height = image.size
-    try:
-        resize(height, width, factor=factor)
-    except ValueError as exc:
-        raise RecordError("image_shape", f"the model's processor cannot take a {width}x{height} image ({exc}); "
-                          "crop or pad it", field=f"images[{position}]") from None
 
 
 def decode_replies(tokenizer, rows: list[list[int]], eos_token_id: int | list[int] | None) -> list[str]:
