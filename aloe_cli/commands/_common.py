@@ -80,12 +80,14 @@ def write_summary_report(report: Path | str, result: dict[str, Any], *, mark_don
 
 def run_data_command(stage: Stage, inputs: Iterable[str] | None, *, image_root: Path | None, output: str,
                      rejects: Path | None, report: Path | None, config: RunConfig,
-                     defaults: RecordDefaults | None = None, images_first: bool = False) -> RunSummary:
+                     defaults: RecordDefaults | None = None, images_first: bool = False,
+                     absolute_image_paths: bool = False) -> RunSummary:
     """Run `stage` over this shard of `inputs`, writing kept records to `output` and the rest to `rejects`.
 
     The command should have called `check_io` before any expensive set-up; it is checked here again,
     before anything is read. With `images_first` (a stage that loads a model), every image path is checked
-    to resolve before the first record is processed (`check_image_paths`)."""
+    to resolve before the first record is processed (`check_image_paths`). Image paths are written to resolve
+    from the output's folder (absolute on stdout, or everywhere with `absolute_image_paths`)."""
     try:
         paths = check_io(inputs, output=output, rejects=rejects, report=report)
         if images_first:
@@ -93,7 +95,8 @@ def run_data_command(stage: Stage, inputs: Iterable[str] | None, *, image_root: 
         if stage.measure_first:
             console.log(f"aloe {stage.name}: percentile thresholds: measuring the whole shard before deciding")
         # Records from inputs in several folders (or read with --image-root) keep images the next command finds.
-        config = replace(config, relocate_images=True, image_folder=output_folder(output),
+        config = replace(config, relocate_images=True,
+                         image_folder=None if absolute_image_paths else output_folder(output),
                          rejects_image_folder=output_folder(str(rejects)) if rejects is not None else None)
         with record_writers(output, rejects) as (writer, rejects_writer):  # both appear, or neither
             items = read_paths(paths, image_root, config.shard, defaults)
