@@ -126,6 +126,18 @@ def test_model_commands_check_image_paths_before_work(tmp_path, two_folders, tin
     assert fixed.returncode == 0 and "4 read = 4 kept + 0 rejected" in fixed.stderr, fixed.stderr
 
 
+def test_train_checks_the_mixture_image_paths_before_the_model_loads(tmp_path, two_folders, tiny_model_dir):
+    moved = tmp_path / "moved.jsonl"
+    moved.write_text(two_folders[0].read_text())
+    run = tmp_path / "run"
+    result = aloe("train", "--model", str(tiny_model_dir), "-i", str(moved), "--output-dir", str(run), "--max-steps",
+                  "1", "--deepspeed", "none", "--precision", "fp32", "--on-error", "fail")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"aloe: error: 4 of 4 record(s) have image paths that do not resolve (first: {moved}:1: "), result.stderr
+    assert not (run / "model.safetensors").exists()
+
+
 def test_score_and_infer_check_image_paths_before_the_first_request(tmp_path, two_folders):
     from fake_openai_server import FakeOpenAIServer
 
