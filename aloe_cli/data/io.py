@@ -9,7 +9,8 @@ reader only raises for problems with a whole input (missing file, unknown
 format, a TSV without a required column).
 
 Formats, chosen by suffix: JSONL (`.jsonl`, `.json`, `.ndjson`, optionally
-`.gz`), parquet, a folder written by `datasets.Dataset.save_to_disk` (or
+`.gz`; an input whose first character is `[` is one JSON array of records,
+as LLaVA and LLaMA-Factory write `.json` files), parquet, a folder written by `datasets.Dataset.save_to_disk` (or
 `DatasetDict.save_to_disk`), and VLMEvalKit TSV (rows -> records in
 `data.tsv`). `-` is stdin/stdout (JSONL, gzip detected on input). Pipes,
 FIFOs, `/dev/stdin` and process substitutions are read exactly once

@@ -3,8 +3,9 @@
 A record is a plain dict so that fields we do not know about pass through
 untouched. This module validates records and normalises them on read, once,
 for every command (`normalize`, called by the reader in `io.py`): the other
-shapes users bring (LLaVA/ShareGPT, question/answer columns) become the
-schema, region annotations become Qwen2-VL grounding text in the answer, and
+shapes users bring (LLaVA/ShareGPT, LLaMA-Factory sharegpt/messages/alpaca,
+TRL prompt/completion, OpenAI `image_url` parts, question/answer columns)
+become the schema, region annotations become Qwen2-VL grounding text in the answer, and
 `source` / `domain` are filled in where a record has none. Every stage
 therefore sees the record the trainer will see. The VLMEvalKit TSV conversion
 lives in `io.py` next to its reader because it needs the whole file (rows
@@ -369,26 +370,25 @@ def from_chat_messages(raw: Record) -> Record:
     `images` entries fill the plain `{"type": "image"}` placeholders in order; images that nothing places go
     to the start of the first user turn.
     """
-    messages_field = "messages"
-    messages = raw.get(messages_field)
+    messages = raw.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise RecordError("invalid_field", "must be a non-empty list of messages", field=messages_field)
+        raise RecordError("invalid_field", "must be a non-empty list of messages", field="messages")
     given = _image_list(raw)
     images: list = []  # in placeholder order: own sources and `images` entries interleaved as they come
     used = 0  # plain placeholders met, each filled by the next `images` entry
     converted = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise RecordError("invalid_field", "must be an object", field=f"{messages_field}[{i}]")
+            raise RecordError("invalid_field", "must be an object", field=f"messages[{i}]")
         content = message.get("content")
         if isinstance(content, str):
             content = _split_image_markers(content) if IMAGE_MARKER in content else [{"type": "text", "text": content}]
         elif not isinstance(content, list):
             raise RecordError("invalid_field", "must be a string or a list of parts",
-                              field=f"{messages_field}[{i}].content")
+                              field=f"messages[{i}].content")
         parts = []
         for j, part in enumerate(content):
-            source = _part_image_source(part, f"{messages_field}[{i}].content[{j}]")
+            source = _part_image_source(part, f"messages[{i}].content[{j}]")
             if source is not None:
                 images.append(source)
                 parts.append({"type": "image"})
@@ -405,7 +405,7 @@ def from_chat_messages(raw: Record) -> Record:
     elif used != len(given):
         raise RecordError("image_count_mismatch", f"{used} image placeholder(s) in messages but {len(given)} "
                           "in images", field="images")
-    record = _passthrough(raw, (messages_field,) + _IMAGE_COLUMNS)
+    record = _passthrough(raw, ("messages",) + _IMAGE_COLUMNS)
     record["messages"] = converted
     record["images"] = images
     return record
