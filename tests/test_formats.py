@@ -162,6 +162,8 @@ BAD_RECORDS = [
     ({"conversations": [{"from": "human", "value": "<image> hi"}], "images": []},
      "image_count_mismatch", "field 'images': 1 image placeholder(s) in messages but 0 in images"),
     (7, "invalid_record", "expected a JSON object"),
+    ({"messages": [{"role": "user", "content": "<video>What happens?"}, {"role": "assistant", "content": "x"}],
+      "videos": ["clip.mp4"]}, "unsupported_media", "field 'videos': aloe reads images and text only"),
 ]
 
 
@@ -182,6 +184,24 @@ def test_a_bad_record_in_a_json_array_names_the_element_and_field(tmp_path, reco
     assert [r["id"] for r in read_jsonl(skipped.stdout)] == ["good"]
     [reject] = read_jsonl(tmp_path / "rejects.jsonl")
     assert reject["aloe"]["reject"]["reason"] == reason and reject["aloe"]["reject"]["where"] == f"{data}[1]"
+
+
+def test_a_json_file_holding_one_pretty_printed_record_is_that_record(tmp_path):
+    image_files(tmp_path, "a.png")
+    data = tmp_path / "one.json"
+    data.write_text(json.dumps(llama_factory_records()[0], indent=2))
+    result = aloe("dedup", "-i", str(data), "--against", against(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "1 read = 1 kept + 0 rejected" in result.stderr
+    [record] = read_jsonl(result.stdout)
+    assert record["id"] == "lf-messages" and record["messages"][0]["content"][0] == {"type": "image"}
+    # a JSONL file whose first line is broken is still read line by line
+    lines = tmp_path / "lines.json"
+    lines.write_text('{"messages": [}\n' + json.dumps(llama_factory_records()[0]) + "\n")
+    skipped = aloe("dedup", "-i", str(lines), "--against", against(tmp_path), "--on-error", "skip")
+    assert skipped.returncode == 0 and "2 read = 1 kept + 1 rejected" in skipped.stderr, skipped.stderr
+    failed = aloe("dedup", "-i", str(lines), "--against", against(tmp_path))
+    assert failed.returncode == 1 and f"aloe: error: {lines}:1: invalid JSON" in failed.stderr, failed.stderr
 
 
 def test_a_bad_record_in_a_jsonl_file_names_the_line_and_the_field_it_was_written_in(tmp_path):

@@ -263,6 +263,7 @@ def _read_jsonl(path: str, units: Units | None) -> Iterator[Item]:
             yield from _array_items(stream, display, units)
             return
         lines = _lines(stream, display) if units is None else shard_lines(path, stream, display, units)
+        first = True
         for line_no, line in lines:
             if not line or line.isspace():
                 continue
@@ -270,12 +271,50 @@ def _read_jsonl(path: str, units: Units | None) -> Iterator[Item]:
             try:
                 raw = loads(line)
             except orjson.JSONDecodeError as exc:
+                if first and units is None and line.lstrip(_LEADING_SPACE).startswith(b"{"):
+                    # Perhaps one record written over several lines (a pretty-printed .json file).
+                    whole = _one_object(line, stream, line_no, display)
+                    if isinstance(whole, Item):
+                        yield whole
+                        return
+                    for number, text in whole:  # not one object: its lines as JSONL, from memory
+                        yield from _jsonl_item(text, number, display)
+                    return
                 error = RecordError("invalid_json", f"invalid JSON ({exc})", where=where)
                 yield Item(None, where, display, error=error, raw=line.decode("utf-8", "replace").rstrip("\r\n"))
                 continue
+            first = False
             yield Item(None, where, display, raw=raw)
     finally:
         stream.close()
+
+
+def _jsonl_item(line: bytes, line_no: int, display: str) -> Iterator[Item]:
+    if not line or line.isspace():
+        return
+    where = f"{display}:{line_no}"
+    try:
+        yield Item(None, where, display, raw=loads(line))
+    except orjson.JSONDecodeError as exc:
+        error = RecordError("invalid_json", f"invalid JSON ({exc})", where=where)
+        yield Item(None, where, display, error=error, raw=line.decode("utf-8", "replace").rstrip("\r\n"))
+
+
+def _one_object(first_line: bytes, stream: BinaryIO, line_no: int, display: str) -> Item | list[tuple[int, bytes]]:
+    """The rest of an input whose first line is not JSON but opens an object: one record when the whole input is
+    one JSON object (named `file`, no line), else its lines (numbered from `line_no`) to be read as JSONL."""
+    try:
+        rest = stream.read()
+    except (OSError, EOFError) as exc:  # truncated gzip
+        raise AloeError(f"{display}:{line_no + 1}: cannot read input ({exc})") from None
+    data = first_line + rest
+    try:
+        value = loads(data)
+    except orjson.JSONDecodeError:
+        value = None
+    if isinstance(value, dict):
+        return Item(None, display, display, raw=value)
+    return [(line_no + offset, line) for offset, line in enumerate(data.splitlines(keepends=True))]
 
 
 _LEADING_SPACE = b" \t\r\n\xef\xbb\xbf"  # whitespace, and a UTF-8 byte-order mark

@@ -34,6 +34,7 @@ IMAGE_MARKER = "<image>"
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "bot": "assistant", "model": "assistant"}
 _IMAGE_COLUMNS = ("images", "image", "image_path")
+_UNSUPPORTED_MEDIA = ("videos", "audios")
 
 
 def modality(record: Record) -> str:
@@ -218,6 +219,10 @@ def normalize(raw: Any, defaults: RecordDefaults = RecordDefaults(),
     """
     if not isinstance(raw, dict):
         raise RecordError("invalid_record", f"expected a JSON object, got {type(raw).__name__}")
+    for column in _UNSUPPORTED_MEDIA:  # LLaMA-Factory's other media: training on the text alone would be wrong
+        if column in raw and raw[column]:
+            raise RecordError("unsupported_media", f"aloe reads images and text only; give the {column[:-1]} as "
+                              "frames in 'images', or leave the record out", field=column)
     if "messages" in raw:
         record = raw if _in_schema(raw["messages"]) else from_chat_messages(raw)
     elif "conversations" in raw:
