@@ -129,7 +129,7 @@ def test_scores_pairs_categories_perturbations_and_unjudged_items():
         line("1", "yesno", "yes", "No", pair_id="p1", perturb="syc", task="cls"),
         line("3", "yesno", "yes", "I cannot tell.", pair_id="p2", perturb="syc", task="det"),
         line("5", "open", "the liver", "Liver", correct=0.5),
-        line("6", "open", "the spleen", "Kidney", correct=None),
+        line("6", "open", "the spleen", "Kidney", correct=None, judge={"score": None, "error": "unparseable"}),
     ]
     scores = benchmark_scores(lines)
     assert (scores["items"], scores["judged"], scores["unjudged"], scores["unanswered"]) == (6, 5, 1, 0)

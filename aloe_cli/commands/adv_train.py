@@ -43,9 +43,11 @@ def emit(config: AdvTrainConfig, path: str) -> int:
     from aloe_cli.errors import AloeError
     from aloe_cli.training.adversarial import adversarial_stage, shortfall
 
+    # Absolute image paths: the emitted file sits in the run folder, which moves apart from the data.
     summary = run_data_command(adversarial_stage(config), config.input, image_root=config.image_root, output=path,
                                rejects=None, report=None, config=RunConfig(on_error=config.on_error),
-                               defaults=RecordDefaults(keep_dicom_bytes=config.keep_dicom_bytes))
+                               defaults=RecordDefaults(keep_dicom_bytes=config.keep_dicom_bytes),
+                               absolute_image_paths=True)
     short = shortfall(summary, config.samples)
     if short and config.strict:
         raise AloeError(f"adv-train --strict: {short}")

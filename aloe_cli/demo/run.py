@@ -34,12 +34,13 @@ from pathlib import Path
 from aloe_cli.console import stdout_to_stderr
 from aloe_cli.demo.task import DETECT_QUESTION, DemoConfig, item_prompt, write_demo_data
 from aloe_cli.errors import AloeError
+from aloe_cli.perturb.names import KINDS, PUBLISHED_COLUMNS
 
 MODELS = ("untrained", "stage1", "stage2")
-PERTURBATIONS = ("base", "cap", "pmt", "syc", "leg")
-STAGE2_PERTURBATIONS = ("cap", "pmt", "syc", "leg", "region")  # every kind the recipe names
+PERTURBATIONS = PUBLISHED_COLUMNS["det"]  # the published table's perturbations
+STAGE2_PERTURBATIONS = KINDS  # every kind the recipe names
 # The published robustness table: classification Base/Cap/Pmt/Syc, detection Base/Cap/Pmt/Syc/Leg.
-TABLE_COLUMNS = (("cls", ("base", "cap", "pmt", "syc")), ("det", ("base", "cap", "pmt", "syc", "leg")))
+TABLE_COLUMNS = tuple(PUBLISHED_COLUMNS.items())
 MEDICAL = "demo-med"
 GENERAL = "demo-general"
 CURATION_STAGES = ("dedup", "perplexity", "score", "mix")

@@ -10,6 +10,9 @@ Each item also carries its fields as VLMEvalKit holds them (`EvalItem.vlmevalkit
 as pandas reads them (`aloe_cli.evaluation.vlmevalkit.read_tsv_fields`), a JSONL item's as a TSV made from
 it would read (NA-like strings missing, the answer as its letter or Yes/No).
 
+An item without a `task` gets one (`infer_task`): `det` when its answer is a box or its question asks
+where something is, else `cls`.
+
 The kind, when not given, is mcq when there are options, yesno when the answer is yes or no, else open.
 An item is text-only when it has no image. A benchmark is named after its file's stem unless given as
 NAME=FILE. Problems with one item (a missing answer, an answer letter with no such option) are
@@ -30,6 +33,7 @@ from aloe_cli.data.streams import is_stream
 from aloe_cli.errors import AloeError, RecordError
 from aloe_cli.evaluation import vlmevalkit
 from aloe_cli.evaluation.extraction import LETTERS, normalize_yesno
+from aloe_cli.evaluation.open_answers import reference_box
 from aloe_cli.evaluation.vlmevalkit import VlmFields
 
 KINDS = ("mcq", "yesno", "open")
@@ -189,6 +193,7 @@ def to_eval_item(item: Item, benchmark: str, *, tsv: bool, position: int = 0) ->
     task = _text(fields.get("task"))
     if task is not None and task.lower() not in TASKS:
         raise RecordError("invalid_field", f"must be one of {', '.join(TASKS)}, got {task!r}", field="task")
+    task = task or infer_task(question, answer)
     return EvalItem(
         id=item_id, benchmark=benchmark, kind=kind, question=question.strip(), answer=answer,
         options=options if kind == "mcq" else None, hint=hint, images=list(record.get("images") or []),
@@ -211,6 +216,18 @@ def _jsonl_fields(record: dict, question: str, kind: str, answer: str) -> VlmFie
     hint = record.get("hint")
     return VlmFields(question, vlmevalkit.na_cell(None if hint is None else str(hint)), texts,
                      canonical_answer(kind, answer))
+
+
+_GROUNDING_QUESTION = re.compile(r"\b(where|locat(e|es|ed|ing|ion)|locali[sz](e|es|ed|ing|ation)|box(es)?|bounding)\b",
+                                 re.IGNORECASE)
+
+
+def infer_task(question: str, answer: str) -> str:
+    """`det` for an item with a reference box in its answer or a grounding question ("where", "locate",
+    "box", "bounding"), else `cls`: the adversarial table's split when items carry no `task`."""
+    if reference_box(answer) is not None or _GROUNDING_QUESTION.search(question):
+        return "det"
+    return "cls"
 
 
 def _text(value: Any) -> str | None:
@@ -285,4 +302,5 @@ def _checked_answer(kind: str, answer: str, options: dict[str, str] | None) -> s
     return answer
 
 
-__all__ = ["BenchmarkSpec", "EvalItem", "KINDS", "TASKS", "parse_benchmark_spec", "read_benchmark", "to_eval_item"]
+__all__ = ["BenchmarkSpec", "EvalItem", "KINDS", "TASKS", "infer_task", "parse_benchmark_spec", "read_benchmark",
+           "to_eval_item"]

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aloe_cli.data.io import RecordWriter, StreamCopies
+from aloe_cli.data.preflight import check_items
 from aloe_cli.data.stage import RunConfig, run_stage
+from aloe_cli.errors import AloeError
 from aloe_cli.evaluation.benchmarks import BenchmarkSpec, read_benchmark
 from aloe_cli.evaluation.judge import OpenJudge
 from aloe_cli.evaluation.results import PREDICTIONS_FILE, folder_name, save_scores, write_tables
@@ -74,6 +76,9 @@ def evaluate_model(label: str, backend: Callable[[], GenerationBackend], plan: E
             bad = next((item for item in items if item.error is not None), None)
             if bad is not None:
                 raise bad.error.located(bad.where)
+            unresolved = check_items(items)  # image paths too, while no model is loaded yet
+            if not unresolved.ok:
+                raise AloeError(f"benchmark {spec.name}: {unresolved.message()}")
         perturber = perturbers([item for item in items if item.error is None]) if plan.perturbations else None
         stage = EvalStage(backend, label, plan.params, judge=judge, perturber=perturber,
                           perturbations=plan.perturbations, cache_tag=cache_tag, keyed=keyed,

@@ -23,7 +23,7 @@ from pathlib import Path
 from aloe_cli.data.io import read_file
 from aloe_cli.data.writing import write_atomic, write_atomic_many
 from aloe_cli.errors import AloeError, RecordError
-from aloe_cli.evaluation.scoring import PERTURBATION_TITLES, PERTURBATIONS
+from aloe_cli.perturb.names import EVAL_NAMES, TITLES
 
 SCORES_FILE = "scores.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -94,7 +94,7 @@ def _columns(models: list[dict]) -> tuple[list[str], list[tuple[str, str]]]:
             for task, kinds in scores.get("robustness", {}).items() for kind in kinds}
     tasks = [task for task in TASK_ORDER if any(t == task for t, _ in seen)]
     tasks += sorted({task for task, _ in seen} - set(tasks))
-    adversarial = [(task, kind) for task in tasks for kind in PERTURBATIONS if (task, kind) in seen]
+    adversarial = [(task, kind) for task in tasks for kind in EVAL_NAMES if (task, kind) in seen]
     return benchmarks, adversarial
 
 
@@ -114,7 +114,7 @@ def table_rows(models: list[dict]) -> tuple[list[str], list[list[str]], list[str
     benchmarks, adversarial = _columns(models)
     main_rows = [[str(data["model"]), *(_cell(data["benchmarks"].get(name, {}).get("main")) for name in benchmarks)]
                  for data in models]
-    adv_headers = [f"{task} {PERTURBATION_TITLES.get(kind, kind)}" for task, kind in adversarial]
+    adv_headers = [f"{task} {TITLES.get(kind, kind)}" for task, kind in adversarial]
     adv_rows = [[str(data["model"]), *(_cell(_robustness(data, task, kind)) for task, kind in adversarial)]
                 for data in models if any(s.get("robustness") for s in data["benchmarks"].values())]
     return ["model", *benchmarks], main_rows, ["model", *adv_headers], adv_rows
