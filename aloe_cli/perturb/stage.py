@@ -3,9 +3,12 @@
 Two ways to spread the kinds:
 
 - `per_record=1` (the default, what adv-train wants): each input gets one kind,
-  the one emitted least so far among those that apply to it, ties broken by a
-  rotation seeded by `seed`, so the output is balanced across kinds (exactly,
-  to within one, when every kind applies to every record);
+  the one emitted least so far to records that the same kinds can apply to
+  (a text-only record takes pmt and syc; `region` needs a box), ties broken by
+  a rotation seeded by `seed`, so every such group of records is balanced
+  across its kinds (exactly, to within one). Balancing over all records
+  instead would hand `region` to every record with a box, and those records
+  (detection questions, say) would never learn from the other kinds;
 - `per_record=None` (what eval wants): every kind that applies, in the order given.
 
 `samples` caps how many records are emitted (per shard when sharded); inputs
@@ -27,7 +30,9 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from aloe_cli.data.grounding import has_regions, parse_grounding
 from aloe_cli.data.io import Item
+from aloe_cli.data.records import text_of
 from aloe_cli.data.stage import Reject, Stage
 from aloe_cli.errors import RecordError
 from aloe_cli.perturb.answers import WrongAnswerPicker
@@ -39,6 +44,21 @@ from aloe_cli.perturb.record import perturb_record
 NOT_APPLICABLE = frozenset({"perturb_needs_image", "perturb_needs_box", "perturb_no_free_area"})
 # Reasons no kind can fix: the record is rejected with them.
 NOT_PERTURBABLE = frozenset({"perturb_no_wrong_answer", "perturb_no_answer", "perturb_needs_question"})
+
+
+def applicable_kinds(record: dict, kinds: Sequence[str], bbox_format: str = "xyxy") -> frozenset:
+    """The kinds that can apply to `record` as far as its shape tells (images, boxes); perturbing may still
+    find no room (`perturb_no_free_area`)."""
+    has_image = bool(record.get("images"))
+    has_box = has_regions(record) or any(parse_grounding(text_of(message)) for message in record.get("messages") or [])
+    fits = {"cap": has_image, "leg": has_image, "region": has_box and (has_image or _question_has_box(record))}
+    return frozenset(kind for kind in kinds if fits.get(kind, True))
+
+
+def _question_has_box(record: dict) -> bool:
+    messages = record.get("messages") or []
+    users = [m for m in messages if m.get("role") == "user"]
+    return bool(users) and bool(parse_grounding(text_of(users[-1])))
 
 
 def check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
@@ -74,6 +94,7 @@ class PerturbStage(Stage):
         record_rng(seed, "", "rotation").shuffle(rotation)
         self._rotation = {kind: i for i, kind in enumerate(rotation)}
         self.emitted: Counter = Counter()
+        self._emitted_in_group: dict[frozenset, Counter] = {}
         self.skipped: dict[str, Counter] = {kind: Counter() for kind in self.kinds}
 
     # -------------------------------------------------------------------- runner hooks
@@ -121,7 +142,8 @@ class PerturbStage(Stage):
             raise
         root = item.image_root if item.image_root is not None else self.image_root
         copies, reasons = [], []
-        for kind in self._candidates():
+        group = self._emitted_in_group.setdefault(applicable_kinds(record, self.kinds, self.bbox_format), Counter())
+        for kind in self._candidates(group):
             if len(copies) == self.per_record or self._full():
                 break
             try:
@@ -136,14 +158,15 @@ class PerturbStage(Stage):
                 reasons.append(f"{kind}: {error.reason}")
                 continue
             self.emitted[kind] += 1
+            group[kind] += 1
         if not copies:
             return Reject("perturb_not_applicable", "; ".join(reasons))
         return copies
 
-    def _candidates(self) -> list[str]:
+    def _candidates(self, group: Counter) -> list[str]:
         if self.per_record == len(self.kinds):
             return list(self.kinds)
-        return sorted(self.kinds, key=lambda kind: (self.emitted[kind], self._rotation[kind]))
+        return sorted(self.kinds, key=lambda kind: (group[kind], self._rotation[kind]))
 
     def _full(self) -> bool:
         return self.samples is not None and sum(self.emitted.values()) >= self.samples
