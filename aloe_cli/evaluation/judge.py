@@ -55,6 +55,7 @@ class JudgeResult:
     attempts: int = 0
     reply: str = ""  # the last reply, when unparseable
     error: str | None = None
+    request_failed: bool = False  # the judge was asked and did not answer (after its retries): not a verdict at all
 
     def to_dict(self) -> dict:
         values = {"score": self.score, "reason": self.reason, "attempts": self.attempts}
@@ -147,6 +148,7 @@ class OpenJudge:
                 result.error = f"unparseable reply after {outcome.attempts} attempt(s)"
             else:
                 result.error = f"judge request failed: {outcome.failure.message}"
+                result.request_failed = outcome.sent
         return results
 
     def _key(self, messages: list[dict], attempt: int) -> str:

@@ -116,7 +116,7 @@ class EvalStage(Stage):
         for index, (item, kind, record) in enumerate(units):
             if item.error is None:
                 lines.setdefault(id(item), []).append(self._line(item, kind, record, replies[index]))
-        self._grade_open([line for group in lines.values() for line in group if line["kind"] == "open"])
+        self._grade_open([(item, line) for item in batch for line in lines.get(id(item), []) if line["kind"] == "open"])
         for item in batch:
             if item.error is None and id(item) in lines:
                 item.annotations["lines"] = lines[id(item)]
@@ -150,13 +150,18 @@ class EvalStage(Stage):
             line.update(score_prediction(line["kind"], prediction, line["answer"], line["options"]))
         return line
 
-    def _grade_open(self, lines: list[dict]) -> None:
-        if not lines or self.judge is None:
+    def _grade_open(self, open_lines: list[tuple[Item, dict]]) -> None:
+        """Judge verdicts on the open lines. A judge that was asked and did not answer fails the item like the
+        model's own failed request does (stop, or a counted skip with --on-error skip), never an "unjudged"."""
+        if not open_lines or self.judge is None:
             return
-        results = self.judge.grade([JudgeCase(line["question"], line["answer"], line["prediction"]) for line in lines])
-        for line, result in zip(lines, results):
+        results = self.judge.grade([JudgeCase(line["question"], line["answer"], line["prediction"])
+                                    for _, line in open_lines])
+        for (item, line), result in zip(open_lines, results):
             line["correct"] = result.score
             line["judge"] = {"model": self.judge.name, **result.to_dict()}
+            if result.request_failed and item.error is None:
+                item.error = RecordError("judge_request_failed", result.error, where=item.where)
 
     def _count(self, line: dict) -> None:
         self.tally.done += 1
