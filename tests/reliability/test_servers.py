@@ -1,15 +1,22 @@
 """Hostile judge servers through the real `aloe score`: one that trickles bytes, one that echoes the key,
-and what the server is sent (pixels, never the image file's metadata)."""
+and what the server is sent (pixels, never the image file's metadata). Servers and Hubs that are not there:
+one line naming the flag (or model) in seconds, before any work; a judge that stops answering is an error;
+Ctrl-C says what the run keeps."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import shutil
+import signal
+import socket
+import time
 
 from fake_openai_server import FakeOpenAIServer
 from PIL import Image, PngImagePlugin
 
+from reliability.hostile import start, wait_for
 from support import aloe, chat, read_jsonl, write_jsonl
 
 
@@ -71,16 +78,12 @@ def test_the_judge_gets_the_pixels_without_the_files_metadata(tmp_path):
 
 def closed_port() -> int:
     """A port on 127.0.0.1 that nothing listens on (bound once by us, then released)."""
-    import socket
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
 def timed(*args, env=None):
-    import time
-
     start = time.monotonic()
     proc = aloe(*args, env=env, timeout=60)
     return proc, time.monotonic() - start
@@ -160,8 +163,6 @@ def test_a_hub_id_that_cannot_be_reached_is_one_line_within_seconds(tmp_path):
 
 
 def test_a_cached_hub_id_loads_from_the_cache_when_the_hub_cannot_be_reached(tiny_model_dir, tmp_path):
-    import shutil
-
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--acme--tiny-vl"
     (repo / "refs").mkdir(parents=True)
@@ -173,3 +174,18 @@ def test_a_cached_hub_id_loads_from_the_cache_when_the_hub_cannot_be_reached(tin
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() and "acme/tiny-vl on cpu" in proc.stderr
     assert seconds < 60, seconds
+
+
+def test_ctrl_c_during_eval_says_what_the_run_keeps(tmp_path):
+    cache = tmp_path / "replies.jsonl"
+    with FakeOpenAIServer(default="hang", hang_seconds=30) as server:
+        proc = start(["eval", "--model", "m", "--base-url", server.url, "--benchmark", str(open_benchmark(tmp_path)),
+                      "-o", str(tmp_path / "out"), "--cache", str(cache)])
+        wait_for(lambda: len(server.requests) >= 1, proc, timeout=60)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    stderr = stderr.decode()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == (f"aloe: interrupted; the replies received so far are kept in --cache "
+                                               f"{cache}: a rerun asks only for the rest")
+    assert "Traceback" not in stderr
