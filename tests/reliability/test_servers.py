@@ -151,15 +151,20 @@ def test_a_hub_id_that_cannot_be_reached_is_one_line_within_seconds(tmp_path):
     runs = [["infer", "--model", "nonexistent-org/model", "hi"],
             ["score", "-i", str(data), "--judge", "nonexistent-org/model", "--backend", "hf"],
             ["eval", "--model", "nonexistent-org/model", "--benchmark", str(bench), "-o", str(tmp_path / "e")],
-            ["perplexity", "-i", str(data), "--model", "nonexistent-org/model"]]
+            ["perplexity", "-i", str(data), "--model", "nonexistent-org/model"],
+            ["train", "-i", str(data), "--model", "nonexistent-org/model", "--output-dir", str(tmp_path / "run")],
+            ["adv-train", "-i", str(data), "--base", "nonexistent-org/model", "--output-dir", str(tmp_path / "run")],
+            ["mix", "-i", str(data), "--tokenizer", "nonexistent-org/model", "--share", "medical/text=1", "--dry-run"]]
     for args in runs:
         for offline in ({}, {"HF_HUB_OFFLINE": "1"}):
             proc, seconds = timed(*args, env={**env, **offline})
             assert proc.returncode == 1, (args, proc.stderr)
             [line] = proc.stderr.strip().splitlines()
-            assert line.startswith("aloe: error: model nonexistent-org/model: no such local folder"), line
+            prefix = "cannot load tokenizer 'nonexistent-org/model': " if args[0] == "mix" else ""
+            assert line.startswith(f"aloe: error: {prefix}model nonexistent-org/model: no such local folder"), line
             assert ("HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached") in line, line
             assert seconds < 15, (args, seconds)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "e").exists()
 
 
 def test_a_cached_hub_id_loads_from_the_cache_when_the_hub_cannot_be_reached(tiny_model_dir, tmp_path):
