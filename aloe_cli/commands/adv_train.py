@@ -78,4 +78,4 @@ def adv_train(**options) -> None:
         emit(config, path)
         return read_items([path], defaults=keep)
 
-    train_and_report(plan, records)
+    train_and_report(plan, records, paths)

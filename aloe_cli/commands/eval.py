@@ -1,7 +1,10 @@
 """aloe eval: medical and general benchmarks, an LLM judge for open answers, the adversarial table.
 
-Greedy decoding; multiple-choice and yes/no answers scored by exact match after answer extraction
-(docs/eval.md lists the rules); open-ended answers graded 0 / 0.5 / 1 by a judge; with --perturb every
+Greedy decoding; multiple-choice and yes/no answers scored under two protocols, both always reported:
+`accuracy` by VLMEvalKit's exact matching at a pinned commit (comparable with published baselines) and
+`accuracy_aloe` by aloe's answer extraction (docs/eval.md lists both sets of rules). --protocol chooses
+whose prompt is sent (default vlmevalkit: the prompt VLMEvalKit sends Qwen2-VL for that dataset).
+Open-ended answers graded 0 / 0.5 / 1 by a judge; with --perturb every
 item is asked again under each perturbation and the robustness table reports accuracy per
 perturbation for the classification (task cls) and detection (task det) items.
 
@@ -29,6 +32,7 @@ Examples:
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -46,6 +50,11 @@ from aloe_cli.options import (
 )
 
 app = command_app()
+
+
+class Protocol(str, Enum):
+    vlmevalkit = "vlmevalkit"
+    aloe = "aloe"
 
 
 def _check_perturb(value: str | None) -> str | None:
@@ -78,6 +87,9 @@ def eval(  # noqa: A001 - the command's name
         help="Also ask every item under these perturbations: base,cap,pmt,syc,leg (cap and leg need "
              "an image).")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="First N items of each benchmark.")] = None,
+    protocol: Annotated[Protocol, typer.Option(
+        "--protocol", help="Whose prompt is sent: vlmevalkit (VLMEvalKit's for Qwen2-VL, comparable with "
+                           "published baselines) or aloe. Both are always scored.")] = Protocol.vlmevalkit,
     max_new_tokens: MaxNewTokensOpt = 128,
     judge: Annotated[str | None, typer.Option(
         "--judge", callback=not_empty,
@@ -132,6 +144,7 @@ def eval(  # noqa: A001 - the command's name
         raise typer.BadParameter("is required (the results folder)", param_hint="-o/--output")
     run.evaluate(EvalRequest(
         models=model, benchmarks=benchmark or [], output=Path(output), perturb=perturb, limit=limit,
+        protocol=protocol.value,
         max_new_tokens=max_new_tokens, on_error=on_error.value, image_root=image_root,
         lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include, cache=Path(cache) if cache else None,
         backend=backend_config, judge=judge, judge_backend=judge_config, judge_parse_retries=judge_parse_retries))

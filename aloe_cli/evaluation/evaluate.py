@@ -33,6 +33,7 @@ class EvalPlan:
     params: GenerationParams = field(default_factory=lambda: GenerationParams(max_new_tokens=128))
     batch_size: int = 64  # items handed to the backend at once (it batches and sorts inside)
     perturbations: tuple[str, ...] = ()
+    protocol: str = "vlmevalkit"  # whose prompt is sent (both verdicts are always scored)
     limit: int | None = None
     on_error: str = "fail"
     image_root: Path | None = None
@@ -75,13 +76,15 @@ def evaluate_model(label: str, backend: Callable[[], GenerationBackend], plan: E
                 raise bad.error.located(bad.where)
         perturber = perturbers([item for item in items if item.error is None]) if plan.perturbations else None
         stage = EvalStage(backend, label, plan.params, judge=judge, perturber=perturber,
-                          perturbations=plan.perturbations, cache_tag=cache_tag, keyed=keyed)
+                          perturbations=plan.perturbations, cache_tag=cache_tag, keyed=keyed,
+                          protocol=plan.protocol, dataset=spec.vlmevalkit_dataset)
         target = plan.make_folder(model_dir / spec.name) / PREDICTIONS_FILE
         config = RunConfig(batch_size=plan.batch_size, on_error=plan.on_error)
         bar = _progress_factory(progress, label, spec.name, len(items), stage)
         with RecordWriter(target) as writer:
             summary = run_stage(stage, items, writer, None, config, progress=bar)
-        scores = {**stage.scores(), "file": spec.path, "skipped": dict(sorted(summary.reasons.items()))}
+        scores = {**stage.scores(), "file": spec.path, "skipped": dict(sorted(summary.reasons.items())),
+                  "protocol": plan.protocol}
         run = BenchmarkRun(spec.name, summary.read, summary.kept, summary.emitted, scores["skipped"], scores)
         save_scores(model_dir, label, {spec.name: scores}, info)
         write_tables(Path(plan.output))  # after every benchmark: the tables always match the scores files

@@ -44,6 +44,7 @@ class EvalRequest:
     judge: str | None
     judge_backend: BackendConfig
     judge_parse_retries: int
+    protocol: str = "vlmevalkit"  # whose prompt is sent (both protocols are always scored)
 
 
 class EvalReport(Protocol):
@@ -122,7 +123,7 @@ def run_evaluation(request: EvalRequest, report: EvalReport) -> None:
             plan = EvalPlan(benchmarks=specs, output=request.output, params=GenerationParams(
                 max_new_tokens=request.max_new_tokens), batch_size=request.backend.items_at_once,
                 perturbations=perturbations, limit=request.limit, on_error=request.on_error,
-                image_root=request.image_root, streams=streams, make_folder=make)
+                protocol=request.protocol, image_root=request.image_root, streams=streams, make_folder=make)
             try:
                 _evaluate_models(request, plan, report, finished)
             finally:

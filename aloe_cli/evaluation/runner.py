@@ -6,9 +6,12 @@ is, then once per perturbation that applies to it (`cap` and `leg` need an image
 into one prediction line per question asked:
 
     {"id", "benchmark", "model", "kind", "question", "options", "answer", "prediction", "extracted",
-     "correct", "rule", "perturb", "category", "l2_category", "task", "pair_id", "prompt", "judge"?}
+     "correct", "extracted_aloe", "correct_aloe", "rule", "perturb", "category", "l2_category", "split",
+     "task", "pair_id", "prompt", "protocol", "vlmevalkit"?, "judge"?}
 
-The model sees `eval_record(item)` (perturbed by `aloe_cli.perturb` when asked), through any generation
+Both verdicts are computed whatever the protocol (`aloe_cli.evaluation.scoring`); the protocol only
+chooses the prompt. The model sees `eval_record(item, protocol)` (perturbed by `aloe_cli.perturb` when
+asked), through any generation
 backend. A request that fails (a broken image, a server that gave up) or a perturbation that cannot be
 made becomes the item's error: an item is complete in the output, or counted as skipped.
 """
@@ -25,7 +28,7 @@ from aloe_cli.errors import RecordError
 from aloe_cli.evaluation.benchmarks import EvalItem
 from aloe_cli.evaluation.judge import JudgeCase, OpenJudge
 from aloe_cli.evaluation.prompts import eval_record, prompt_messages
-from aloe_cli.evaluation.scoring import benchmark_scores, score_prediction
+from aloe_cli.evaluation.scoring import benchmark_scores, score_open, score_prediction
 from aloe_cli.modeling.backends import Failure, GenerationBackend, GenerationParams, GenerationRequest
 from aloe_cli.modeling.backends.cache import request_key
 
@@ -83,6 +86,8 @@ class EvalStage(Stage):
     perturbations: tuple[str, ...] = ()
     cache_tag: str = ""  # what identifies the model in cache keys (name + backend)
     keyed: bool = False  # give requests cache keys (when a response cache is in front of the backend)
+    protocol: str = "vlmevalkit"  # whose prompt is sent: vlmevalkit or aloe (both verdicts are always scored)
+    dataset: str | None = None  # the VLMEvalKit dataset name (None: the benchmark's name)
     lines: list[dict] = field(default_factory=list)
     tally: Tally = field(default_factory=Tally)
 
@@ -129,7 +134,7 @@ class EvalStage(Stage):
 
     def _records(self, item: Item) -> list[tuple[str | None, dict]]:
         eval_item: EvalItem = item.annotations["eval_item"]
-        record = eval_record(eval_item)
+        record = eval_record(eval_item, self.protocol, self.dataset)
         kinds = perturbations_for(eval_item, self.perturbations)
         if kinds and self.perturber is None:
             raise RuntimeError("perturbations were asked for without a perturber")
@@ -141,13 +146,22 @@ class EvalStage(Stage):
         line = {"id": values.pop("id"), "benchmark": values.pop("benchmark"), "model": self.model,
                 "kind": values.pop("kind"), "question": values.pop("question"), "options": values.pop("options"),
                 "answer": values.pop("answer"), "prediction": prediction, "extracted": None, "correct": None,
-                "perturb": kind, **values, "prompt": text_of(prompt_messages(record)[-1])}
+                "extracted_aloe": None, "correct_aloe": None, "perturb": kind, **values,
+                "prompt": text_of(prompt_messages(record)[-1]), "protocol": self.protocol}
         if kind is not None:
             line["wrong_answer"] = record.get("aloe", {}).get("perturb", {}).get("wrong_answer")
+        fields = eval_item.vlmevalkit_fields()  # the options and answer VLMEvalKit's rules compare
+        view = {"dataset": self.dataset or line["benchmark"], "answer": fields.answer}
         if line["kind"] == "open":
-            line["extracted"] = prediction.strip() or None
+            line["extracted"] = line["extracted_aloe"] = prediction.strip() or None
+            theirs = score_open(prediction, view)
+            if theirs is not None:  # MMMU: exact matching scores it; the judge grades it for aloe
+                line.update(theirs, vlmevalkit=view)
         else:
-            line.update(score_prediction(line["kind"], prediction, line["answer"], line["options"]))
+            if line["kind"] == "mcq":
+                view["options"] = dict(fields.options)
+            line["vlmevalkit"] = view
+            line.update(score_prediction(line["kind"], prediction, line["answer"], line["options"], view))
         return line
 
     def _grade_open(self, open_lines: list[tuple[Item, dict]]) -> None:
@@ -158,7 +172,9 @@ class EvalStage(Stage):
         results = self.judge.grade([JudgeCase(line["question"], line["answer"], line["prediction"])
                                     for _, line in open_lines])
         for (item, line), result in zip(open_lines, results):
-            line["correct"] = result.score
+            line["correct_aloe"] = result.score
+            if "vlmevalkit" not in line:  # else VLMEvalKit's exact matching already gave its verdict
+                line["correct"] = result.score
             line["judge"] = {"model": self.judge.name, **result.to_dict()}
             if result.request_failed and item.error is None:
                 item.error = RecordError("judge_request_failed", result.error, where=item.where)
