@@ -32,12 +32,13 @@ class Request:
     judge: str | None
     judge_backend: BackendConfig
     judge_parse_retries: int
+    robustness_columns: str | tuple = "published"
 
 
-def print_table(folder: Path) -> None:
+def print_table(folder: Path, robustness_columns: str | tuple = "published") -> None:
     from aloe_cli.evaluation.results import collect_scores, render_markdown
 
-    print(render_markdown(collect_scores(folder)), end="")
+    print(render_markdown(collect_scores(folder), robustness_columns), end="")
 
 
 def rescore(paths: list[str], output: Path | None, on_error: str) -> None:
@@ -124,7 +125,8 @@ def evaluate(request: Request) -> None:
             plan = EvalPlan(benchmarks=specs, output=request.output, params=GenerationParams(
                 max_new_tokens=request.max_new_tokens), batch_size=_runner_batch(request),
                 perturbations=perturbations, limit=request.limit, on_error=request.on_error,
-                image_root=request.image_root, streams=streams, make_folder=make)
+                image_root=request.image_root, streams=streams, make_folder=make,
+                robustness_columns=request.robustness_columns)
             try:
                 _evaluate_models(request, plan, perturbations, finished)
             finally:
@@ -318,7 +320,7 @@ def _lm_eval(label: str, reference: str, backend: _lazy, request: Request, make_
                          include_path=request.lm_eval_include, limit=request.limit, batch_size=request.batch_size)
     save_scores(make_folder(request.output / folder_name(label)), label, scores,
                 {"model_reference": reference, "backend": "hf"})
-    write_tables(request.output)
+    write_tables(request.output, request.robustness_columns)
     _print_scores(label, scores)
 
 

@@ -23,6 +23,7 @@ Examples:
     aloe eval --model runs/stage2 --lm-eval-tasks medqa_4options,medmcqa,pubmedqa -o results/
 
     aloe eval --table results/                          # print the tables again from saved scores
+    aloe eval --table results/ --robustness-columns all  # every adversarial cell measured
     aloe eval --rescore results/m/PathMMU/predictions.jsonl -o rescored/   # new rules, no model
     aloe eval --show-judge-prompt                       # the judge's rubric
 """
@@ -75,6 +76,16 @@ def _check_perturb(value: str | None) -> str | None:
     return value
 
 
+def _robustness_columns(value: str):
+    from aloe_cli.errors import UsageError
+    from aloe_cli.evaluation.results import parse_robustness_columns
+
+    try:
+        return parse_robustness_columns(not_empty(value))
+    except UsageError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
 @app.command(help=__doc__, no_args_is_help=True)
 def eval(  # noqa: A001 - the command's name
     model: Annotated[list[str] | None, typer.Option(
@@ -106,6 +117,10 @@ def eval(  # noqa: A001 - the command's name
     table: Annotated[str | None, typer.Option(
         "--table", callback=not_empty,
         help="Print the tables of a results folder from its saved scores and exit.")] = None,
+    robustness_columns: Annotated[str, typer.Option(
+        "--robustness-columns", callback=_robustness_columns,
+        help="Adversarial table columns: published (cls Base Cap Pmt Syc, det Base Cap Pmt Syc Leg), all "
+             "(every cell measured), or cells such as cls:leg,det:region.")] = "published",
     rescore: Annotated[list[str] | None, typer.Option(
         "--rescore", callback=not_empty,
         help="Re-extract and re-score saved predictions.jsonl (no model); writes under -o "
@@ -145,7 +160,7 @@ def eval(  # noqa: A001 - the command's name
         print(JUDGE_RUBRIC, end="")
         return
     if table is not None:
-        run.print_table(Path(table))
+        run.print_table(Path(table), robustness_columns)
         return
     if rescore:
         run.rescore(rescore, Path(output) if output else None, on_error.value)
@@ -173,4 +188,4 @@ def eval(  # noqa: A001 - the command's name
             model="", backend=judge_backend.value if judge_backend else None, base_url=judge_base_url,
             api_key_env=judge_api_key_env, concurrency=concurrency, timeout=timeout, max_retries=max_retries,
             retry_backoff=retry_backoff, **local),
-        judge_parse_retries=judge_parse_retries))
+        judge_parse_retries=judge_parse_retries, robustness_columns=robustness_columns))
