@@ -6,8 +6,9 @@ item is asked again under each perturbation and the robustness table reports acc
 perturbation for the classification (task cls) and detection (task det) items.
 
 Writes, under -o DIR: <model>/<benchmark>/predictions.jsonl (one line per item and perturbation),
-<model>/scores.json, and results.md / results.csv (one row per model; a later run with another
---model adds its row).
+<model>/scores.json, <model>/<benchmark>/acc.csv (per split and category), and results.md / results.csv
+(one row per model; a later run with another --model adds its row). The published benchmarks are
+recognised by name or VLMEvalKit file name (PathMMU_TEST.tsv, MMMU_DEV_VAL.tsv, ...) and come first.
 
 Examples:
 

@@ -57,15 +57,15 @@ PUBLISHED: tuple[PublishedBenchmark, ...] = (
         stem_pattern=r"omnimedbench_part_\d+(_local)?", stem_dataset="OmniMedVQA"),
     PublishedBenchmark(
         "ProbMed", ("probmed", "prob-med"), (),
-        "probmed.json (hf: rippleripple/ProbMed) as aloe JSONL items, kind yesno, with pair_id joining each "
-        "question to its adversarial twin",
-        "the dataset's question as written (yes/no), images first",
-        "paired accuracy: a pair counts only if both of its questions are right (ProbMed's calculate_score.py)"),
+        "probmed.json (hf: rippleripple/ProbMed) as aloe JSONL items, kind yesno, with a pair_id per image and "
+        "question type (<id>-modality, <id>-entity, ...): the original question and its adversarial twin",
+        "the dataset's question as written, with the protocol's yes/no prompt, images first",
+        "paired accuracy: a unit counts only if all of its questions are right (ProbMed's calculate_score.py)"),
     PublishedBenchmark(
         "SLAKE", ("slake", "slake-vqa", "slake_en"), (),
         "test.json of hf: BoKelvin/SLAKE (English questions, q_lang en) as aloe JSONL items; open questions "
         "kind open, closed ones yesno",
-        "VLMEvalKit's short-answer VQA prompt for Qwen2-VL (open), yes/no prompt (closed)",
+        "the protocol's open-ended prompt (open questions) and yes/no prompt (closed ones)",
         "open answers graded 0 / 0.5 / 1 by the --judge; closed ones by exact match"),
     PublishedBenchmark(
         "MMMU", ("mmmu",), ("MMMU_DEV_VAL", "MMMU_TEST"),

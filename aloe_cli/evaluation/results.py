@@ -1,13 +1,22 @@
-"""The results folder: predictions and scores per model, and the two tables built from every model's scores.
+"""The results folder: predictions and scores per model, and the tables built from every model's scores.
 
     results/
-      results.md, results.csv            one row per model; benchmarks, then the adversarial columns
+      results.md, results.csv            one row per model: benchmarks, then the adversarial columns
       <model>/scores.json                {"model", "benchmarks": {name: scores}, ...}
       <model>/<benchmark>/predictions.jsonl
+      <model>/<benchmark>/acc.csv        the benchmark's breakdown, like VLMEvalKit's `_acc.csv`
 
-`results.csv` holds both tables side by side (one row per model): the benchmark columns, then
-`<task> <Perturbation>` columns (e.g. `cls Base`, `det Leg`). A second model evaluated into the same
-folder adds its row; evaluating a model again replaces the benchmarks it re-ran and keeps the others.
+Every figure is shown under both protocols: VLMEvalKit's (`accuracy`, `main`: comparable with published
+baselines) and aloe's extraction (`accuracy_aloe`, `main_aloe`), in two tables, never mixed. The main
+table puts the published benchmarks (evaluation.registry) first, in the published order. The adversarial
+table has the published columns (cls Base Cap Pmt Syc, det Base Cap Pmt Syc Leg) unless asked for all the
+cells measured or a list of them. Breakdowns follow VLMEvalKit's `report_acc`: a row per split (`none`
+when the file has no split), Overall, then the l2-categories, then the categories, each sorted.
+
+`results.csv` holds, per model, the benchmark columns (VLMEvalKit protocol), the same with ` (aloe)`, then
+the `<task> <Perturbation>` columns (e.g. `cls Base`, `det Leg`) and the same with ` (aloe)`. A second
+model evaluated into the same folder adds its row; evaluating a model again replaces the benchmarks it
+re-ran and keeps the others.
 """
 
 from __future__ import annotations
