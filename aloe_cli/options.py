@@ -6,10 +6,13 @@ name, short form and help text everywhere.
 
 from __future__ import annotations
 
+import inspect
 import math
-from enum import Enum
+import re
+from collections.abc import Callable
+from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -138,13 +141,6 @@ def command_app() -> typer.Typer:
 
 # ----------------------------------------------------------------------------- model-backed commands
 
-class Dtype(str, Enum):
-    auto = "auto"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-    float32 = "float32"
-
-
 def _check_model(value: str) -> str:
     if not value or not value.strip():
         raise typer.BadParameter("is empty: give a model folder or a Hub id")
@@ -157,102 +153,138 @@ ModelOpt = Annotated[
                  help="Model folder or Hub id (Qwen2-VL family), loaded with AutoProcessor + "
                  "AutoModelForImageTextToText."),
 ]
-def _check_device(value: str) -> str:
-    from aloe_cli.errors import AloeError
-    from aloe_cli.modeling.loading import check_device_name
-
-    try:
-        return check_device_name(value)
-    except AloeError as error:
-        raise typer.BadParameter(str(error).removeprefix("--device ")) from None
-
-
-DeviceOpt = Annotated[
-    str, typer.Option("--device", callback=_check_device,
-                      help="auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
-]
-DtypeOpt = Annotated[
-    Dtype, typer.Option("--dtype", help="Weights/compute dtype. auto: bfloat16 on a GPU, float32 on the CPU.")
-]
-TrustRemoteCodeOpt = Annotated[
-    bool, typer.Option("--trust-remote-code", help="Allow the checkpoint to run its own Python code (off by default).")
-]
-AttnImplementationOpt = Annotated[
-    str | None,
-    typer.Option("--attn-implementation", help="Passed to transformers (eager, sdpa, flash_attention_2, ...). "
-                 "Default: flash_attention_2 when installed and on a GPU in half precision, else sdpa."),
-]
 
 
 # ----------------------------------------------------------------------------- generating commands (score, eval, infer)
+# Their backend flags are generated once from the fields of `BackendConfig` (help, bounds, choices and checks live
+# in its field metadata), as `commands/_train_options.py` generates training's from `TrainConfig`. `eval` also gets
+# each one's `--judge-` twin for its judge.
 
-class Backend(str, Enum):
-    hf = "hf"
-    openai = "openai"
+BACKEND_PANEL = "Generation backend"
+JUDGE_PANEL = "Judge backend"
+_CHOICES: dict[tuple[str, ...], type[StrEnum]] = {}
 
 
-def _check_base_url(value: str | None) -> str | None:
-    """A malformed --base-url is a usage error (exit 2), caught before anything is read or loaded."""
-    if value is None:
-        return None
+def _choice_type(name: str, choices: tuple[str, ...]) -> type[StrEnum]:
+    """One StrEnum per choice list (typer offers choices through Enums; a StrEnum reads as its plain string)."""
+    if choices not in _CHOICES:
+        _CHOICES[choices] = StrEnum(name.title().replace("_", ""), {choice: choice for choice in choices})
+    return _CHOICES[choices]
+
+
+def _checked(check) -> Callable:
+    """Callback for a text flag: not empty, and `check` (which raises AloeError naming the flag) passes."""
     from aloe_cli.errors import AloeError
-    from aloe_cli.modeling.backends.openai import chat_completions_url
 
-    try:
-        chat_completions_url(value)
-    except AloeError as error:
-        raise typer.BadParameter(str(error).removeprefix("--base-url ")) from None
-    return value
+    def callback(value):
+        not_empty(value)
+        if value is not None and check is not None:
+            try:
+                check(value)
+            except AloeError as error:
+                raise typer.BadParameter(re.sub(r"^--[\w-]+:? ", "", str(error))) from None
+        return value
+
+    return callback
 
 
-BackendOpt = Annotated[
-    Backend | None,
-    typer.Option("--backend", help="hf: a local model, batched generation. openai: an OpenAI-compatible server "
-                 "(vLLM, SGLang, TGI). Default: openai when --base-url is given, else hf."),
-]
-BaseUrlOpt = Annotated[
-    str | None,
-    typer.Option("--base-url", callback=_check_base_url,
-                 help="openai: the server's URL, e.g. http://localhost:8000/v1 (the default).")
-]
-ApiKeyEnvOpt = Annotated[
-    str | None,
-    typer.Option("--api-key-env", callback=not_empty,
-                 help="openai: environment variable holding the API key (never printed). "
-                 "Default: OPENAI_API_KEY when set, else no key."),
-]
-ConcurrencyOpt = Annotated[int, typer.Option("--concurrency", min=1, max=4096, help="openai: requests in flight.")]
-TimeoutOpt = Annotated[
-    float,
-    typer.Option("--timeout", min=0.01, callback=finite,
-                 help="openai: seconds one attempt may take, from sending to the last byte of the reply; then it is "
-                 "retried."),
-]
-MaxRetriesOpt = Annotated[
-    int, typer.Option("--max-retries", min=0, max=100,
-                      help="openai: retries for 408/429/5xx, network errors and timeouts.")
-]
-RetryBackoffOpt = Annotated[
-    float,
-    typer.Option("--retry-backoff", min=0.0, callback=finite,
-                 help="openai: first wait between retries (s); doubles each time, at least what Retry-After asks."),
-]
+def _backend_fields():
+    import dataclasses
+
+    from aloe_cli.modeling.backends.factory import BackendConfig
+
+    return [f for f in dataclasses.fields(BackendConfig) if f.name != "model"]
+
+
+def _backend_parameter(f, default, judge: bool, panel: str | None = BACKEND_PANEL) -> inspect.Parameter:
+    meta = f.metadata
+    flag = f"--{'judge-' if judge else ''}{f.name.replace('_', '-')}"
+    base = {"int": int, "float": float, "bool": bool}.get(str(f.type).split(" |")[0], str)
+    choice = _choice_type(f.name, meta["choices"]) if meta["choices"] else None
+    extra: dict[str, Any] = {}
+    if base is float:
+        extra["callback"] = finite
+    elif base is str and choice is None:
+        extra["callback"] = _checked(meta["check"])
+    if meta["min"] is not None:
+        extra["min"] = meta["min"]
+    if meta["max"] is not None:
+        extra["max"] = meta["max"]
+    help_text = meta["help"]
+    if judge:
+        note = meta["judge_help"] or ("default: off" if base is bool else "default: the model's")
+        help_text = f"Like --{f.name.replace('_', '-')}, for the judge ({note})."
+        if not (meta["own"] or base is bool):
+            default = None  # None: take the model's value
+    if choice is not None and default is not None:
+        default = choice(default)
+    value_type: Any = choice or base
+    annotation = value_type if default is not None else value_type | None
+    option = typer.Option(flag, help=help_text, rich_help_panel=JUDGE_PANEL if judge else panel, **extra)
+    name = f"{'judge_' if judge else ''}{f.name}"
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[annotation, option])
+
+
+def backend_option(name: str) -> Any:
+    """The `Annotated` type of one backend flag, for a command that loads a model without generating
+    (perplexity's --device, --dtype, ...)."""
+    f = next(f for f in _backend_fields() if f.name == name)
+    return _backend_parameter(f, f.default, judge=False, panel=None).annotation
+
+
+def with_backend_options(*, judge: bool = False, **defaults: Any) -> Callable[[Callable], Callable]:
+    """Give a generating command the backend flags (and with `judge`, their `--judge-` twins), with this
+    command's `defaults` (e.g. `timeout=120.0`). The command receives them as `backend_config` (and
+    `judge_config`): `BackendConfig`s with an empty `model`, checked (`factory.check_config`) before it runs."""
+    fields = _backend_fields()
+    unknown = set(defaults) - {f.name for f in fields}
+    if unknown:
+        raise TypeError(f"not a BackendConfig field: {', '.join(sorted(unknown))}")
+
+    def decorate(function: Callable) -> Callable:
+        own = [p for p in inspect.signature(function, eval_str=True).parameters.values()
+               if p.name not in ("backend_config", "judge_config")]
+        generated = [_backend_parameter(f, defaults.get(f.name, f.default), judge=False) for f in fields]
+        if judge:
+            generated += [_backend_parameter(f, f.default, judge=True) for f in fields]
+
+        def command(**options: Any) -> Any:
+            model = _config_from_options(options, fields, "")
+            if judge:
+                options["judge_config"] = _config_from_options(options, fields, "judge_", model)
+            return function(**options, backend_config=model)
+
+        command.__name__, command.__qualname__, command.__doc__ = (
+            function.__name__, function.__qualname__, function.__doc__)
+        command.__module__ = function.__module__
+        command.__signature__ = inspect.Signature(own + generated)  # type: ignore[attr-defined]
+        return command
+
+    return decorate
+
+
+def _config_from_options(options: dict[str, Any], fields, prefix: str, model=None):
+    """Take this config's flags out of `options`; a judge flag not given takes the model's value."""
+    from aloe_cli.modeling.backends.factory import BackendConfig, check_config
+
+    values = {}
+    for f in fields:
+        value = options.pop(prefix + f.name)
+        if isinstance(value, Enum):
+            value = value.value
+        if value is None and model is not None and not f.metadata["own"]:
+            value = getattr(model, f.name)
+        values[f.name] = value
+    config = BackendConfig(model="", **values)
+    check_config(config, prefix.replace("_", "-"))
+    return config
+
+
+DeviceOpt = backend_option("device")
+DtypeOpt = backend_option("dtype")
+TrustRemoteCodeOpt = backend_option("trust_remote_code")
+AttnImplementationOpt = backend_option("attn_implementation")
 MaxNewTokensOpt = Annotated[
     int, typer.Option("--max-new-tokens", min=1, max=1 << 20, help="Longest reply, in tokens.")
-]
-# A second model that grades the first one's answers (aloe eval's judge for open-ended items).
-JudgeBackendOpt = Annotated[
-    Backend | None,
-    typer.Option("--judge-backend", help="The judge's backend, hf or openai. Default: openai when --judge-base-url "
-                 "is given, else hf."),
-]
-JudgeBaseUrlOpt = Annotated[
-    str | None,
-    typer.Option("--judge-base-url", callback=_check_base_url, help="openai: the judge server's URL."),
-]
-JudgeApiKeyEnvOpt = Annotated[
-    str | None,
-    typer.Option("--judge-api-key-env", callback=not_empty,
-                 help="openai: environment variable holding the judge server's API key. "
-                 "Default: OPENAI_API_KEY when set, else no key."),
 ]

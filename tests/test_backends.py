@@ -19,7 +19,7 @@ from fake_openai_server import FakeOpenAIServer
 from PIL import Image, ImageCms, PngImagePlugin
 
 from aloe_cli.data.images import load_image
-from aloe_cli.errors import AloeError
+from aloe_cli.errors import AloeError, UsageError
 from aloe_cli.modeling.backends import GenerationParams, GenerationRequest, Reply
 from aloe_cli.modeling.backends.cache import CachedBackend, ResponseCache, request_key
 from aloe_cli.modeling.backends.factory import BackendConfig, build_backend
@@ -343,8 +343,9 @@ def test_factory_builds_the_backend_the_options_ask_for(tmp_path, monkeypatch):
         build_backend(BackendConfig(model="m", backend="openai", api_key_env="NOT_SET_ANYWHERE"))
     with pytest.raises(AloeError, match="model folder not found"):
         build_backend(BackendConfig(model=str(tmp_path / "none")))
-    with pytest.raises(AloeError, match="--base-url is for --backend openai"):
+    with pytest.raises(UsageError, match="is for --backend openai") as conflict:
         build_backend(BackendConfig(model="m", backend="hf", base_url="http://127.0.0.1:9/v1"))
+    assert conflict.value.option == "--base-url"
 
 
 # ----------------------------------------------------------------------------- hf backend, tiny model
@@ -391,3 +392,46 @@ def test_hf_replies_keep_grounding_markers_and_drop_end_and_padding(tiny_model_d
     end, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id
     rows = [ids + [end, pad, pad], [pad] + tokenizer("Yes.", add_special_tokens=False)["input_ids"] + [end]]
     assert decode_replies(tokenizer, rows, [end, pad]) == [answer, "Yes."]
+
+
+# ----------------------------------------------------------------------------- the shared flags
+
+
+def test_every_backend_field_is_a_flag_of_every_generating_command():
+    import dataclasses
+    import importlib
+
+    import typer
+
+    fields = [f.name.replace("_", "-") for f in dataclasses.fields(BackendConfig) if f.name != "model"]
+    assert len(fields) == 12
+    for name in ("score", "eval", "infer"):
+        command = typer.main.get_command(importlib.import_module(f"aloe_cli.commands.{name}").app)
+        flags = {flag for param in command.params for flag in param.opts}
+        assert {f"--{field}" for field in fields} <= flags, name
+        twins = {f"--judge-{field}" for field in fields}
+        assert twins <= flags if name == "eval" else not twins & flags, name
+
+
+def test_the_judge_takes_the_models_values_except_its_server_key_and_remote_code():
+    import typer
+    from typer.testing import CliRunner
+
+    from aloe_cli.options import with_backend_options
+
+    seen = {}
+    app = typer.Typer()
+
+    @app.command()
+    @with_backend_options(judge=True, timeout=120.0)
+    def command(backend_config: BackendConfig = None, judge_config: BackendConfig = None) -> None:
+        seen.update(model=backend_config, judge=judge_config)
+
+    result = CliRunner().invoke(app, ["--base-url", "http://a:1/v1", "--concurrency", "7", "--trust-remote-code",
+                                      "--api-key-env", "K", "--judge-timeout", "9", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    model, judge = seen["model"], seen["judge"]
+    assert (model.kind, model.timeout, model.concurrency, model.dtype) == ("openai", 120.0, 7, "float32")
+    assert type(model.dtype) is str and model.trust_remote_code and model.api_key_env == "K"
+    assert (judge.kind, judge.base_url, judge.api_key_env, judge.trust_remote_code) == ("hf", None, None, False)
+    assert (judge.timeout, judge.concurrency, judge.dtype) == (9.0, 7, "float32")

@@ -123,3 +123,12 @@ def test_served_judge_grades_open_items_and_retries_unparseable_verdicts(tmp_pat
     scores = json.loads((tmp_path / "out" / "served-model" / "scores.json").read_text())["benchmarks"]["slake"]
     assert (scores["accuracy"], scores["unjudged"], scores["judged"]) == (round(100 / 3, 2), 1, 3)
     assert "1 open-ended item(s) have no judge verdict" in result.stderr
+
+
+def test_a_judge_url_for_a_local_judge_is_a_usage_error_naming_the_judges_flag(tmp_path):
+    proc = aloe("eval", "--model", "m", "--base-url", "http://127.0.0.1:9/v1", "--benchmark", str(tmp_path / "b.tsv"),
+                "-o", str(tmp_path / "out"), "--judge", "j", "--judge-backend", "hf",
+                "--judge-base-url", "http://127.0.0.1:9/v1")
+    assert proc.returncode == 2, proc.stderr
+    assert "--judge-base-url" in proc.stderr and "is for --judge-backend openai" in proc.stderr
+    assert not (tmp_path / "out").exists()

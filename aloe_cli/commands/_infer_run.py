@@ -32,8 +32,6 @@ class InferRequest:
 
 
 def infer(request: InferRequest) -> None:
-    from aloe_cli.commands import _eval_run as run
-    from aloe_cli.commands._backend import open_backend
     from aloe_cli.commands._common import resolve_shard, run_data_command
     from aloe_cli.data.destinations import Named, check_folder
     from aloe_cli.data.io import Item, print_stdout
@@ -41,18 +39,19 @@ def infer(request: InferRequest) -> None:
     from aloe_cli.data.stage import RunConfig
     from aloe_cli.evaluation.inference import InferStage, check_chat_template
     from aloe_cli.modeling.backends import GenerationParams
+    from aloe_cli.modeling.backends.factory import LazyBackend, build_backend
 
     config = request.backend
     if request.draw is not None:  # before any model is loaded or record read
         check_folder(Named("--draw", str(request.draw)))
     if config.kind == "hf":
         check_chat_template(config.model)
-    backend = run._lazy(lambda: open_backend(config, "aloe infer:"))
+    backend = LazyBackend(lambda: build_backend(config, on_ready=lambda text: console.log(f"aloe infer: {text}")))
     params = GenerationParams(max_new_tokens=request.max_new_tokens, temperature=request.temperature,
                               top_p=request.top_p, seed=request.seed)
     stage = InferStage(backend, params, system=request.system, draw=request.draw)
-    batch = config.concurrency * 2 if config.kind == "openai" else config.batch_size * 4
-    run_config = RunConfig(batch_size=batch, on_error=request.on_error, shard=resolve_shard(request.shard))
+    run_config = RunConfig(batch_size=config.items_at_once, on_error=request.on_error,
+                           shard=resolve_shard(request.shard))
     try:
         if request.question is not None:
             record = _question_record(request.question, request.images)

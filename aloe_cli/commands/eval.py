@@ -36,37 +36,23 @@ from typing import Annotated
 
 import typer
 
+from aloe_cli.modeling.backends.factory import BackendConfig
 from aloe_cli.options import (
-    ApiKeyEnvOpt,
-    AttnImplementationOpt,
-    BackendOpt,
-    BaseUrlOpt,
-    BatchSizeOpt,
-    ConcurrencyOpt,
-    DeviceOpt,
-    Dtype,
-    DtypeOpt,
     ImageRootOpt,
-    JudgeApiKeyEnvOpt,
-    JudgeBackendOpt,
-    JudgeBaseUrlOpt,
     MaxNewTokensOpt,
-    MaxRetriesOpt,
     OnError,
     OnErrorOpt,
-    RetryBackoffOpt,
-    TimeoutOpt,
-    TrustRemoteCodeOpt,
     command_app,
     not_empty,
+    with_backend_options,
 )
 
 app = command_app()
 
 
 def _check_perturb(value: str | None) -> str | None:
-    from aloe_cli.commands._eval_run import parse_perturbations
     from aloe_cli.errors import UsageError
+    from aloe_cli.evaluation.run import parse_perturbations
 
     if value is not None:
         not_empty(value)
@@ -88,6 +74,7 @@ def _robustness_columns(value: str):
 
 
 @app.command(help=__doc__, no_args_is_help=True)
+@with_backend_options(judge=True, timeout=120.0, batch_size=16)
 def eval(  # noqa: A001 - the command's name
     model: Annotated[list[str] | None, typer.Option(
         "--model", callback=not_empty,
@@ -107,9 +94,6 @@ def eval(  # noqa: A001 - the command's name
     judge: Annotated[str | None, typer.Option(
         "--judge", callback=not_empty,
         help="Judge model for open-ended items (folder / Hub id, or served name).")] = None,
-    judge_backend: JudgeBackendOpt = None,
-    judge_base_url: JudgeBaseUrlOpt = None,
-    judge_api_key_env: JudgeApiKeyEnvOpt = None,
     judge_parse_retries: Annotated[int, typer.Option(
         "--judge-parse-retries", min=0, max=100,
         help="Ask the judge again (sampling) when its verdict cannot be read.")] = 2,
@@ -133,27 +117,17 @@ def eval(  # noqa: A001 - the command's name
     lm_eval_include: Annotated[Path | None, typer.Option(
         "--lm-eval-include", exists=True, file_okay=False,
         help="Folder of extra lm-eval task YAML files (local tasks).")] = None,
-    backend: BackendOpt = None,
-    base_url: BaseUrlOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    concurrency: ConcurrencyOpt = 64,
-    timeout: TimeoutOpt = 120.0,
-    max_retries: MaxRetriesOpt = 5,
-    retry_backoff: RetryBackoffOpt = 1.0,
     cache: Annotated[str | None, typer.Option(
         "--cache", callback=not_empty,
         help="JSONL cache of replies (the model's and the judge's): an interrupted run resumes "
              "without asking again.")] = None,
     image_root: ImageRootOpt = None,
-    batch_size: BatchSizeOpt = 16,
     on_error: OnErrorOpt = OnError.fail,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = Dtype.auto,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    attn_implementation: AttnImplementationOpt = None,
+    backend_config: BackendConfig = None,
+    judge_config: BackendConfig = None,
 ) -> None:
     from aloe_cli.commands import _eval_run as run
-    from aloe_cli.modeling.backends.factory import BackendConfig
+    from aloe_cli.evaluation.run import EvalRequest
 
     if show_judge_prompt:
         from aloe_cli.evaluation.judge import JUDGE_RUBRIC
@@ -172,21 +146,9 @@ def eval(  # noqa: A001 - the command's name
         raise typer.BadParameter("give at least one --benchmark (or --lm-eval-tasks)", param_hint="--benchmark")
     if output is None:
         raise typer.BadParameter("is required (the results folder)", param_hint="-o/--output")
-    if backend is not None and backend.value == "hf" and base_url:
-        raise typer.BadParameter("is for --backend openai", param_hint="--base-url")
-    if judge_backend is not None and judge_backend.value == "hf" and judge_base_url:
-        raise typer.BadParameter("is for --judge-backend openai", param_hint="--judge-base-url")
-    local = {"batch_size": batch_size, "device": device, "dtype": dtype.value,
-             "trust_remote_code": trust_remote_code, "attn_implementation": attn_implementation}
-    run.evaluate(run.Request(
+    run.evaluate(EvalRequest(
         models=model, benchmarks=benchmark or [], output=Path(output), perturb=perturb, limit=limit,
-        max_new_tokens=max_new_tokens, batch_size=batch_size, on_error=on_error.value, image_root=image_root,
+        max_new_tokens=max_new_tokens, on_error=on_error.value, image_root=image_root,
         lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include, cache=Path(cache) if cache else None,
-        backend=BackendConfig(model="", backend=backend.value if backend else None, base_url=base_url,
-                              api_key_env=api_key_env, concurrency=concurrency, timeout=timeout,
-                              max_retries=max_retries, retry_backoff=retry_backoff, **local),
-        judge=judge, judge_backend=BackendConfig(
-            model="", backend=judge_backend.value if judge_backend else None, base_url=judge_base_url,
-            api_key_env=judge_api_key_env, concurrency=concurrency, timeout=timeout, max_retries=max_retries,
-            retry_backoff=retry_backoff, **local),
-        judge_parse_retries=judge_parse_retries, robustness_columns=robustness_columns))
+        backend=backend_config, judge=judge, judge_backend=judge_config, judge_parse_retries=judge_parse_retries,
+        robustness_columns=robustness_columns))

@@ -14,44 +14,35 @@ Examples:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from aloe_cli.modeling.backends.factory import BackendConfig
 from aloe_cli.options import (
-    ApiKeyEnvOpt,
-    AttnImplementationOpt,
-    BackendOpt,
-    BaseUrlOpt,
-    BatchSizeOpt,
-    ConcurrencyOpt,
-    DeviceOpt,
-    Dtype,
-    DtypeOpt,
     ImageRootOpt,
     InputOpt,
     KeepDicomBytesOpt,
     MaxNewTokensOpt,
-    MaxRetriesOpt,
     OnError,
     OnErrorOpt,
     OutputOpt,
     RejectsOpt,
     ReportOpt,
-    RetryBackoffOpt,
     ShardOpt,
-    TimeoutOpt,
-    TrustRemoteCodeOpt,
     command_app,
     finite,
     not_empty,
+    with_backend_options,
 )
 
 app = command_app()
 
 
 @app.command(help=__doc__, no_args_is_help=True)
+@with_backend_options(timeout=120.0, batch_size=8)
 def infer(
     question: Annotated[str | None, typer.Argument(
         callback=not_empty, help="The question (omit it to answer the records of -i).")] = None,
@@ -72,29 +63,17 @@ def infer(
     ] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int, typer.Option("--seed", min=0, max=2 ** 63 - 1, help="Sampling seed.")] = 0,
-    backend: BackendOpt = None,
-    base_url: BaseUrlOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    concurrency: ConcurrencyOpt = 64,
-    timeout: TimeoutOpt = 120.0,
-    max_retries: MaxRetriesOpt = 5,
-    retry_backoff: RetryBackoffOpt = 1.0,
     input: InputOpt = None,
     output: OutputOpt = "-",
     rejects: RejectsOpt = None,
     report: ReportOpt = None,
     image_root: ImageRootOpt = None,
     keep_dicom_bytes: KeepDicomBytesOpt = False,
-    batch_size: BatchSizeOpt = 8,
     shard: ShardOpt = None,
     on_error: OnErrorOpt = OnError.fail,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = Dtype.auto,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    attn_implementation: AttnImplementationOpt = None,
+    backend_config: BackendConfig = None,
 ) -> None:
     from aloe_cli.commands import _infer_run
-    from aloe_cli.modeling.backends.factory import BackendConfig
 
     if not model:
         raise typer.BadParameter("is required", param_hint="--model")
@@ -104,14 +83,9 @@ def infer(
         raise typer.BadParameter("a question on the command line and -i do not go together", param_hint="-i")
     if image and question is None:
         raise typer.BadParameter("goes with a question on the command line", param_hint="--image")
-    if backend is not None and backend.value == "hf" and base_url:
-        raise typer.BadParameter("is for --backend openai", param_hint="--base-url")
-    config = BackendConfig(model=model, backend=backend.value if backend else None, base_url=base_url,
-                           api_key_env=api_key_env, concurrency=concurrency, timeout=timeout, max_retries=max_retries,
-                           retry_backoff=retry_backoff, batch_size=batch_size, device=device, dtype=dtype.value,
-                           trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
     _infer_run.infer(_infer_run.InferRequest(
         question=question, images=image or [], system=system, draw=Path(draw) if draw else None, inputs=input,
         output=output, keep_dicom_bytes=keep_dicom_bytes,
         rejects=rejects, report=report, image_root=image_root, shard=shard, on_error=on_error.value,
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, backend=config))
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        backend=replace(backend_config, model=model)))

@@ -40,7 +40,6 @@ from aloe_cli.options import (
     BboxFormat,
     BboxFormatOpt,
     DeviceOpt,
-    Dtype,
     DtypeOpt,
     ImageRootOpt,
     InputOpt,
@@ -92,7 +91,7 @@ def perplexity(
     on_error: OnErrorOpt = OnError.fail,
     keep_all: KeepAllOpt = False,
     device: DeviceOpt = "auto",
-    dtype: DtypeOpt = Dtype.auto,
+    dtype: DtypeOpt = "auto",
     trust_remote_code: TrustRemoteCodeOpt = False,
     attn_implementation: AttnImplementationOpt = None,
 ) -> None:
@@ -116,7 +115,7 @@ def perplexity(
         require_matplotlib()
         plot_folder(plot)  # a file in the way fails now, not after the scoring
     check_model_reference(model)
-    spec = ModelSpec(model, device=device, dtype=dtype.value, trust_remote_code=trust_remote_code,
+    spec = ModelSpec(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                      attn_implementation=attn_implementation)
 
     def load():

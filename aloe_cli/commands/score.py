@@ -31,56 +31,40 @@ thresholds.yaml:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from aloe_cli.modeling.backends.factory import BackendConfig
 from aloe_cli.options import (
-    ApiKeyEnvOpt,
-    AttnImplementationOpt,
-    BackendOpt,
-    BaseUrlOpt,
-    BatchSizeOpt,
     BboxFormat,
     BboxFormatOpt,
-    ConcurrencyOpt,
-    DeviceOpt,
-    Dtype,
-    DtypeOpt,
     ImageRootOpt,
     InputOpt,
     KeepAllOpt,
     KeepDicomBytesOpt,
     MaxNewTokensOpt,
-    MaxRetriesOpt,
     OnError,
     OnErrorOpt,
     OutputOpt,
     RejectsOpt,
     ReportOpt,
     ResumeOpt,
-    RetryBackoffOpt,
     ShardOpt,
-    TimeoutOpt,
-    TrustRemoteCodeOpt,
     command_app,
+    with_backend_options,
 )
 
 app = command_app()
 
 
 @app.command(help=__doc__, no_args_is_help=False)
+@with_backend_options(timeout=60.0, batch_size=8)
 def score(
     judge: Annotated[str | None, typer.Option(
         "--judge", help="hf: model folder or Hub id. openai: the model name the server serves.")] = None,
-    backend: BackendOpt = None,
-    base_url: BaseUrlOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    concurrency: ConcurrencyOpt = 64,
-    timeout: TimeoutOpt = 60.0,
-    max_retries: MaxRetriesOpt = 5,
-    retry_backoff: RetryBackoffOpt = 1.0,
     parse_retries: Annotated[int, typer.Option(
         "--parse-retries", min=0, max=100,
         help="Ask again (sampling) this many times when a reply cannot be parsed.")] = 2,
@@ -101,18 +85,13 @@ def score(
     image_root: ImageRootOpt = None,
     bbox_format: BboxFormatOpt = BboxFormat.xyxy,
     keep_dicom_bytes: KeepDicomBytesOpt = False,
-    batch_size: BatchSizeOpt = 8,
     shard: ShardOpt = None,
     resume: ResumeOpt = False,
     on_error: OnErrorOpt = OnError.fail,
     keep_all: KeepAllOpt = False,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = Dtype.auto,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    attn_implementation: AttnImplementationOpt = None,
+    backend_config: BackendConfig = None,
 ) -> None:
     from aloe_cli import console
-    from aloe_cli.commands._backend import open_backend
     from aloe_cli.commands._common import check_io, resolve_shard, run_data_command, shard_done
     from aloe_cli.data.records import RecordDefaults
     from aloe_cli.data.stage import RunConfig
@@ -128,7 +107,7 @@ def score(
     )
     from aloe_cli.filters.thresholds import Bounds, load_thresholds
     from aloe_cli.modeling.backends.cache import ResponseCache
-    from aloe_cli.modeling.backends.factory import BackendConfig
+    from aloe_cli.modeling.backends.factory import build_backend
 
     rubric: Rubric = load_rubric(prompt_file)
     if show_prompt:
@@ -143,20 +122,15 @@ def score(
     bounds = (load_thresholds(thresholds, "score", allowed=("min",), default=Bounds(min=DEFAULT_MIN_SCORE),
                               value_range=(MIN_SCORE, MAX_SCORE))
               if thresholds is not None else default_score_thresholds())
-    config = BackendConfig(
-        model=judge, backend=backend.value if backend else None, base_url=base_url, api_key_env=api_key_env,
-        concurrency=concurrency, timeout=timeout, max_retries=max_retries, retry_backoff=retry_backoff,
-        batch_size=batch_size, device=device, dtype=dtype.value, trust_remote_code=trust_remote_code,
-        attn_implementation=attn_implementation)
-    generator = open_backend(config, "aloe score: judging with")
+    config = replace(backend_config, model=judge)
+    generator = build_backend(config, on_ready=lambda text: console.log(f"aloe score: judging with {text}"))
     replies = ResponseCache(cache) if cache is not None else None
     if replies is not None:
         console.log(f"aloe score: {len(replies)} cached reply(ies) in {cache}"
                     + (f" ({replies.bad_lines} unreadable line(s) ignored)" if replies.bad_lines else ""))
     stage = ScoreStage(generator, ScoreConfig(judge=judge, parse_retries=parse_retries,
                                               max_new_tokens=max_new_tokens), rubric, bounds, replies)
-    runner_batch = batch_size * 4 if config.kind == "hf" else max(batch_size, concurrency * 4)
-    run = RunConfig(batch_size=runner_batch, shard=chosen_shard, keep_all=keep_all, on_error=on_error.value)
+    run = RunConfig(batch_size=config.items_at_once, shard=chosen_shard, keep_all=keep_all, on_error=on_error.value)
     summary = run_data_command(stage, input, image_root=image_root, output=output, rejects=rejects, report=report,
                                config=run, defaults=RecordDefaults(bbox_format=bbox_format.value,
                                                                    keep_dicom_bytes=keep_dicom_bytes))

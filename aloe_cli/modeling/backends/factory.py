@@ -4,55 +4,130 @@
     backend = build_backend(config, on_ready=log)       # on_ready(description) once it can serve
 
 `backend=None` picks `openai` when a base URL is given, else `hf`. The hf backend loads its model on the first
-request that needs one, so a run answered entirely from a response cache never loads a model. Importing
-this module imports neither torch nor httpx.
+request that needs one, so a run answered entirely from a response cache never loads a model; `LazyBackend`
+defers building the backend itself to its first use. Every field but `model` is a command-line flag of
+`score`, `eval` and `infer` (its metadata: help text, bounds, choices, a check); `aloe_cli.options` generates
+those flags, and eval's `--judge-*` twins, from here. Importing this module imports neither torch nor httpx.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from aloe_cli.errors import AloeError
+from aloe_cli.errors import UsageError
 from aloe_cli.modeling.backends import GenerationBackend
 
 BACKENDS = ("hf", "openai")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def _check_url(value: str) -> None:
+    from aloe_cli.modeling.backends.openai import chat_completions_url
+
+    chat_completions_url(value)
+
+
+def _check_device(value: str) -> None:
+    from aloe_cli.modeling.loading import check_device_name
+
+    check_device_name(value)
+
+
+def option(help: str, *, minimum: float | None = None, maximum: float | None = None,
+           choices: tuple[str, ...] | None = None, check: Callable[[str], None] | None = None,
+           judge_help: str | None = None, own: bool = False) -> dict:
+    """Field metadata for the flag: help text, bounds, choices, a check raising AloeError for a value no run
+    can use. The judge's twin (`--judge-NAME`) takes the model's value unless given, except for an `own` field
+    (which server, which key, whether to run its code: the judge's own decision); `judge_help` replaces the
+    twin's default note."""
+    return {"help": help, "min": minimum, "max": maximum, "choices": choices, "check": check,
+            "judge_help": judge_help, "own": own}
 
 
 @dataclass(frozen=True)
 class BackendConfig:
     model: str  # hf: a model folder or Hub id; openai: the model name the server serves
-    backend: str | None = None  # "hf" | "openai"; None: openai when base_url is given, else hf
+    backend: str | None = field(default=None, metadata=option(
+        "hf: a local model, batched generation. openai: an OpenAI-compatible server (vLLM, SGLang, TGI). "
+        "Default: openai when --base-url is given, else hf.", choices=BACKENDS, own=True,
+        judge_help="default: openai when --judge-base-url is given, else hf"))
     # openai
-    base_url: str | None = None
-    api_key_env: str | None = None  # None: $OPENAI_API_KEY when set, else no key
-    concurrency: int = 64
-    timeout: float = 60.0
-    max_retries: int = 5
-    retry_backoff: float = 1.0
+    base_url: str | None = field(default=None, metadata=option(
+        "openai: the server's URL, e.g. http://localhost:8000/v1 (the default).", check=_check_url, own=True,
+        judge_help="the judge server's URL"))
+    api_key_env: str | None = field(default=None, metadata=option(
+        "openai: environment variable holding the API key (never printed). Default: OPENAI_API_KEY when set, "
+        "else no key.", own=True, judge_help="default: OPENAI_API_KEY when set, else no key"))
+    concurrency: int = field(default=64, metadata=option("openai: requests in flight.", minimum=1, maximum=4096))
+    timeout: float = field(default=60.0, metadata=option(
+        "openai: seconds one attempt may take, from sending to the last byte of the reply; then it is retried.",
+        minimum=0.01))
+    max_retries: int = field(default=5, metadata=option(
+        "openai: retries for 408/429/5xx, network errors and timeouts.", minimum=0, maximum=100))
+    retry_backoff: float = field(default=1.0, metadata=option(
+        "openai: first wait between retries (s); doubles each time, at least what Retry-After asks.", minimum=0.0))
     # hf
-    batch_size: int = 8
-    device: str = "auto"
-    dtype: str = "auto"
-    trust_remote_code: bool = False
-    attn_implementation: str | None = None
+    batch_size: int = field(default=8, metadata=option("Records per batch.", minimum=1))
+    device: str = field(default="auto", metadata=option(
+        "auto (cuda when available, else cpu), cpu, cuda or cuda:N.", check=_check_device))
+    dtype: str = field(default="auto", metadata=option(
+        "Weights/compute dtype. auto: bfloat16 on a GPU, float32 on the CPU.", choices=DTYPES))
+    trust_remote_code: bool = field(default=False, metadata=option(
+        "Allow the checkpoint to run its own Python code (off by default).", own=True))
+    attn_implementation: str | None = field(default=None, metadata=option(
+        "Passed to transformers (eager, sdpa, flash_attention_2, ...). Default: flash_attention_2 when installed "
+        "and on a GPU in half precision, else sdpa."))
 
     @property
     def kind(self) -> str:
         return self.backend or ("openai" if self.base_url else "hf")
+
+    @property
+    def items_at_once(self) -> int:
+        """Items to hand the backend at once (the stage runner's batch): enough to keep every batch or
+        connection busy."""
+        if self.kind == "openai":
+            return max(self.batch_size, self.concurrency * 4)
+        return self.batch_size * 4
+
+
+def check_config(config: BackendConfig, prefix: str = "") -> None:
+    """Options that contradict each other are a usage error naming the flag (`prefix` "judge-" for the judge's):
+    checked once, before any record is read or model loaded."""
+    if config.kind not in BACKENDS:
+        raise UsageError(f"must be one of {', '.join(BACKENDS)}, got {config.kind!r}", f"--{prefix}backend")
+    if config.kind == "hf" and config.base_url:
+        raise UsageError(f"is for --{prefix}backend openai", f"--{prefix}base-url")
 
 
 def build_backend(config: BackendConfig, *, on_ready: Callable[[str], None] | None = None) -> GenerationBackend:
     """The backend `config` asks for. Bad options (a missing model folder, a bad URL, an unset key
     variable) raise AloeError now, before any record is read."""
     announce = on_ready or (lambda description: None)
-    if config.kind not in BACKENDS:
-        raise AloeError(f"--backend must be one of {', '.join(BACKENDS)}, got {config.kind!r}")
+    check_config(config)
     if config.kind == "hf":
-        if config.base_url:
-            raise AloeError("--base-url is for --backend openai")
         return _hf_backend(config, announce)
     return _openai_backend(config, announce)
+
+
+class LazyBackend:
+    """A backend built on first call (a fully cached run never loads a model or opens a client), closed at
+    the end by `close_if_open`. Stages that take `Callable[[], GenerationBackend]` call it."""
+
+    def __init__(self, factory: Callable[[], GenerationBackend]):
+        self._factory = factory
+        self._backend: GenerationBackend | None = None
+
+    def __call__(self) -> GenerationBackend:
+        if self._backend is None:
+            self._backend = self._factory()
+        return self._backend
+
+    def close_if_open(self) -> None:
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
 
 
 def _hf_backend(config: BackendConfig, announce: Callable[[str], None]) -> GenerationBackend:
@@ -83,4 +158,4 @@ def _openai_backend(config: BackendConfig, announce: Callable[[str], None]) -> G
     return backend
 
 
-__all__ = ["BACKENDS", "BackendConfig", "build_backend"]
+__all__ = ["BACKENDS", "DTYPES", "BackendConfig", "LazyBackend", "build_backend", "check_config", "option"]
