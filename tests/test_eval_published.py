@@ -103,7 +103,8 @@ def figures(items, vlmevalkit, aloe_figure):
 def handwritten_scores(folder, model="m1", created=1):
     """A scores.json as an eval run writes it (both protocols, splits, categories, robustness)."""
     benchmarks = {
-        "chest": {**figures(4, 50.0, 75.0), "main": 50.0, "main_aloe": 75.0, "unreadable": 1},
+        "chest": {**figures(4, 50.0, 75.0), "main": 50.0, "main_aloe": 75.0, "unreadable": 1,
+                  "splits": {"none": figures(4, 50.0, 75.0)}},
         "MMMU_DEV_VAL": {
             **figures(6, 50.0, 66.67), "main": 50.0, "main_aloe": 66.67, "published": "MMMU",
             "categories": {"Art": figures(3, 33.33, 66.67), "Biology": figures(3, 66.67, 66.67)},
@@ -117,6 +118,8 @@ def handwritten_scores(folder, model="m1", created=1):
         "PathMMU_VAL": {
             **figures(4, 25.0, 50.0), "main": 25.0, "main_aloe": 50.0, "published": "PathMMU",
             "categories": {"EduContent": figures(2, 50.0, 50.0), "PubMed": figures(2, 0.0, 50.0)},
+            "splits": {"none": {**figures(4, 25.0, 50.0), "categories": {
+                "EduContent": figures(2, 50.0, 50.0), "PubMed": figures(2, 0.0, 50.0)}}},
             "robustness": {
                 "cls": {kind: figures(2, value, 50.0) for kind, value in
                         (("base", 50.0), ("cap", 0.0), ("pmt", 50.0), ("syc", 0.0), ("leg", 0.0))},

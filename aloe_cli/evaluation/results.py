@@ -214,7 +214,9 @@ def _cell(value: float | None) -> str:
 
 
 def _has_breakdown(scores: dict) -> bool:
-    return bool(scores.get("categories") or scores.get("l2_categories") or scores.get("splits"))
+    """Categories, or splits besides the one `none` split of a file without them."""
+    splits = set(scores.get("splits") or {}) - {NO_SPLIT}
+    return bool(scores.get("categories") or scores.get("l2_categories") or splits)
 
 
 def breakdown_columns(entries: list[dict]) -> list[tuple[str, str, str]]:
