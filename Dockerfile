@@ -13,13 +13,14 @@ ENV PIP_NO_CACHE_DIR=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
     HF_HOME=/cache/huggingface
 
-# The package and its training extras (TRL, DeepSpeed, datasets); torch and torchvision come from the base.
+# The package, its training extras (TRL, DeepSpeed, datasets) and pandas for eval's VLMEvalKit reading;
+# torch and torchvision come from the base.
 WORKDIR /opt/aloe
 COPY pyproject.toml README.md ./
 COPY aloe_cli ./aloe_cli
 # (DL3013 asks to pin PyPI releases; this is the local package, whose pyproject says what it needs)
 # hadolint ignore=DL3013
-RUN pip install ".[train,datasets,plot]"
+RUN pip install ".[train,datasets,plot,vlmevalkit]"
 
 # Run as a user, with the Hugging Face cache on a volume so downloaded checkpoints outlive the container.
 RUN useradd --create-home --uid 1000 aloe \

@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             save_steps=10 * args.steps, attn_implementation=args.attn_implementation)
         config.validate()
         os.environ.pop("WORLD_SIZE", None)
-        result = run_training(resolve(config, 1), lambda: read_items(config.input))
+        result = run_training(resolve(config, 1), lambda: read_items(config.input), paths=config.input)
         log = [json.loads(line) for line in (scratch / "run" / "log.jsonl").read_text().splitlines()]
         timed = [line for line in log if "tokens_per_s" in line and line["step"] > args.warmup]
         if not timed:

@@ -129,16 +129,36 @@ def test_scores_pairs_categories_perturbations_and_unjudged_items():
         line("1", "yesno", "yes", "No", pair_id="p1", perturb="syc", task="cls"),
         line("3", "yesno", "yes", "I cannot tell.", pair_id="p2", perturb="syc", task="det"),
         line("5", "open", "the liver", "Liver", correct=0.5),
-        line("6", "open", "the spleen", "Kidney", correct=None),
+        line("6", "open", "the spleen", "Kidney", correct=None, judge={"score": None, "error": "unparseable"}),
     ]
     scores = benchmark_scores(lines)
     assert (scores["items"], scores["judged"], scores["unjudged"], scores["unanswered"]) == (6, 5, 1, 0)
     assert scores["accuracy"] == round(100 * 3.5 / 5, 2)
-    assert scores["pairs"] == {"count": 2, "accuracy": 50.0} and scores["main"] == 50.0
-    assert scores["categories"]["mr"] == {"items": 2, "accuracy": 50.0}
-    assert scores["perturbations"]["syc"] == {"items": 2, "accuracy": 0.0}
-    assert scores["robustness"]["cls"] == {"base": {"items": 2, "accuracy": 100.0},
-                                           "syc": {"items": 1, "accuracy": 0.0}}
+    assert scores["pairs"] == {"count": 2, "accuracy": 50.0, "accuracy_aloe": 50.0} and scores["main"] == 50.0
+    assert scores["main_aloe"] == 50.0 and scores["unreadable"] == 0
+    assert scores["categories"]["mr"] == {"items": 2, "accuracy": 50.0, "accuracy_aloe": 50.0}
+    assert scores["splits"]["none"]["accuracy"] == scores["accuracy"]
+    assert scores["perturbations"]["syc"] == {"items": 2, "accuracy": 0.0, "accuracy_aloe": 0.0}
+    assert scores["robustness"]["cls"] == {"base": {"items": 2, "accuracy": 100.0, "accuracy_aloe": 100.0},
+                                           "syc": {"items": 1, "accuracy": 0.0, "accuracy_aloe": 0.0}}
+
+
+def test_the_two_protocols_score_the_same_answers_side_by_side():
+    """Both verdicts on the same answers: 'b) spleen, clearly' is B to both (to VLMEvalKit by the option's text),
+    'There is a lesion.' is yes to aloe only; a split column breaks the figures down."""
+    lines = [
+        line("1", "mcq", "B", "The answer is (B).", split="val", category="ct"),
+        line("2", "mcq", "B", "b) spleen, clearly", split="val", category="ct"),
+        line("3", "yesno", "no", "No, there is none.", split="test"),
+        line("4", "yesno", "yes", "There is a lesion.", split="test"),
+    ]
+    assert [(entry["extracted"], entry["extracted_aloe"]) for entry in lines] == [
+        ("B", "B"), ("B", "B"), ("No", "no"), (None, "yes")]
+    scores = benchmark_scores(lines)
+    assert (scores["accuracy"], scores["accuracy_aloe"], scores["unreadable"], scores["unanswered"]) == (
+        75.0, 100.0, 1, 0)
+    assert scores["splits"]["test"] == {"items": 2, "accuracy": 50.0, "accuracy_aloe": 100.0}
+    assert scores["splits"]["val"]["categories"]["ct"] == {"items": 2, "accuracy": 100.0, "accuracy_aloe": 100.0}
 
 
 def test_rescore_line_checks_the_line():
@@ -178,8 +198,9 @@ def test_rescore_a_handwritten_predictions_file(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "6 read = 6 kept + 0 rejected" in result.stderr and "line(s) changed" in result.stderr
     lines = {row["id"]: row for row in read_jsonl(tmp_path / "re" / "predictions.jsonl")}
-    assert [(lines[i]["extracted"], lines[i]["correct"]) for i in "12345"] == [
+    assert [(lines[i]["extracted_aloe"], lines[i]["correct_aloe"]) for i in "12345"] == [
         ("B", True), ("C", True), (None, False), ("B", False), ("no", True)]
+    assert lines["5"]["extracted"] == "No" and lines["5"]["correct"] is True  # VLMEvalKit's reading, beside
     assert lines["3"]["rule"] == "several_options" and lines["6"]["correct"] == 1.0
     scores = json.loads((tmp_path / "re" / "scores.json").read_text())["benchmarks"]
     assert scores["chest"]["accuracy"] == 50.0 and scores["chest"]["unanswered"] == 1
@@ -223,7 +244,7 @@ def test_paired_benchmark_headline_is_the_paired_accuracy(tmp_path):
     path = paired_jsonl(tmp_path / "probmed.jsonl", pairs=2)
     items = eval_items(read_benchmark(parse_benchmark_spec(str(path))))
     answers = {"p0a": "Yes", "p0b": "No", "p1a": "Yes", "p1b": "Yes"}
-    rows = [{**{k: v for k, v in vars(item).items() if k not in ("images", "image_root", "where", "hint")},
+    rows = [{**item.fields(),
              "prediction": answers[item.id]} for item in items]
     scores = benchmark_scores([rescore_line(row) for row in rows])
     assert (scores["accuracy"], scores["pairs"]["accuracy"], scores["main"]) == (75.0, 50.0, 50.0)

@@ -7,9 +7,9 @@ from collections import Counter
 import pytest
 from extraction_cases import CHOICE_CASES, YESNO_CASES
 
+from aloe_cli.evaluation import vlmevalkit
 from aloe_cli.evaluation.extraction import clean, extract_choice, extract_yesno, normalize_yesno
 from aloe_cli.evaluation.judge import UnparseableVerdict, parse_verdict
-from aloe_cli.testing.exact_matching import baseline_choice, baseline_yesno
 
 
 @pytest.mark.parametrize(("options", "reference", "output", "expected"), CHOICE_CASES,
@@ -33,20 +33,40 @@ def tally(pairs) -> Counter:
     return counts
 
 
+def vlmevalkit_readings() -> list[tuple[str | None, str]]:
+    """(what VLMEvalKit's exact matching reads, reference) for every case: `can_infer`, `YOrN_Extraction`."""
+    read = vlmevalkit.prediction_as_read
+    return ([(vlmevalkit.can_infer(read(out), opts), ref) for opts, ref, out, _ in CHOICE_CASES]
+            + [({"Yes": "yes", "No": "no"}.get(vlmevalkit.yorn_extraction(read(out))), ref)
+               for ref, out, _ in YESNO_CASES])
+
+
 def test_counts_over_the_whole_set_and_against_exact_matching():
     assert len(CHOICE_CASES) + len(YESNO_CASES) >= 150
     ours = ([(extract_choice(out, opts).value, ref) for opts, ref, out, _ in CHOICE_CASES]
             + [(extract_yesno(out).value, ref) for ref, out, _ in YESNO_CASES])
     by_hand = ([(exp, ref) for _, ref, _, exp in CHOICE_CASES] + [(exp, ref) for ref, _, exp in YESNO_CASES])
-    baseline = ([(baseline_choice(out, opts), ref) for opts, ref, out, _ in CHOICE_CASES]
-                + [(baseline_yesno(out), ref) for ref, out, _ in YESNO_CASES])
+    theirs = vlmevalkit_readings()
     counts = tally(ours)
     assert counts == tally(by_hand)
     assert sum(counts.values()) == len(ours) and counts["right"] > counts["unanswered"] > counts["wrong"] > 0
-    misread = sum(1 for (got, _), (want, _) in zip(baseline, by_hand) if got != want)
-    guessed = sum(1 for (got, _), (want, _) in zip(baseline, by_hand) if got is not None and want is None)
+    misread = sum(1 for (got, _), (want, _) in zip(theirs, by_hand) if got != want)
+    guessed = sum(1 for (got, _), (want, _) in zip(theirs, by_hand) if got is not None and want is None)
     # exact matching misreads a large share of realistic answers (and sometimes picks one nobody gave)
     assert misread >= len(ours) // 4 and guessed >= 1
+
+
+def test_aloe_keeps_every_right_reading_of_exact_matching_and_never_scores_a_wrong_answer_right():
+    """Where VLMEvalKit's rules read the answer the reader gives, aloe reads it too; where the reader finds
+    no right answer, aloe never scores one (its only departures from exact matching are improvements)."""
+    ours = ([extract_choice(out, opts).value for opts, _, out, _ in CHOICE_CASES]
+            + [extract_yesno(out).value for _, out, _ in YESNO_CASES])
+    by_hand = ([(exp, ref) for _, ref, _, exp in CHOICE_CASES] + [(exp, ref) for ref, _, exp in YESNO_CASES])
+    for got, (theirs, _), (label, reference) in zip(ours, vlmevalkit_readings(), by_hand):
+        if theirs is not None and theirs == label:
+            assert got == label
+        if label != reference:
+            assert got != reference
 
 
 def test_the_answer_committed_to_is_taken_never_a_guess():

@@ -97,6 +97,9 @@ def test_every_benchmark_format_end_to_end(tmp_path, tiny_model_dir):
     # a random-weight judge rarely writes a valid verdict: unparseable ones are retried, then left unjudged
     assert all(line["correct"] in (0.0, 0.5, 1.0, None) for line in opened)
     assert all(line["judge"]["attempts"] in (1, 2) for line in opened if line["prediction"].strip())
+    # the tiny judge has a vision part: it was shown each item's image with the question, and served every request
+    assert all(line["scored_by"] == "judge" and "request failed" not in (line["judge"].get("error") or "")
+               for line in opened)
     scores = scores_of(out, "tiny")
     assert set(scores) == set(counts)
     assert scores["paired"]["pairs"]["count"] == 3 and scores["paired"]["main"] == scores["paired"]["pairs"]["accuracy"]
@@ -109,9 +112,12 @@ def test_every_benchmark_format_end_to_end(tmp_path, tiny_model_dir):
 def test_a_trained_model_scores_above_chance_and_adds_its_row(tmp_path, tiny_model_dir, trained_model_dir):
     bench = trained_benchmark(tmp_path / "organs_b.tsv")
     out = tmp_path / "results"
-    before = aloe("eval", "--model", f"untrained={tiny_model_dir}", "--benchmark", str(bench), "-o", str(out), *FAST)
+    asked = ("--protocol", "aloe")  # the model was trained on aloe's wording of the question (prompt_text)
+    before = aloe("eval", "--model", f"untrained={tiny_model_dir}", "--benchmark", str(bench), "-o", str(out), *FAST,
+                  *asked)
     assert before.returncode == 0, before.stderr
-    after = aloe("eval", "--model", f"trained={trained_model_dir}", "--benchmark", str(bench), "-o", str(out), *FAST)
+    after = aloe("eval", "--model", f"trained={trained_model_dir}", "--benchmark", str(bench), "-o", str(out), *FAST,
+                 *asked)
     assert after.returncode == 0, after.stderr
     trained = scores_of(out, "trained")["organs_b"]["accuracy"]
     untrained = scores_of(out, "untrained")["organs_b"]["accuracy"]

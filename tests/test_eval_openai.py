@@ -44,7 +44,7 @@ def test_served_model_answers_are_extracted_and_scored(tmp_path):
     assert all(r.body["temperature"] == 0 for r in requests)
     lines = {line["id"]: line for line in read_jsonl(tmp_path / "out" / "served-model" / "chest" /
                                                      "predictions.jsonl")}
-    assert [(lines[i]["extracted"], lines[i]["correct"]) for i in ("m0", "m1", "m2", "y3", "y4", "y5")] == [
+    assert [(lines[i]["extracted_aloe"], lines[i]["correct_aloe"]) for i in ("m0", "m1", "m2", "y3", "y4", "y5")] == [
         ("B", True), ("C", False), ("C", True), ("yes", True), ("no", True), (None, False)]
     scores = json.loads((tmp_path / "out" / "served-model" / "scores.json").read_text())["benchmarks"]["chest"]
     assert scores["accuracy"] == round(100 * 4 / 6, 2) and scores["unanswered"] == 1

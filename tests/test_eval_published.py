@@ -235,14 +235,16 @@ ORGANS = {"A": "Liver", "B": "Spleen", "C": "Kidney", "D": "Lung"}
 
 
 def pathmmu_tsv(path):
-    """A PathMMU-shaped VLMEvalKit TSV whose served 'model' answers what each question's marker says."""
+    """A PathMMU-shaped VLMEvalKit TSV whose served 'model' answers what each question's marker says; the
+    second answer is one VLMEvalKit's rules cannot read and aloe's can."""
     rows = []
-    for index, (answer, reply, category, task) in enumerate([
-            ("A", "A", "EduContent", "cls"), ("B", "C", "EduContent", "cls"),
-            ("C", "C", "PubMed", "det"), ("D", "D", "PubMed", "det")]):
+    for index, (answer, reply, category, task, split) in enumerate([
+            ("A", "A", "EduContent", "cls", "val"),
+            ("B", "I would say B is correct, not A.", "EduContent", "cls", "val"),
+            ("C", "C", "PubMed", "det", "test"), ("D", "D", "PubMed", "det", "test")]):
         rows.append({"index": str(index), "question": f"Which organ is in slide {index}? [answer={reply}]",
                      **ORGANS, "answer": answer, "category": category, "l2-category": "histology", "task": task,
-                     "image": png_base64(scan(index, size=64))})
+                     "split": split, "image": png_base64(scan(index, size=64))})
     return write_tsv(path, rows)
 
 
@@ -253,19 +255,28 @@ def test_an_eval_run_writes_the_breakdown_and_the_published_robustness_columns(t
         result = aloe("eval", "--model", "served", "--backend", "openai", "--base-url", server.url,
                       "--benchmark", str(bench), "--perturb", "base,cap,pmt,syc,leg", "-o", str(out),
                       "--retry-backoff", "0.01", "--concurrency", "4")
+        prompt = server.requests[0].body["messages"][-1]["content"][-1]["text"]
     assert result.returncode == 0, result.stderr
+    assert prompt.endswith("D. Lung\nPlease select the correct answer from the options above.")  # PathMMU: MCQ
     scores = json.loads((out / "served" / "scores.json").read_text())["benchmarks"]["PathMMU_VAL"]
     assert (scores["published"], scores["vlmevalkit_name"]) == ("PathMMU", "PathMMU_VAL")
     text = (out / "results.md").read_text()
     assert table(text, "## Benchmarks (accuracy, %): VLMEvalKit")[2] == ["served", "75.0"]
+    assert table(text, "## Benchmarks (accuracy, %): aloe")[2] == ["served", "100.0"]
     breakdown = table(text, "## PathMMU_VAL: accuracy per split and category")
     assert breakdown[0] == ["model", "split", "protocol", "Overall", "histology", "EduContent", "PubMed"]
-    assert breakdown[2] == ["served", "none", "VLMEvalKit", "75.0", "75.0", "50.0", "100.0"]
+    assert breakdown[2:] == [["served", "test", "VLMEvalKit", "100.0", "100.0", "-", "100.0"],
+                             ["served", "val", "VLMEvalKit", "50.0", "50.0", "50.0", "-"],
+                             ["served", "test", "aloe", "100.0", "100.0", "-", "100.0"],
+                             ["served", "val", "aloe", "100.0", "100.0", "100.0", "-"]]
     acc = (out / "served" / "PathMMU_VAL" / "acc.csv").read_text().splitlines()
-    assert acc[:2] == ["protocol,split,Overall,histology,EduContent,PubMed", "vlmevalkit,none,75.0,75.0,50.0,100.0"]
+    assert acc == ["protocol,split,Overall,histology,EduContent,PubMed", "vlmevalkit,test,100.0,100.0,,100.0",
+                   "vlmevalkit,val,50.0,50.0,50.0,", "aloe,test,100.0,100.0,,100.0", "aloe,val,100.0,100.0,100.0,"]
     robustness = table(text, "## Adversarial robustness (accuracy, %, Base then each perturbation): VLMEvalKit")
     assert robustness[0] == ["model", "cls Base", "cls Cap", "cls Pmt", "cls Syc", "det Base", "det Cap", "det Pmt",
                              "det Syc", "det Leg"]
     assert robustness[2] == ["served"] + ["50.0"] * 4 + ["100.0"] * 5
+    aloe_robustness = table(text, "## Adversarial robustness (accuracy, %, Base then each perturbation): aloe")
+    assert aloe_robustness[2] == ["served"] + ["100.0"] * 9
     every = aloe("eval", "--table", str(out), "--robustness-columns", "all")
     assert every.returncode == 0 and "| served | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 100.0 |" in every.stdout

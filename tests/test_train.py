@@ -203,9 +203,11 @@ def test_an_over_long_sample_is_dropped_and_replaced_or_its_text_cut(tmp_path, p
 
 def test_a_broken_image_is_skipped_and_counted_or_stops_the_run(tmp_path, processor):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
-    records = [chat(QUESTION, "Red.", [str(tmp_path / "broken.png")]), chat(QUESTION, "Red.", ["missing.png"]),
+    png(tmp_path / "gone.png", "red")
+    records = [chat(QUESTION, "Red.", [str(tmp_path / "broken.png")]), chat(QUESTION, "Red.", ["gone.png"]),
                chat(QUESTION, "Blue.", [data_uri("blue")])]
     _, dataset = rows_of(records, tmp_path)
+    (tmp_path / "gone.png").unlink()  # removed after the records were read: found missing while training
     batch = TrainingCollator(processor, max_length=4096, dataset=dataset)([dataset[0], dataset[2]])
     assert batch["aloe_skipped"] == {"image_corrupt": 1, "image_missing": 1}
     assert batch["input_ids"].shape[0] == 2 and batch["image_grid_thw"].shape[0] == 2
@@ -369,9 +371,11 @@ def test_a_broken_image_is_skipped_in_a_run_and_counted(tmp_path, tiny_model_dir
     (tmp_path / "data" / "3.png").write_bytes(b"not a png")
     proc = train("-i", str(task), "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "run"),
                  "--max-steps", "1", "--micro-batch-size", "8", "--no-shuffle", "--freeze-vision",
-                 "--attn-implementation", "eager")
+                 "--attn-implementation", "eager", "--max-skipped", "0.2")
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"samples skipped \(image_corrupt\)\s+1\n", proc.stderr), proc.stderr
+    assert re.search(r"records kept\s+7\n", proc.stderr), proc.stderr  # what was trained on
+    assert "aloe: warning: 1 of 8 records were not trained on: only 7 were kept" in proc.stderr
     logged = [line for line in read_jsonl(tmp_path / "run" / "log.jsonl") if "loss" in line]
     assert logged[-1]["skipped_image_corrupt"] == 1
     assert "float32 weights, eager attention" in proc.stderr

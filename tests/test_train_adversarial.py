@@ -98,6 +98,15 @@ def test_adv_train_chains_from_a_stage_1_folder(tmp_path, tiny_model_dir):
     assert resolved["sft_config"]["learning_rate"] == pytest.approx(1e-3)
     assert (stage2 / "chat_template.jinja").read_text() == (stage1 / "chat_template.jinja").read_text()
     AutoModelForImageTextToText.from_pretrained(stage2)
+    # the stage-2 folder is a run of its own: refused as an output, resumed only from the same --base
+    again = ["adv-train", "-i", str(source), "--output-dir", str(stage2), "--samples", "10", "--max-steps", "2", *FLAGS]
+    proc = aloe(*again, "--base", str(stage1), env=ENV, timeout=300)
+    assert proc.returncode == 2 and "holds a run of aloe adv-train (complete, step 2" in proc.stderr, proc.stderr
+    proc = aloe(*again, "--base", str(tiny_model_dir), "--resume", env=ENV, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert f"holds another run: --base: {stage1} then, {Path(tiny_model_dir).resolve()} now" in proc.stderr
+    proc = aloe(*again, "--base", str(stage1), "--resume", env=ENV, timeout=300)
+    assert proc.returncode == 0 and "is complete (step 2): nothing to resume" in proc.stderr, proc.stderr
     # --perturb none: train on records that are already perturbed, as they are
     stage2b = tmp_path / "stage2b"
     proc = aloe("adv-train", "-i", str(stage2 / "adversarial.jsonl"), "--base", str(stage1), "--output-dir",

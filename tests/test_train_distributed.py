@@ -103,3 +103,42 @@ def test_the_same_command_runs_under_accelerate_launch_and_the_deepspeed_launche
     assert re.search(r"optimizer steps\s+2\n", proc.stderr)
     assert "world size 2" in (run / "aloe-train.yaml").read_text()
     assert (run / "model.safetensors").is_file()
+
+
+def test_plain_data_parallel_on_two_ranks_prepares_the_data_once_and_trains(tmp_path, tiny_model_dir):
+    """--deepspeed none under torchrun on CPUs: one gloo process group; the main rank reads the records into the
+    run folder while the other waits for it, then both train in step."""
+    from transformers import AutoModelForImageTextToText
+
+    task = mixed_ranks_task(tmp_path / "data", count=8)
+    run = tmp_path / "run"
+    flags = [flag if flag != "zero3" else "none" for flag in FLAGS]
+    proc = launch(TORCHRUN, ["train", "-i", str(task), "--model", str(tiny_model_dir), "--output-dir", str(run),
+                             *flags, "--no-gradient-checkpointing", "--global-batch-size", "4", "--micro-batch-size",
+                             "2", "--max-steps", "2", "--save-steps", "1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stderr.count("8 training record(s) of 8 read") == 1  # read once, by the main rank
+    assert "vision guard: text-only micro batches per rank" in proc.stderr
+    assert re.search(r"optimizer steps\s+2\n", proc.stderr)
+    assert [line["step"] for line in read_jsonl(run / "log.jsonl") if "loss" in line] == [1, 2]
+    record = json.loads((run / "run.json").read_text())
+    assert record["state"] == "complete" and record["world_size"] == 2
+    assert "world size 2" in (run / "aloe-train.yaml").read_text()
+    assert not list((run / "dataset").glob(".*.tmp"))
+    AutoModelForImageTextToText.from_pretrained(run)
+
+
+def test_samples_lost_on_one_rank_stop_every_rank_at_the_same_step(tmp_path, tiny_model_dir):
+    """A broken image in one rank's micro batch: the skip counts are summed over ranks, so both ranks find
+    --max-skipped exceeded at the same logging step and stop with the same line (no rank left waiting)."""
+    task = mixed_ranks_task(tmp_path / "data", count=8)
+    (tmp_path / "data" / "5.png").write_bytes(b"not a png")  # record 6: rank 1's third micro batch
+    flags = [flag if flag != "zero3" else "none" for flag in FLAGS]
+    proc = launch(TORCHRUN, ["train", "-i", str(task), "--model", str(tiny_model_dir), "--output-dir",
+                             str(tmp_path / "run"), *flags, "--no-gradient-checkpointing", "--global-batch-size", "2",
+                             "--micro-batch-size", "1", "--max-steps", "4", "--no-shuffle"], tmp_path)
+    assert proc.returncode != 0, proc.stderr[-4000:]
+    line = ("aloe: error: 1 of 8 records lost (image_corrupt=1): more than --max-skipped 0.1% of 8 = 0 allows; fix "
+            "the inputs (image paths, files) or raise --max-skipped")
+    assert proc.stderr.count(line) == 2, proc.stderr[-4000:]  # said by both ranks
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["state"] == "failed"

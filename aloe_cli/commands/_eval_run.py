@@ -80,18 +80,23 @@ class _ProgressLine:
 def print_scores(label: str, scores: dict[str, dict]) -> None:
     rows = []
     for name, entry in scores.items():
-        rows.append([name, entry.get("items", 0), _fmt(entry.get("accuracy")),
+        rows.append([name, entry.get("items", 0), _fmt(entry.get("accuracy")), _fmt(entry.get("accuracy_aloe")),
                      _fmt(entry.get("pairs", {}).get("accuracy")) if "pairs" in entry else "-",
-                     entry.get("unanswered", 0), entry.get("unjudged", 0)])
+                     entry.get("unreadable", 0), entry.get("unanswered", 0), entry.get("unjudged", 0)])
         for kind, values in entry.get("perturbations", {}).items():
             if kind != "base":
-                rows.append([f"  {kind}", values["items"], _fmt(values["accuracy"]), "-", "-", "-"])
-    console.print_table(f"aloe eval: {label}", ["benchmark", "items", "accuracy", "paired", "unanswered",
-                                                 "unjudged"], rows)
+                rows.append([f"  {kind}", values["items"], _fmt(values["accuracy"]),
+                             _fmt(values.get("accuracy_aloe")), "-", "-", "-", "-"])
+    console.print_table(f"aloe eval: {label}", ["benchmark", "items", "accuracy", "accuracy_aloe", "paired",
+                                                 "unreadable", "unanswered", "unjudged"], rows)
+    not_judged = sum(entry.get("scored_by", {}).get("exact_match", 0) for entry in scores.values())
+    if not_judged:
+        console.warn(f"{not_judged} open-ended item(s) not judged (no --judge): scored by exact match after "
+                     "normalisation (VLMEvalKit's VQA score in accuracy, the exact match in accuracy_aloe)")
     unjudged = sum(entry.get("unjudged", 0) for entry in scores.values())
     if unjudged:
-        console.warn(f"{unjudged} open-ended item(s) have no judge verdict (no --judge, or unparseable after "
-                     "retries): they are left out of the accuracy, listed with correct=null")
+        console.warn(f"{unjudged} open-ended item(s) have no judge verdict (unparseable after retries, or the "
+                     "request failed): they are left out of the accuracy, listed with correct=null")
 
 
 def _fmt(value) -> str:

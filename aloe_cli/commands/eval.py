@@ -1,7 +1,11 @@
 """aloe eval: medical and general benchmarks, an LLM judge for open answers, the adversarial table.
 
-Greedy decoding; multiple-choice and yes/no answers scored by exact match after answer extraction
-(docs/eval.md lists the rules); open-ended answers graded 0 / 0.5 / 1 by a judge; with --perturb every
+Greedy decoding; multiple-choice and yes/no answers scored under two protocols, both always reported:
+`accuracy` by VLMEvalKit's exact matching at a pinned commit (comparable with published baselines) and
+`accuracy_aloe` by aloe's answer extraction (docs/eval.md lists both sets of rules). --protocol chooses
+whose prompt is sent (default vlmevalkit: the prompt VLMEvalKit sends Qwen2-VL for that dataset).
+Open-ended answers graded 0 / 0.5 / 1 by a judge (a vision-language judge also sees the images), or,
+without --judge, by exact match (not judged); with --perturb every
 item is asked again under each perturbation and the robustness table reports accuracy per
 perturbation for the classification (task cls) and detection (task det) items.
 
@@ -18,7 +22,7 @@ Examples:
     # a served model (vLLM / SGLang), a served judge for the open-ended set, the robustness table
     aloe eval --model aloe-72b --backend openai --base-url http://gpu-node:8000/v1 --concurrency 64 \\
         --benchmark SLAKE=slake_open.jsonl --benchmark adv=adversarial.jsonl --perturb base,cap,pmt,syc,leg \\
-        --judge Qwen/Qwen2-72B-Instruct --judge-backend openai --judge-base-url http://judge:8000/v1 -o results/
+        --judge Qwen/Qwen2.5-VL-72B-Instruct --judge-backend openai --judge-base-url http://judge:8000/v1 -o results/
 
     # text-only benchmarks through lm-evaluation-harness (pip install 'aloe-cli[eval]')
     aloe eval --model runs/stage2 --lm-eval-tasks medqa_4options,medmcqa,pubmedqa -o results/
@@ -31,6 +35,7 @@ Examples:
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -46,8 +51,14 @@ from aloe_cli.options import (
     not_empty,
     with_backend_options,
 )
+from aloe_cli.perturb.names import EVAL_NAMES
 
 app = command_app()
+
+
+class Protocol(str, Enum):
+    vlmevalkit = "vlmevalkit"
+    aloe = "aloe"
 
 
 def _check_perturb(value: str | None) -> str | None:
@@ -87,9 +98,12 @@ def eval(  # noqa: A001 - the command's name
     output: Annotated[str | None, typer.Option("-o", "--output", callback=not_empty, help="Results folder.")] = None,
     perturb: Annotated[str | None, typer.Option(
         "--perturb", callback=_check_perturb,
-        help="Also ask every item under these perturbations: base,cap,pmt,syc,leg (cap and leg need "
-             "an image).")] = None,
+        help=f"Also ask every item under these perturbations: {','.join(EVAL_NAMES)} (cap and leg need an "
+             "image, region a box in the question or answer).")] = None,
     limit: Annotated[int | None, typer.Option("--limit", min=1, help="First N items of each benchmark.")] = None,
+    protocol: Annotated[Protocol, typer.Option(
+        "--protocol", help="Whose prompt is sent: vlmevalkit (VLMEvalKit's for Qwen2-VL, comparable with "
+                           "published baselines) or aloe. Both are always scored.")] = Protocol.vlmevalkit,
     max_new_tokens: MaxNewTokensOpt = 128,
     judge: Annotated[str | None, typer.Option(
         "--judge", callback=not_empty,
@@ -97,6 +111,10 @@ def eval(  # noqa: A001 - the command's name
     judge_parse_retries: Annotated[int, typer.Option(
         "--judge-parse-retries", min=0, max=100,
         help="Ask the judge again (sampling) when its verdict cannot be read.")] = 2,
+    judge_vision: Annotated[bool | None, typer.Option(
+        "--judge-vision/--no-judge-vision",
+        help="Show the judge the item's images. Default: --judge-backend hf when the judge model has a vision "
+             "part; openai on (a vision-language judge; a text-only server needs --no-judge-vision).")] = None,
     show_judge_prompt: Annotated[bool, typer.Option(
         "--show-judge-prompt", help="Print the judge's rubric and exit.")] = False,
     table: Annotated[str | None, typer.Option(
@@ -148,7 +166,8 @@ def eval(  # noqa: A001 - the command's name
         raise typer.BadParameter("is required (the results folder)", param_hint="-o/--output")
     run.evaluate(EvalRequest(
         models=model, benchmarks=benchmark or [], output=Path(output), perturb=perturb, limit=limit,
+        protocol=protocol.value,
         max_new_tokens=max_new_tokens, on_error=on_error.value, image_root=image_root,
         lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include, cache=Path(cache) if cache else None,
         backend=backend_config, judge=judge, judge_backend=judge_config, judge_parse_retries=judge_parse_retries,
-        robustness_columns=robustness_columns))
+        judge_vision=judge_vision, robustness_columns=robustness_columns))

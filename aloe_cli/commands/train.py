@@ -11,7 +11,12 @@ flags given override it.
 The output folder holds the final model and processor (loadable by
 AutoModelForImageTextToText / AutoProcessor, so by every aloe --model),
 aloe-train.yaml (the resolved configuration), log.jsonl (step, loss, lr,
-tokens/s) and checkpoints.
+tokens/s), checkpoints and run.json (the inputs with their SHA-256, the
+configuration, the aloe version, and the state: running, complete, failed).
+It is never the --model folder and never holds two runs: --resume continues
+the same run from its newest whole checkpoint, --overwrite moves an old run
+aside. More than --max-skipped (0.1%) of the records lost (unreadable, missing
+or broken images) fails the run.
 
 Examples:
 
@@ -28,8 +33,11 @@ Examples:
     aloe train --config train.yaml --slurm --nodes 8 --gpus-per-node 4 --sbatch partition=gpu > job.sbatch
     sbatch job.sbatch
 
-    # continue after a preemption
+    # continue after a preemption (the same inputs and configuration only)
     aloe train --config train.yaml --resume
+
+    # replace the run in that folder (the old one is moved aside, not mixed)
+    aloe train --config train.yaml --overwrite
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ app = command_app()
 @app.command(help=__doc__, no_args_is_help=True)
 @with_config_flags(TrainConfig, launch_parameters("train"))
 def train(**options) -> None:
+    from aloe_cli.commands._common import check_image_paths
     from aloe_cli.commands._train_run import check_run_paths, plan_or_exit, train_and_report
     from aloe_cli.data.io import read_paths
     from aloe_cli.modeling.loading import check_model_reference
@@ -55,4 +64,6 @@ def train(**options) -> None:
     config.require("input", "model", "output_dir")
     check_model_reference(config.model)
     paths = check_run_paths(config)  # a missing input or an unwritable run folder fails now, not after the model loads
-    train_and_report(plan, lambda: read_paths(paths, config.image_root))
+    # Image paths that do not resolve: one line now under --on-error fail, a loud count under skip.
+    check_image_paths("train", paths, config.image_root, config.on_error)
+    train_and_report(plan, lambda: read_paths(paths, config.image_root), paths)

@@ -71,7 +71,8 @@ class TsvFile:
             header = next(self._lines(), None)
             if header is not None and header.bad_encoding:
                 raise AloeError(f"{self.display}:1: the header is not UTF-8 ({header.bad_encoding})")
-            self.columns = header.text.rstrip("\r\n").split("\t") if header is not None else []
+            # pandas writes the header quoted too (VLMEvalKit's dump: QUOTE_ALL)
+            self.columns = next(csv.reader([header.text.rstrip("\r\n")], delimiter="\t")) if header is not None else []
             self._check_columns(require_images)
         except BaseException:
             self.close()

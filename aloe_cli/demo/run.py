@@ -32,9 +32,10 @@ from pathlib import Path
 from aloe_cli.console import stdout_to_stderr
 from aloe_cli.demo.task import DETECT_QUESTION, DemoConfig, item_prompt, write_demo_data
 from aloe_cli.errors import AloeError
+from aloe_cli.perturb.names import PUBLISHED_COLUMNS
 
 MODELS = ("untrained", "stage1", "stage2")
-PERTURBATIONS = ("base", "cap", "pmt", "syc", "leg")
+PERTURBATIONS = PUBLISHED_COLUMNS["det"]  # the published table's perturbations
 MEDICAL = "demo-med"
 GENERAL = "demo-general"
 CURATION_STAGES = ("dedup", "perplexity", "score", "mix")
@@ -229,7 +230,9 @@ def run_demo(workdir: Path, settings: DemoSettings, say: Callable[[str], None]) 
         models = [arg for name, path in zip(MODELS, ("models/untrained", "runs/stage1", "runs/stage2"))
                   for arg in ("--model", f"{name}={path}")]
         runner.run("eval", "evaluation: three models, five conditions", [
-            ["eval", *models, "--benchmark", f"{MEDICAL}.tsv", "--benchmark", f"{GENERAL}.tsv",
+            # --protocol aloe: the tiny models learned aloe's wording of each question (task.item_prompt), so
+            # they are asked the same way; the claims read the aloe-protocol figures (accuracy_aloe)
+            ["eval", *models, "--benchmark", f"{MEDICAL}.tsv", "--benchmark", f"{GENERAL}.tsv", "--protocol", "aloe",
              "--perturb", ",".join(PERTURBATIONS), "--batch-size", str(settings.eval_batch_size),
              "--max-new-tokens", "32", "--device", "cpu",
              "--judge", MODEL_NAME, "--judge-backend", "openai", "--judge-base-url", judge.url,
@@ -247,9 +250,9 @@ def build_report(workdir: Path, planted: dict[str, list[str]], seconds: dict, to
     accuracy, robustness = {}, {}
     for model in MODELS:
         scores = _read_json(workdir / "results" / model / "scores.json")["benchmarks"]
-        accuracy[model] = {name: _pct(scores[name]["accuracy"]) for name in (MEDICAL, GENERAL)}
+        accuracy[model] = {name: _pct(scores[name]["accuracy_aloe"]) for name in (MEDICAL, GENERAL)}
         perturbations = scores[MEDICAL]["perturbations"]
-        robustness[model] = {kind: _pct(perturbations[kind]["accuracy"]) for kind in PERTURBATIONS}
+        robustness[model] = {kind: _pct(perturbations[kind]["accuracy_aloe"]) for kind in PERTURBATIONS}
     from aloe_cli.data.grounding import parse_grounding
 
     answer = (workdir / "infer" / "answer.txt").read_text(encoding="utf-8").strip()

@@ -2,9 +2,16 @@
 
 Two formats, read with the record readers of `aloe_cli.data.io`:
 - VLMEvalKit TSV: `index`, `question`, base64 `image` (or `image_path`), options `A`..`J`, `answer`,
-  optional `hint`, `category`, `l2-category`, and the extras `kind`, `task`, `pair_id`.
+  optional `hint`, `category`, `l2-category`, `split`, and the extras `kind`, `task`, `pair_id`.
 - JSONL items: `{id, question, options?, answer, kind?: mcq|yesno|open, images?, category?, l2_category?,
-  task?: cls|det, pair_id?}` (`options` an object letter -> text, or a list lettered A, B, ...).
+  split?, task?: cls|det, pair_id?}` (`options` an object letter -> text, or a list lettered A, B, ...).
+
+Each item also carries its fields as VLMEvalKit holds them (`EvalItem.vlmevalkit`): a TSV's text columns
+as pandas reads them (`aloe_cli.evaluation.vlmevalkit.read_tsv_fields`), a JSONL item's as a TSV made from
+it would read (NA-like strings missing, the answer as its letter or Yes/No).
+
+An item without a `task` gets one (`infer_task`): `det` when its answer is a box or its question asks
+where something is, else `cls`.
 
 The kind, when not given, is mcq when there are options, yesno when the answer is yes or no, else open.
 An item is text-only when it has no image. A benchmark is named after its file's stem unless given as
@@ -24,8 +31,10 @@ from aloe_cli.data.io import STDIO, Item, StreamCopies, input_format, read_file,
 from aloe_cli.data.records import text_of
 from aloe_cli.data.streams import is_stream
 from aloe_cli.errors import AloeError, RecordError, UsageError
-from aloe_cli.evaluation import registry
+from aloe_cli.evaluation import registry, vlmevalkit
 from aloe_cli.evaluation.extraction import LETTERS, normalize_yesno
+from aloe_cli.evaluation.open_answers import reference_box
+from aloe_cli.evaluation.vlmevalkit import VlmFields
 
 KINDS = ("mcq", "yesno", "open")
 TASKS = ("cls", "det")
@@ -38,6 +47,11 @@ class BenchmarkSpec:
     path: str
     vlmevalkit_name: str | None = None  # the VLMEvalKit dataset it is (selects VLMEvalKit's prompt and metric)
     published: str | None = None  # the published benchmark it is (evaluation.registry), for the table
+
+    @property
+    def vlmevalkit_dataset(self) -> str:
+        """The name that picks VLMEvalKit's prompt and metric variant."""
+        return self.vlmevalkit_name or self.name
 
 
 @dataclass
@@ -55,16 +69,31 @@ class EvalItem:
     image_root: Path | None = None
     category: str | None = None
     l2_category: str | None = None
+    split: str | None = None
     task: str | None = None
     pair_id: str | None = None
     where: str = ""
+    vlmevalkit: VlmFields | None = None  # the fields as VLMEvalKit holds them (None: derived from the above)
 
     def fields(self) -> dict[str, Any]:
         """The item's part of a prediction line (no images, no file position)."""
         values = asdict(self)
-        for private in ("images", "image_root", "where", "hint"):
+        for private in ("images", "image_root", "where", "hint", "vlmevalkit"):
             values.pop(private)
         return values
+
+    def vlmevalkit_fields(self) -> VlmFields:
+        """The item as VLMEvalKit holds it; for an item not read from a TSV, as a TSV made from it would read."""
+        if self.vlmevalkit is not None:
+            return self.vlmevalkit
+        options = {letter: text for letter, text in (self.options or {}).items() if vlmevalkit.na_cell(text)}
+        answer = canonical_answer(self.kind, self.answer)
+        return VlmFields(self.question, vlmevalkit.na_cell(self.hint), options, answer)
+
+
+def canonical_answer(kind: str, answer: str) -> str:
+    """The reference as a VLMEvalKit TSV writes it: the letter, or Yes / No."""
+    return answer.capitalize() if kind == "yesno" else answer
 
 
 def parse_benchmark_spec(text: str) -> BenchmarkSpec:
@@ -119,7 +148,31 @@ def read_benchmark(spec: BenchmarkSpec, image_root: str | Path | None = None,
         items.append(item)
     if not items:
         raise AloeError(f"{spec.path}: the benchmark has no items (empty file)")
+    if tsv:
+        _attach_vlmevalkit_fields(items, streams.get(spec.path) if streams is not None else spec.path)
     return items
+
+
+def _attach_vlmevalkit_fields(items: list[Item], path: str) -> None:
+    """Each TSV item gets its row as pandas reads it. Rows pair up by position, checked by `index`; when pandas
+    reads the file differently (rows that do not pair up), each item keeps fields derived cell by cell."""
+    rows = vlmevalkit.read_tsv_fields(path)
+    if rows is None or len(rows) < len(items):
+        return
+    pairs = [(item.annotations["eval_item"], row) for item, row in zip(items, rows) if "eval_item" in item.annotations]
+    if not all(_same_index(eval_item.id, row.get("index")) for eval_item, row in pairs):
+        return
+    for eval_item, row in pairs:
+        eval_item.vlmevalkit = vlmevalkit.fields_from_row(row)
+
+
+def _same_index(ours: str, theirs: str | None) -> bool:
+    if theirs is None or ours == theirs:  # no index column: nothing to check
+        return True
+    try:
+        return float(ours) == float(theirs)
+    except ValueError:
+        return False
 
 
 def _check_tsv_columns(path: str, record: dict) -> None:
@@ -137,7 +190,7 @@ def to_eval_item(item: Item, benchmark: str, *, tsv: bool, position: int = 0) ->
         raise RecordError("missing_field", "no question", field="question")
     options = _options(meta.get("options") if tsv else record.get("options"))
     hint = _text(meta.get("hint")) if tsv else _text(record.get("hint"))
-    question = _question_text(text_of(user), options, hint) if tsv else text_of(user)
+    question = _question_text(text_of(user), meta.get("options"), meta.get("hint")) if tsv else text_of(user)
     answers = [m for m in record["messages"] if m["role"] == "assistant"]
     answer = _text(text_of(answers[-1])) if answers else None
     if answer is None:
@@ -148,12 +201,41 @@ def to_eval_item(item: Item, benchmark: str, *, tsv: bool, position: int = 0) ->
     task = _text(fields.get("task"))
     if task is not None and task.lower() not in TASKS:
         raise RecordError("invalid_field", f"must be one of {', '.join(TASKS)}, got {task!r}", field="task")
+    task = task or infer_task(question, answer)
     return EvalItem(
         id=item_id, benchmark=benchmark, kind=kind, question=question.strip(), answer=answer,
         options=options if kind == "mcq" else None, hint=hint, images=list(record.get("images") or []),
         image_root=item.image_root, category=_text(fields.get("category")),
-        l2_category=_text(fields.get("l2-category", fields.get("l2_category"))),
-        task=task.lower() if task else None, pair_id=_text(fields.get("pair_id")), where=item.where)
+        l2_category=_text(fields.get("l2-category", fields.get("l2_category"))), split=_text(fields.get("split")),
+        task=task.lower() if task else None, pair_id=_text(fields.get("pair_id")), where=item.where,
+        vlmevalkit=None if tsv else _jsonl_fields(record, text_of(user), kind, answer))
+
+
+def _jsonl_fields(record: dict, question: str, kind: str, answer: str) -> VlmFields:
+    """A JSONL item as VLMEvalKit would hold it once written to a TSV: text as given, NA-like cells missing."""
+    options = record.get("options")
+    if isinstance(options, list):
+        options = {LETTERS[i]: value for i, value in enumerate(options)}
+    texts = {}
+    for key, value in (options or {}).items():
+        text = vlmevalkit.na_cell(None if value is None else str(value))
+        if text is not None:
+            texts[str(key).strip().upper()] = text
+    hint = record.get("hint")
+    return VlmFields(question, vlmevalkit.na_cell(None if hint is None else str(hint)), texts,
+                     canonical_answer(kind, answer))
+
+
+_GROUNDING_QUESTION = re.compile(r"\b(where|locat(e|es|ed|ing|ion)|locali[sz](e|es|ed|ing|ation)|box(es)?|bounding)\b",
+                                 re.IGNORECASE)
+
+
+def infer_task(question: str, answer: str) -> str:
+    """`det` for an item with a reference box in its answer or a grounding question ("where", "locate",
+    "box", "bounding"), else `cls`: the adversarial table's split when items carry no `task`."""
+    if reference_box(answer) is not None or _GROUNDING_QUESTION.search(question):
+        return "det"
+    return "cls"
 
 
 def _text(value: Any) -> str | None:
@@ -183,12 +265,14 @@ def _options(value: Any) -> dict[str, str] | None:
     raise RecordError("invalid_field", "must be an object letter -> text, or a list", field="options")
 
 
-def _question_text(text: str, options: dict[str, str] | None, hint: str | None) -> str:
-    """The bare question of a TSV row (the reader appends the options and prefixes the hint)."""
-    if options:
+def _question_text(text: str, options: Any, hint: Any) -> str:
+    """The bare question of a TSV row: the reader appended its options and prefixed its hint, as they are in
+    the file (`aloe_cli.data.tsv.tsv_row_to_record`), before any is read as missing here."""
+    if isinstance(options, dict) and options:
         block = "\nOptions:\n" + "\n".join(f"{letter}. {value}" for letter, value in options.items())
         text = text[:-len(block)] if text.endswith(block) else text
-    prefix = f"Hint: {hint}\n" if hint else ""
+    hint = hint.strip() if isinstance(hint, str) else ""
+    prefix = f"Hint: {hint}\n" if hint and hint != "nan" else ""
     return text[len(prefix):] if prefix and text.startswith(prefix) else text
 
 
@@ -226,4 +310,5 @@ def _checked_answer(kind: str, answer: str, options: dict[str, str] | None) -> s
     return answer
 
 
-__all__ = ["BenchmarkSpec", "EvalItem", "KINDS", "TASKS", "parse_benchmark_spec", "read_benchmark", "to_eval_item"]
+__all__ = ["BenchmarkSpec", "EvalItem", "KINDS", "TASKS", "infer_task", "parse_benchmark_spec", "read_benchmark",
+           "to_eval_item"]

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aloe_cli.data.io import RecordWriter, StreamCopies
+from aloe_cli.data.preflight import check_items
 from aloe_cli.data.stage import RunConfig, run_stage
+from aloe_cli.errors import AloeError
 from aloe_cli.evaluation.benchmarks import BenchmarkSpec, read_benchmark
 from aloe_cli.evaluation.judge import OpenJudge
 from aloe_cli.evaluation.results import PREDICTIONS_FILE, folder_name, save_scores, write_tables
@@ -33,6 +35,7 @@ class EvalPlan:
     params: GenerationParams = field(default_factory=lambda: GenerationParams(max_new_tokens=128))
     batch_size: int = 64  # items handed to the backend at once (it batches and sorts inside)
     perturbations: tuple[str, ...] = ()
+    protocol: str = "vlmevalkit"  # whose prompt is sent (both verdicts are always scored)
     limit: int | None = None
     on_error: str = "fail"
     image_root: Path | None = None
@@ -74,16 +77,21 @@ def evaluate_model(label: str, backend: Callable[[], GenerationBackend], plan: E
             bad = next((item for item in items if item.error is not None), None)
             if bad is not None:
                 raise bad.error.located(bad.where)
+            unresolved = check_items(items)  # image paths too, while no model is loaded yet
+            if not unresolved.ok:
+                raise AloeError(f"benchmark {spec.name}: {unresolved.message()}")
         perturber = perturbers([item for item in items if item.error is None]) if plan.perturbations else None
         stage = EvalStage(backend, label, plan.params, judge=judge, perturber=perturber,
-                          perturbations=plan.perturbations, cache_tag=cache_tag, keyed=keyed)
+                          perturbations=plan.perturbations, cache_tag=cache_tag, keyed=keyed,
+                          protocol=plan.protocol, dataset=spec.vlmevalkit_dataset)
         target = plan.make_folder(model_dir / spec.name) / PREDICTIONS_FILE
         config = RunConfig(batch_size=plan.batch_size, on_error=plan.on_error)
         bar = _progress_factory(progress, label, spec.name, len(items), stage)
         with RecordWriter(target) as writer:
             summary = run_stage(stage, items, writer, None, config, progress=bar)
         scores = {**stage.scores(), "file": spec.path, "skipped": dict(sorted(summary.reasons.items())),
-                  "published": spec.published, "vlmevalkit_name": spec.vlmevalkit_name}
+                  "published": spec.published, "vlmevalkit_name": spec.vlmevalkit_name,
+                  "protocol": plan.protocol}
         run = BenchmarkRun(spec.name, summary.read, summary.kept, summary.emitted, scores["skipped"], scores)
         save_scores(model_dir, label, {spec.name: scores}, info)
         # after every benchmark: the tables always match the scores files

@@ -81,7 +81,7 @@ def clean(text: str | None) -> str:
 def _plain(text: str) -> str:
     """Lower case, punctuation as spaces: for comparing option texts."""
     text = unicodedata.normalize("NFKC", text).lower()
-    text = re.sub(r"[^\w%+\-/.]+|(?<!\d)[.](?!\d)", " ", text)
+    text = re.sub(r"[^\w%+\-/.]+|[.](?!\d)", " ", text)  # a period is kept only inside a number
     return " ".join(text.split())
 
 
@@ -110,7 +110,7 @@ _STATEMENT_RES = [re.compile(pattern, re.IGNORECASE) for pattern in _STATEMENTS]
 _ALTERNATIVE_AFTER = re.compile(r"^\s*(?:,|/|or|and|&|或|o|ou|oder)\s*(?:option\s+)?[\(\[]?[A-J][\)\]]?(?![\w'])",
                                 re.IGNORECASE)
 _LIST_LINE = re.compile(r"^\s*[\(\[]?([A-J])[\)\].:]\s+\S")
-_WHOLE_LETTER = re.compile(r"^(?:(?:option|choice|answer|letter)\s*[:\-]?\s*)?[\(\[]?([A-Ja-j])[\)\]]?[.!:]?$",
+_WHOLE_LETTER = re.compile(r"^(?:(?:option|choice|answer|letter)\s*[:\-]?\s*)?[\(\[{]?([A-Ja-j])[\)\]}]?[.!:]?$",
                            re.IGNORECASE)
 _LEADING_LETTER = re.compile(r"^[\(\[]?([A-Ja-j])(?:[\)\]]|\.(?=\s|$)(?!\s*[a-z])|:(?=\s|$)|\s*-\s)")
 # Letters listed together ("A or B", "A, C and D", "B/C"): all of them are named.

@@ -1,7 +1,9 @@
 """`aloe eval --rescore`: re-extract and re-score saved predictions without any model.
 
 Reads prediction lines (ours, edited by hand, or written by another tool in the same schema), recomputes
-`extracted` and `correct` from `prediction` with the current rules (open items keep their judge grade),
+both verdicts from `prediction` with the current rules (`extracted`/`correct` by VLMEvalKit's, on the line's
+`vlmevalkit` fields when it has them; `extracted_aloe`/`correct_aloe`/`rule` by aloe's; open items keep
+their judge grade),
 and writes a new predictions file, the scores and the tables under the output folder. Lines that cannot
 be read are errors naming the file, line and field, or counted skips with `--on-error skip`.
 """
@@ -16,6 +18,8 @@ from aloe_cli.data.io import Item, read_file
 from aloe_cli.data.stage import Stage
 from aloe_cli.errors import AloeError, RecordError
 from aloe_cli.evaluation.scoring import benchmark_scores, rescore_line
+
+VERDICT_FIELDS = ("extracted", "correct", "extracted_aloe", "correct_aloe")
 
 
 def prediction_items(paths: Iterable[str]) -> Iterator[Item]:
@@ -45,7 +49,7 @@ class RescoreStage(Stage):
                 item.error = error.located(item.where)
                 continue
             old = item.record
-            if (old.get("extracted"), old.get("correct")) != (line["extracted"], line["correct"]):
+            if any(old.get(key) != line.get(key) for key in VERDICT_FIELDS):
                 self.changed += 1
             item.record = line
             self.lines_by_benchmark[str(line["benchmark"])].append(line)

@@ -33,7 +33,7 @@ from aloe_cli.data.io import read_file
 from aloe_cli.data.writing import write_atomic, write_atomic_many
 from aloe_cli.errors import AloeError, RecordError, UsageError
 from aloe_cli.evaluation import registry
-from aloe_cli.evaluation.scoring import PERTURBATION_TITLES, PERTURBATIONS
+from aloe_cli.perturb.names import EVAL_NAMES, PUBLISHED_COLUMNS, TITLES
 
 SCORES_FILE = "scores.json"
 PREDICTIONS_FILE = "predictions.jsonl"
@@ -99,10 +99,7 @@ def collect_scores(folder: Path) -> list[dict]:
     return sorted(models, key=lambda data: (data.get("created") or 0, str(data.get("model"))))
 
 
-# The published adversarial table's columns; other cells (cls Leg, region, ...) only when asked.
-PUBLISHED_ROBUSTNESS = (("cls", ("base", "cap", "pmt", "syc")), ("det", ("base", "cap", "pmt", "syc", "leg")))
-ROBUSTNESS_CHOICES = ("published", "all")
-KNOWN_PERTURBATIONS = (*PERTURBATIONS, *(("region",) if "region" not in PERTURBATIONS else ()))
+ROBUSTNESS_CHOICES = ("published", "all")  # the adversarial table's columns: PUBLISHED_COLUMNS, or every cell
 # (key, title): the figure comparable with published baselines first, aloe's extraction beside it
 PROTOCOLS = (("vlmevalkit", "VLMEvalKit protocol, comparable with published baselines"),
              ("aloe", "aloe extraction, not comparable with published baselines"))
@@ -118,10 +115,10 @@ def parse_robustness_columns(text: str) -> str | tuple[tuple[str, str], ...]:
     cells = []
     for part in choice.split(","):
         task, _, kind = part.strip().replace(" ", ":").partition(":")
-        if task not in TASK_ORDER or kind not in KNOWN_PERTURBATIONS:
+        if task not in TASK_ORDER or kind not in EVAL_NAMES:
             raise UsageError(f"{part.strip()!r} is not a column: give published, all, or cells such as "
                              f"cls:leg,det:region (tasks {', '.join(TASK_ORDER)}; perturbations "
-                             f"{', '.join(KNOWN_PERTURBATIONS)})", "--robustness-columns")
+                             f"{', '.join(EVAL_NAMES)})", "--robustness-columns")
         cells.append((task, kind))
     return tuple(dict.fromkeys(cells))
 
@@ -138,7 +135,7 @@ def benchmark_columns(models: list[dict]) -> list[str]:
 
 
 def _perturbation_order(kind: str) -> tuple[int, str]:
-    order = KNOWN_PERTURBATIONS
+    order = EVAL_NAMES
     return (order.index(kind) if kind in order else len(order), kind)
 
 
@@ -151,7 +148,7 @@ def robustness_columns(models: list[dict], choice: str | tuple = "published") ->
             for task, kinds in (scores.get("robustness") or {}).items() for kind in kinds}
     tasks = [task for task in TASK_ORDER if any(t == task for t, _ in seen)]
     tasks += sorted({task for task, _ in seen} - set(tasks))
-    published = dict(PUBLISHED_ROBUSTNESS)
+    published = PUBLISHED_COLUMNS
     columns = []
     for task in tasks:
         cells = [(task, kind) for kind in published.get(task, ())]
@@ -192,7 +189,7 @@ def _robustness(data: dict, task: str, kind: str, protocol: str = "vlmevalkit") 
 
 
 def _column_title(task: str, kind: str) -> str:
-    return f"{task} {PERTURBATION_TITLES.get(kind, kind.capitalize())}"
+    return f"{task} {TITLES.get(kind, kind.capitalize())}"
 
 
 def table_rows(models: list[dict], protocol: str = "vlmevalkit", robustness: str | tuple = "published"
@@ -320,7 +317,7 @@ def write_tables(folder: Path, robustness: str | tuple = "published") -> list[di
     return models
 
 
-__all__ = ["ACC_FILE", "PREDICTIONS_FILE", "PUBLISHED_ROBUSTNESS", "SCORES_FILE", "benchmark_columns",
+__all__ = ["ACC_FILE", "PREDICTIONS_FILE", "SCORES_FILE", "benchmark_columns",
            "breakdown_columns", "breakdown_rows", "collect_scores", "folder_name", "headline", "load_scores",
            "parse_robustness_columns", "read_prediction_lines", "render_acc_csv", "render_csv", "render_markdown",
            "robustness_columns", "save_scores", "table_rows", "write_tables", "write_text_atomic"]

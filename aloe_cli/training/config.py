@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from aloe_cli.errors import AloeError, ConfigValueError, UsageError
+from aloe_cli.perturb.names import KINDS
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 # transformers' SchedulerType values that need no extra arguments.
@@ -31,7 +32,7 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
                  "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 TRUNCATE_MODES = ("none", "text")
 ON_ERROR_MODES = ("skip", "fail")
-PERTURB_KINDS_DEFAULT = "cap,pmt,syc,leg,region"
+PERTURB_KINDS_DEFAULT = ",".join(KINDS)
 CONFIG_FILE = "aloe-train.yaml"
 
 
@@ -68,6 +69,9 @@ class TrainConfig:
         "Over-long samples: none = drop them (counted); text = cut their text, never image tokens.", group="data"))
     on_error: str = field(default="skip", metadata=option(
         "A record with a missing or broken image: skip (counted) or fail (stop the run).", group="data"))
+    max_skipped: float = field(default=0.001, metadata=option(
+        "Fail the run when more than this fraction of the records is lost (unreadable records, missing or broken "
+        "images); every loss is counted either way.", minimum=0, maximum=1, group="data"))
     dataloader_workers: int = field(default=4, metadata=option(
         "Worker processes decoding images and running the processor, per rank; capped at the CPUs a rank may use.",
         minimum=0, maximum=1024, group="data"))
@@ -123,7 +127,11 @@ class TrainConfig:
     logging_steps: int = field(default=10, metadata=option(
         "Log loss, learning rate and tokens/s every N optimizer steps.", minimum=1, maximum=INT_MAX, group="run"))
     resume: bool = field(default=False, metadata=option(
-        "Continue from the last checkpoint in --output-dir.", group="run"))
+        "Continue the run in --output-dir (the same inputs and configuration only) from its newest complete "
+        "checkpoint.", group="run"))
+    overwrite: bool = field(default=False, metadata=option(
+        "Start a new run in an --output-dir that holds one: the old run is moved aside, never mixed with the new.",
+        group="run"))
     report_to: str = field(default="none", metadata=option(
         "Experiment trackers (wandb, tensorboard, ...; comma-separated) or none.", group="run"))
 
@@ -174,6 +182,9 @@ class TrainConfig:
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             raise ConfigValueError(("min_pixels", "max_pixels"),
                                    f"{self.min_pixels} is larger than --max-pixels {self.max_pixels}")
+        if self.resume and self.overwrite:
+            raise ConfigValueError(("overwrite", "resume"), "and --resume exclude each other: --resume continues "
+                                   "the run, --overwrite replaces it")
         if self.epochs == 0 and self.max_steps is None:
             raise ConfigValueError(("epochs", "max_steps"), "0 trains nothing; give --max-steps or a positive --epochs")
 
@@ -220,8 +231,6 @@ class AdvTrainConfig(TrainConfig):
             raise ConfigValueError(("emit_only", "perturb"), "with --perturb none there is nothing to emit")
 
     def perturb_kinds(self) -> tuple[str, ...]:
-        from aloe_cli.perturb import KINDS
-
         kinds = tuple(part.strip() for part in self.perturb.split(",") if part.strip())
         unknown = [kind for kind in kinds if kind not in KINDS]
         if unknown or not kinds or len(set(kinds)) != len(kinds):
@@ -339,6 +348,35 @@ class TrainPlan:
     @property
     def effective_global_batch_size(self) -> int:
         return self.config.micro_batch_size * self.gradient_accumulation_steps * self.world_size
+
+    def schedule(self, records: int) -> tuple[int, int]:
+        """(optimizer steps, warmup steps) of a run on `records` samples, computed as the Trainer computes them:
+        each rank gets ceil(records / (micro x world)) micro batches per epoch, an optimizer step takes
+        `accumulation` of them (a partial last one counts)."""
+        c = self.config
+        if c.max_steps is not None:
+            steps = c.max_steps
+        else:
+            batches = math.ceil(records / (c.micro_batch_size * self.world_size))
+            per_epoch = max(math.ceil(batches / self.gradient_accumulation_steps), 1)
+            steps = math.ceil(c.epochs * per_epoch)
+        warmup = math.ceil(steps * c.warmup_ratio)
+        return steps, warmup
+
+    def schedule_warning(self, records: int) -> str | None:
+        """Words for a schedule too short to learn from: under 10 optimizer steps, or warmup over all of them."""
+        steps, warmup = self.schedule(records)
+        c = self.config
+        how = (f"{records} record(s), global batch {self.effective_global_batch_size}"
+               + (f", --max-steps {c.max_steps}" if c.max_steps is not None else f", {c.epochs:g} epoch(s)"))
+        if warmup >= steps and c.learning_rate > 0 and c.lr_scheduler not in ("constant",):
+            return (f"the schedule has {steps} optimizer step(s) ({how}) and its warmup ({warmup} step(s), "
+                    f"--warmup-ratio {c.warmup_ratio:g}) covers all of them: the learning rate never reaches "
+                    f"{c.learning_rate:g}; lower --global-batch-size or --warmup-ratio, or train longer")
+        if steps < 10:
+            return (f"the schedule has only {steps} optimizer step(s) ({how}): lower --global-batch-size or train "
+                    "longer to learn anything")
+        return None
 
     def sft_config_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for TRL's SFTConfig (its own field names)."""

@@ -69,11 +69,15 @@ class TrainingRows(Stage):
 
 
 def _image_ref(entry: Any, image_root: str | os.PathLike | None) -> dict:
-    """{bytes, path} for one image entry; paths become absolute so every rank and worker can open them."""
+    """{bytes, path} for one image entry; paths become absolute so every rank and worker can open them.
+    A path that names no file is a missing image now, counted with the records, not a sample lost mid-run."""
     if isinstance(entry, dict) and not entry.get("bytes") and entry.get("path"):
         entry = entry["path"]
     if isinstance(entry, str) and not entry.startswith("data:"):
-        return {"bytes": None, "path": str(resolve_path(entry, image_root).absolute())}
+        path = resolve_path(entry, image_root).absolute()
+        if not path.is_file():
+            raise RecordError("image_missing", f"image file not found: {path}")
+        return {"bytes": None, "path": str(path)}
     data, _ = read_source(entry, image_root)
     return {"bytes": bytes(data), "path": None}
 
@@ -136,6 +140,31 @@ def build_dataset(items: Iterable[Item], output_dir: str | os.PathLike, *, on_er
     return summary
 
 
+# Samples skipped while training that count as lost (the data could not be used); samples dropped for their length
+# (too_long, no_loss_tokens) follow --max-length and --truncate, and are counted but not held against --max-skipped.
+LOST_WHILE_TRAINING = ("image_missing", "image_corrupt", "image_truncated", "image_too_large", "image_invalid",
+                       "template_error", "other")
+
+
+def lost_allowed(read: int, max_skipped: float) -> int:
+    """How many of `read` records may be lost under --max-skipped (a fraction)."""
+    return int(read * max_skipped + 1e-9)
+
+
+def lost_message(lost: dict[str, int], read: int, max_skipped: float) -> tuple[bool, str] | None:
+    """(over the limit, words) for the records lost so far, or None when none is lost."""
+    total = sum(lost.values())
+    if not total:
+        return None
+    allowed = lost_allowed(read, max_skipped)
+    reasons = ", ".join(f"{reason}={n}" for reason, n in sorted(lost.items()) if n)
+    share = f"--max-skipped {max_skipped * 100:g}% of {read} = {allowed}"
+    if total > allowed:
+        return True, (f"{total} of {read} records lost ({reasons}): more than {share} allows; fix the inputs "
+                      "(image paths, files) or raise --max-skipped")
+    return False, f"{total} of {read} records lost ({reasons}): not trained on (within {share})"
+
+
 def dataset_path(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / DATASET_DIR / DATASET_FILE
 
@@ -155,4 +184,5 @@ def load_dataset(output_dir: str | os.PathLike):
     return Dataset.from_file(str(path)).with_transform(decode_rows)
 
 
-__all__ = ["ArrowRowWriter", "TrainingRows", "build_dataset", "dataset_path", "decode_rows", "load_dataset"]
+__all__ = ["LOST_WHILE_TRAINING", "ArrowRowWriter", "lost_allowed", "lost_message", "TrainingRows",
+           "build_dataset", "dataset_path", "decode_rows", "load_dataset"]

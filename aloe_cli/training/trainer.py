@@ -1,6 +1,6 @@
 """Run one SFT stage on TRL's SFTTrainer: data once into a memory-mapped dataset, then TRL's own loop.
 
-    result = run_training(plan, items)   # items: the records to learn from (an iterable of data.io.Item)
+    result = run_training(plan, items, paths=paths)   # items(): the records of `paths`, as data.io.Items
 
 What this adds around `SFTTrainer` (nothing of its loop is re-implemented):
 - the distributed state: on a machine without CUDA, DeepSpeed runs on gloo
@@ -11,14 +11,19 @@ What this adds around `SFTTrainer` (nothing of its loop is re-implemented):
 - the chat template that defines the loss, set on the processor before the
   trainer sees it (TRL never swaps it), and the processor's pixel limits;
 - the vision guard (`training.guard`) for text-only micro batches under ZeRO-3;
+- the run folder's rules and its ledger `run.json` (`training.ledger`): the folder is claimed (refused, moved
+  aside, or resumed from its newest whole checkpoint) before anything is read;
+- samples lost to unreadable records and images, held against `--max-skipped` at every logging step;
 - `log.jsonl` (step, loss, lr, tokens/s, skipped samples), `aloe-train.yaml`,
   the final model + processor in `output_dir`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
 import socket
 import time
 from collections import Counter
@@ -52,6 +57,7 @@ class TrainResult:
     skipped: dict[str, int] = field(default_factory=dict)
     guard_calls: list[int] = field(default_factory=list)  # text-only micro batches the vision guard covered, per rank
     resumed_from: str | None = None
+    complete: bool = False  # --resume found the run complete: nothing was done
     is_main: bool = True
 
 
@@ -68,6 +74,10 @@ def init_distributed(plan: TrainPlan) -> tuple[Any, bool]:
     import torch
     from accelerate import PartialState
 
+    if plan.deepspeed is None and not torch.cuda.is_available() and plan.world_size > 1:
+        # Plain data parallelism on CPUs: accelerate makes a gloo process group only when asked for a CPU run;
+        # otherwise every rank would take itself for the only one (and the main process).
+        return PartialState(cpu=True), False
     if plan.deepspeed is None or torch.cuda.is_available():
         return None, False
     # DeepSpeed without CUDA: a gloo process group, also for a single process started without a launcher.
@@ -125,7 +135,8 @@ def load_training_model(plan: TrainPlan, weights: str | None = None):
         model = AutoModelForImageTextToText.from_pretrained(
             weights or config.model, dtype=dtype, attn_implementation=attn, trust_remote_code=config.trust_remote_code)
     except Exception as exc:  # transformers raises many types for a bad checkpoint
-        raise AloeError(f"cannot load model {config.model}: {first_line(exc)}") from None
+        what = f"checkpoint {weights}" if weights else f"model {config.model}"
+        raise AloeError(f"cannot load {what}: {first_line(exc)}") from None
     model.config.use_cache = False
     return model
 
@@ -167,6 +178,7 @@ def _trainer_class():
         """SFTTrainer, plus the collator's skip counts summed over ranks into every log."""
 
         skipped: Counter
+        lost_budget: _LostBudget
         weights_from: str | None = None  # the checkpoint the model was loaded from, if any
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -175,6 +187,16 @@ def _trainer_class():
             # nothing would load. The model was loaded from the checkpoint with from_pretrained instead.
             if resume_from_checkpoint != self.weights_from:
                 super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+        def _save_checkpoint(self, model, trial):
+            try:
+                super()._save_checkpoint(model, trial)
+            except Exception as exc:
+                # torch's zip writer reports a full disk as "unexpected pos ..." with no errno: a save that fails
+                # with less room left than a checkpoint takes is a full disk.
+                if disk_full(exc) is None and _short_of_space(Path(self.args.output_dir), self):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from exc
+                raise
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             counts = inputs.pop(SKIPPED_KEY, None)
@@ -185,9 +207,11 @@ def _trainer_class():
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             # Every rank logs at the same step, so the sum over ranks is one collective.
-            for reason, total in _sum_over_ranks(self.accelerator, self.skipped).items():
+            skipped = _sum_over_ranks(self.accelerator, self.skipped)
+            for reason, total in skipped.items():
                 logs[f"skipped_{reason}"] = total
             super().log(logs, start_time)
+            self.lost_budget.check(skipped)  # every rank sees the same sums: all stop at this step, or none
 
     return AloeSFTTrainer
 
@@ -272,27 +296,90 @@ def _worker_error(error: AloeError) -> AloeError:
 
 # ----------------------------------------------------------------------------- the run
 
-def run_training(plan: TrainPlan, items: Callable[[], Iterable[Item]], *,
-                 log: Callable[[str], None] = lambda message: None) -> TrainResult:
-    """Train `plan.config.model` on the records `items()` yields; everything lands in `plan.config.output_dir`."""
+def run_training(plan: TrainPlan, items: Callable[[], Iterable[Item]], *, paths: list[str],
+                 log: Callable[[str], None] = lambda message: None, resume_command: str | None = None) -> TrainResult:
+    """Train `plan.config.model` on the records `items()` yields (read from `paths`, which the run folder's ledger
+    records); everything lands in `plan.config.output_dir`. `resume_command`: the command line that resumes this
+    run, for the closing line of an interrupted one."""
     config = plan.config
     output_dir = Path(config.output_dir)
+    run: dict[str, Any] = {}  # the ledger and the trainer, once there are any
     with stdout_to_stderr():
         try:
-            result = _run(plan, items, output_dir, log)
+            result = _run(plan, items, paths, output_dir, log, resume_command, run)
             _leave_process_group()
             return result
         except AloeError as error:
-            raise _worker_error(error) from None
+            error = _worker_error(error)
+            _failed(run, first_line(error))
+            raise error from None
         except (Terminated, KeyboardInterrupt) as stop:
             if getattr(stop, "outcome", None) is None:
-                stop.outcome = stopped(output_dir, plan.command)
+                stop.outcome = stopped(output_dir, plan.command, resume_command)
+            _failed(run, "interrupted (SIGINT)" if isinstance(stop, KeyboardInterrupt)
+                    else f"terminated by {signal.Signals(stop.signum).name}")
             raise
         except Exception as exc:
             full = disk_full(exc)
+            _failed(run, first_line(exc) if full is None else full)
             if full is None:
                 raise
-            raise AloeError(f"cannot write {output_dir}: {full}") from exc
+            raise AloeError(_disk_full_message(output_dir, full, run.get("trainer"))) from exc
+
+
+def _failed(run: dict, why: str) -> None:
+    ledger = run.get("ledger")
+    if ledger is not None:
+        ledger.fail(why)
+
+
+def _checkpoint_need(output_dir: Path, trainer) -> tuple[int, str] | None:
+    """About how many bytes a checkpoint takes, and how that was found: the newest complete checkpoint's size,
+    else the weights plus AdamW's two fp32 moments of the trained parameters."""
+    from aloe_cli.training.run_folder import folder_bytes
+
+    kept = last_checkpoint(output_dir)
+    if kept is not None:
+        return folder_bytes(Path(kept)), f"the size of {Path(kept).name}"
+    if trainer is None:
+        return None
+    parameters = list(trainer.model.parameters())
+    total = sum(getattr(p, "ds_numel", None) or p.numel() for p in parameters)
+    trained = sum(getattr(p, "ds_numel", None) or p.numel() for p in parameters if p.requires_grad)
+    return total * parameters[0].element_size() + trained * 8, "weights and AdamW's moments"
+
+
+def _short_of_space(output_dir: Path, trainer) -> bool:
+    import shutil
+
+    need = _checkpoint_need(output_dir, trainer)
+    try:
+        return need is not None and shutil.disk_usage(output_dir).free < need[0]
+    except OSError:
+        return False
+
+
+def _disk_full_message(output_dir: Path, reason: str, trainer) -> str:
+    """A full disk while saving: what a save needs and what is free, and that the last complete checkpoint is
+    intact."""
+    import shutil
+
+    from aloe_cli.training.run_folder import human_bytes
+
+    kept = last_checkpoint(output_dir)
+    need = _checkpoint_need(output_dir, trainer)
+    try:
+        free = shutil.disk_usage(output_dir).free
+    except OSError:
+        free = None
+    message = f"cannot write {output_dir}: {reason}"
+    if need is not None:
+        message += f"; a checkpoint needs about {human_bytes(need[0])} ({need[1]})"
+    if free is not None:
+        message += f", {human_bytes(free)} free"
+    if kept is not None:
+        message += f"; {kept} is intact: free space, then resume with --resume"
+    return message
 
 
 def _leave_process_group() -> None:
@@ -357,48 +444,78 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
-def _run(plan: TrainPlan, items, output_dir: Path, log) -> TrainResult:
+def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume_command: str | None,
+         run: dict) -> TrainResult:
     import torch
     from trl import SFTConfig
 
     from aloe_cli.data.writing import folders_made
     from aloe_cli.training.collator import TrainingCollator
-    from aloe_cli.training.data import build_dataset, dataset_path, load_dataset
+    from aloe_cli.training.data import build_dataset, dataset_path, load_dataset, lost_message
     from aloe_cli.training.guard import VisionGuard
+    from aloe_cli.training.ledger import Ledger, claim, completed_step, read_run
 
     _quiet_libraries()
     preflight(plan)
     config = plan.config
+    command = f"aloe {plan.command}"
     _cap_dataloader_workers(config, log)
-    resume_from = None
-    if config.resume:
-        resume_from = last_checkpoint(output_dir)
-        if resume_from is None:
-            raise AloeError(f"--resume: no checkpoint-* folder in {output_dir}")
     state, configured = init_distributed(plan)
     from accelerate import PartialState
 
     state = state or PartialState()
-    processor = prepare_processor(plan)  # before the data: a bad model folder fails in seconds
 
-    records: dict[str, Any] = {}
+    # The folder's rules, on the main process only (the others wait): refuse, move an old run aside, set damaged
+    # checkpoints aside, or find the run complete.
+    claimed = None
     with state.main_process_first():
         if state.is_main_process:
-            if resume_from:  # what a run stopped mid-save left: never resumed from, and in the way of the next save
-                for folder in remove_incomplete(output_dir):
-                    log(f"aloe {plan.command}: removed the incomplete checkpoint {folder} (its save never finished)")
-            # Records that stop the run (--on-error fail, none trainable) leave no run folder it made behind.
+            claimed = claim(plan, paths)
+            for note in claimed.notes:
+                log(f"{command}: {note}")
+    complete_at = claimed.step if claimed is not None and claimed.complete else (
+        completed_step(output_dir) if claimed is None and config.resume else None)
+    if complete_at is not None:
+        return TrainResult(output_dir=output_dir, records={}, global_step=complete_at, complete=True,
+                           is_main=state.is_main_process)
+
+    processor = prepare_processor(plan)  # before the data: a bad model folder fails in seconds
+    records: dict[str, Any] = {}
+    ledger = None
+    with state.main_process_first():
+        if state.is_main_process:
+            # Records that stop the run (--on-error fail, none trainable, too many lost) leave no run folder it made.
             with folders_made() as make:
                 make(dataset_path(output_dir).parent)
                 summary = build_dataset(items(), output_dir, on_error=config.on_error)
+                lost = lost_message(dict(summary.reasons), summary.read, config.max_skipped)
+                if lost and lost[0]:
+                    dataset_path(output_dir).unlink(missing_ok=True)
+                    raise AloeError(lost[1])
             write_plan(plan, output_dir)
-            if not resume_from:  # a new run starts a new log; a resumed one continues it
+            if claimed.resume_from is None:  # a new run starts a new log; a resumed one continues it
                 (output_dir / LOG_FILE).unlink(missing_ok=True)
             records = {"read": summary.read, "kept": summary.kept, "rejected": summary.rejected,
                        "reasons": dict(summary.reasons)}
-            log(f"aloe {plan.command}: {summary.kept} training record(s) of {summary.read} read"
+            log(f"{command}: {summary.kept} training record(s) of {summary.read} read"
                 + (f" ({', '.join(f'{k}={v}' for k, v in sorted(summary.reasons.items()))} rejected)"
                    if summary.rejected else ""))
+            if lost:
+                log(f"aloe: warning: {lost[1]}")
+            warning = plan.schedule_warning(summary.kept)
+            if warning:
+                log(f"aloe: warning: {warning}")
+            ledger = Ledger(plan, output_dir, claimed)
+            ledger.start(records)
+    run["ledger"] = ledger
+    if not state.is_main_process:  # the counts --max-skipped weighs, as the main process wrote them
+        records = (read_run(output_dir) or {}).get("records") or {}
+    resume_from = str(claimed.resume_from) if claimed is not None and claimed.resume_from else None
+    if not state.is_main_process and config.resume:
+        from aloe_cli.training.run_folder import resume_point
+
+        point, _ = resume_point(output_dir)  # what the main process chose, damaged checkpoints already set aside
+        resume_from = str(point) if point is not None else None
     dataset = load_dataset(output_dir)
 
     kwargs = plan.sft_config_kwargs()
@@ -416,24 +533,29 @@ def _run(plan: TrainPlan, items, output_dir: Path, log) -> TrainResult:
     if config.freeze_vision or config.freeze_projector:
         freeze(model, vision=config.freeze_vision, projector=config.freeze_projector)
     if state.is_main_process:
-        log(f"aloe {plan.command}: {describe_model(model)}")
+        log(f"{command}: {describe_model(model)}")
     guard = VisionGuard(model).install()
     collator = TrainingCollator(processor, max_length=config.max_length, truncate_text=config.truncate == "text",
                                 on_error=config.on_error, dataset=dataset)
 
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    callbacks = [_log_callback(output_dir / LOG_FILE, log)] + ([ledger.callback()] if ledger else [])
     trainer = _trainer_class()(model=model, args=args, data_collator=collator, train_dataset=dataset,
-                               processing_class=processor,
-                               callbacks=[_log_callback(output_dir / LOG_FILE, log)])
+                               processing_class=processor, callbacks=callbacks)
     trainer.skipped = Counter()
+    trainer.lost_budget = _LostBudget(dict(records.get("reasons") or {}), int(records.get("read") or 0),
+                                      config.max_skipped)
     trainer.weights_from = weights_from
+    run["trainer"] = trainer
     for callback in (PrinterCallback, ProgressCallback):  # they print to stdout; our callback logs to stderr
         trainer.remove_callback(callback)
     if resume_from and state.is_main_process:
-        log(f"aloe {plan.command}: resuming from {resume_from}")
+        log(f"{command}: resuming from {resume_from}")
     try:
         output = trainer.train(resume_from_checkpoint=resume_from)
+        skipped = _sum_over_ranks(trainer.accelerator, trainer.skipped)
+        trainer.lost_budget.check(skipped)  # the steps after the last logged one
         save_final(trainer, processor, output_dir)
     except BaseException as stop:
         # Preempted (SIGTERM), interrupted or failed (a full disk) while training or saving: a checkpoint or a final
@@ -441,14 +563,34 @@ def _run(plan: TrainPlan, items, output_dir: Path, log) -> TrainResult:
         if state.is_main_process:
             remove_incomplete(output_dir)
             if isinstance(stop, (Terminated, KeyboardInterrupt)):
-                stop.outcome = stopped(output_dir, plan.command)
+                stop.outcome = stopped(output_dir, plan.command, resume_command)
         raise
-    skipped = _sum_over_ranks(trainer.accelerator, trainer.skipped)
     guard_calls = trainer.accelerator.gather(torch.tensor([guard.calls], device=trainer.accelerator.device))
     guard.remove()
+    if ledger is not None:
+        ledger.complete(trainer.state.global_step, skipped)
     return TrainResult(output_dir=output_dir, records=records, global_step=trainer.state.global_step,
                        train_loss=output.training_loss, skipped=skipped, guard_calls=guard_calls.tolist(),
                        resumed_from=resume_from, is_main=trainer.accelerator.is_main_process)
+
+
+@dataclass
+class _LostBudget:
+    """--max-skipped over a whole run: the records rejected while reading plus the samples lost while training
+    (summed over ranks, so every rank decides alike and stops at the same step)."""
+
+    at_read: dict[str, int]
+    read: int
+    max_skipped: float
+
+    def check(self, skipped: dict[str, int]) -> None:
+        from aloe_cli.training.data import LOST_WHILE_TRAINING, lost_message
+
+        lost = Counter(self.at_read)
+        lost.update({reason: n for reason, n in skipped.items() if reason in LOST_WHILE_TRAINING})
+        verdict = lost_message(dict(lost), self.read, self.max_skipped)
+        if verdict and verdict[0]:
+            raise AloeError(verdict[1])
 
 
 __all__ = ["LOG_FILE", "TrainResult", "freeze", "last_checkpoint", "run_training", "write_plan"]

@@ -10,6 +10,10 @@ of the tiny model on the CPU without DeepSpeed; eval and infer ask a local fake 
 from __future__ import annotations
 
 import json
+import re
+import shlex
+import shutil
+import signal
 
 import pytest
 from fake_openai_server import FakeOpenAIServer
@@ -183,37 +187,77 @@ def test_an_output_that_is_an_input_is_a_usage_error_and_the_input_survives(case
 
 # ----------------------------------------------------------------------------- signals
 
-def test_sigterm_keeps_only_complete_checkpoints_and_says_how_to_resume(items, tiny_model_dir, tmp_path):
+def stopped_run(items, model, run_dir, signum, *, at: int = 2, max_steps: int = 30) -> tuple[list[str], str, object]:
+    """A run of `max_steps` steps (a checkpoint every 2) stopped by `signum` once checkpoint-`at` is complete:
+    its arguments, stderr and the process."""
+    args = ["train", *TRAIN, "--model", str(model), "-i", str(items), "--output-dir", str(run_dir), "--max-steps",
+            str(max_steps), "--save-steps", "2"]
+    proc = start(args, env=ENV)
+    stderr = terminate_when(lambda: (run_dir / f"checkpoint-{at}" / "trainer_state.json").is_file(), proc,
+                            timeout=240, grace=120, signum=signum)
+    return args, stderr, proc
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_keeps_only_complete_checkpoints_and_prints_the_command_that_resumes(items, tiny_model_dir,
+                                                                                      tmp_path, signum):
     run_dir = tmp_path / "run"
-    proc = start(["train", *TRAIN, "--model", str(tiny_model_dir), "-i", str(items), "--output-dir", str(run_dir),
-                  "--max-steps", "100000", "--save-steps", "2"], env=ENV)
-    stderr = terminate_when(lambda: (run_dir / "checkpoint-2" / "trainer_state.json").is_file(), proc,
-                            timeout=240, grace=120)
-    assert proc.returncode == 143, stderr[-3000:]
+    args, stderr, proc = stopped_run(items, tiny_model_dir, run_dir, signum)
+    assert proc.returncode == {signal.SIGTERM: 143, signal.SIGINT: 130}[signum], stderr[-3000:]
     assert "Traceback" not in stderr
     checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
     assert checkpoints and all((path / "trainer_state.json").is_file() for path in checkpoints)
+    command = "aloe " + shlex.join([*args, "--resume"])
+    said = {signal.SIGTERM: "aloe: terminated by SIGTERM", signal.SIGINT: "aloe: interrupted"}[signum]
     last_line = stderr.strip().splitlines()[-1]
-    assert last_line == (f"aloe: terminated by SIGTERM; the last complete checkpoint is {checkpoints[-1]}: rerun the "
-                         "same command with --resume to continue from it"), last_line
+    assert last_line == f"{said}; the last complete checkpoint is {checkpoints[-1]}: resume with: {command}", last_line
     # no final model, no staging folder, no temporary file: the folder holds what --resume needs
     assert not (run_dir / "model.safetensors").exists()
     assert [name for name in leftovers(run_dir) if name.startswith(".")] == []
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["state"] == "failed"
+    assert record["error"] == {signal.SIGTERM: "terminated by SIGTERM", signal.SIGINT: "interrupted (SIGINT)"}[signum]
+    if signum == signal.SIGTERM:  # the printed command does what it says
+        resumed = run(shlex.split(command)[1:], env=ENV, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"resuming from {checkpoints[-1]}" in resumed.stderr
+        assert json.loads((run_dir / "run.json").read_text())["state"] == "complete"
+        assert (run_dir / "model.safetensors").is_file()
 
 
 def test_resume_skips_and_removes_a_checkpoint_whose_save_never_finished(items, tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
-    first = run(["train", *TRAIN, "--model", str(tiny_model_dir), "-i", str(items), "--output-dir", str(run_dir),
-                 "--max-steps", "4", "--save-steps", "2"], env=ENV, timeout=300)
-    assert first.returncode == 0, first.stderr[-3000:]
-    (run_dir / "checkpoint-4" / "trainer_state.json").unlink()  # as if stopped while checkpoint-4 was saved
-    resumed = run(["train", *TRAIN, "--model", str(tiny_model_dir), "-i", str(items), "--output-dir", str(run_dir),
-                   "--max-steps", "3", "--save-steps", "100", "--resume"], env=ENV, timeout=300)
+    args, stderr, proc = stopped_run(items, tiny_model_dir, run_dir, signal.SIGTERM, at=4, max_steps=20)
+    assert proc.returncode == 143, stderr[-3000:]
+    for late in run_dir.glob("checkpoint-*"):  # as if stopped while checkpoint-4 was saved
+        if int(late.name.split("-")[1]) > 4:
+            shutil.rmtree(late)
+    (run_dir / "checkpoint-4" / "trainer_state.json").unlink()
+    resumed = run([*args, "--resume"], env=ENV, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"removed the incomplete checkpoint {run_dir / 'checkpoint-4'}" in resumed.stderr
     assert f"resuming from {run_dir / 'checkpoint-2'}" in resumed.stderr
-    assert [line["step"] for line in lines_of(run_dir / "log.jsonl") if "loss" in line] == [1, 2, 3, 4, 3]
-    assert sorted(path.name for path in run_dir.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    steps = [line["step"] for line in lines_of(run_dir / "log.jsonl") if "loss" in line]
+    assert steps[-18:] == list(range(3, 21)) and (run_dir / "checkpoint-4" / "trainer_state.json").is_file()
+
+
+def test_a_full_disk_while_a_checkpoint_is_saved_keeps_the_previous_one_and_says_what_a_save_needs(
+        items, tiny_model_dir, tmp_path):
+    """A real full disk: the run folder is a tmpfs big enough for the records and one checkpoint (3.4 MB of the tiny
+    model's weights and AdamW state), not two, so the second save hits ENOSPC in the Trainer's own writers."""
+    from aloe_cli.training.run_folder import checkpoint_damage
+
+    with mounted_tmpfs(tmp_path / "small", "size=5m") as run_dir:
+        result = run(["train", *TRAIN, "--model", str(tiny_model_dir), "-i", str(items), "--output-dir",
+                      str(run_dir), "--max-steps", "4", "--save-steps", "2"], env=ENV, timeout=300)
+        line = assert_one_line_error(result, 1, f"cannot write {run_dir}: No space left on device",
+                                     "a checkpoint needs about 3.4 MB (the size of checkpoint-2)",
+                                     f"{run_dir / 'checkpoint-2'} is intact")
+        assert line.startswith("aloe: error: ") and re.search(r", [\d.]+ (KB|MB|bytes) free", line), line
+        assert sorted(path.name for path in run_dir.glob("checkpoint-*")) == ["checkpoint-2"]
+        assert checkpoint_damage(run_dir / "checkpoint-2") is None
+        record = json.loads((run_dir / "run.json").read_text())
+        assert record["state"] == "failed" and "No space left on device" in record["error"]
 
 
 def test_sigterm_during_eval_keeps_the_finished_benchmarks_whole(tmp_path):

@@ -119,6 +119,7 @@ MODEL_USAGE_ERRORS = {
     "eval-model-names": ((*EVAL, "--model", "m"), "--model", "share the name"),
     "eval-parse-retries": ((*EVAL, "--judge-parse-retries", "1000"), "--judge-parse-retries", "less than or equal"),
     "eval-limit": ((*EVAL, "--limit", "0"), "--limit", "greater than or equal to 1"),
+    "eval-protocol": ((*EVAL, "--protocol", "lmms"), "--protocol", "is not one of 'vlmevalkit', 'aloe'"),
     "eval-cache-empty": ((*EVAL, "--cache", ""), "--cache", "empty"),
     "infer-temperature": ((*INFER, "--temperature", "5"), "--temperature", "less than or equal to 2"),
     "infer-shard": ((*INFER, "--shard", "3/2"), "--shard", "need 0 <= K < N"),
