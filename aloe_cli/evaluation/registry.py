@@ -59,14 +59,16 @@ PUBLISHED: tuple[PublishedBenchmark, ...] = (
         "ProbMed", ("probmed", "prob-med"), (),
         "probmed.json (hf: rippleripple/ProbMed) as aloe JSONL items, kind yesno, with a pair_id per image and "
         "question type (<id>-modality, <id>-entity, ...): the original question and its adversarial twin",
-        "the dataset's question as written, with the protocol's yes/no prompt, images first",
+        "vlmevalkit protocol: the question as written (a custom dataset's prompt); aloe: its yes/no prompt",
         "paired accuracy: a unit counts only if all of its questions are right (ProbMed's calculate_score.py)"),
     PublishedBenchmark(
         "SLAKE", ("slake", "slake-vqa", "slake_en"), (),
         "test.json of hf: BoKelvin/SLAKE (English questions, q_lang en) as aloe JSONL items; open questions "
         "kind open, closed ones yesno",
-        "the protocol's open-ended prompt (open questions) and yes/no prompt (closed ones)",
-        "open answers graded 0 / 0.5 / 1 by the --judge; closed ones by exact match"),
+        "vlmevalkit protocol: the question as written (a custom dataset's prompt); aloe: its open-ended and "
+        "yes/no prompts",
+        "open answers graded 0 / 0.5 / 1 by the --judge (without it: exact match and the VQA score, not judged); "
+        "closed ones by exact match"),
     PublishedBenchmark(
         "MMMU", ("mmmu",), ("MMMU_DEV_VAL", "MMMU_TEST"),
         "VLMEvalKit TSV MMMU_DEV_VAL.tsv (dev + validation splits; the test split has no public answers)",
