@@ -280,3 +280,26 @@ def test_an_eval_run_writes_the_breakdown_and_the_published_robustness_columns(t
     assert aloe_robustness[2] == ["served"] + ["100.0"] * 9
     every = aloe("eval", "--table", str(out), "--robustness-columns", "all")
     assert every.returncode == 0 and "| served | 50.0 | 50.0 | 50.0 | 50.0 | 50.0 | 100.0 |" in every.stdout
+
+
+def test_the_breakdown_has_vlmevalkits_columns_and_figures_for_mmmu(tmp_path):
+    """MMMU_DEV_VAL's stored answers, scored under the VLMEvalKit protocol: acc.csv has the columns and figures of
+    the `_acc` table VLMEvalKit's own code wrote for them, and the main table shows the validation split."""
+    from test_vlmevalkit_conformance import DATA, verdict_lines
+
+    from aloe_cli.evaluation.results import save_scores
+    from aloe_cli.evaluation.scoring import benchmark_scores
+
+    scores = benchmark_scores(line for _, line in verdict_lines("MMMU_DEV_VAL"))
+    model_dir = tmp_path / "m"
+    (model_dir / "MMMU_DEV_VAL").mkdir(parents=True)
+    save_scores(model_dir, "m", {"MMMU_DEV_VAL": scores})
+    write_tables(tmp_path)
+    facts = json.loads((DATA / "MMMU_DEV_VAL_acc.json").read_text())
+    rows = list(csv.reader(io.StringIO((model_dir / "MMMU_DEV_VAL" / "acc.csv").read_text())))
+    assert rows[0][1:] == list(facts[0])  # split, Overall, the l2-category, the categories: VLMEvalKit's order
+    ours = {row[1]: [float(value) for value in row[2:]] for row in rows[1:] if row[0] == "vlmevalkit"}
+    assert ours == {fact["split"]: [round(100.0 * value, 2) for value in list(fact.values())[1:]] for fact in facts}
+    validation = next(fact for fact in facts if fact["split"] == "validation")
+    text = (tmp_path / "results.md").read_text()
+    assert table(text, "## Benchmarks (accuracy, %): VLMEvalKit")[2] == ["m", f"{100 * validation['Overall']:.1f}"]
