@@ -28,7 +28,7 @@ Examples:
     aloe eval --model runs/stage2 --lm-eval-tasks medqa_4options,medmcqa,pubmedqa -o results/
 
     aloe eval --table results/                          # print the tables again from saved scores
-    aloe eval --table results/ --robustness-columns all  # every adversarial cell measured
+    aloe eval --table results/ --robustness-columns all  # cls Leg, det Region, ... too
     aloe eval --rescore results/m/PathMMU/predictions.jsonl -o rescored/   # new rules, no model
     aloe eval --show-judge-prompt                       # the judge's rubric
 """
