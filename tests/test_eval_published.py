@@ -14,7 +14,7 @@ from eval_fixtures import mcq_tsv, paired_jsonl, png_base64, write_tsv
 from fake_openai_server import FakeOpenAIServer
 
 from aloe_cli.errors import AloeError, UsageError
-from aloe_cli.evaluation import registry
+from aloe_cli.evaluation import registry, vlmevalkit
 from aloe_cli.evaluation.benchmarks import parse_benchmark_spec, read_benchmark
 from aloe_cli.evaluation.results import (
     collect_scores,
@@ -37,6 +37,11 @@ def test_the_registry_holds_the_published_benchmarks_in_the_published_order():
     lm_eval = {entry.name: entry.lm_eval_task for entry in registry.PUBLISHED if entry.lm_eval_task}
     assert lm_eval == {"MultiMedQA": "multimedqa", "MMLU": "mmlu"}
     assert all(entry.obtain and entry.prompt and entry.metric for entry in registry.PUBLISHED)
+    # every VLMEvalKit dataset named here is one the vlmevalkit protocol knows: its prompt is Qwen2-VL's mixin
+    datasets = {name for entry in registry.PUBLISHED for name in (*entry.datasets, entry.stem_dataset) if name}
+    assert datasets == {"PathMMU_TEST", "PathMMU_VAL", "GMAI-MMBench_VAL", "GMAI-MMBench_TEST", "OmniMedVQA",
+                        "MMMU_DEV_VAL", "MMMU_TEST"}
+    assert all(vlmevalkit.dataset_type(name) == "MCQ" and vlmevalkit.uses_mixin_prompt(name) for name in datasets)
 
 
 @pytest.mark.parametrize(("argument", "name", "published", "dataset"), [
