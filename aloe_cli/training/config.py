@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from aloe_cli.errors import AloeError, ConfigValueError, UsageError
+from aloe_cli.perturb.names import KINDS
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 # transformers' SchedulerType values that need no extra arguments.
@@ -31,7 +32,7 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
                  "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 TRUNCATE_MODES = ("none", "text")
 ON_ERROR_MODES = ("skip", "fail")
-PERTURB_KINDS_DEFAULT = "cap,pmt,syc,leg,region"
+PERTURB_KINDS_DEFAULT = ",".join(KINDS)
 CONFIG_FILE = "aloe-train.yaml"
 
 
@@ -230,8 +231,6 @@ class AdvTrainConfig(TrainConfig):
             raise ConfigValueError(("emit_only", "perturb"), "with --perturb none there is nothing to emit")
 
     def perturb_kinds(self) -> tuple[str, ...]:
-        from aloe_cli.perturb import KINDS
-
         kinds = tuple(part.strip() for part in self.perturb.split(",") if part.strip())
         unknown = [kind for kind in kinds if kind not in KINDS]
         if unknown or not kinds or len(set(kinds)) != len(kinds):
