@@ -46,6 +46,7 @@ class EvalRequest:
     judge_parse_retries: int
     protocol: str = "vlmevalkit"  # whose prompt is sent (both protocols are always scored)
     judge_vision: bool | None = None  # None: decided from the judge (evaluation.judge.judge_vision)
+    robustness_columns: str | tuple = "published"  # the adversarial table's columns (results.robustness_columns)
 
 
 class EvalReport(Protocol):
@@ -83,11 +84,11 @@ def model_label(text: str) -> tuple[str, str]:
     return (path.resolve().name if path.exists() else text), text
 
 
-def results_table(folder: Path) -> str:
-    """The main table of a results folder, from its saved scores (markdown)."""
+def results_table(folder: Path, robustness_columns: str | tuple = "published") -> str:
+    """The tables of a results folder, from its saved scores (markdown)."""
     from aloe_cli.evaluation.results import collect_scores, render_markdown
 
-    return render_markdown(collect_scores(folder))
+    return render_markdown(collect_scores(folder), robustness_columns)
 
 
 # ----------------------------------------------------------------------------- a run
@@ -113,9 +114,9 @@ def run_evaluation(request: EvalRequest, report: EvalReport) -> None:
     _refuse_shared_names("--model", [model_label(text)[0] for text in request.models], "NAME=MODEL")
     _check_outputs(request, specs)
     for text in request.models:
-        _check_local_model(model_label(text)[1], request.backend)
+        _check_model(model_label(text)[1], request.backend)
     if request.judge:
-        _check_local_model(model_label(request.judge)[1], request.judge_backend)
+        _check_model(model_label(request.judge)[1], request.judge_backend, "judge-")
     finished: list[str] = []
     try:
         with folders_made() as make:
@@ -124,7 +125,8 @@ def run_evaluation(request: EvalRequest, report: EvalReport) -> None:
             plan = EvalPlan(benchmarks=specs, output=request.output, params=GenerationParams(
                 max_new_tokens=request.max_new_tokens), batch_size=request.backend.items_at_once,
                 perturbations=perturbations, limit=request.limit, on_error=request.on_error,
-                protocol=request.protocol, image_root=request.image_root, streams=streams, make_folder=make)
+                protocol=request.protocol, image_root=request.image_root, streams=streams, make_folder=make,
+                robustness_columns=request.robustness_columns)
             try:
                 _evaluate_models(request, plan, report, finished)
             finally:
@@ -162,15 +164,16 @@ def _check_outputs(request: EvalRequest, specs) -> None:
         check_writable(Named("--cache", str(request.cache)))
 
 
-def _check_local_model(reference: str, config: BackendConfig) -> None:
-    """A missing local model folder, or one without a chat template, stops the run before any work."""
-    if config.kind != "hf":
-        return
-    from aloe_cli.evaluation.inference import check_chat_template
-    from aloe_cli.modeling.loading import check_model_reference
+def _check_model(reference: str, config: BackendConfig, prefix: str = "") -> None:
+    """Before any work: a local model folder is there with a chat template, a Hub id can be loaded, a server
+    can be reached (`factory.check_backend`)."""
+    from aloe_cli.modeling.backends.factory import check_backend
 
-    check_model_reference(reference)
-    check_chat_template(reference)
+    check_backend(replace(config, model=reference), prefix)
+    if config.kind == "hf":
+        from aloe_cli.evaluation.inference import check_chat_template
+
+        check_chat_template(reference)
 
 
 def _evaluate_models(request: EvalRequest, plan, report: EvalReport, finished: list[str]) -> None:
@@ -297,7 +300,7 @@ def _lm_eval(label: str, reference: str, backend: LazyBackend, request: EvalRequ
                          batch_size=request.backend.batch_size)
     save_scores(make_folder(request.output / folder_name(label)), label, scores,
                 {"model_reference": reference, "backend": "hf"})
-    write_tables(request.output)
+    write_tables(request.output, request.robustness_columns)
     report.scores(label, scores)
 
 
