@@ -24,12 +24,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aloe_cli.data.hub import HUB_ID
 from aloe_cli.errors import AloeError
 
 DEVICES = ("auto", "cpu", "cuda")
-# `name` or `org/name`: letters, digits, '-', '_', '.'; not starting with '.' or '-'.
-HUB_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+# One precision vocabulary for every command: torch's names; the short ones (train's former --precision values,
+# TRL's bf16/fp16 switches) are read as aliases.
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def canonical_dtype(name: str | None) -> str | None:
+    """`bf16` -> `bfloat16` (any case); a name of DTYPES as it is; None for anything else."""
+    normal = (name or "").strip().lower()
+    normal = DTYPE_ALIASES.get(normal, normal)
+    return normal if normal in DTYPES else None
+
+
+def check_dtype_name(name: str) -> None:
+    """`--dtype` spelled right (no torch import)."""
+    if canonical_dtype(name) is None:
+        raise AloeError(f"--dtype must be one of {', '.join(DTYPES)} (or bf16, fp16, fp32), got {name!r}")
 
 
 @dataclass(frozen=True)
@@ -112,16 +127,13 @@ def resolve_device(name: str):
 def resolve_dtype(name: str, device):
     import torch
 
-    name = (name or "auto").strip().lower()
+    check_dtype_name(name or "auto")
+    name = canonical_dtype(name or "auto")
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    choices = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-               "float32": torch.float32, "fp32": torch.float32}
-    if name not in choices:
-        raise AloeError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    return choices[name]
+    return getattr(torch, name)
 
 
 def flash_attention_installed() -> bool:

@@ -126,7 +126,7 @@ def load_training_model(plan: TrainPlan, weights: str | None = None):
     from aloe_cli.modeling.loading import resolve_attn_implementation
 
     config = plan.config
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+    half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype)
     # DeepSpeed keeps fp32 master weights itself; without it, autocast needs fp32 weights.
     dtype = half if (half is not None and plan.deepspeed is not None) else torch.float32
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -417,10 +417,10 @@ def _check_precision(plan: TrainPlan) -> None:
     line before anything is read, not in the Trainer's traceback after the records were."""
     import torch
 
-    precision = plan.config.precision
-    if precision != "fp32" and plan.deepspeed is not None and not torch.cuda.is_available():
-        raise AloeError(f"--precision {precision} with --deepspeed {plan.config.deepspeed} needs a GPU and none is "
-                        "visible: use --precision fp32 (or --deepspeed none)")
+    dtype = plan.config.dtype
+    if dtype != "float32" and plan.deepspeed is not None and not torch.cuda.is_available():
+        raise AloeError(f"--dtype {dtype} with --deepspeed {plan.config.deepspeed} needs a GPU and none is "
+                        "visible: use --dtype float32 (or --deepspeed none)")
 
 
 def _cap_dataloader_workers(config, log: Callable[[str], None]) -> None:
