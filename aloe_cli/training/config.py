@@ -37,7 +37,7 @@ ON_ERROR_MODES = ("fail", "skip")
 # The language model's attention and MLP projections, never the vision tower's (Qwen2.5-VL's vision MLP is also
 # named gate/up/down_proj): a regular expression PEFT matches against whole module names.
 LORA_DEFAULT_TARGETS = r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
-LORA_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "merge_lora")
+LORA_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "merge_lora")
 PERTURB_KINDS_DEFAULT = "cap,pmt,syc,leg,region"
 CONFIG_FILE = "aloe-train.yaml"
 
@@ -143,6 +143,9 @@ class TrainConfig:
     lora_target_modules: str | None = field(default=None, metadata=option(
         "--lora: module names to adapt, comma-separated, or all-linear. Default: the language model's attention "
         "and MLP projections (the vision tower stays frozen unless named).", group="lora"))
+    lora_modules_to_save: str | None = field(default=None, metadata=option(
+        "--lora: modules trained in full beside the adapters, comma-separated (e.g. a new output layer).",
+        group="lora"))
     load_in_4bit: bool = field(default=False, metadata=option(
         "QLoRA: load the base weights in 4 bits (bitsandbytes NF4, CUDA only) and train LoRA adapters on them "
         "(implies --lora).", group="lora"))
@@ -578,8 +581,9 @@ class TrainPlan:
         if c.lora_target_modules:
             names = [name.strip() for name in c.lora_target_modules.split(",") if name.strip()]
             targets = "all-linear" if names == ["all-linear"] else names
+        saved = [name.strip() for name in (c.lora_modules_to_save or "").split(",") if name.strip()] or None
         return {"r": c.lora_r, "lora_alpha": c.lora_alpha, "lora_dropout": c.lora_dropout,
-                "target_modules": targets, "bias": "none", "task_type": "CAUSAL_LM"}
+                "target_modules": targets, "modules_to_save": saved, "bias": "none", "task_type": "CAUSAL_LM"}
 
     def to_dict(self) -> dict[str, Any]:
         return {

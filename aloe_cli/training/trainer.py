@@ -131,9 +131,22 @@ def load_training_model(plan: TrainPlan, weights: str | None = None):
     dtype = half if (half is not None and plan.deepspeed is not None) else torch.float32
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     attn = resolve_attn_implementation(config.attn_implementation, device, half or torch.float32)
+    extra = {}
+    if config.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        # QLoRA as PEFT documents it for ZeRO-3: NF4 weights stored in the training dtype, so DeepSpeed can
+        # partition them like any other; the vision tower stays in full precision.
+        dtype = half or torch.float32
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype, llm_int8_skip_modules=["visual", "lm_head"])
+        if plan.deepspeed is None:
+            extra["device_map"] = {"": torch.cuda.current_device()}
     try:
         model = AutoModelForImageTextToText.from_pretrained(
-            weights or config.model, dtype=dtype, attn_implementation=attn, trust_remote_code=config.trust_remote_code)
+            weights or config.model, dtype=dtype, attn_implementation=attn, trust_remote_code=config.trust_remote_code,
+            **extra)
     except Exception as exc:  # transformers raises many types for a bad checkpoint
         what = f"checkpoint {weights}" if weights else f"model {config.model}"
         raise AloeError(f"cannot load {what}: {first_line(exc)}") from None
@@ -404,12 +417,32 @@ def preflight(plan: TrainPlan) -> None:
 
     if plan.config.use_liger and importlib.util.find_spec("liger_kernel") is None:
         raise AloeError("--use-liger needs the liger-kernel package (pip install liger-kernel)")
+    _check_lora(plan)
     for name in plan.sft_config_kwargs()["report_to"]:
         if name not in INTEGRATION_TO_CALLBACK:
             raise AloeError(f"--report-to {name}: unknown (known: {', '.join(sorted(INTEGRATION_TO_CALLBACK))}, none)")
         if name not in get_available_reporting_integrations():
             raise AloeError(f"--report-to {name}: its package is not installed")
     _check_precision(plan)
+
+
+def _check_lora(plan: TrainPlan) -> None:
+    """--lora needs PEFT; --load-in-4bit needs bitsandbytes and a CUDA GPU: one line each, before any work."""
+    import importlib.util
+
+    import torch
+
+    config = plan.config
+    if config.lora and importlib.util.find_spec("peft") is None:
+        raise AloeError("--lora needs the peft package (pip install 'aloe-cli[train]')")
+    if config.load_in_4bit:
+        if not torch.cuda.is_available():
+            raise AloeError("--load-in-4bit (QLoRA) needs bitsandbytes on a CUDA GPU and no CUDA device is visible: "
+                            "train without it (--lora alone), or on a GPU")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise AloeError("--load-in-4bit (QLoRA) needs the bitsandbytes package (pip install bitsandbytes)")
+        if config.dtype == "float32":
+            raise AloeError("--load-in-4bit computes in half precision: use --dtype bfloat16 or float16")
 
 
 def _check_precision(plan: TrainPlan) -> None:
@@ -528,7 +561,7 @@ def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume
 
     # Without DeepSpeed the Trainer cannot restore Qwen2-VL weights itself (see AloeSFTTrainer); DeepSpeed restores
     # its own per-rank states.
-    weights_from = resume_from if resume_from and plan.deepspeed is None else None
+    weights_from = resume_from if resume_from and plan.deepspeed is None and not config.lora else None
     model = load_training_model(plan, weights_from)
     if config.freeze_vision or config.freeze_projector:
         freeze(model, vision=config.freeze_vision, projector=config.freeze_projector)
@@ -541,8 +574,15 @@ def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     callbacks = [_log_callback(output_dir / LOG_FILE, log)] + ([ledger.callback()] if ledger else [])
-    trainer = _trainer_class()(model=model, args=args, data_collator=collator, train_dataset=dataset,
-                               processing_class=processor, callbacks=callbacks)
+    try:
+        trainer = _trainer_class()(model=model, args=args, data_collator=collator, train_dataset=dataset,
+                                   processing_class=processor, callbacks=callbacks, peft_config=lora_config(plan))
+    except ValueError as exc:  # PEFT and TRL refuse adapter settings they cannot train (a module not found, ...)
+        if not config.lora:
+            raise
+        raise AloeError(f"--lora: {first_line(exc)}") from None
+    if config.lora and state.is_main_process:
+        log(f"{command}: LoRA r={config.lora_r}, alpha={config.lora_alpha}: {describe_model(trainer.model)}")
     trainer.skipped = Counter()
     trainer.lost_budget = _LostBudget(dict(records.get("reasons") or {}), int(records.get("read") or 0),
                                       config.max_skipped)
@@ -557,6 +597,12 @@ def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume
         skipped = _sum_over_ranks(trainer.accelerator, trainer.skipped)
         trainer.lost_budget.check(skipped)  # the steps after the last logged one
         save_final(trainer, processor, output_dir)
+        if config.lora and state.is_main_process:
+            _record_base_path(output_dir, config.model)
+        if config.lora and config.merge_lora and state.is_main_process:
+            merged = merge_adapter(plan, output_dir, processor)
+            log(f"{command}: the model with its adapters merged in: {merged}")
+        trainer.accelerator.wait_for_everyone()
     except BaseException as stop:
         # Preempted (SIGTERM), interrupted or failed (a full disk) while training or saving: a checkpoint or a final
         # model half written would be taken for a whole one; remove them, so what is left resumes.
@@ -572,6 +618,56 @@ def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume
     return TrainResult(output_dir=output_dir, records=records, global_step=trainer.state.global_step,
                        train_loss=output.training_loss, skipped=skipped, guard_calls=guard_calls.tolist(),
                        resumed_from=resume_from, is_main=trainer.accelerator.is_main_process)
+
+
+def lora_config(plan: TrainPlan):
+    """PEFT's LoraConfig for --lora (None without): TRL wraps the model with it (and prepares a 4-bit one)."""
+    kwargs = plan.lora_config_kwargs()
+    if kwargs is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(**kwargs)
+
+
+MERGED = "merged"
+
+
+def _record_base_path(output_dir: Path, model: str) -> None:
+    """The adapter names its base model as --model was given; a relative folder would not be found from elsewhere,
+    so a local one is recorded as an absolute path."""
+    from aloe_cli.modeling.loading import is_local_reference
+
+    path = output_dir / "adapter_config.json"
+    if not path.is_file() or not is_local_reference(model):
+        return
+    adapter = json.loads(path.read_text(encoding="utf-8"))
+    adapter["base_model_name_or_path"] = str(Path(model).expanduser().resolve())
+    path.write_text(json.dumps(adapter, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def merge_adapter(plan: TrainPlan, output_dir: Path, processor) -> Path:
+    """--merge-lora: the base model (full precision, whatever --load-in-4bit trained on) with the run's adapters
+    merged in, saved with the processor to <output_dir>/merged, complete or not at all. Done from the saved
+    adapter, so it is the same under ZeRO-3 (whose live weights are partitioned)."""
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    config = plan.config
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype, torch.float32)
+    base = AutoModelForImageTextToText.from_pretrained(config.model, dtype=dtype,
+                                                       trust_remote_code=config.trust_remote_code)
+    model = PeftModel.from_pretrained(base, str(output_dir)).merge_and_unload()
+    target, staging = output_dir / MERGED, output_dir / f".{MERGED}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging))
+    processor.save_pretrained(str(staging))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
 
 
 @dataclass
