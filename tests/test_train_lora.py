@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from eval_fixtures import write_tsv
 from PIL import Image
 
@@ -101,6 +102,25 @@ def test_eval_loads_the_adapter_and_the_merged_model_and_both_beat_chance(lora_r
     assert adapter == merged  # the same weights, loaded two ways
     table = (out / "results.md").read_text()
     assert "| adapter |" in table and "| merged |" in table
+
+
+def test_lora_under_zero3_saves_whole_adapters_and_merges(tiny_model_dir, tmp_path):
+    """ZeRO-3 partitions the model while it loads (TRL then wraps it with PEFT): the adapter saved at the end is
+    gathered whole, and the merge loads the base model outside the partitioning."""
+    data = write_jsonl(tmp_path / "scan.jsonl", [eval_record(scan_item(index)) for index in range(32)])
+    run = tmp_path / "run"
+    flags = [flag if flag != "none" else "zero3" for flag in FLAGS]
+    proc = aloe("train", "-i", str(data), "--model", str(tiny_model_dir), "--output-dir", str(run), "--lora",
+                "--lora-modules-to-save", "lm_head", "--merge-lora", "--max-steps", "40", *flags, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resolved = yaml.safe_load((run / "aloe-train.yaml").read_text())
+    assert resolved["deepspeed"]["zero_optimization"]["stage"] == 3 and resolved["peft"]["r"] == 16
+    out = tmp_path / "results"
+    bench = scan_benchmark(tmp_path / "scan.tsv")
+    result = aloe("eval", "--model", f"merged={run / 'merged'}", "--benchmark", str(bench), "-o", str(out),
+                  "--protocol", "aloe", "--batch-size", "4", "--max-new-tokens", "4", env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "merged" / "scores.json").read_text())["benchmarks"]["scan"]["accuracy"] >= 87.5
 
 
 def test_infer_answers_through_the_adapter_folder(lora_run, tmp_path):

@@ -475,6 +475,8 @@ def _quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    # PEFT asks transformers >= 5.2x by its old name (the answer is the same)
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume_command: str | None,
@@ -655,9 +657,11 @@ def merge_adapter(plan: TrainPlan, output_dir: Path, processor) -> Path:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     config = plan.config
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype, torch.float32)
+    unset_hf_deepspeed_config()  # training is over: the base loads whole, not partitioned by ZeRO-3
     base = AutoModelForImageTextToText.from_pretrained(config.model, dtype=dtype,
                                                        trust_remote_code=config.trust_remote_code)
     model = PeftModel.from_pretrained(base, str(output_dir)).merge_and_unload()
