@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from aloe_cli import __version__
+from aloe_cli.console import ensure_stderr
 from aloe_cli.errors import AloeError, OutputClosed, Terminated, UsageError
 
 # name -> (module under aloe_cli.commands, one-line help shown by `aloe --help`)
@@ -87,6 +88,7 @@ DEBUG_ENV = "ALOE_DEBUG"
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors, exit 1 for bad input, 2 for bad usage (typer's own),
     130 for Ctrl-C, 143 for SIGTERM."""
+    ensure_stderr()
     _handle_sigterm()
     try:
         try:

@@ -16,6 +16,26 @@ from rich.console import Console
 _console: Console | None = None
 
 
+def ensure_stderr() -> None:
+    """Give a run started with stderr closed (`2>&-`) a stderr that discards what it is told.
+
+    Python then sets `sys.stderr` to None, and `print(..., file=None)` would write the summary into the
+    data on stdout; worse, the next file the run opens would get descriptor 2 and every message would land
+    in it. Descriptor 2 is pointed at the null device before anything is opened, so the run writes its data
+    and exits as it would with stderr open.
+    """
+    try:
+        os.fstat(2)
+        if sys.stderr is not None:
+            return
+    except OSError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        if devnull != 2:
+            os.dup2(devnull, 2)
+            os.close(devnull)
+    sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)
+
+
 def console() -> Console:
     global _console
     if _console is None:

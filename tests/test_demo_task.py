@@ -14,7 +14,7 @@ from PIL import Image
 from aloe_cli.data.grounding import grounding_to_pixels, parse_grounding
 from aloe_cli.data.io import read_file
 from aloe_cli.data.records import normalize, validate
-from aloe_cli.demo.images import QUADRANTS, iou, lesion_quadrant, locate_lesion, read_object
+from aloe_cli.demo.images import QUADRANTS, lesion_quadrant, locate_lesion, read_object
 from aloe_cli.demo.rules import check_sample, grade_open
 from aloe_cli.demo.task import (
     HINT_KINDS,
@@ -29,6 +29,7 @@ from aloe_cli.evaluation.benchmarks import parse_benchmark_spec, read_benchmark
 from aloe_cli.evaluation.prompts import eval_record
 from aloe_cli.filters.hashing import hash_image
 from aloe_cli.perturb.answers import WrongAnswerPicker
+from aloe_cli.perturb.geometry import iou
 from aloe_cli.perturb.record import perturb_record
 from support import aloe, read_jsonl
 

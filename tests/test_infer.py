@@ -50,7 +50,7 @@ def test_non_square_image_scales_x_and_y_separately():
 def test_answers_without_images_or_boxes():
     assert locate_boxes("No box here.", [], None) == []
     assert locate_boxes("the nodule (100,200),(300,400)", [], None) == [
-        {"label": None, "box": [100, 200, 300, 400], "image": None, "pixels": None}]
+        {"label": None, "box": [100, 200, 300, 400], "image": None, "pixels": None, "flags": []}]
 
 
 def test_drawn_boxes_sit_on_the_original_pixels(tmp_path):

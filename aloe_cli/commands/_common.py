@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from aloe_cli import console
-from aloe_cli.data.io import STDIO, expand_inputs, print_stdout, read_paths, record_writers
+from aloe_cli.data.io import STDIO, expand_inputs, output_folder, print_stdout, read_paths, record_writers
 from aloe_cli.data.records import RecordDefaults
 from aloe_cli.data.shard import Shard
 from aloe_cli.data.stage import RunConfig, RunSummary, Stage, run_stage
@@ -79,15 +80,24 @@ def write_summary_report(report: Path | str, result: dict[str, Any], *, mark_don
 
 def run_data_command(stage: Stage, inputs: Iterable[str] | None, *, image_root: Path | None, output: str,
                      rejects: Path | None, report: Path | None, config: RunConfig,
-                     defaults: RecordDefaults | None = None) -> RunSummary:
+                     defaults: RecordDefaults | None = None, images_first: bool = False,
+                     absolute_image_paths: bool = False) -> RunSummary:
     """Run `stage` over this shard of `inputs`, writing kept records to `output` and the rest to `rejects`.
 
     The command should have called `check_io` before any expensive set-up; it is checked here again,
-    before anything is read."""
+    before anything is read. With `images_first` (a stage that loads a model), every image path is checked
+    to resolve before the first record is processed (`check_image_paths`). Image paths are written to resolve
+    from the output's folder (absolute on stdout, or everywhere with `absolute_image_paths`)."""
     try:
         paths = check_io(inputs, output=output, rejects=rejects, report=report)
+        if images_first:
+            check_image_paths(stage.name, paths, image_root, config.on_error, config.shard)
         if stage.measure_first:
             console.log(f"aloe {stage.name}: percentile thresholds: measuring the whole shard before deciding")
+        # Records from inputs in several folders (or read with --image-root) keep images the next command finds.
+        config = replace(config, relocate_images=True,
+                         image_folder=None if absolute_image_paths else output_folder(output),
+                         rejects_image_folder=output_folder(str(rejects)) if rejects is not None else None)
         with record_writers(output, rejects) as (writer, rejects_writer):  # both appear, or neither
             items = read_paths(paths, image_root, config.shard, defaults)
             summary = run_stage(stage, items, writer, rejects_writer, config, progress=console.progress)
@@ -98,6 +108,21 @@ def run_data_command(stage: Stage, inputs: Iterable[str] | None, *, image_root: 
     if report is not None:
         write_summary_report(report, result, mark_done=True)
     return summary
+
+
+def check_image_paths(command: str, paths: list[str], image_root: str | os.PathLike | None, on_error: str,
+                      shard: Shard | None = None) -> None:
+    """Before work: records whose image paths do not resolve are one error under --on-error fail, else a
+    warning with their count (the run then skips and counts each as image_missing)."""
+    from aloe_cli.data.preflight import unresolved_images
+    from aloe_cli.data.shard import ALL
+
+    check = unresolved_images(paths, image_root, shard or ALL)
+    if check.ok:
+        return
+    if on_error == "fail":
+        raise AloeError(check.message())
+    console.warn(f"{command}: {check.message()}; --on-error skip: each is skipped as image_missing")
 
 
 def print_summary(report: dict[str, Any], title: str | None = None) -> None:

@@ -15,10 +15,10 @@ def evaluate(request) -> None:
     console.log(f"aloe eval: tables in {request.output / 'results.md'} and {request.output / 'results.csv'}")
 
 
-def print_table(folder: Path) -> None:
+def print_table(folder: Path, robustness_columns: str | tuple = "published") -> None:
     from aloe_cli.evaluation.run import results_table
 
-    print(results_table(folder), end="")
+    print(results_table(folder, robustness_columns), end="")
 
 
 def rescore(paths: list[str], output: Path | None, on_error: str) -> None:
@@ -89,10 +89,14 @@ def print_scores(label: str, scores: dict[str, dict]) -> None:
                              _fmt(values.get("accuracy_aloe")), "-", "-", "-", "-"])
     console.print_table(f"aloe eval: {label}", ["benchmark", "items", "accuracy", "accuracy_aloe", "paired",
                                                  "unreadable", "unanswered", "unjudged"], rows)
+    not_judged = sum(entry.get("scored_by", {}).get("exact_match", 0) for entry in scores.values())
+    if not_judged:
+        console.warn(f"{not_judged} open-ended item(s) not judged (no --judge): scored by exact match after "
+                     "normalisation (VLMEvalKit's VQA score in accuracy, the exact match in accuracy_aloe)")
     unjudged = sum(entry.get("unjudged", 0) for entry in scores.values())
     if unjudged:
-        console.warn(f"{unjudged} open-ended item(s) have no judge verdict (no --judge, or unparseable after "
-                     "retries): they are left out of the accuracy, listed with correct=null")
+        console.warn(f"{unjudged} open-ended item(s) have no judge verdict (unparseable after retries, or the "
+                     "request failed): they are left out of the accuracy, listed with correct=null")
 
 
 def _fmt(value) -> str:

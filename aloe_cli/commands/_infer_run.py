@@ -58,14 +58,16 @@ def infer(request: InferRequest) -> None:
             root = request.image_root or Path.cwd()
             item = Item(record, "<command line>", "<command line>", image_root=root)
             stage.annotate([item])
+            answer = (item.record.get("aloe") or {}).get("infer")
+            if answer is not None:  # the answer first, whatever happens to its drawing
+                print_stdout(answer["text"])
+                _log_boxes(answer["boxes"], stage)
             if item.error is not None:
                 raise item.error
-            print_stdout(item.record["aloe"]["infer"]["text"])
-            _log_boxes(item.record["aloe"]["infer"]["boxes"], stage)
             return
         run_data_command(stage, request.inputs, image_root=request.image_root, output=request.output,
                          rejects=request.rejects, report=request.report, config=run_config,
-                         defaults=RecordDefaults(keep_dicom_bytes=request.keep_dicom_bytes))
+                         defaults=RecordDefaults(keep_dicom_bytes=request.keep_dicom_bytes), images_first=True)
         _log_boxes(None, stage)
     finally:
         backend.close_if_open()
@@ -78,8 +80,19 @@ def _question_record(question: str, images: list[str]) -> dict:
 
 
 def _log_boxes(boxes: list[dict] | None, stage) -> None:
+    from aloe_cli.evaluation.inference import drawable
+
     for box in boxes or []:
         where = f" = pixels {box['pixels']}" if box.get("pixels") else ""
-        console.log(f"  box {box['label'] or '(no label)'}: {box['box']} (0-1000){where}")
+        flags = box.get("flags") or []
+        note = ""
+        if flags:
+            drawn = " (drawn with its corners in order)" if stage.draw is not None and drawable(box) else (
+                " (not drawn)" if stage.draw is not None else "")
+            note = f"  flagged: {', '.join(flags)}{drawn}"
+        console.log(f"  box {box['label'] or '(no label)'}: {box['box']} (0-1000){where}{note}")
+    if stage.flagged and boxes is None:
+        console.warn(f"infer: {stage.flagged} of {stage.boxes} box(es) flagged (reversed or outside 0-1000): see "
+                     "aloe.infer.boxes[].flags; boxes outside 0-1000 are not drawn")
     if stage.drawn:
         console.log(f"aloe infer: drew {len(stage.drawn)} image(s) into {stage.drawn[0].parent}")

@@ -40,9 +40,10 @@ def emit(config: AdvTrainConfig, path: str) -> None:
     from aloe_cli.data.stage import RunConfig
     from aloe_cli.training.adversarial import adversarial_stage
 
+    # Absolute image paths: the emitted file sits in the run folder, which moves apart from the data.
     run_data_command(adversarial_stage(config), config.input, image_root=config.image_root, output=path,
                      rejects=None, report=None, config=RunConfig(on_error=config.on_error),
-                     defaults=RecordDefaults(keep_dicom_bytes=config.keep_dicom_bytes))
+                     defaults=RecordDefaults(keep_dicom_bytes=config.keep_dicom_bytes), absolute_image_paths=True)
 
 
 @app.command(name="adv-train", help=__doc__, no_args_is_help=True)

@@ -112,6 +112,10 @@ def mix(
                         "$ALOE_CACHE_DIR/loss_tokens.sqlite (~/.cache/aloe).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Count every record, read and write no cache.")] = False,
     image_root: ImageRootOpt = None,
+    absolute_paths: Annotated[bool, typer.Option(
+        "--absolute-paths", help="Write image paths as absolute paths. Default: relative to the output's folder, so "
+                                 "the mixture and its images can move together (absolute when writing to "
+                                 "stdout).")] = False,
     keep_dicom_bytes: KeepDicomBytesOpt = False,
     batch_size: BatchSizeOpt = 1024,
     on_error: OnErrorOpt = OnError.fail,
@@ -151,7 +155,8 @@ def mix(
              rejects=None if dry_run else rejects, report=report, written=[("--cache", cache)])
     options = MixOptions(output=output, rejects=str(rejects) if rejects else None, dry_run=dry_run,
                          on_error=on_error.value, batch_size=batch_size, cache=not no_cache,
-                         cache_path=str(cache) if cache else None, keep_dicom_bytes=keep_dicom_bytes)
+                         cache_path=str(cache) if cache else None, keep_dicom_bytes=keep_dicom_bytes,
+                         absolute_paths=absolute_paths)
     from aloe_cli import console
     from aloe_cli.mixing import TargetsMissed
 

@@ -128,7 +128,8 @@ def perplexity(
     config = RunConfig(shard=chosen_shard, keep_all=keep_all, on_error=on_error.value)
     summary = run_data_command(stage, input, image_root=image_root, output=output, rejects=rejects, report=report,
                                config=config, defaults=RecordDefaults(bbox_format=bbox_format.value,
-                                                                      keep_dicom_bytes=keep_dicom_bytes))
+                                                                      keep_dicom_bytes=keep_dicom_bytes),
+                               images_first=not reuse)  # reused records need no image
 
     rows = percentile_rows(summary.extra)
     if rows:

@@ -133,7 +133,8 @@ def score(
     run = RunConfig(batch_size=config.items_at_once, shard=chosen_shard, keep_all=keep_all, on_error=on_error.value)
     summary = run_data_command(stage, input, image_root=image_root, output=output, rejects=rejects, report=report,
                                config=run, defaults=RecordDefaults(bbox_format=bbox_format.value,
-                                                                   keep_dicom_bytes=keep_dicom_bytes))
+                                                                   keep_dicom_bytes=keep_dicom_bytes),
+                               images_first=True)
     # run_data_command closes the stage (backend, cache) when the run ends
     _print_scores(summary.extra)
 

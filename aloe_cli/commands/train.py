@@ -52,6 +52,7 @@ app = command_app()
 @app.command(help=__doc__, no_args_is_help=True)
 @with_config_flags(TrainConfig, launch_parameters("train"))
 def train(**options) -> None:
+    from aloe_cli.commands._common import check_image_paths
     from aloe_cli.commands._train_run import check_run_paths, plan_or_exit, train_and_report
     from aloe_cli.data.io import read_paths
     from aloe_cli.modeling.loading import check_model_reference
@@ -63,4 +64,6 @@ def train(**options) -> None:
     config.require("input", "model", "output_dir")
     check_model_reference(config.model)
     paths = check_run_paths(config)  # a missing input or an unwritable run folder fails now, not after the model loads
+    # Image paths that do not resolve: one line now under --on-error fail, a loud count under skip.
+    check_image_paths("train", paths, config.image_root, config.on_error)
     train_and_report(plan, lambda: read_paths(paths, config.image_root), paths)

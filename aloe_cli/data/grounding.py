@@ -61,6 +61,17 @@ class GroundedBox:
     def to_pixels(self, width: int, height: int) -> tuple[float, float, float, float]:
         return grounding_to_pixels(self.box, width, height)
 
+    @property
+    def flags(self) -> list[str]:
+        """What is wrong with the box as written: `reversed` (a corner pair out of order: x1 > x2 or
+        y1 > y2) and `outside_grid` (a coordinate outside 0..1000). Models write both; neither is a box."""
+        flags = []
+        if self.x1 > self.x2 or self.y1 > self.y2:
+            flags.append("reversed")
+        if any(not 0 <= value <= SCALE for value in self.box):
+            flags.append("outside_grid")
+        return flags
+
 
 # ----------------------------------------------------------------------------- coordinates
 

@@ -33,8 +33,8 @@ from aloe_cli.data.dicom import DICOM_PIXEL_TAGS, is_dicom_bytes, is_embedded_di
 from aloe_cli.errors import RecordError
 
 __all__ = ["DICOM_PIXEL_TAGS", "check_entry_type", "check_images", "describe", "image_mime", "is_dicom_bytes",
-           "is_embedded_dicom", "load_image", "png_bytes", "probe_image", "read_source", "resolve_path",
-           "to_data_uri", "to_standard_mode", "without_dicom_header"]
+           "is_embedded_dicom", "load_image", "png_bytes", "probe_image", "read_source", "relocate",
+           "resolve_path", "to_data_uri", "to_standard_mode", "without_dicom_header"]
 
 # Suffixes of the formats Pillow reads: such a path goes to Pillow first; any other (or none) is sniffed for DICOM.
 _PILLOW_SUFFIXES = frozenset((".png", ".jpg", ".jpeg", ".jpe", ".tif", ".tiff", ".bmp", ".gif", ".webp", ".jp2",
@@ -94,6 +94,23 @@ def resolve_path(entry: str, image_root: str | os.PathLike | None) -> Path:
     if not path.is_absolute() and image_root is not None:
         path = Path(image_root) / path
     return path
+
+
+def relocate(entry: Any, image_root: str | os.PathLike | None, folder: str | os.PathLike | None) -> Any:
+    """An image entry as a record written into `folder` must hold it to find the same file.
+
+    A path (or a `{path}` struct without bytes) that resolved against `image_root` becomes relative to
+    `folder`, or absolute when `folder` is None; data URIs, bytes and structs with bytes are returned as
+    they are. `folder` should be resolved as a reader resolves an input's folder (symlinks followed).
+    """
+    if isinstance(entry, dict):
+        if entry.get("bytes") or not isinstance(entry.get("path"), str):
+            return entry
+        return {**entry, "path": relocate(entry["path"], image_root, folder)}
+    if not isinstance(entry, str) or entry.startswith("data:") or not entry.strip():
+        return entry
+    path = os.path.abspath(resolve_path(entry, image_root))
+    return path if folder is None else os.path.relpath(path, folder)
 
 
 def read_source(entry: Any, image_root: str | os.PathLike | None) -> tuple[bytes | Path, bool]:

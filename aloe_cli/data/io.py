@@ -9,7 +9,8 @@ reader only raises for problems with a whole input (missing file, unknown
 format, a TSV without a required column).
 
 Formats, chosen by suffix: JSONL (`.jsonl`, `.json`, `.ndjson`, optionally
-`.gz`), parquet, a folder written by `datasets.Dataset.save_to_disk` (or
+`.gz`; an input whose first character is `[` is one JSON array of records,
+as LLaVA and LLaMA-Factory write `.json` files), parquet, a folder written by `datasets.Dataset.save_to_disk` (or
 `DatasetDict.save_to_disk`), and VLMEvalKit TSV (rows -> records in
 `data.tsv`). A Hub dataset id (`org/name[:split]`) or any other folder (a
 dataset repository) is read through `datasets.load_dataset` (`data.hub`).
@@ -187,6 +188,15 @@ def read_file(path: str, image_root: str | os.PathLike | None = None, *, require
         yield item
 
 
+def output_folder(output: str) -> str | None:
+    """The folder relative image paths in `output` resolve from when it is read again, symlinks followed as a
+    reader follows them; None for stdout, a pipe or a device (whoever reads it resolves against their own
+    working directory, or --image-root: records written there carry absolute paths)."""
+    if output == STDIO or is_stream(output) or device_path(output):
+        return None
+    return str(Path(output).resolve().parent)
+
+
 class StreamCopies:
     """Inputs that can be read once only (stdin, FIFOs, `<(...)`) for a command that reads them more than once
     (`mix`: count, then write; `eval`: once per model): each is copied on first use into a hidden temporary
@@ -250,11 +260,16 @@ class StreamCopies:
 
 
 def _read_jsonl(path: str, units: Units | None) -> Iterator[Item]:
-    """Parsed, not yet normalised items (read_file normalises)."""
+    """Parsed, not yet normalised items (read_file normalises). A file that holds one JSON array of records
+    (LLaVA's and LLaMA-Factory's `.json`) is read as that array."""
     display = display_name(path)
     stream = open_input(path)
     try:
+        if _holds_array(stream):
+            yield from _array_items(stream, display, units)
+            return
         lines = _lines(stream, display) if units is None else shard_lines(path, stream, display, units)
+        first = True
         for line_no, line in lines:
             if not line or line.isspace():
                 continue
@@ -262,12 +277,81 @@ def _read_jsonl(path: str, units: Units | None) -> Iterator[Item]:
             try:
                 raw = loads(line)
             except orjson.JSONDecodeError as exc:
+                if first and units is None and line.lstrip(_LEADING_SPACE).startswith(b"{"):
+                    # Perhaps one record written over several lines (a pretty-printed .json file).
+                    whole = _one_object(line, stream, line_no, display)
+                    if isinstance(whole, Item):
+                        yield whole
+                        return
+                    for number, text in whole:  # not one object: its lines as JSONL, from memory
+                        yield from _jsonl_item(text, number, display)
+                    return
                 error = RecordError("invalid_json", f"invalid JSON ({exc})", where=where)
                 yield Item(None, where, display, error=error, raw=line.decode("utf-8", "replace").rstrip("\r\n"))
                 continue
+            first = False
             yield Item(None, where, display, raw=raw)
     finally:
         stream.close()
+
+
+def _jsonl_item(line: bytes, line_no: int, display: str) -> Iterator[Item]:
+    if not line or line.isspace():
+        return
+    where = f"{display}:{line_no}"
+    try:
+        yield Item(None, where, display, raw=loads(line))
+    except orjson.JSONDecodeError as exc:
+        error = RecordError("invalid_json", f"invalid JSON ({exc})", where=where)
+        yield Item(None, where, display, error=error, raw=line.decode("utf-8", "replace").rstrip("\r\n"))
+
+
+def _one_object(first_line: bytes, stream: BinaryIO, line_no: int, display: str) -> Item | list[tuple[int, bytes]]:
+    """The rest of an input whose first line is not JSON but opens an object: one record when the whole input is
+    one JSON object (named `file`, no line), else its lines (numbered from `line_no`) to be read as JSONL."""
+    try:
+        rest = stream.read()
+    except (OSError, EOFError) as exc:  # truncated gzip
+        raise AloeError(f"{display}:{line_no + 1}: cannot read input ({exc})") from None
+    data = first_line + rest
+    try:
+        value = loads(data)
+    except orjson.JSONDecodeError:
+        value = None
+    if isinstance(value, dict):
+        return Item(None, display, display, raw=value)
+    return [(line_no + offset, line) for offset, line in enumerate(data.splitlines(keepends=True))]
+
+
+_LEADING_SPACE = b" \t\r\n\xef\xbb\xbf"  # whitespace, and a UTF-8 byte-order mark
+
+
+def _holds_array(stream: BinaryIO) -> bool:
+    """True when the input's first character (past whitespace) opens a JSON array: no JSON line is a record
+    then, so the input is one array. Looks without consuming (the buffered stream's peek)."""
+    head = stream.peek(4096)[:4096]  # type: ignore[attr-defined]
+    stripped = head.lstrip(_LEADING_SPACE)
+    return stripped[:1] == b"["
+
+
+def _array_items(stream: BinaryIO, display: str, units: Units | None) -> Iterator[Item]:
+    """One item per element of a JSON array, named `file[index]`. The array is parsed whole: a syntax error
+    anywhere loses every record in it, so it is an error for the whole input (line and column named)."""
+    try:
+        data = stream.read()
+    except (OSError, EOFError) as exc:  # truncated gzip
+        raise AloeError(f"{display}: cannot read input ({exc})") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        elements = loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise AloeError(f"{display}:{exc.lineno}: invalid JSON array (column {exc.colno}: {exc.msg}); a .json "
+                        "input holds one array of records, a .jsonl input one record per line") from None
+    for index, element in enumerate(elements):
+        if units is not None and not units.take():
+            continue
+        yield Item(None, f"{display}[{index}]", display, raw=element)
 
 
 def _lines(stream: BinaryIO, display: str) -> Iterator[tuple[int, bytes]]:

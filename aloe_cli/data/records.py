@@ -3,8 +3,9 @@
 A record is a plain dict so that fields we do not know about pass through
 untouched. This module validates records and normalises them on read, once,
 for every command (`normalize`, called by the reader in `io.py`): the other
-shapes users bring (LLaVA/ShareGPT, question/answer columns) become the
-schema, region annotations become Qwen2-VL grounding text in the answer, and
+shapes users bring (LLaVA/ShareGPT, LLaMA-Factory sharegpt/messages/alpaca,
+TRL prompt/completion, OpenAI `image_url` parts, question/answer columns)
+become the schema, region annotations become Qwen2-VL grounding text in the answer, and
 `source` / `domain` are filled in where a record has none. Every stage
 therefore sees the record the trainer will see. The VLMEvalKit TSV conversion
 lives in `io.py` next to its reader because it needs the whole file (rows
@@ -33,6 +34,7 @@ IMAGE_MARKER = "<image>"
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "bot": "assistant", "model": "assistant"}
 _IMAGE_COLUMNS = ("images", "image", "image_path")
+_UNSUPPORTED_MEDIA = ("videos", "audios")
 
 
 def modality(record: Record) -> str:
@@ -217,15 +219,23 @@ def normalize(raw: Any, defaults: RecordDefaults = RecordDefaults(),
     """
     if not isinstance(raw, dict):
         raise RecordError("invalid_record", f"expected a JSON object, got {type(raw).__name__}")
+    for column in _UNSUPPORTED_MEDIA:  # LLaMA-Factory's other media: training on the text alone would be wrong
+        if column in raw and raw[column]:
+            raise RecordError("unsupported_media", f"aloe reads images and text only; give the {column[:-1]} as "
+                              "frames in 'images', or leave the record out", field=column)
     if "messages" in raw:
-        record = raw
+        record = raw if _in_schema(raw["messages"]) else from_chat_messages(raw)
     elif "conversations" in raw:
         record = from_sharegpt(raw)
+    elif "prompt" in raw and "completion" in raw:
+        record = from_prompt_completion(raw)
+    elif "instruction" in raw:
+        record = from_alpaca(raw)
     elif "question" in raw:
         record = from_question_answer(raw)
     else:
-        raise RecordError("missing_field", "missing (need 'messages', 'conversations' or 'question')",
-                          field="messages")
+        raise RecordError("missing_field", "missing (need 'messages', 'conversations', 'prompt' and 'completion', "
+                          "'instruction' or 'question')", field="messages")
     validate(record)
     if not defaults.keep_dicom_bytes and record.get("images"):
         _reencode_embedded_dicom(record["images"], image_root)
@@ -279,13 +289,36 @@ def _split_image_markers(text: str) -> list[dict]:
     return parts
 
 
+def _attach_unmarked_images(messages: list[dict], images: list) -> None:
+    """LLaVA's and TRL's convention: images that no placeholder places belong at the start of the first
+    user turn."""
+    if not images or image_placeholder_count(messages) != 0:
+        return
+    first_user = next((m for m in messages if m["role"] == "user"), messages[0])
+    content = first_user["content"]
+    if isinstance(content, str):
+        content = [{"type": "text", "text": content}] if content else []
+    first_user["content"] = [{"type": "image"} for _ in images] + content
+
+
+def _system_message(raw: Record) -> list[dict]:
+    """LLaMA-Factory's `system` column: a system prompt for the whole conversation."""
+    system = raw.get("system")
+    if system is None or system == "":
+        return []
+    if not isinstance(system, str):
+        raise RecordError("invalid_field", "must be a string", field="system")
+    return [{"role": "system", "content": [{"type": "text", "text": system}]}]
+
+
 def from_sharegpt(raw: Record) -> Record:
-    """LLaVA / ShareGPT: `conversations: [{from, value}]` with `<image>` markers."""
+    """LLaVA / ShareGPT / LLaMA-Factory sharegpt: `conversations: [{from, value}]` with `<image>` markers
+    (and LLaMA-Factory's optional `system` column)."""
     turns = raw.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise RecordError("invalid_field", "must be a non-empty list", field="conversations")
     images = _image_list(raw)
-    messages = []
+    messages = _system_message(raw)
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise RecordError("invalid_field", "must be an object", field=f"conversations[{i}]")
@@ -297,14 +330,185 @@ def from_sharegpt(raw: Record) -> Record:
         if not isinstance(value, str):
             raise RecordError("invalid_field", "must be a string", field=f"conversations[{i}].value")
         messages.append({"role": role, "content": _split_image_markers(value) or [{"type": "text", "text": ""}]})
-    # LLaVA convention: images without markers belong at the start of the first user turn.
-    if images and image_placeholder_count(messages) == 0:
-        first_user = next((m for m in messages if m["role"] == "user"), messages[0])
-        first_user["content"] = [{"type": "image"} for _ in images] + first_user["content"]
-    record = _passthrough(raw, ("conversations",) + _IMAGE_COLUMNS)
+    _attach_unmarked_images(messages, images)
+    record = _passthrough(raw, ("conversations", "system") + _IMAGE_COLUMNS)
     record["messages"] = messages
     record["images"] = images
     return record
+
+
+# The ways a chat message's image part can carry its own image, rather than point into `images`: OpenAI's
+# {"type": "image_url", "image_url": {"url": ...}} and transformers' {"type": "image", "url"|"path"|"image": ...}.
+_IMAGE_SOURCE_KEYS = ("url", "path", "image")
+
+
+def _carries_image(part: dict) -> bool:
+    """An image part with a source of its own (a null, as parquet writes for absent struct fields, is none)."""
+    return part.get("type") == "image_url" or (
+        part.get("type") == "image" and any(part.get(key) is not None for key in _IMAGE_SOURCE_KEYS))
+
+
+def _in_schema(messages: Any) -> bool:
+    """True when every content is a list of plain text/image parts or a string without `<image>` markers: the
+    common case, kept as it is. Anything else goes through `from_chat_messages` (which also explains errors)."""
+    if type(messages) is not list:
+        return True  # validate names the problem
+    for message in messages:
+        content = message.get("content") if type(message) is dict else None
+        if type(content) is str:
+            if IMAGE_MARKER in content:
+                return False
+        elif type(content) is list:
+            for part in content:
+                if type(part) is dict and _carries_image(part):
+                    return False
+    return True
+
+
+def from_chat_messages(raw: Record) -> Record:
+    """Chat messages in the forms other tools write, as the schema's parts.
+
+    - LLaMA-Factory: string `content` with `<image>` placeholders, one per entry of `images`;
+    - OpenAI: `{"type": "image_url", "image_url": {"url": path | data URI}}` parts (the URL becomes the
+      image's entry in `images`, in order);
+    - transformers: `{"type": "image", "url" | "path" | "image": ...}` parts, likewise.
+    `images` entries fill the plain `{"type": "image"}` placeholders in order; images that nothing places go
+    to the start of the first user turn.
+    """
+    messages = raw.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RecordError("invalid_field", "must be a non-empty list of messages", field="messages")
+    given = _image_list(raw)
+    images: list = []  # in placeholder order: own sources and `images` entries interleaved as they come
+    used = 0  # plain placeholders met, each filled by the next `images` entry
+    converted = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise RecordError("invalid_field", "must be an object", field=f"messages[{i}]")
+        content = message.get("content")
+        if isinstance(content, str):
+            content = _split_image_markers(content) if IMAGE_MARKER in content else [{"type": "text", "text": content}]
+        elif not isinstance(content, list):
+            raise RecordError("invalid_field", "must be a string or a list of parts",
+                              field=f"messages[{i}].content")
+        parts = []
+        for j, part in enumerate(content):
+            source = _part_image_source(part, f"messages[{i}].content[{j}]")
+            if source is not None:
+                images.append(source)
+                parts.append({"type": "image"})
+                continue
+            if isinstance(part, dict) and part.get("type") == "image":
+                if used < len(given):
+                    images.append(given[used])
+                used += 1
+            parts.append(part)
+        converted.append({**message, "content": parts})
+    if used == 0 and given and not images:
+        images = list(given)
+        _attach_unmarked_images(converted, images)
+    elif used != len(given):
+        raise RecordError("image_count_mismatch", f"{used} image placeholder(s) in messages but {len(given)} "
+                          "in images", field="images")
+    record = _passthrough(raw, ("messages",) + _IMAGE_COLUMNS)
+    record["messages"] = converted
+    record["images"] = images
+    return record
+
+
+def _part_image_source(part: Any, field: str) -> Any:
+    """The image a content part carries itself (OpenAI `image_url`, transformers `image` with a source), or None."""
+    if not isinstance(part, dict):
+        return None
+    kind = part.get("type")
+    if kind == "image_url":
+        value = part.get("image_url")
+        url = value.get("url") if isinstance(value, dict) else value
+        if not isinstance(url, str) or not url.strip():
+            raise RecordError("invalid_field", "must be an object with a 'url' (a path or a data URI)",
+                              field=f"{field}.image_url")
+        return _local_image(url, f"{field}.image_url.url")
+    if kind == "image":
+        for key in _IMAGE_SOURCE_KEYS:
+            value = part.get(key)
+            if value is not None:
+                return _local_image(value, f"{field}.{key}") if isinstance(value, str) else value
+    return None
+
+
+def _local_image(url: str, field: str) -> str:
+    """A path or data URI; `file://` URLs become paths; remote URLs are refused (aloe reads no network)."""
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    if url.startswith(("http://", "https://")):
+        raise RecordError("image_invalid", "remote image URLs are not fetched: download the image and give its path "
+                          "or a data URI", field=field)
+    return url
+
+
+def _message_list(value: Any, field: str, role: str) -> list[dict]:
+    """TRL's prompt or completion: a list of messages, or a string (one message of `role`)."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if isinstance(value, list) and value:
+        return value
+    raise RecordError("invalid_field", "must be a string or a non-empty list of messages", field=field)
+
+
+def from_prompt_completion(raw: Record) -> Record:
+    """TRL's prompt/completion records: `prompt` and `completion` as message lists (conversational) or strings
+    (standard), with an optional `images` column. The conversation is the prompt followed by the completion."""
+    prompt = _message_list(raw.get("prompt"), "prompt", "user")
+    completion = _message_list(raw.get("completion"), "completion", "assistant")
+    for name, turns in (("prompt", prompt), ("completion", completion)):
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, dict):
+                raise RecordError("invalid_field", "must be an object", field=f"{name}[{i}]")
+    combined = {**_passthrough(raw, ("prompt", "completion")), "messages": prompt + completion}
+    try:
+        return validate(from_chat_messages(combined))
+    except RecordError as error:  # name the field the user wrote, not the combined list
+        raise RecordError(error.reason, error.message, field=_prompt_field(error.field, len(prompt))) from None
+
+
+def _prompt_field(field: str | None, prompt_turns: int) -> str | None:
+    if field is None or not field.startswith("messages["):
+        return field
+    index, _, rest = field[len("messages["):].partition("]")
+    position = int(index)
+    if position < prompt_turns:
+        return f"prompt[{position}]{rest}"
+    return f"completion[{position - prompt_turns}]{rest}"
+
+
+def from_alpaca(raw: Record) -> Record:
+    """LLaMA-Factory's alpaca format: `instruction` (+ `input`, joined by a newline) is the user turn,
+    `output` the answer, `system` the system prompt, `history` earlier `[instruction, answer]` pairs, and
+    `images` with `<image>` placeholders (or none: the images go before the first user turn's text)."""
+    instruction = raw.get("instruction")
+    if not isinstance(instruction, str):
+        raise RecordError("invalid_field", "must be a string", field="instruction")
+    extra = raw.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise RecordError("invalid_field", "must be a string", field="input")
+    history = raw.get("history") or []
+    if not isinstance(history, list):
+        raise RecordError("invalid_field", "must be a list of [instruction, answer] pairs", field="history")
+    messages = []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise RecordError("invalid_field", "must be a pair of strings [instruction, answer]",
+                              field=f"history[{i}]")
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    messages.append({"role": "user", "content": "\n".join(t for t in (instruction, extra) if t)})
+    output = raw.get("output")
+    if output is not None:
+        if not isinstance(output, str):
+            raise RecordError("invalid_field", "must be a string", field="output")
+        messages.append({"role": "assistant", "content": output})
+    combined = {**_passthrough(raw, ("instruction", "input", "output", "history", "system")),
+                "messages": _system_message(raw) + messages}
+    return from_chat_messages(combined)
 
 
 def from_question_answer(raw: Record) -> Record:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from aloe_cli.console import null_progress
+from aloe_cli.data.images import relocate
 from aloe_cli.data.io import Item, RecordWriter
 from aloe_cli.data.shard import Shard
 from aloe_cli.errors import AloeError, RecordError
@@ -142,6 +143,11 @@ class RunConfig:
     keep_all: bool = False
     on_error: str = "fail"  # or "skip": bad records go to the rejects
     spool_dir: str | None = None  # measure-first spool; default: the system temporary folder ($TMPDIR)
+    # Written records' image paths are rewritten to resolve from `image_folder` (the output's folder; None:
+    # absolute), so the next command finds them whichever folder each input came from (`io.output_folder`).
+    relocate_images: bool = False
+    image_folder: str | None = None
+    rejects_image_folder: str | None = None  # the same for the rejects file
 
 
 @dataclass
@@ -233,6 +239,8 @@ def _decide_all(stage: Stage, batches: Iterable[list[Item]], output: RecordWrite
         summary.reasons[reason] += 1
         counts.rejected += 1
         if rejects is not None:
+            if config.relocate_images and item.record is not None and item.record.get("images"):
+                _relocate_images(item.record, item, config.rejects_image_folder)
             rejects.write(reject_record(item, stage.name, reason, detail))
         stage.settled(item, False)
 
@@ -267,11 +275,18 @@ def _decide_all(stage: Stage, batches: Iterable[list[Item]], output: RecordWrite
                 summary.kept += 1
                 counts.kept += 1
                 for record in records:
+                    if config.relocate_images and record.get("images"):
+                        _relocate_images(record, item, config.image_folder)
                     output.write(record)
                 summary.emitted += len(records)
                 stage.settled(item, True)
         bar.advance(len(batch))
     return summary
+
+
+def _relocate_images(record: dict, item: Item, folder: str | None) -> None:
+    if isinstance(record["images"], list):
+        record["images"] = [relocate(entry, item.image_root, folder) for entry in record["images"]]
 
 
 def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:

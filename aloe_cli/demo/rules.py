@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from aloe_cli.data.grounding import grounding_to_pixels, parse_grounding
-from aloe_cli.demo.images import COLOURS, QUADRANTS, SHAPES, iou, lesion_quadrant, locate_lesion, read_object
+from aloe_cli.demo.images import COLOURS, QUADRANTS, SHAPES, lesion_quadrant, locate_lesion, read_object
 from aloe_cli.demo.task import (
     COLOUR_OPTIONS,
     COLOUR_QUESTION,
@@ -31,6 +31,7 @@ from aloe_cli.demo.task import (
     SHAPE_QUESTION,
     YES,
 )
+from aloe_cli.perturb.geometry import iou
 
 MIN_IOU = 0.5
 _ARITHMETIC = re.compile(r"What is (\d+) (plus|minus) (\d+)\?")

@@ -32,9 +32,10 @@ from pathlib import Path
 from aloe_cli.console import stdout_to_stderr
 from aloe_cli.demo.task import DETECT_QUESTION, DemoConfig, item_prompt, write_demo_data
 from aloe_cli.errors import AloeError
+from aloe_cli.perturb.names import PUBLISHED_COLUMNS
 
 MODELS = ("untrained", "stage1", "stage2")
-PERTURBATIONS = ("base", "cap", "pmt", "syc", "leg")
+PERTURBATIONS = PUBLISHED_COLUMNS["det"]  # the published table's perturbations
 MEDICAL = "demo-med"
 GENERAL = "demo-general"
 CURATION_STAGES = ("dedup", "perplexity", "score", "mix")

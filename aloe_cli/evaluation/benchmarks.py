@@ -10,6 +10,9 @@ Each item also carries its fields as VLMEvalKit holds them (`EvalItem.vlmevalkit
 as pandas reads them (`aloe_cli.evaluation.vlmevalkit.read_tsv_fields`), a JSONL item's as a TSV made from
 it would read (NA-like strings missing, the answer as its letter or Yes/No).
 
+An item without a `task` gets one (`infer_task`): `det` when its answer is a box or its question asks
+where something is, else `cls`.
+
 The kind, when not given, is mcq when there are options, yesno when the answer is yes or no, else open.
 An item is text-only when it has no image. A benchmark is named after its file's stem unless given as
 NAME=FILE. Problems with one item (a missing answer, an answer letter with no such option) are
@@ -20,16 +23,17 @@ them; problems with the whole file (missing, empty, no answer column) are `AloeE
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from aloe_cli.data.io import STDIO, Item, StreamCopies, input_format, read_file, source_name
 from aloe_cli.data.records import text_of
 from aloe_cli.data.streams import is_stream
-from aloe_cli.errors import AloeError, RecordError
-from aloe_cli.evaluation import vlmevalkit
+from aloe_cli.errors import AloeError, RecordError, UsageError
+from aloe_cli.evaluation import registry, vlmevalkit
 from aloe_cli.evaluation.extraction import LETTERS, normalize_yesno
+from aloe_cli.evaluation.open_answers import reference_box
 from aloe_cli.evaluation.vlmevalkit import VlmFields
 
 KINDS = ("mcq", "yesno", "open")
@@ -41,7 +45,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*$")
 class BenchmarkSpec:
     name: str
     path: str
-    vlmevalkit_name: str | None = None  # the dataset name VLMEvalKit would use (None: `name`)
+    vlmevalkit_name: str | None = None  # the VLMEvalKit dataset it is (selects VLMEvalKit's prompt and metric)
+    published: str | None = None  # the published benchmark it is (evaluation.registry), for the table
 
     @property
     def vlmevalkit_dataset(self) -> str:
@@ -93,16 +98,23 @@ def canonical_answer(kind: str, answer: str) -> str:
 
 def parse_benchmark_spec(text: str) -> BenchmarkSpec:
     """`NAME=FILE` or `FILE` (named after its stem). `-` is standard input; a FIFO, `/dev/stdin` or `<(...)`
-    is a stream (JSONL unless its name ends in .tsv), read once."""
+    is a stream (JSONL unless its name ends in .tsv), read once. A published benchmark (by name or by its
+    VLMEvalKit file name) gets its VLMEvalKit dataset name; `MMLU` alone points at --lm-eval-tasks."""
     name, sep, path = text.partition("=")
     if sep and _NAME.match(name) and "/" not in name:
         spec = BenchmarkSpec(name, path)
     else:
         spec = BenchmarkSpec(source_name(text), text)
     if spec.path != STDIO and not (Path(spec.path).is_file() or is_stream(spec.path)):
-        raise AloeError(f"benchmark file not found: {spec.path}")
+        if not sep and registry.lm_eval_hint(text):
+            raise UsageError(registry.lm_eval_hint(text), "--benchmark")
+        raise AloeError(f"benchmark file not found: {spec.path}" + (registry.missing_file_hint(text) if not sep
+                                                                     else ""))
     if input_format(spec.path) not in ("tsv", "jsonl"):
         raise AloeError(f"{spec.path}: a benchmark must be a VLMEvalKit .tsv or a .jsonl file")
+    found = registry.recognise(spec.name, spec.path)
+    if found is not None:
+        spec = replace(spec, vlmevalkit_name=found.vlmevalkit_name, published=found.benchmark.name)
     return spec
 
 
@@ -189,6 +201,7 @@ def to_eval_item(item: Item, benchmark: str, *, tsv: bool, position: int = 0) ->
     task = _text(fields.get("task"))
     if task is not None and task.lower() not in TASKS:
         raise RecordError("invalid_field", f"must be one of {', '.join(TASKS)}, got {task!r}", field="task")
+    task = task or infer_task(question, answer)
     return EvalItem(
         id=item_id, benchmark=benchmark, kind=kind, question=question.strip(), answer=answer,
         options=options if kind == "mcq" else None, hint=hint, images=list(record.get("images") or []),
@@ -211,6 +224,18 @@ def _jsonl_fields(record: dict, question: str, kind: str, answer: str) -> VlmFie
     hint = record.get("hint")
     return VlmFields(question, vlmevalkit.na_cell(None if hint is None else str(hint)), texts,
                      canonical_answer(kind, answer))
+
+
+_GROUNDING_QUESTION = re.compile(r"\b(where|locat(e|es|ed|ing|ion)|locali[sz](e|es|ed|ing|ation)|box(es)?|bounding)\b",
+                                 re.IGNORECASE)
+
+
+def infer_task(question: str, answer: str) -> str:
+    """`det` for an item with a reference box in its answer or a grounding question ("where", "locate",
+    "box", "bounding"), else `cls`: the adversarial table's split when items carry no `task`."""
+    if reference_box(answer) is not None or _GROUNDING_QUESTION.search(question):
+        return "det"
+    return "cls"
 
 
 def _text(value: Any) -> str | None:
@@ -285,4 +310,5 @@ def _checked_answer(kind: str, answer: str, options: dict[str, str] | None) -> s
     return answer
 
 
-__all__ = ["BenchmarkSpec", "EvalItem", "KINDS", "TASKS", "parse_benchmark_spec", "read_benchmark", "to_eval_item"]
+__all__ = ["BenchmarkSpec", "EvalItem", "KINDS", "TASKS", "infer_task", "parse_benchmark_spec", "read_benchmark",
+           "to_eval_item"]

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aloe_cli.data.io import RecordWriter, StreamCopies
+from aloe_cli.data.preflight import check_items
 from aloe_cli.data.stage import RunConfig, run_stage
+from aloe_cli.errors import AloeError
 from aloe_cli.evaluation.benchmarks import BenchmarkSpec, read_benchmark
 from aloe_cli.evaluation.judge import OpenJudge
 from aloe_cli.evaluation.results import PREDICTIONS_FILE, folder_name, save_scores, write_tables
@@ -39,6 +41,7 @@ class EvalPlan:
     image_root: Path | None = None
     streams: StreamCopies | None = None  # benchmarks that can be read once only (FIFOs, stdin), copied once
     make_folder: Callable[[Path], Path] = _make  # creates a folder (and its parents) for the results
+    robustness_columns: str | tuple = "published"  # the adversarial table's columns (results.robustness_columns)
 
 
 @dataclass
@@ -74,6 +77,9 @@ def evaluate_model(label: str, backend: Callable[[], GenerationBackend], plan: E
             bad = next((item for item in items if item.error is not None), None)
             if bad is not None:
                 raise bad.error.located(bad.where)
+            unresolved = check_items(items)  # image paths too, while no model is loaded yet
+            if not unresolved.ok:
+                raise AloeError(f"benchmark {spec.name}: {unresolved.message()}")
         perturber = perturbers([item for item in items if item.error is None]) if plan.perturbations else None
         stage = EvalStage(backend, label, plan.params, judge=judge, perturber=perturber,
                           perturbations=plan.perturbations, cache_tag=cache_tag, keyed=keyed,
@@ -84,10 +90,12 @@ def evaluate_model(label: str, backend: Callable[[], GenerationBackend], plan: E
         with RecordWriter(target) as writer:
             summary = run_stage(stage, items, writer, None, config, progress=bar)
         scores = {**stage.scores(), "file": spec.path, "skipped": dict(sorted(summary.reasons.items())),
+                  "published": spec.published, "vlmevalkit_name": spec.vlmevalkit_name,
                   "protocol": plan.protocol}
         run = BenchmarkRun(spec.name, summary.read, summary.kept, summary.emitted, scores["skipped"], scores)
         save_scores(model_dir, label, {spec.name: scores}, info)
-        write_tables(Path(plan.output))  # after every benchmark: the tables always match the scores files
+        # after every benchmark: the tables always match the scores files
+        write_tables(Path(plan.output), plan.robustness_columns)
         runs.append(run)
         if on_run is not None:
             on_run(run)

@@ -5,6 +5,11 @@ The judge reads the question, the reference and the model's answer in `JUDGE_RUB
 line is read too). A reply with no valid score is asked again with sampling, up to `parse_retries`
 times; after that the item is unjudged: its score is null, it is counted and reported, and it never
 counts as right or wrong. An empty model answer scores 0 without asking.
+
+A vision-language judge (the recipe's is Qwen2.5-VL-72B-Instruct) also sees the item's images: they
+come first in its turn, as in the model's, and `IMAGE_NOTE` opens the rubric. `judge_vision` decides
+whether a judge is one (see its docstring); the images are part of the cache key of every request
+that carries them.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from aloe_cli.errors import AloeError
 from aloe_cli.modeling.backends import GenerationBackend, GenerationParams, GenerationRequest
 from aloe_cli.modeling.backends.cache import request_key
 from aloe_cli.modeling.backends.retry import AskCounters, Parsed, Unparsed, ask_until_parsed
@@ -41,11 +48,17 @@ Reply with one line of JSON and nothing else:
 """
 
 
+IMAGE_NOTE = ("The image(s) above are the ones the question asks about: use them to understand the question "
+              "and the answers, and grade against the reference answer.\n\n")
+
+
 @dataclass(frozen=True)
 class JudgeCase:
     question: str
-    reference: str
+    reference: str  # as the judge reads it (`open_answers.judge_reference` lists alternatives)
     prediction: str
+    images: tuple = ()  # the item's images, shown to a vision judge
+    image_root: Path | None = None
 
 
 @dataclass
@@ -105,9 +118,42 @@ def _score(value) -> float | None:
     return number if number in SCORES else None
 
 
-def judge_prompt(case: JudgeCase, rubric: str = JUDGE_RUBRIC) -> str:
-    return (rubric.replace("{question}", case.question).replace("{reference}", case.reference)
+def judge_prompt(case: JudgeCase, rubric: str = JUDGE_RUBRIC, *, with_images: bool = False) -> str:
+    text = (rubric.replace("{question}", case.question).replace("{reference}", case.reference)
             .replace("{prediction}", case.prediction))
+    return IMAGE_NOTE + text if with_images else text
+
+
+def judge_vision(kind: str, model: str, flag: bool | None, *, trust_remote_code: bool = False) -> Callable[[], bool]:
+    """Whether the judge sees images, decided when it first grades (returned as a function).
+
+    `--judge-backend hf`: when the judge model's config has a vision part (`vision_config`, what its vision
+    tower is built from); `--no-judge-vision` makes it text only, `--judge-vision` on a model without one is
+    an error. `--judge-backend openai`: the flag, default on (the recipe's judge is a vision-language model
+    served by vLLM; a text-only server answers image requests with an error: give `--no-judge-vision`)."""
+    if kind != "hf":
+        return lambda: True if flag is None else flag
+    decided: list[bool] = []
+
+    def sees_images() -> bool:
+        if not decided:
+            has_vision = False if flag is False else _has_vision_part(model, trust_remote_code)
+            if flag and not has_vision:
+                raise AloeError(f"--judge-vision: the judge {model} has no vision part (no vision_config)")
+            decided.append(has_vision)
+        return decided[0]
+
+    return sees_images
+
+
+def _has_vision_part(model: str, trust_remote_code: bool) -> bool:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # a folder without a config, a Hub id not reachable: the load would fail too
+        raise AloeError(f"cannot read the judge's config {model}: {' '.join(str(exc).split())[:300]}") from None
+    return getattr(config, "vision_config", None) is not None
 
 
 @dataclass
@@ -121,6 +167,7 @@ class OpenJudge:
     retry_temperature: float = 0.7
     rubric: str = JUDGE_RUBRIC
     keyed: bool = False  # give requests cache keys (when a response cache is in front of the backend)
+    vision: Callable[[], bool] = lambda: False  # whether the judge is shown the items' images (`judge_vision`)
     counters: AskCounters = field(default_factory=AskCounters)
 
     def grade(self, cases: list[JudgeCase]) -> list[JudgeResult]:
@@ -130,10 +177,9 @@ class OpenJudge:
         asked = [index for index, case in enumerate(cases) if case.prediction.strip()]
         if not asked:
             return results
-        chats = [[{"role": "user", "content": [{"type": "text", "text": judge_prompt(cases[index], self.rubric)}]}]
-                 for index in asked]
-        key = (lambda position, attempt: self._key(chats[position], attempt)) if self.keyed else None
-        outcomes = ask_until_parsed(self.backend(), [GenerationRequest(messages=chat) for chat in chats],
+        requests = [self._request(cases[index], self.vision()) for index in asked]
+        key = (lambda position, attempt: self._key(requests[position], attempt)) if self.keyed else None
+        outcomes = ask_until_parsed(self.backend(), requests,
                                     GenerationParams(max_new_tokens=self.max_new_tokens), parse_verdict,
                                     parse_retries=self.parse_retries, retry_temperature=self.retry_temperature,
                                     key=key, counters=self.counters)
@@ -146,11 +192,22 @@ class OpenJudge:
                 result.reply = " ".join(outcome.reply.split())[:300]
                 result.error = f"unparseable reply after {outcome.attempts} attempt(s)"
             else:
-                result.error = f"judge request failed: {outcome.failure.message}"
+                shown = " (the request carried the item's images: a text-only judge needs --no-judge-vision)"
+                result.error = (f"judge request failed: {outcome.failure.message}"
+                                + (shown if cases[index].images and self.vision() else ""))
         return results
 
-    def _key(self, messages: list[dict], attempt: int) -> str:
-        return request_key(self.name, messages, salt=f"judge attempt={attempt} max_new_tokens={self.max_new_tokens}")
+    def _request(self, case: JudgeCase, vision: bool) -> GenerationRequest:
+        images = list(case.images) if vision else []
+        content = [*({"type": "image"} for _ in images),
+                   {"type": "text", "text": judge_prompt(case, self.rubric, with_images=bool(images))}]
+        return GenerationRequest(messages=[{"role": "user", "content": content}], images=images,
+                                 image_root=case.image_root)
+
+    def _key(self, request: GenerationRequest, attempt: int) -> str:
+        """The judge, the prompt, the bytes of the images sent, the attempt and the reply's length."""
+        return request_key(self.name, request.messages, request.images, request.image_root,
+                           salt=f"judge attempt={attempt} max_new_tokens={self.max_new_tokens}")
 
 
 def verdict_parses(reply: str) -> bool:
@@ -162,5 +219,5 @@ def verdict_parses(reply: str) -> bool:
     return True
 
 
-__all__ = ["JUDGE_RUBRIC", "JudgeCase", "JudgeResult", "OpenJudge", "UnparseableVerdict", "parse_verdict",
-           "verdict_parses"]
+__all__ = ["IMAGE_NOTE", "JUDGE_RUBRIC", "JudgeCase", "JudgeResult", "OpenJudge", "UnparseableVerdict", "judge_prompt",
+           "judge_vision", "parse_verdict", "verdict_parses"]

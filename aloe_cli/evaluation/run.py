@@ -22,8 +22,8 @@ from typing import Protocol
 
 from aloe_cli.errors import AloeError, Terminated, UsageError
 from aloe_cli.modeling.backends.factory import BackendConfig, LazyBackend
+from aloe_cli.perturb.names import EVAL_NAMES
 
-PERTURBATION_CHOICES = ("base", "cap", "pmt", "syc", "leg")
 TABLES = ("results.md", "results.csv")
 
 
@@ -45,6 +45,8 @@ class EvalRequest:
     judge_backend: BackendConfig
     judge_parse_retries: int
     protocol: str = "vlmevalkit"  # whose prompt is sent (both protocols are always scored)
+    judge_vision: bool | None = None  # None: decided from the judge (evaluation.judge.judge_vision)
+    robustness_columns: str | tuple = "published"  # the adversarial table's columns (results.robustness_columns)
 
 
 class EvalReport(Protocol):
@@ -66,10 +68,10 @@ def parse_perturbations(text: str | None) -> tuple[str, ...]:
     if not text:
         return ()
     kinds = tuple(dict.fromkeys(part.strip().lower() for part in text.split(",") if part.strip()))
-    unknown = [kind for kind in kinds if kind not in PERTURBATION_CHOICES]
+    unknown = [kind for kind in kinds if kind not in EVAL_NAMES]
     if unknown:
         raise UsageError(f"unknown perturbation(s) {', '.join(unknown)} "
-                         f"(choose from {','.join(PERTURBATION_CHOICES)})", "--perturb")
+                         f"(choose from {','.join(EVAL_NAMES)})", "--perturb")
     return kinds
 
 
@@ -82,11 +84,11 @@ def model_label(text: str) -> tuple[str, str]:
     return (path.resolve().name if path.exists() else text), text
 
 
-def results_table(folder: Path) -> str:
-    """The main table of a results folder, from its saved scores (markdown)."""
+def results_table(folder: Path, robustness_columns: str | tuple = "published") -> str:
+    """The tables of a results folder, from its saved scores (markdown)."""
     from aloe_cli.evaluation.results import collect_scores, render_markdown
 
-    return render_markdown(collect_scores(folder))
+    return render_markdown(collect_scores(folder), robustness_columns)
 
 
 # ----------------------------------------------------------------------------- a run
@@ -123,7 +125,8 @@ def run_evaluation(request: EvalRequest, report: EvalReport) -> None:
             plan = EvalPlan(benchmarks=specs, output=request.output, params=GenerationParams(
                 max_new_tokens=request.max_new_tokens), batch_size=request.backend.items_at_once,
                 perturbations=perturbations, limit=request.limit, on_error=request.on_error,
-                protocol=request.protocol, image_root=request.image_root, streams=streams, make_folder=make)
+                protocol=request.protocol, image_root=request.image_root, streams=streams, make_folder=make,
+                robustness_columns=request.robustness_columns)
             try:
                 _evaluate_models(request, plan, report, finished)
             finally:
@@ -265,13 +268,14 @@ class _KeepCacheOpen:
 def _judge(request: EvalRequest, cache, report: EvalReport):
     if request.judge is None:
         return None
-    from aloe_cli.evaluation.judge import OpenJudge, verdict_parses
+    from aloe_cli.evaluation.judge import OpenJudge, judge_vision, verdict_parses
 
     _, reference = model_label(request.judge)
     config = replace(request.judge_backend, model=reference)
     backend = _lazy_backend(config, "aloe eval: judge:", cache, report, accept=verdict_parses)
     return OpenJudge(backend, f"{config.kind}:{reference}", parse_retries=request.judge_parse_retries,
-                     keyed=cache is not None)
+                     keyed=cache is not None, vision=judge_vision(config.kind, reference, request.judge_vision,
+                                                                  trust_remote_code=config.trust_remote_code))
 
 
 def _perturbers(perturbations: tuple[str, ...]):
@@ -295,7 +299,7 @@ def _lm_eval(label: str, reference: str, backend: LazyBackend, request: EvalRequ
                          batch_size=request.backend.batch_size)
     save_scores(make_folder(request.output / folder_name(label)), label, scores,
                 {"model_reference": reference, "backend": "hf"})
-    write_tables(request.output)
+    write_tables(request.output, request.robustness_columns)
     report.scores(label, scores)
 
 
@@ -345,5 +349,5 @@ def rescore_predictions(paths: list[str], output: Path | None, on_error: str) ->
     return Rescored(summary, label, stage.scores(), stage.changed, folder, target)
 
 
-__all__ = ["PERTURBATION_CHOICES", "TABLES", "EvalReport", "EvalRequest", "Rescored", "model_label",
+__all__ = ["TABLES", "EvalReport", "EvalRequest", "Rescored", "model_label",
            "parse_perturbations", "rescore_predictions", "results_table", "run_evaluation"]

@@ -2,18 +2,21 @@
 
 It runs on the shared stage runner (`aloe_cli.data.stage.run_stage`), one benchmark at a time, so
 batching, `--on-error`, counting and progress work as in every other command. Each item is asked as it
-is, then once per perturbation that applies to it (`cap` and `leg` need an image), and expands (1 -> N)
-into one prediction line per question asked:
+is, then once per perturbation that applies to it (`cap` and `leg` need an image, `region` a box), and
+expands (1 -> N) into one prediction line per question asked:
 
     {"id", "benchmark", "model", "kind", "question", "options", "answer", "prediction", "extracted",
      "correct", "extracted_aloe", "correct_aloe", "rule", "perturb", "category", "l2_category", "split",
-     "task", "pair_id", "prompt", "protocol", "vlmevalkit"?, "judge"?}
+     "task", "pair_id", "prompt", "protocol", "vlmevalkit"?, "scored_by"?, "judge"?}
 
 Both verdicts are computed whatever the protocol (`aloe_cli.evaluation.scoring`); the protocol only
-chooses the prompt. The model sees `eval_record(item, protocol)` (perturbed by `aloe_cli.perturb` when
-asked), through any generation
-backend. A request that fails (a broken image, a server that gave up) or a perturbation that cannot be
-made becomes the item's error: an item is complete in the output, or counted as skipped.
+chooses the prompt. Open items are graded by the judge when there is one, else by exact match (not
+judged), or by IoU when the answer is a box (`evaluation.open_answers`). A perturbation that does not apply
+to an item is left out and counted in the scores (`not_perturbed`: kind -> reason -> items).
+
+The model sees `eval_record(item, protocol)` (perturbed by `aloe_cli.perturb` when asked), through any
+generation backend. A request that fails (a broken image, a server that gave up) or a perturbation that
+breaks becomes the item's error: an item is complete in the output, or counted as skipped.
 """
 
 from __future__ import annotations
@@ -27,38 +30,49 @@ from aloe_cli.data.stage import Stage
 from aloe_cli.errors import RecordError
 from aloe_cli.evaluation.benchmarks import EvalItem
 from aloe_cli.evaluation.judge import JudgeCase, OpenJudge
+from aloe_cli.evaluation.open_answers import EXACT_MATCH, JUDGE, judge_reference, open_verdict
 from aloe_cli.evaluation.prompts import eval_record, prompt_messages
 from aloe_cli.evaluation.scoring import benchmark_scores, score_open, score_prediction
 from aloe_cli.modeling.backends import Failure, GenerationBackend, GenerationParams, GenerationRequest
 from aloe_cli.modeling.backends.cache import request_key
+from aloe_cli.perturb.names import BASE
 
-IMAGE_PERTURBATIONS = ("cap", "leg")  # rendered into the image: only for items that have one
-
-# (record, kind, item) -> the perturbed record; RecordError when the item cannot be perturbed
+# (record, kind, item) -> the perturbed record; `Skipped` when the kind does not apply to the item,
+# RecordError when the item is broken
 Perturber = Callable[[dict, str, EvalItem], dict]
+
+
+class Skipped(Exception):
+    """A perturbation that does not apply to an item (its reason is counted, the item is asked without it)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 def make_perturber(items: list[Item], seed: int = 0) -> Perturber:
     """Perturbations from `aloe_cli.perturb`; wrong answers come from the item's options, the opposite of
-    yes/no, or another answer of the same benchmark."""
+    yes/no, or another answer of the same benchmark.
+
+    A kind that cannot apply to an item (`cap`/`leg` without an image, `region` without a box, no wrong answer
+    to push) raises `Skipped`. `region` injects no answer: its `wrong_answer` is the region it moved."""
     from aloe_cli.perturb import WrongAnswerPicker, perturb_record
+    from aloe_cli.perturb.stage import NOT_APPLICABLE, NOT_PERTURBABLE
 
     picker = WrongAnswerPicker(eval_record(item.annotations["eval_item"]) for item in items)
 
     def perturber(record: dict, kind: str, eval_item: EvalItem) -> dict:
-        wrong = picker.pick(record, seed=seed)
         try:
+            wrong = None if kind == "region" else picker.pick(record, seed=seed)
             return perturb_record(record, kind, wrong, image_root=eval_item.image_root, seed=seed)
+        except RecordError as error:
+            if error.reason in NOT_APPLICABLE | NOT_PERTURBABLE:
+                raise Skipped(error.reason) from None
+            raise
         except ValueError as exc:
             raise RecordError("perturb_failed", str(exc)) from None
 
     return perturber
-
-
-def perturbations_for(eval_item: EvalItem, perturbations: tuple[str, ...]) -> list[str]:
-    """The perturbations asked for that apply to an item (image ones need an image; base is the plain run)."""
-    return [kind for kind in perturbations
-            if kind != "base" and not (kind in IMAGE_PERTURBATIONS and not eval_item.images)]
 
 
 @dataclass
@@ -90,6 +104,7 @@ class EvalStage(Stage):
     dataset: str | None = None  # the VLMEvalKit dataset name (None: the benchmark's name)
     lines: list[dict] = field(default_factory=list)
     tally: Tally = field(default_factory=Tally)
+    not_perturbed: dict[str, dict[str, int]] = field(default_factory=dict)  # kind -> why it did not apply -> items
 
     name = "eval"
 
@@ -118,10 +133,14 @@ class EvalStage(Stage):
         if requests:
             self.backend().generate(requests, self.params, on_done)
         lines: dict[int, list[dict]] = {}
+        to_judge: list[tuple[dict, EvalItem]] = []
         for index, (item, kind, record) in enumerate(units):
             if item.error is None:
-                lines.setdefault(id(item), []).append(self._line(item, kind, record, replies[index]))
-        self._grade_open([line for group in lines.values() for line in group if line["kind"] == "open"])
+                line = self._line(item, kind, record, replies[index])
+                lines.setdefault(id(item), []).append(line)
+                if line.get("scored_by") == EXACT_MATCH:  # open, and not a box answer
+                    to_judge.append((line, item.annotations["eval_item"]))
+        self._grade_open(to_judge)
         for item in batch:
             if item.error is None and id(item) in lines:
                 item.annotations["lines"] = lines[id(item)]
@@ -135,10 +154,17 @@ class EvalStage(Stage):
     def _records(self, item: Item) -> list[tuple[str | None, dict]]:
         eval_item: EvalItem = item.annotations["eval_item"]
         record = eval_record(eval_item, self.protocol, self.dataset)
-        kinds = perturbations_for(eval_item, self.perturbations)
+        kinds = [kind for kind in self.perturbations if kind != BASE]  # base is the plain run; others may not apply
         if kinds and self.perturber is None:
             raise RuntimeError("perturbations were asked for without a perturber")
-        return [(None, record)] + [(kind, self.perturber(record, kind, eval_item)) for kind in kinds]
+        records: list[tuple[str | None, dict]] = [(None, record)]
+        for kind in kinds:
+            try:
+                records.append((kind, self.perturber(record, kind, eval_item)))
+            except Skipped as skipped:
+                self.not_perturbed.setdefault(kind, {}).setdefault(skipped.reason, 0)
+                self.not_perturbed[kind][skipped.reason] += 1
+        return records
 
     def _line(self, item: Item, kind: str | None, record: dict, prediction: str) -> dict:
         eval_item: EvalItem = item.annotations["eval_item"]
@@ -152,8 +178,9 @@ class EvalStage(Stage):
             line["wrong_answer"] = record.get("aloe", {}).get("perturb", {}).get("wrong_answer")
         fields = eval_item.vlmevalkit_fields()  # the options and answer VLMEvalKit's rules compare
         view = {"dataset": self.dataset or line["benchmark"], "answer": fields.answer}
-        if line["kind"] == "open":
-            line["extracted"] = line["extracted_aloe"] = prediction.strip() or None
+        if line["kind"] == "open":  # exact match or box IoU until a judge grades it
+            line.update(open_verdict(line["answer"], prediction))
+            line["extracted_aloe"] = line["extracted"]
             theirs = score_open(prediction, view)
             if theirs is not None:  # MMMU: exact matching scores it; the judge grades it for aloe
                 line.update(theirs, vlmevalkit=view)
@@ -164,12 +191,14 @@ class EvalStage(Stage):
             line.update(score_prediction(line["kind"], prediction, line["answer"], line["options"], view))
         return line
 
-    def _grade_open(self, lines: list[dict]) -> None:
+    def _grade_open(self, lines: list[tuple[dict, EvalItem]]) -> None:
+        """The judge grades open answers; it sees the item's own images, never a perturbed copy's."""
         if not lines or self.judge is None:
             return
-        results = self.judge.grade([JudgeCase(line["question"], line["answer"], line["prediction"]) for line in lines])
-        for line, result in zip(lines, results):
-            line["correct_aloe"] = result.score
+        results = self.judge.grade([JudgeCase(line["question"], judge_reference(line["answer"]), line["prediction"],
+                                              tuple(item.images), item.image_root) for line, item in lines])
+        for (line, _), result in zip(lines, results):
+            line["correct_aloe"], line["scored_by"] = result.score, JUDGE
             if "vlmevalkit" not in line:  # else VLMEvalKit's exact matching already gave its verdict
                 line["correct"] = result.score
             line["judge"] = {"model": self.judge.name, **result.to_dict()}
@@ -191,10 +220,13 @@ class EvalStage(Stage):
                                  id=str(record.get("id")))
 
     def scores(self) -> dict:
-        return benchmark_scores(self.lines)
+        scores = benchmark_scores(self.lines)
+        if self.not_perturbed:
+            scores["not_perturbed"] = self.not_perturbed
+        return scores
 
     def summary(self) -> dict:
         return {"model": self.model, "accuracy": self.tally.accuracy}
 
 
-__all__ = ["EvalStage", "IMAGE_PERTURBATIONS", "Perturber", "Tally", "make_perturber", "perturbations_for"]
+__all__ = ["EvalStage", "Perturber", "Skipped", "Tally", "make_perturber"]

@@ -7,7 +7,9 @@ verdicts on the same answer, whatever prompt was sent:
   VLMEvalKit reads them (kept on the line under `vlmevalkit`: {dataset, options, answer}); `extracted` is
   null when those rules cannot read the answer;
 - `extracted_aloe`, `correct_aloe`, `rule`: aloe's extraction (`aloe_cli.evaluation.extraction`).
-Open items carry the judge's 0 / 0.5 / 1 (null when unjudged) in both. Lines are the source of truth:
+Open items (`aloe_cli.evaluation.open_answers`, which `scored_by` names) carry the judge's 0 / 0.5 / 1 (null
+when unjudged) in both, or, without a judge, VLMEvalKit's VQA score in `correct` and the exact match in
+`correct_aloe` (not judged), or a box answer's IoU verdict in both. Lines are the source of truth:
 `rescore_line` recomputes both verdicts from `prediction`, `benchmark_scores` every figure from lines alone.
 
 Accuracy is the mean of `correct` (`accuracy`) or `correct_aloe` (`accuracy_aloe`) over the unperturbed
@@ -27,21 +29,10 @@ from typing import Any
 from aloe_cli.errors import RecordError
 from aloe_cli.evaluation import vlmevalkit
 from aloe_cli.evaluation.extraction import extract_choice, extract_yesno, normalize_yesno
+from aloe_cli.evaluation.open_answers import judge_value, open_value, rescore_open, scored_by_counts
+from aloe_cli.perturb.names import EVAL_NAMES
 
-PERTURBATIONS = ("base", "cap", "pmt", "syc", "leg")
-PERTURBATION_TITLES = {"base": "Base", "cap": "Cap", "pmt": "Pmt", "syc": "Syc", "leg": "Leg"}
 REQUIRED = ("id", "benchmark", "kind", "answer", "prediction")
-
-
-def judge_value(value: Any) -> float | None:
-    """A stored open-item score: 0, 0.5 or 1 (booleans as 1/0); None when unjudged."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return 1.0 if value else 0.0
-    if isinstance(value, (int, float)) and float(value) in (0.0, 0.5, 1.0):
-        return float(value)
-    raise RecordError("invalid_field", f"must be true/false, 0, 0.5, 1 or null, got {value!r}", field="correct")
 
 
 def vlmevalkit_view(kind: str, answer: str, options: dict | None, dataset: str | None = None) -> dict:
@@ -92,11 +83,9 @@ def rescore_line(line: dict) -> dict:
                               "prediction)", field=name)
     kind = line["kind"]
     prediction = line["prediction"] if isinstance(line["prediction"], str) else None
-    if kind == "open":
-        grade = line.get("judge", {}).get("score") if isinstance(line.get("judge"), dict) else line.get("correct")
-        extracted = prediction.strip() if prediction and prediction.strip() else None
-        value = judge_value(line.get("correct_aloe", grade) if "judge" not in line else grade)
-        scored = {**line, "extracted": extracted, "correct": value, "extracted_aloe": extracted, "correct_aloe": value}
+    if kind == "open":  # judged, exact-matched or box-scored: evaluation.open_answers
+        scored = {**line, **rescore_open(line)}
+        scored["extracted_aloe"] = scored["extracted"]
         view = line.get("vlmevalkit")
         theirs = score_open(prediction, view) if isinstance(view, dict) else None
         return {**scored, **theirs} if theirs is not None else scored
@@ -121,7 +110,7 @@ def rescore_line(line: dict) -> dict:
 def _value(line: dict, key: str = "correct") -> float | None:
     correct = line.get(key, line.get("correct"))  # a line of another tool may carry one verdict only
     if line.get("kind") == "open":
-        return judge_value(correct)
+        return open_value(line, correct, key)
     return None if correct is None else (1.0 if correct is True or correct == 1 else 0.0)
 
 
@@ -165,6 +154,8 @@ def benchmark_scores(lines: Iterable[dict]) -> dict:
         "unjudged": sum(1 for line in base if line.get("kind") == "open" and _value(line, "correct_aloe") is None),
         "judged": len(judged),
     }
+    if any(line.get("kind") == "open" for line in base):
+        scores["scored_by"] = scored_by_counts(base)  # exact_match: open items that were not judged
     pairs = _pairs(base)
     if pairs is not None:
         scores["pairs"] = pairs
@@ -178,7 +169,8 @@ def benchmark_scores(lines: Iterable[dict]) -> dict:
     by_perturbation = _group(lines, None)
     if set(by_perturbation) != {"base"}:
         scores["perturbations"] = {kind: _accuracy(group) for kind, group in by_perturbation.items()}
-    tasks = _group([line for line in lines if line.get("task")], "task")
+    # every item has a task (given or inferred): the robustness figures are for runs that perturbed
+    tasks = _group([line for line in lines if line.get("task")], "task") if "perturbations" in scores else {}
     if tasks:
         scores["robustness"] = {task: {kind: _accuracy(group) for kind, group in _group(task_lines, None).items()}
                                 for task, task_lines in tasks.items()}
@@ -202,7 +194,7 @@ def _group(lines: list[dict], field_name: str | None) -> dict[str, list[dict]]:
         if key not in (None, ""):
             groups[str(key)].append(line)
     if field_name is None:
-        order = {kind: position for position, kind in enumerate(PERTURBATIONS)}
+        order = {kind: position for position, kind in enumerate(EVAL_NAMES)}
         return dict(sorted(groups.items(), key=lambda entry: order.get(entry[0], len(order))))
     return dict(groups)
 
@@ -223,5 +215,5 @@ def _pairs(lines: list[dict]) -> dict | None:
     return figures
 
 
-__all__ = ["PERTURBATIONS", "PERTURBATION_TITLES", "benchmark_scores", "judge_value", "perturbation_of",
+__all__ = ["benchmark_scores", "judge_value", "perturbation_of",
            "rescore_line", "score_open", "score_prediction", "vlmevalkit_view"]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aloe_cli.console import null_progress
-from aloe_cli.data.io import STDIO, StreamCopies, record_writers
+from aloe_cli.data.io import STDIO, StreamCopies, output_folder, record_writers
 from aloe_cli.data.stage import InputCounts, ProgressFactory, RunConfig, run_stage
 from aloe_cli.data.streams import device_path, is_stream
 from aloe_cli.errors import AloeError
@@ -52,6 +52,8 @@ class MixOptions:
     cache_path: str | None = None  # default: the recipe's `cache`, else token_cache.default_cache_path()
     keep_dicom_bytes: bool = False  # pass embedded DICOM through with its header (default: re-encoded on read)
     spool_dir: str | None = None  # default: the output's folder (the system temp folder for stdout)
+    # Image paths in the mixture: relative to the output's folder, or absolute (always, for stdout).
+    absolute_paths: bool = False
 
 
 @dataclass
@@ -109,6 +111,7 @@ def run_mix(recipe: Recipe, options: MixOptions, counter: LossTokenCounter | Non
     # Spools beside a file output (same disk as the result); for stdout, a pipe or a device, in $TMPDIR.
     to_file = options.output != STDIO and not is_stream(options.output) and not device_path(options.output)
     spool_dir = options.spool_dir or (str(Path(options.output).resolve().parent) if to_file else None)
+    image_folder = None if options.absolute_paths else output_folder(options.output)
     counter = counter or load_counter(recipe.tokenizer, recipe.chat_template)
     seconds: dict[str, float] = {}
     with ExitStack() as stack:
@@ -120,7 +123,9 @@ def run_mix(recipe: Recipe, options: MixOptions, counter: LossTokenCounter | Non
         counting = CountingStage(recipe, counter, cache, options.batch_size)
         with _timed(seconds, "count"):
             reading = run_stage(counting, items_with_spec(recipe, streams, options.keep_dicom_bytes), None, rejects,
-                                RunConfig(on_error=options.on_error), progress=progress)
+                                RunConfig(on_error=options.on_error, relocate_images=True,
+                                          rejects_image_folder=output_folder(options.rejects)
+                                          if options.rejects else None), progress=progress)
         if not counting.groups.groups:
             raise AloeError(f"nothing to mix: none of the {reading.read} record(s) read is usable"
                             + (f" ({_reason_list(reading.reasons)})" if reading.reasons else ""))
@@ -154,7 +159,7 @@ def run_mix(recipe: Recipe, options: MixOptions, counter: LossTokenCounter | Non
                 stack.callback(spool.close)
                 with (progress or null_progress)("mix: writing", len(group_of)) as bar:
                     write_pass(iter_items(recipe, streams, options.keep_dicom_bytes), plan, group_of, tokens,
-                                counting.groups, recipe, spool, bar)
+                                counting.groups, recipe, spool, bar, image_folder)
                 written = spool.drain(output)
         return result(written)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from aloe_cli.data.images import relocate
 from aloe_cli.data.io import Item, RecordWriter, dumps, write_error
 from aloe_cli.data.streams import loads
 from aloe_cli.errors import AloeError, RecordError
@@ -86,7 +87,10 @@ def _changed(where: str) -> AloeError:
 
 
 def write_pass(items: Iterator[tuple[SourceSpec, Item]], plan: Plan, group_of: np.ndarray, tokens: np.ndarray,
-                groups: GroupIndex, recipe: Recipe, spool: ShuffleSpool, progress: Any) -> None:
+                groups: GroupIndex, recipe: Recipe, spool: ShuffleSpool, progress: Any,
+                image_folder: str | None = None) -> None:
+    """Write the plan's copies into `spool`; image paths are rewritten to resolve from `image_folder` (the
+    mixture's folder), absolute when it is None: a source's paths are relative to the source's folder."""
     copies = plan.copies
     positions = output_positions(plan.samples, recipe.seed)
     next_copy = 0  # copies are numbered in reading order; copy k of the mixture goes to positions[k]
@@ -109,6 +113,9 @@ def write_pass(items: Iterator[tuple[SourceSpec, Item]], plan: Plan, group_of: n
         if groups.find(ready) != group_of[seq]:
             raise _changed(item.where)
         _annotate(ready, int(tokens[seq]))
+        if ready.record.get("images"):
+            ready.record["images"] = [relocate(entry, item.image_root, image_folder)
+                                      for entry in ready.record["images"]]
         for copy in range(count):
             ready.record["aloe"]["mix"]["copy"] = copy
             spool.add(int(positions[next_copy]), dumps(ready.record))

@@ -34,6 +34,33 @@ def chat_messages(messages: list[dict], images: list | None = None) -> list[dict
     return chat
 
 
+def check_image_shapes(processor: Any, images: list) -> None:
+    """RecordError (`image_invalid`, naming `images[n]`) for the first image the processor cannot resize, asked
+    before any batch is built: Qwen2-VL's processor refuses aspect ratios of 200:1 and beyond (a 1x1000 strip)
+    with a ValueError that would otherwise stop the whole batch, or be blamed on the chat template."""
+    import sys
+
+    image_processor = getattr(processor, "image_processor", None)
+    resize = getattr(sys.modules.get(type(image_processor).__module__), "smart_resize", None)
+    if resize is None:
+        return  # a processor without Qwen2-VL's resizing rule: nothing known to refuse
+    factor = getattr(image_processor, "patch_size", 14) * getattr(image_processor, "merge_size", 2)
+    for position, image in enumerate(images):
+        if not hasattr(image, "size"):
+            continue
+        width, height = image.size
+        try:
+            resize(height, width, factor=factor)
+        except ValueError as exc:
+            raise RecordError("image_invalid", f"the model's processor cannot take a {width}x{height} image "
+                              f"({exc}); crop or pad it", field=f"images[{position}]") from None
+
+
+def _conversation_images(conversation: list[dict]) -> list:
+    return [part.get("image") for message in conversation if isinstance(message["content"], list)
+            for part in message["content"] if part.get("type") == "image"]
+
+
 def image_count(conversation: list[dict]) -> int:
     return sum(1 for message in conversation if isinstance(message["content"], list)
                for part in message["content"] if part.get("type") == "image")
@@ -75,6 +102,21 @@ class ChatEncoder:
         """
         if not conversations:
             return []
+        results: list[EncodedChat | RecordError | None] = [None] * len(conversations)
+        usable = []
+        for index, conversation in enumerate(conversations):
+            try:
+                check_image_shapes(self.processor, _conversation_images(conversation))
+                usable.append(index)
+            except RecordError as error:
+                results[index] = error
+        for index, result in zip(usable, self._encode_batch([conversations[i] for i in usable])):
+            results[index] = result
+        return results  # type: ignore[return-value]
+
+    def _encode_batch(self, conversations: list[list[dict]]) -> list[EncodedChat | RecordError]:
+        if not conversations:
+            return []
         try:
             # Token lists, not tensors: transformers maps the generation spans to tokens several times faster
             # over lists (the pixels come back as a tensor either way).
@@ -85,7 +127,7 @@ class ChatEncoder:
             if len(conversations) == 1:
                 return [RecordError("template_error", f"the chat template cannot render this record "
                                                       f"({type(exc).__name__}: {first_line(exc)})")]
-            return [result for conversation in conversations for result in self.encode_many([conversation])]
+            return [result for conversation in conversations for result in self._encode_batch([conversation])]
         return _split(out, [image_count(conversation) for conversation in conversations])
 
 
@@ -116,4 +158,5 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-__all__ = ["ChatEncoder", "EncodedChat", "chat_messages", "image_count", "length_sorted_batches"]
+__all__ = ["ChatEncoder", "EncodedChat", "chat_messages", "check_image_shapes", "image_count",
+           "length_sorted_batches"]

@@ -1,4 +1,5 @@
-"""Boxes on a canvas: overlap, placing a block off the findings, moving a region to a free area.
+"""Boxes on a canvas: overlap and IoU (eval scores box answers by it), placing a block off the findings,
+moving a region to a free area.
 
 A box is (x1, y1, x2, y2) with x1 < x2 and y1 < y2, in pixels or grounding
 units (0..1000); the functions do not care which, as long as one call uses one.
@@ -19,6 +20,13 @@ def intersection(a: Sequence[float], b: Sequence[float]) -> float:
     width = min(a[2], b[2]) - max(a[0], b[0])
     height = min(a[3], b[3]) - max(a[1], b[1])
     return max(0.0, width) * max(0.0, height)
+
+
+def iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two boxes (0 when either has no area)."""
+    shared = intersection(a, b)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - shared
+    return shared / union if union > 0 else 0.0
 
 
 def expanded(box: Sequence[float], by: float) -> Box:

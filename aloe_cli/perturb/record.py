@@ -44,6 +44,7 @@ from aloe_cli.perturb import render
 from aloe_cli.perturb.answers import answer_text, normalized, option_letter, record_options, target_answer, yes_no
 from aloe_cli.perturb.geometry import Box, relocate
 from aloe_cli.perturb.keys import record_key, record_rng
+from aloe_cli.perturb.names import KINDS
 from aloe_cli.perturb.text import (
     add_text,
     image_caption,
@@ -54,29 +55,32 @@ from aloe_cli.perturb.text import (
     target_turn_index,
 )
 
-KINDS = ("cap", "pmt", "syc", "leg", "region")
 GROUNDING_CANVAS = (1000, 1000)
 _GROUNDING_GAP = 20  # grounding units kept between a moved box and any true box
 _MIN_GROUNDING_SIDE = 10
 
 
-def perturb_record(record: dict, kind: str, wrong_answer: str, *, image_root: str | os.PathLike | None = None,
-                   seed: int = 0, bbox_format: str = "xyxy") -> dict:
-    """A perturbed copy of `record`; RecordError (e.g. `perturb_needs_image`) when `kind` cannot apply."""
+def perturb_record(record: dict, kind: str, wrong_answer: str | None, *,
+                   image_root: str | os.PathLike | None = None, seed: int = 0, bbox_format: str = "xyxy") -> dict:
+    """A perturbed copy of `record`; RecordError (e.g. `perturb_needs_image`) when `kind` cannot apply.
+
+    `region` may be given no wrong answer (a detection answer that is only a box has none to push): its
+    `wrong_answer` is then the moved region itself."""
     if kind not in KINDS:
         raise ValueError(f"unknown perturbation {kind!r}; choose from {', '.join(KINDS)}")
-    if not isinstance(wrong_answer, str) or not wrong_answer.strip():
+    if not (wrong_answer is None and kind == "region") and (not isinstance(wrong_answer, str)
+                                                            or not wrong_answer.strip()):
         raise ValueError("wrong_answer must be a non-empty string")
     key = record_key(record)
     rng = record_rng(seed, key, kind)
     options = record_options(record)
-    letter = option_letter(wrong_answer, options) if options else None
-    wrong = options[letter] if letter else wrong_answer.strip()
+    letter = option_letter(wrong_answer, options) if options and wrong_answer is not None else None
+    wrong = options[letter] if letter else wrong_answer.strip() if wrong_answer is not None else None
     correct = answer_text(record)
-    if correct is not None and normalized(correct) == normalized(wrong):
+    if wrong is not None and correct is not None and normalized(correct) == normalized(wrong):
         raise ValueError(f"the wrong answer {wrong!r} is the record's correct answer")
     claim = f"{letter} ({wrong})" if letter else wrong
-    is_yes_no = bool(yes_no(wrong) and yes_no(target_answer(record) or ""))
+    is_yes_no = bool(wrong is not None and yes_no(wrong) and yes_no(target_answer(record) or ""))
 
     out = copy.deepcopy(record)
     turn = out["messages"][target_turn_index(out)]
@@ -105,6 +109,8 @@ def perturb_record(record: dict, kind: str, wrong_answer: str, *, image_root: st
         info.update(image=index, **drawn.info)
     else:
         info.update(_move_region(out, turn, rng, image_root, bbox_format))
+        if wrong is None:
+            info["wrong_answer"] = info["text"]
     _reencode_embedded_dicom(out, image_root)
     out["id"] = f"{key}#{kind}"
     aloe = out.get("aloe") if isinstance(out.get("aloe"), dict) else {}

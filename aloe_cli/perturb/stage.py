@@ -32,7 +32,8 @@ from aloe_cli.data.stage import Reject, Stage
 from aloe_cli.errors import RecordError
 from aloe_cli.perturb.answers import WrongAnswerPicker
 from aloe_cli.perturb.keys import record_rng
-from aloe_cli.perturb.record import KINDS, perturb_record
+from aloe_cli.perturb.names import KINDS
+from aloe_cli.perturb.record import perturb_record
 
 # perturb_record's reasons for "this kind does not fit this record" (another kind may).
 NOT_APPLICABLE = frozenset({"perturb_needs_image", "perturb_needs_box", "perturb_no_free_area"})

@@ -25,6 +25,7 @@ from typing import Any
 
 from aloe_cli.errors import AloeError, ConfigValueError, UsageError
 from aloe_cli.modeling.loading import canonical_dtype
+from aloe_cli.perturb.names import KINDS
 
 # One vocabulary for precision in every command: torch's dtype names (what transformers' `dtype=` and TRL's
 # `dtype` key take); the short names are read as aliases (`aloe_cli.modeling.dtypes`).
@@ -38,7 +39,7 @@ ON_ERROR_MODES = ("fail", "skip")
 # named gate/up/down_proj): a regular expression PEFT matches against whole module names.
 LORA_DEFAULT_TARGETS = r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 LORA_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "merge_lora")
-PERTURB_KINDS_DEFAULT = "cap,pmt,syc,leg,region"
+PERTURB_KINDS_DEFAULT = ",".join(KINDS)
 CONFIG_FILE = "aloe-train.yaml"
 
 
@@ -278,8 +279,6 @@ class AdvTrainConfig(TrainConfig):
             raise ConfigValueError(("emit_only", "perturb"), "with --perturb none there is nothing to emit")
 
     def perturb_kinds(self) -> tuple[str, ...]:
-        from aloe_cli.perturb import KINDS
-
         kinds = tuple(part.strip() for part in self.perturb.split(",") if part.strip())
         unknown = [kind for kind in kinds if kind not in KINDS]
         if unknown or not kinds or len(set(kinds)) != len(kinds):

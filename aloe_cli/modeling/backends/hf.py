@@ -28,7 +28,7 @@ from aloe_cli.modeling.backends import (
     check_image_count,
     indexed,
 )
-from aloe_cli.modeling.encoding import chat_messages, length_sorted_batches
+from aloe_cli.modeling.encoding import chat_messages, check_image_shapes, length_sorted_batches
 from aloe_cli.modeling.loading import LoadedModel
 
 # Qwen2-VL turns each 28x28 pixel patch into one token: an estimate of an image's share of the length.
@@ -63,6 +63,7 @@ class HFBackend:
         for index, request in enumerate(requests):
             try:
                 images = self._images(request)
+                check_image_shapes(processor, images)
                 text = processor.apply_chat_template(chat_messages(request.messages), tokenize=False,
                                                      add_generation_prompt=True)
             except RecordError as error:
