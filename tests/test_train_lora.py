@@ -131,8 +131,8 @@ def test_infer_answers_through_the_adapter_folder(lora_run, tmp_path):
     item = scan_item(7)  # a blue mark: B
     image = tmp_path / "scan.png"
     image.write_bytes(base64.b64decode(item.images[0].split(",", 1)[1]))
-    result = aloe("infer", "--model", str(run), "--device", "cpu", "--image", str(image), "--max-new-tokens", "4",
-                  prompt_text(item), env=ENV)
+    result = aloe("infer", "--model", str(run), "--device", "cpu", "--dtype", "fp32", "--image", str(image),
+                  "--max-new-tokens", "4", prompt_text(item), env=ENV)  # fp32: train's short name, read as float32
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "B"
 
