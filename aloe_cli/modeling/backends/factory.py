@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 from aloe_cli.errors import AloeError, UsageError
 from aloe_cli.modeling.backends import GenerationBackend
-from aloe_cli.modeling.loading import DTYPES
 
 BACKENDS = ("hf", "openai")
 
