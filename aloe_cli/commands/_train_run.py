@@ -134,7 +134,8 @@ def train_and_report(plan: TrainPlan, items: Callable[[], Iterable], paths: list
     from aloe_cli.training.trainer import run_training
 
     try:
-        result = run_training(plan, items, paths=paths, log=console.log, resume_command=resume_command())
+        result = run_training(plan, items, paths=paths, log=console.log, resume_command=resume_command(),
+                              progress=console.progress)
     except KeyboardInterrupt as interrupt:
         # typer turns Ctrl-C into a silent exit 130 before app.main sees it: say here where to resume from.
         outcome = getattr(interrupt, "outcome", None)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aloe_cli.console import stdout_to_stderr
+from aloe_cli.console import ProgressFactory, null_progress, stdout_to_stderr
 from aloe_cli.data.io import Item
 from aloe_cli.errors import AloeError, Terminated, first_line
 from aloe_cli.training.config import TrainPlan
@@ -297,16 +297,17 @@ def _worker_error(error: AloeError) -> AloeError:
 # ----------------------------------------------------------------------------- the run
 
 def run_training(plan: TrainPlan, items: Callable[[], Iterable[Item]], *, paths: list[str],
-                 log: Callable[[str], None] = lambda message: None, resume_command: str | None = None) -> TrainResult:
+                 log: Callable[[str], None] = lambda message: None, resume_command: str | None = None,
+                 progress: ProgressFactory = null_progress) -> TrainResult:
     """Train `plan.config.model` on the records `items()` yields (read from `paths`, which the run folder's ledger
     records); everything lands in `plan.config.output_dir`. `resume_command`: the command line that resumes this
-    run, for the closing line of an interrupted one."""
+    run, for the closing line of an interrupted one; `progress`: shows the steps (`training.progress`)."""
     config = plan.config
     output_dir = Path(config.output_dir)
     run: dict[str, Any] = {}  # the ledger and the trainer, once there are any
     with stdout_to_stderr():
         try:
-            result = _run(plan, items, paths, output_dir, log, resume_command, run)
+            result = _run(plan, items, paths, output_dir, log, resume_command, run, progress)
             _leave_process_group()
             return result
         except AloeError as error:
@@ -445,7 +446,7 @@ def _quiet_libraries() -> None:
 
 
 def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume_command: str | None,
-         run: dict) -> TrainResult:
+         run: dict, progress: ProgressFactory) -> TrainResult:
     import torch
     from trl import SFTConfig
 
@@ -454,6 +455,7 @@ def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume
     from aloe_cli.training.data import build_dataset, dataset_path, load_dataset, lost_message
     from aloe_cli.training.guard import VisionGuard
     from aloe_cli.training.ledger import Ledger, claim, completed_step, read_run
+    from aloe_cli.training.progress import TrainProgress
 
     _quiet_libraries()
     preflight(plan)
@@ -540,7 +542,8 @@ def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume
 
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    callbacks = [_log_callback(output_dir / LOG_FILE, log)] + ([ledger.callback()] if ledger else [])
+    shown = TrainProgress(progress, command)
+    callbacks = [_log_callback(output_dir / LOG_FILE, log), shown] + ([ledger.callback()] if ledger else [])
     trainer = _trainer_class()(model=model, args=args, data_collator=collator, train_dataset=dataset,
                                processing_class=processor, callbacks=callbacks)
     trainer.skipped = Counter()
@@ -558,6 +561,7 @@ def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume
         trainer.lost_budget.check(skipped)  # the steps after the last logged one
         save_final(trainer, processor, output_dir)
     except BaseException as stop:
+        shown.close()
         # Preempted (SIGTERM), interrupted or failed (a full disk) while training or saving: a checkpoint or a final
         # model half written would be taken for a whole one; remove them, so what is left resumes.
         if state.is_main_process:
