@@ -86,3 +86,69 @@ def test_training_on_a_terminal_shows_a_bar(tmp_path, tiny_model_dir):
     assert "2/2" in result.stderr and "steps/s" in result.stderr and "samples/s" in result.stderr
     assert re.search(r"loss [\d.]+, lr [\d.e+-]+", result.stderr), result.stderr[-3000:]
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- loss curves
+
+def log_lines(path, lines: list[dict]):
+    path.mkdir(parents=True, exist_ok=True)
+    return write_jsonl(path / "log.jsonl", lines)
+
+
+def test_training_draws_loss_png_in_the_run_folder(tmp_path, tiny_model_dir):
+    from PIL import Image
+
+    data = records(tmp_path, 8)
+    run = tmp_path / "run"
+    result = aloe("train", "-i", str(data), "--model", str(tiny_model_dir), "--output-dir", str(run),
+                  *TRAIN_FLAGS, env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "loss.png" in result.stderr  # the closing summary names it
+    with Image.open(run / "loss.png") as picture:
+        assert picture.format == "PNG" and picture.size == (800, 600)
+    plotted = aloe("report", "plot", str(run), "-o", str(tmp_path / "again.png"))
+    assert plotted.returncode == 0 and "1 run(s) (run), 2 logged step(s)" in plotted.stderr, plotted.stderr
+
+
+def test_report_plot_overlays_runs_with_their_eval_loss(tmp_path):
+    from PIL import Image
+
+    first = log_lines(tmp_path / "stage1", [{"step": s, "loss": 3.0 / s, "lr": 1e-4} for s in range(1, 21)]
+                      + [{"step": 10, "eval_loss": 0.5}, {"step": 20, "eval_loss": 0.3}])
+    log_lines(tmp_path / "stage2", [{"step": s, "loss": 2.0 / s, "lr": 5e-5 * (1 - s / 12)} for s in range(1, 11)])
+    out = tmp_path / "both.png"
+    result = aloe("report", "plot", str(first.parent), str(tmp_path / "stage2" / "log.jsonl"), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "2 run(s) (stage1, stage2), 30 logged step(s): wrote" in result.stderr
+    with Image.open(out) as picture:
+        assert picture.format == "PNG" and picture.size == (800, 600)
+
+
+def test_report_plot_errors_name_the_run_and_the_line(tmp_path):
+    missing = aloe("report", "plot", str(tmp_path / "nosuch"), "-o", str(tmp_path / "x.png"))
+    assert missing.returncode == 1 and missing.stderr.startswith("aloe: error: run "), missing.stderr
+    assert "nosuch" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n')
+    broken = aloe("report", "plot", str(bad), "-o", str(tmp_path / "x.png"))
+    assert broken.returncode == 1 and f"{bad / 'log.jsonl'}:2: not a log line" in broken.stderr, broken.stderr
+    log_lines(tmp_path / "early", [{"step": 1, "grad_norm": 1.0}])
+    early = aloe("report", "plot", str(tmp_path / "early"), "-o", str(tmp_path / "x.png"))
+    assert early.returncode == 1 and "no loss logged yet" in early.stderr, early.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_report_to_a_tracker_whose_package_is_missing_is_one_line(tmp_path, tiny_model_dir, tracker):
+    import importlib.util
+
+    if importlib.util.find_spec(tracker) is not None:
+        pytest.skip(f"{tracker} is installed here")
+    data = records(tmp_path, 4)
+    result = aloe("train", "-i", str(data), "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "run"),
+                  *TRAIN_FLAGS, "--report-to", tracker)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"aloe: error: --report-to {tracker} needs the {tracker} package, which is not "
+                                     f"installed (pip install {tracker})"), result.stderr
+    assert not (tmp_path / "run").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from aloe_cli import console
@@ -162,4 +163,5 @@ def train_and_report(plan: TrainPlan, items: Callable[[], Iterable], paths: list
     if result.train_loss is not None:
         console.log(f"  mean training loss {result.train_loss:.4f}")
     console.log("  vision guard: text-only micro batches per rank " + str(result.guard_calls))
-    console.log(f"  model, processor, aloe-train.yaml, log.jsonl and run.json in {result.output_dir}")
+    curve = ", loss.png" if (Path(result.output_dir) / "loss.png").is_file() else ""  # drawn when matplotlib is there
+    console.log(f"  model, processor, aloe-train.yaml, log.jsonl{curve} and run.json in {result.output_dir}")

@@ -14,7 +14,8 @@ What this adds around `SFTTrainer` (nothing of its loop is re-implemented):
 - the run folder's rules and its ledger `run.json` (`training.ledger`): the folder is claimed (refused, moved
   aside, or resumed from its newest whole checkpoint) before anything is read;
 - samples lost to unreadable records and images, held against `--max-skipped` at every logging step;
-- `log.jsonl` (step, loss, lr, tokens/s, skipped samples), `aloe-train.yaml`,
+- `log.jsonl` (step, loss, lr, tokens/s, skipped samples) and its picture `loss.png` (`training.curves`),
+  the progress people see (`training.progress`), `aloe-train.yaml`,
   the final model + processor in `output_dir`.
 """
 
@@ -394,6 +395,10 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+# --report-to names whose package is not called as the tracker is.
+_TRACKER_PACKAGES = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "codecarbon": "codecarbon"}
+
+
 def preflight(plan: TrainPlan) -> None:
     """Options that need a package or a known name fail here, in one line, before anything is read or loaded."""
     import importlib.util
@@ -409,7 +414,9 @@ def preflight(plan: TrainPlan) -> None:
         if name not in INTEGRATION_TO_CALLBACK:
             raise AloeError(f"--report-to {name}: unknown (known: {', '.join(sorted(INTEGRATION_TO_CALLBACK))}, none)")
         if name not in get_available_reporting_integrations():
-            raise AloeError(f"--report-to {name}: its package is not installed")
+            package = _TRACKER_PACKAGES.get(name, name)
+            raise AloeError(f"--report-to {name} needs the {package} package, which is not installed "
+                            f"(pip install {package})")
     _check_precision(plan)
 
 
@@ -452,6 +459,7 @@ def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume
 
     from aloe_cli.data.writing import folders_made
     from aloe_cli.training.collator import TrainingCollator
+    from aloe_cli.training.curves import loss_curve_callback
     from aloe_cli.training.data import build_dataset, dataset_path, load_dataset, lost_message
     from aloe_cli.training.guard import VisionGuard
     from aloe_cli.training.ledger import Ledger, claim, completed_step, read_run
@@ -543,7 +551,8 @@ def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     shown = TrainProgress(progress, command)
-    callbacks = [_log_callback(output_dir / LOG_FILE, log), shown] + ([ledger.callback()] if ledger else [])
+    callbacks = [_log_callback(output_dir / LOG_FILE, log), loss_curve_callback(output_dir, log), shown] + (
+        [ledger.callback()] if ledger else [])
     trainer = _trainer_class()(model=model, args=args, data_collator=collator, train_dataset=dataset,
                                processing_class=processor, callbacks=callbacks)
     trainer.skipped = Counter()
