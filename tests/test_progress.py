@@ -152,3 +152,32 @@ def test_report_to_a_tracker_whose_package_is_missing_is_one_line(tmp_path, tiny
     assert result.stderr.strip() == (f"aloe: error: --report-to {tracker} needs the {tracker} package, which is not "
                                      f"installed (pip install {tracker})"), result.stderr
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- totals known before a read
+
+def test_expected_records_counts_what_can_be_counted_cheaply(tmp_path):
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from aloe_cli.data.counting import expected_records
+    from aloe_cli.data.shard import Shard
+
+    whole = tmp_path / "a.jsonl"
+    whole.write_text('{"x": 1}\n{"x": 2}\n{"x": 3}\n')
+    open_end = tmp_path / "b.jsonl"
+    open_end.write_text('{"x": 1}\n{"x": 2}')  # no newline after the last record
+    table = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"x": list(range(7))}), table)
+    array = tmp_path / "d.json"
+    array.write_text('[{"x": 1}, {"x": 2}]')
+    packed = tmp_path / "e.jsonl.gz"
+    packed.write_bytes(gzip.compress(b'{"x": 1}\n'))
+    assert expected_records([str(whole), str(open_end), str(table)], Shard()) == 12
+    assert expected_records([str(whole)], Shard(0, 2)) == 2 and expected_records([str(whole)], Shard(1, 2)) == 1
+    assert expected_records([str(whole), str(table)], Shard(1, 2)) == 7  # whole files per shard
+    for unknown in (array, packed):
+        assert expected_records([str(whole), str(unknown)], Shard()) is None
+    assert expected_records(["-"], Shard()) is None

@@ -5,6 +5,7 @@ summary: records read, kept and rejected per input and per reason, and the
 stage's own counters that add up (hashes, judge requests, scored tokens...).
 It refuses reports of different stages, a shard given twice, a missing shard
 (it says which), and counts that do not satisfy read = kept + rejected.
+`aloe report plot` draws the loss and learning rate of training runs.
 
 Examples:
 
@@ -77,7 +78,8 @@ def merge(
 @app.command(help="Draw the training loss (raw and smoothed), the eval loss and the learning rate of one or more "
                   "training runs (each run's log.jsonl) over the step, in one picture.")
 def plot(
-    runs: Annotated[list[Path], typer.Argument(help="Training run folders (--output-dir), or their log.jsonl.")],
+    runs: Annotated[list[Path], typer.Argument(help="Training run folders (--output-dir), or their log.jsonl.",
+                                               metavar="RUN")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The picture to write (.png, .svg or .pdf).")
                       ] = Path("loss.png"),
 ) -> None:
