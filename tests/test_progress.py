@@ -110,6 +110,27 @@ def test_training_draws_loss_png_in_the_run_folder(tmp_path, tiny_model_dir):
     assert plotted.returncode == 0 and "1 run(s) (run), 2 logged step(s)" in plotted.stderr, plotted.stderr
 
 
+
+def test_training_without_matplotlib_notes_once_and_draws_nothing(tmp_path, tiny_model_dir):
+    import os
+
+    absent = tmp_path / "site" / "matplotlib"  # an environment where matplotlib cannot be imported
+    absent.mkdir(parents=True)
+    (absent / "__init__.py").write_text('raise ImportError("No module named matplotlib")\n')
+    data = records(tmp_path, 8)
+    run = tmp_path / "run"
+    path = os.pathsep.join(filter(None, [str(absent.parent), os.environ.get("PYTHONPATH")]))
+    result = aloe("train", "-i", str(data), "--model", str(tiny_model_dir), "--output-dir", str(run),
+                  *TRAIN_FLAGS, env={"OMP_NUM_THREADS": "1", "PYTHONPATH": path}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    note = "aloe: note: no loss.png (it needs matplotlib: pip install 'aloe-cli[plot]')"
+    assert result.stderr.count(note) == 1, result.stderr[-3000:]
+    assert "log.jsonl and run.json in" in result.stderr and not (run / "loss.png").exists()
+    assert (run / "model.safetensors").is_file()
+    plotted = aloe("report", "plot", str(run), "-o", str(tmp_path / "x.png"), env={"PYTHONPATH": path})
+    assert plotted.returncode == 1 and plotted.stderr.strip().endswith("needs matplotlib: pip install "
+                                                                       "'aloe-cli[plot]'"), plotted.stderr
+
 def test_report_plot_overlays_runs_with_their_eval_loss(tmp_path):
     from PIL import Image
 

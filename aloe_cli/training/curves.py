@@ -147,21 +147,19 @@ def draw_curves(runs: list[Curves], output: str | Path) -> Path:
 
 def loss_curve_callback(output_dir: Path, note: Callable[[str], None]):
     """A TrainerCallback that keeps `output_dir/loss.png` in step with log.jsonl (the main process only)."""
-    import importlib.util
-
     from transformers import TrainerCallback
 
     class LossCurve(TrainerCallback):
         def __init__(self):
             self.drawn_at: float | None = None
-            self.enabled = importlib.util.find_spec("matplotlib") is not None
-            self.noted = False
+            self.enabled: bool | None = None  # known at the first drawing
 
         def _draw(self) -> None:
-            if not self.enabled:
-                if not self.noted:
+            if self.enabled is None:
+                self.enabled = _matplotlib_works()
+                if not self.enabled:
                     note(f"aloe: note: no {CURVE_FILE} (it needs matplotlib: pip install 'aloe-cli[plot]')")
-                    self.noted = True
+            if not self.enabled:
                 return
             try:
                 draw_curves([read_curves(output_dir, output_dir.resolve().name)], output_dir / CURVE_FILE)
@@ -180,3 +178,13 @@ def loss_curve_callback(output_dir: Path, note: Callable[[str], None]):
                 self._draw()
 
     return LossCurve()
+
+
+def _matplotlib_works() -> bool:
+    from aloe_cli.plotting import pyplot
+
+    try:
+        pyplot()
+    except AloeError:
+        return False
+    return True
