@@ -221,7 +221,7 @@ def _rate_column_class():
     return RateColumn
 
 
-def _RateColumn(unit: str):  # noqa: N802 - a column, built on first use so rich loads only on a terminal
+def _RateColumn(unit: str):  # noqa: N802 - a column; rich.progress is imported only when a bar is drawn
     return _rate_column_class()(unit)
 
 
