@@ -202,3 +202,18 @@ def test_expected_records_counts_what_can_be_counted_cheaply(tmp_path):
     for unknown in (array, packed):
         assert expected_records([str(whole), str(unknown)], Shard()) is None
     assert expected_records(["-"], Shard()) is None
+
+
+# ----------------------------------------------------------------------------- eval
+
+def test_eval_on_a_terminal_shows_items_per_benchmark_and_the_running_accuracy(tmp_path, tiny_model_dir):
+    from eval_fixtures import mcq_tsv
+
+    benchmark = mcq_tsv(tmp_path / "mcq.tsv")
+    result = aloe_on_terminal("eval", "--model", f"tiny={tiny_model_dir}", "--benchmark", f"organs={benchmark}",
+                              "-o", str(tmp_path / "results"), "--batch-size", "2", "--max-new-tokens", "4",
+                              env={"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "aloe eval: tiny on organs" in result.stderr and "6/6" in result.stderr, result.stderr[-3000:]
+    assert "items/s" in result.stderr and re.search(r"accuracy \d+\.\d%", result.stderr), result.stderr[-3000:]
+    assert not re.search(STAMP + "aloe eval:", result.stderr, re.M)
