@@ -85,10 +85,30 @@ def root(
 DEBUG_ENV = "ALOE_DEBUG"
 
 
+def _without_deepspeed_cpu_notice() -> None:
+    """DeepSpeed, imported by transformers/accelerate/TRL in every model command, warns "Setting accelerator to
+    CPU" on every machine without a GPU, where running on the CPU is the plan. A filter on its logger, set before
+    it is imported (its import resets the level, not the filters), drops that one line when torch sees no CUDA
+    device; where torch does see one and DeepSpeed still falls back to the CPU, the warning stays."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Setting accelerator to CPU"):
+            return True
+        torch = sys.modules.get("torch")
+        try:
+            return bool(torch is not None and torch.cuda.device_count() > 0)
+        except Exception:  # a broken CUDA set-up: say what DeepSpeed says
+            return True
+
+    logging.getLogger("DeepSpeed").addFilter(keep)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors, exit 1 for bad input, 2 for bad usage (typer's own),
     130 for Ctrl-C, 143 for SIGTERM."""
     ensure_stderr()
+    _without_deepspeed_cpu_notice()
     _handle_sigterm()
     try:
         try:

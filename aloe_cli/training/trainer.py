@@ -430,7 +430,7 @@ def rank_cpus() -> tuple[int, str]:
 
     cpus, why = available_cpus(), "the CPUs this process may use"
     slurm = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
-    if slurm.isdigit() and 0 < int(slurm) < cpus:
+    if slurm.isdigit() and 0 < int(slurm) <= cpus:
         cpus, why = int(slurm), f"SLURM_CPUS_PER_TASK={slurm}"
     ranks = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
     ranks = int(ranks) if ranks.isdigit() and int(ranks) > 0 else 1
