@@ -18,6 +18,7 @@ from typer.core import TyperGroup
 from aloe_cli import __version__
 from aloe_cli.console import ensure_stderr
 from aloe_cli.errors import AloeError, OutputClosed, Terminated, UsageError
+from aloe_cli.options import HelpContext
 
 # name -> (module under aloe_cli.commands, one-line help shown by `aloe --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -37,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 class LazyGroup(TyperGroup):
     """Resolve subcommands on demand so unrelated modules are never imported."""
+
+    context_class = HelpContext  # (help wrapped as every command's is)
 
     def list_commands(self, ctx: typer.Context) -> list[str]:
         return list(COMMANDS)
