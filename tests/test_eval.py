@@ -206,7 +206,7 @@ def test_rescore_a_handwritten_predictions_file(tmp_path):
     assert scores["chest"]["accuracy"] == 50.0 and scores["chest"]["unanswered"] == 1
     assert scores["lesions"]["accuracy"] == 100.0 and scores["slake"]["accuracy"] == 100.0
     table = (tmp_path / "re" / "results.md").read_text()
-    assert "| rescored | 50.0 | 100.0 | 100.0 |" in table
+    assert "| rescored | 100.0 | 50.0 | 100.0 |" in table  # slake is SLAKE, a published benchmark: first
 
 
 def test_rescore_bad_lines_fail_or_are_counted(tmp_path):
@@ -230,12 +230,12 @@ def test_table_reprints_saved_scores_and_rows_accumulate(tmp_path):
     assert aloe("eval", "--rescore", str(tmp_path / "preds2.jsonl"), "-o", str(tmp_path / "res" / "m2")).returncode == 0
     result = aloe("eval", "--table", str(tmp_path / "res"))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[2:6] == ["| model | chest | lesions | slake |", "|---|---:|---:|---:|",
-                                               "| rescored | 50.0 | 100.0 | 100.0 |", "| m2 | 50.0 | 100.0 | 100.0 |"]
+    assert result.stdout.splitlines()[2:6] == ["| model | slake | chest | lesions |", "|---|---:|---:|---:|",
+                                               "| rescored | 100.0 | 50.0 | 100.0 |", "| m2 | 100.0 | 50.0 | 100.0 |"]
     models = collect_scores(tmp_path / "res")
     assert render_markdown(models) == result.stdout
     rows = list(csv.reader(io.StringIO(render_csv(models))))
-    assert rows[0] == ["model", "chest", "lesions", "slake"] and rows[2] == ["m2", "50.0", "100.0", "100.0"]
+    assert rows[0][:4] == ["model", "slake", "chest", "lesions"] and rows[2][:4] == ["m2", "100.0", "50.0", "100.0"]
     missing = aloe("eval", "--table", str(tmp_path / "nothing"))
     assert missing.returncode == 1 and "results folder not found" in missing.stderr
 

@@ -15,10 +15,10 @@ def evaluate(request) -> None:
     console.log(f"aloe eval: tables in {request.output / 'results.md'} and {request.output / 'results.csv'}")
 
 
-def print_table(folder: Path) -> None:
+def print_table(folder: Path, robustness_columns: str | tuple = "published") -> None:
     from aloe_cli.evaluation.run import results_table
 
-    print(results_table(folder), end="")
+    print(results_table(folder, robustness_columns), end="")
 
 
 def rescore(paths: list[str], output: Path | None, on_error: str) -> None:

@@ -10,8 +10,9 @@ item is asked again under each perturbation and the robustness table reports acc
 perturbation for the classification (task cls) and detection (task det) items.
 
 Writes, under -o DIR: <model>/<benchmark>/predictions.jsonl (one line per item and perturbation),
-<model>/scores.json, and results.md / results.csv (one row per model; a later run with another
---model adds its row).
+<model>/scores.json, <model>/<benchmark>/acc.csv (per split and category), and results.md / results.csv
+(one row per model; a later run with another --model adds its row). The published benchmarks are
+recognised by name or VLMEvalKit file name (PathMMU_TEST.tsv, MMMU_DEV_VAL.tsv, ...) and come first.
 
 Examples:
 
@@ -27,6 +28,7 @@ Examples:
     aloe eval --model runs/stage2 --lm-eval-tasks medqa_4options,medmcqa,pubmedqa -o results/
 
     aloe eval --table results/                          # print the tables again from saved scores
+    aloe eval --table results/ --robustness-columns all  # cls Leg, det Region, ... too
     aloe eval --rescore results/m/PathMMU/predictions.jsonl -o rescored/   # new rules, no model
     aloe eval --show-judge-prompt                       # the judge's rubric
 """
@@ -72,6 +74,16 @@ def _check_perturb(value: str | None) -> str | None:
     return value
 
 
+def _robustness_columns(value: str):
+    from aloe_cli.errors import UsageError
+    from aloe_cli.evaluation.results import parse_robustness_columns
+
+    try:
+        return parse_robustness_columns(not_empty(value))
+    except UsageError as error:
+        raise typer.BadParameter(str(error)) from None
+
+
 @app.command(help=__doc__, no_args_is_help=True)
 @with_backend_options(judge=True, timeout=120.0, batch_size=16)
 def eval(  # noqa: A001 - the command's name
@@ -108,6 +120,10 @@ def eval(  # noqa: A001 - the command's name
     table: Annotated[str | None, typer.Option(
         "--table", callback=not_empty,
         help="Print the tables of a results folder from its saved scores and exit.")] = None,
+    robustness_columns: Annotated[str, typer.Option(
+        "--robustness-columns", callback=_robustness_columns,
+        help="Adversarial table columns: published (cls Base Cap Pmt Syc, det Base Cap Pmt Syc Leg), all "
+             "(every cell measured), or cells such as cls:leg,det:region.")] = "published",
     rescore: Annotated[list[str] | None, typer.Option(
         "--rescore", callback=not_empty,
         help="Re-extract and re-score saved predictions.jsonl (no model); writes under -o "
@@ -137,7 +153,7 @@ def eval(  # noqa: A001 - the command's name
         print(JUDGE_RUBRIC, end="")
         return
     if table is not None:
-        run.print_table(Path(table))
+        run.print_table(Path(table), robustness_columns)
         return
     if rescore:
         run.rescore(rescore, Path(output) if output else None, on_error.value)
@@ -154,4 +170,4 @@ def eval(  # noqa: A001 - the command's name
         max_new_tokens=max_new_tokens, on_error=on_error.value, image_root=image_root,
         lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include, cache=Path(cache) if cache else None,
         backend=backend_config, judge=judge, judge_backend=judge_config, judge_parse_retries=judge_parse_retries,
-        judge_vision=judge_vision))
+        judge_vision=judge_vision, robustness_columns=robustness_columns))

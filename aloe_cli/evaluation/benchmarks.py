@@ -23,15 +23,15 @@ them; problems with the whole file (missing, empty, no answer column) are `AloeE
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from aloe_cli.data.io import STDIO, Item, StreamCopies, input_format, read_file, source_name
 from aloe_cli.data.records import text_of
 from aloe_cli.data.streams import is_stream
-from aloe_cli.errors import AloeError, RecordError
-from aloe_cli.evaluation import vlmevalkit
+from aloe_cli.errors import AloeError, RecordError, UsageError
+from aloe_cli.evaluation import registry, vlmevalkit
 from aloe_cli.evaluation.extraction import LETTERS, normalize_yesno
 from aloe_cli.evaluation.open_answers import reference_box
 from aloe_cli.evaluation.vlmevalkit import VlmFields
@@ -45,7 +45,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][\w.\-]*$")
 class BenchmarkSpec:
     name: str
     path: str
-    vlmevalkit_name: str | None = None  # the dataset name VLMEvalKit would use (None: `name`)
+    vlmevalkit_name: str | None = None  # the VLMEvalKit dataset it is (selects VLMEvalKit's prompt and metric)
+    published: str | None = None  # the published benchmark it is (evaluation.registry), for the table
 
     @property
     def vlmevalkit_dataset(self) -> str:
@@ -97,16 +98,23 @@ def canonical_answer(kind: str, answer: str) -> str:
 
 def parse_benchmark_spec(text: str) -> BenchmarkSpec:
     """`NAME=FILE` or `FILE` (named after its stem). `-` is standard input; a FIFO, `/dev/stdin` or `<(...)`
-    is a stream (JSONL unless its name ends in .tsv), read once."""
+    is a stream (JSONL unless its name ends in .tsv), read once. A published benchmark (by name or by its
+    VLMEvalKit file name) gets its VLMEvalKit dataset name; `MMLU` alone points at --lm-eval-tasks."""
     name, sep, path = text.partition("=")
     if sep and _NAME.match(name) and "/" not in name:
         spec = BenchmarkSpec(name, path)
     else:
         spec = BenchmarkSpec(source_name(text), text)
     if spec.path != STDIO and not (Path(spec.path).is_file() or is_stream(spec.path)):
-        raise AloeError(f"benchmark file not found: {spec.path}")
+        if not sep and registry.lm_eval_hint(text):
+            raise UsageError(registry.lm_eval_hint(text), "--benchmark")
+        raise AloeError(f"benchmark file not found: {spec.path}" + (registry.missing_file_hint(text) if not sep
+                                                                     else ""))
     if input_format(spec.path) not in ("tsv", "jsonl"):
         raise AloeError(f"{spec.path}: a benchmark must be a VLMEvalKit .tsv or a .jsonl file")
+    found = registry.recognise(spec.name, spec.path)
+    if found is not None:
+        spec = replace(spec, vlmevalkit_name=found.vlmevalkit_name, published=found.benchmark.name)
     return spec
 
 

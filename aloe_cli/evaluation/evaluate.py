@@ -41,6 +41,7 @@ class EvalPlan:
     image_root: Path | None = None
     streams: StreamCopies | None = None  # benchmarks that can be read once only (FIFOs, stdin), copied once
     make_folder: Callable[[Path], Path] = _make  # creates a folder (and its parents) for the results
+    robustness_columns: str | tuple = "published"  # the adversarial table's columns (results.robustness_columns)
 
 
 @dataclass
@@ -89,10 +90,12 @@ def evaluate_model(label: str, backend: Callable[[], GenerationBackend], plan: E
         with RecordWriter(target) as writer:
             summary = run_stage(stage, items, writer, None, config, progress=bar)
         scores = {**stage.scores(), "file": spec.path, "skipped": dict(sorted(summary.reasons.items())),
+                  "published": spec.published, "vlmevalkit_name": spec.vlmevalkit_name,
                   "protocol": plan.protocol}
         run = BenchmarkRun(spec.name, summary.read, summary.kept, summary.emitted, scores["skipped"], scores)
         save_scores(model_dir, label, {spec.name: scores}, info)
-        write_tables(Path(plan.output))  # after every benchmark: the tables always match the scores files
+        # after every benchmark: the tables always match the scores files
+        write_tables(Path(plan.output), plan.robustness_columns)
         runs.append(run)
         if on_run is not None:
             on_run(run)

@@ -46,6 +46,7 @@ class EvalRequest:
     judge_parse_retries: int
     protocol: str = "vlmevalkit"  # whose prompt is sent (both protocols are always scored)
     judge_vision: bool | None = None  # None: decided from the judge (evaluation.judge.judge_vision)
+    robustness_columns: str | tuple = "published"  # the adversarial table's columns (results.robustness_columns)
 
 
 class EvalReport(Protocol):
@@ -83,11 +84,11 @@ def model_label(text: str) -> tuple[str, str]:
     return (path.resolve().name if path.exists() else text), text
 
 
-def results_table(folder: Path) -> str:
-    """The main table of a results folder, from its saved scores (markdown)."""
+def results_table(folder: Path, robustness_columns: str | tuple = "published") -> str:
+    """The tables of a results folder, from its saved scores (markdown)."""
     from aloe_cli.evaluation.results import collect_scores, render_markdown
 
-    return render_markdown(collect_scores(folder))
+    return render_markdown(collect_scores(folder), robustness_columns)
 
 
 # ----------------------------------------------------------------------------- a run
@@ -124,7 +125,8 @@ def run_evaluation(request: EvalRequest, report: EvalReport) -> None:
             plan = EvalPlan(benchmarks=specs, output=request.output, params=GenerationParams(
                 max_new_tokens=request.max_new_tokens), batch_size=request.backend.items_at_once,
                 perturbations=perturbations, limit=request.limit, on_error=request.on_error,
-                protocol=request.protocol, image_root=request.image_root, streams=streams, make_folder=make)
+                protocol=request.protocol, image_root=request.image_root, streams=streams, make_folder=make,
+                robustness_columns=request.robustness_columns)
             try:
                 _evaluate_models(request, plan, report, finished)
             finally:
@@ -297,7 +299,7 @@ def _lm_eval(label: str, reference: str, backend: LazyBackend, request: EvalRequ
                          batch_size=request.backend.batch_size)
     save_scores(make_folder(request.output / folder_name(label)), label, scores,
                 {"model_reference": reference, "backend": "hf"})
-    write_tables(request.output)
+    write_tables(request.output, request.robustness_columns)
     report.scores(label, scores)
 
 
