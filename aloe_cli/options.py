@@ -98,7 +98,7 @@ ResumeOpt = Annotated[
 WorkersOpt = Annotated[
     int, typer.Option("--workers", min=1, callback=_cap_workers,
                       help="Worker processes for CPU-bound work; capped at the CPUs this process may use "
-                      "(its CPU affinity, e.g. SLURM's --cpus-per-task), with a note.")
+                      "(its CPU affinity: taskset, SLURM's CPUs per task, cgroups), with a note.")
 ]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Records per batch.")]
 OnErrorOpt = Annotated[
