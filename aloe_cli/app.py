@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import signal
 import sys
 
 import typer
 from typer.core import TyperGroup
+
+try:  # typer carries its own copy of click (its exceptions are not click's)
+    from typer._click import exceptions as click_errors
+except ImportError:  # an older typer, on click itself
+    from click import exceptions as click_errors
 
 from aloe_cli import __version__
 from aloe_cli.console import ensure_stderr
@@ -56,6 +62,53 @@ class LazyGroup(TyperGroup):
         # Listing commands from the table avoids importing every command module for --help.
         with formatter.section("Commands"):
             formatter.write_dl([(name, short) for name, (_, short) in COMMANDS.items()])
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as interrupt:  # past typer, which would turn it into a silent exit 130
+            raise _Interrupted(interrupt) from None
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        """click's own loop, except that a usage error (an unknown option, a missing one, a bad value or choice,
+        from any command) is one `aloe: error:` line instead of click's usage lines or typer's boxes."""
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except _Interrupted as wrapped:  # main() says what the run keeps
+            raise wrapped.interrupt from None
+        except click_errors.NoArgsIsHelpError as error:  # `aloe score` alone: the help, as asked for
+            error.show()
+            sys.exit(error.exit_code)
+        except click_errors.ClickException as error:
+            _traceback_if_debugging(error)
+            print(f"aloe: error: {usage_error_line(error)}", file=sys.stderr)
+            _detach_stdout()
+            sys.exit(error.exit_code)
+        except typer.Abort:  # end of input at a prompt
+            print("aloe: aborted", file=sys.stderr)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)  # typer.Exit(code) and Ctrl-C (130) come back as a code
+
+
+class _Interrupted(BaseException):
+    """Ctrl-C carried past typer's own handling, so the closing line can say what the run keeps."""
+
+    def __init__(self, interrupt: KeyboardInterrupt):
+        super().__init__()
+        self.interrupt = interrupt
+
+
+def usage_error_line(error: click_errors.ClickException) -> str:
+    """click's message on one line, flags named bare (`--batch-size`, not `'--batch-size'`), and where help is."""
+    message = " ".join(error.format_message().split())
+    message = re.sub(r"'(-{1,2}[\w-]+(?: ?/ ?-{1,2}[\w-]+)*)'", r"\1", message)
+    message = message.replace(": Value error, ", ": ", 1)  # the validator's own prefix says nothing
+    ctx = getattr(error, "ctx", None)
+    if isinstance(error, click_errors.UsageError) and ctx is not None and ctx.command.get_help_option(ctx) is not None:
+        message += f" (see {ctx.command_path} {ctx.help_option_names[0]})"
+    return message
 
 
 app = typer.Typer(
@@ -186,9 +239,9 @@ def main(argv: list[str] | None = None) -> None:
             app(args=_name_the_shell(sys.argv[1:] if argv is None else argv), prog_name="aloe")
         finally:
             _flush_stdout()  # a closed pipe or a full device surfaces here, not at interpreter shutdown
-    except UsageError as error:  # found after option parsing (e.g. in a --config file's flags): typer's form
+    except UsageError as error:  # found after option parsing (e.g. in a --config file's flags): one line too
         _traceback_if_debugging(error)
-        print(f"Error: Invalid value for {error.option}: {error}", file=sys.stderr)
+        print(f"aloe: error: Invalid value for {error.option}: {error}", file=sys.stderr)
         _detach_stdout()
         sys.exit(2)
     except AloeError as error:

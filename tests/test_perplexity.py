@@ -271,7 +271,12 @@ def run_with(loaded, records, image_dir, thresholds, tmp_path, batch_size=16):
 
 # ----------------------------------------------------------------------------- models
 
-def test_missing_or_incomplete_model_folders_are_refused(tmp_path):
+def test_missing_or_incomplete_model_folders_are_refused(tmp_path, monkeypatch):
+    from aloe_cli.modeling import hub
+
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")  # a Hub that is not there
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "_unreachable", None)
     with pytest.raises(AloeError, match="model folder not found"):
         check_model_reference(str(tmp_path / "nope"))
     with pytest.raises(AloeError, match="has no config.json"):
@@ -279,7 +284,9 @@ def test_missing_or_incomplete_model_folders_are_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(AloeError, match="cannot load"):
         load_model(ModelSpec(str(tmp_path), device="cpu"))
-    check_model_reference("Qwen/Qwen2-VL-2B-Instruct")  # a Hub id is not checked locally
+    # a Hub id is asked about on the Hub: unreachable and not cached, it is refused at once
+    with pytest.raises(AloeError, match="Qwen/Qwen2-VL-2B-Instruct: no such local folder, not in the Hugging Face"):
+        check_model_reference("Qwen/Qwen2-VL-2B-Instruct")
 
 
 def test_cpu_defaults(loaded):

@@ -139,7 +139,8 @@ def test_bad_adv_train_options_are_usage_errors(args, message):
     proc = aloe("adv-train", "-i", "medical.jsonl", "--base", "runs/stage1", "--dry-run", *args)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: Invalid value for ") and message in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("aloe: error: Invalid value for ") and message in lines[0], \
+        proc.stderr
 
 
 def test_adv_train_needs_a_base_model(tmp_path):

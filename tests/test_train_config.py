@@ -64,7 +64,7 @@ def test_a_global_batch_that_does_not_divide_is_a_usage_error():
     proc = dry_run(world=24)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "Error: Invalid value for --global-batch-size: 1024 is not a multiple of --micro-batch-size 16 x world "
+        "aloe: error: Invalid value for --global-batch-size: 1024 is not a multiple of --micro-batch-size 16 x world "
         "size 24 = 384"]
     assert proc.stdout == ""
 
@@ -119,7 +119,8 @@ def test_bad_flag_values_are_usage_errors(args, message):
     proc = dry_run(*args)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: Invalid value for ") and message in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("aloe: error: Invalid value for ") and message in lines[0], \
+        proc.stderr
 
 
 def test_a_deepspeed_file_gets_its_auto_values_filled_and_a_conflict_is_an_error(tmp_path):

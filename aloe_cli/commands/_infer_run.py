@@ -39,11 +39,12 @@ def infer(request: InferRequest) -> None:
     from aloe_cli.data.stage import RunConfig
     from aloe_cli.evaluation.inference import InferStage, check_chat_template
     from aloe_cli.modeling.backends import GenerationParams
-    from aloe_cli.modeling.backends.factory import LazyBackend, build_backend
+    from aloe_cli.modeling.backends.factory import LazyBackend, build_backend, check_backend
 
     config = request.backend
     if request.draw is not None:  # before any model is loaded or record read
         check_folder(Named("--draw", str(request.draw)))
+    check_backend(config)  # a missing model, an unreachable Hub or server: one line now, before any record
     if config.kind == "hf":
         check_chat_template(config.model)
     backend = LazyBackend(lambda: build_backend(config, on_ready=lambda text: console.log(f"aloe infer: {text}")))

@@ -113,7 +113,7 @@ def score(
     )
     from aloe_cli.filters.thresholds import Bounds, load_thresholds
     from aloe_cli.modeling.backends.cache import ResponseCache
-    from aloe_cli.modeling.backends.factory import build_backend
+    from aloe_cli.modeling.backends.factory import build_backend, check_backend
 
     rubric: Rubric = load_rubric(prompt_file)
     if show_prompt:
@@ -129,6 +129,7 @@ def score(
                               value_range=(MIN_SCORE, MAX_SCORE))
               if thresholds is not None else default_score_thresholds())
     config = replace(backend_config, model=judge)
+    check_backend(config)  # a missing model, an unreachable Hub or server: one line now, before any record
     generator = build_backend(config, on_ready=lambda text: console.log(f"aloe score: judging with {text}"))
     replies = ResponseCache(cache) if cache is not None else None
     if replies is not None:

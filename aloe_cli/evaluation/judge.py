@@ -68,6 +68,7 @@ class JudgeResult:
     attempts: int = 0
     reply: str = ""  # the last reply, when unparseable
     error: str | None = None
+    request_failed: bool = False  # the judge was asked and did not answer (after its retries): not a verdict at all
 
     def to_dict(self) -> dict:
         values = {"score": self.score, "reason": self.reason, "attempts": self.attempts}
@@ -195,6 +196,7 @@ class OpenJudge:
                 shown = " (the request carried the item's images: a text-only judge needs --no-judge-vision)"
                 result.error = (f"judge request failed: {outcome.failure.message}"
                                 + (shown if cases[index].images and self.vision() else ""))
+                result.request_failed = outcome.sent
         return results
 
     def _request(self, case: JudgeCase, vision: bool) -> GenerationRequest:

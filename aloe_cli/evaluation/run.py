@@ -114,9 +114,9 @@ def run_evaluation(request: EvalRequest, report: EvalReport) -> None:
     _refuse_shared_names("--model", [model_label(text)[0] for text in request.models], "NAME=MODEL")
     _check_outputs(request, specs)
     for text in request.models:
-        _check_local_model(model_label(text)[1], request.backend)
+        _check_model(model_label(text)[1], request.backend)
     if request.judge:
-        _check_local_model(model_label(request.judge)[1], request.judge_backend)
+        _check_model(model_label(request.judge)[1], request.judge_backend, "judge-")
     finished: list[str] = []
     try:
         with folders_made() as make:
@@ -164,15 +164,16 @@ def _check_outputs(request: EvalRequest, specs) -> None:
         check_writable(Named("--cache", str(request.cache)))
 
 
-def _check_local_model(reference: str, config: BackendConfig) -> None:
-    """A missing local model folder, or one without a chat template, stops the run before any work."""
-    if config.kind != "hf":
-        return
-    from aloe_cli.evaluation.inference import check_chat_template
-    from aloe_cli.modeling.loading import check_model_reference
+def _check_model(reference: str, config: BackendConfig, prefix: str = "") -> None:
+    """Before any work: a local model folder is there with a chat template, a Hub id can be loaded, a server
+    can be reached (`factory.check_backend`)."""
+    from aloe_cli.modeling.backends.factory import check_backend
 
-    check_model_reference(reference)
-    check_chat_template(reference)
+    check_backend(replace(config, model=reference), prefix)
+    if config.kind == "hf":
+        from aloe_cli.evaluation.inference import check_chat_template
+
+        check_chat_template(reference)
 
 
 def _evaluate_models(request: EvalRequest, plan, report: EvalReport, finished: list[str]) -> None:

@@ -133,13 +133,13 @@ class EvalStage(Stage):
         if requests:
             self.backend().generate(requests, self.params, on_done)
         lines: dict[int, list[dict]] = {}
-        to_judge: list[tuple[dict, EvalItem]] = []
+        to_judge: list[tuple[Item, dict]] = []
         for index, (item, kind, record) in enumerate(units):
             if item.error is None:
                 line = self._line(item, kind, record, replies[index])
                 lines.setdefault(id(item), []).append(line)
                 if line.get("scored_by") == EXACT_MATCH:  # open, and not a box answer
-                    to_judge.append((line, item.annotations["eval_item"]))
+                    to_judge.append((item, line))
         self._grade_open(to_judge)
         for item in batch:
             if item.error is None and id(item) in lines:
@@ -191,17 +191,23 @@ class EvalStage(Stage):
             line.update(score_prediction(line["kind"], prediction, line["answer"], line["options"], view))
         return line
 
-    def _grade_open(self, lines: list[tuple[dict, EvalItem]]) -> None:
-        """The judge grades open answers; it sees the item's own images, never a perturbed copy's."""
+    def _grade_open(self, lines: list[tuple[Item, dict]]) -> None:
+        """The judge grades open answers; it sees the item's own images, never a perturbed copy's. A judge that
+        was asked and did not answer fails the item like the model's own failed request does (stop, or a counted
+        skip with --on-error skip), never an "unjudged"."""
         if not lines or self.judge is None:
             return
+        items = [item.annotations["eval_item"] for item, _ in lines]
         results = self.judge.grade([JudgeCase(line["question"], judge_reference(line["answer"]), line["prediction"],
-                                              tuple(item.images), item.image_root) for line, item in lines])
-        for (line, _), result in zip(lines, results):
+                                              tuple(eval_item.images), eval_item.image_root)
+                                    for (_, line), eval_item in zip(lines, items)])
+        for (item, line), result in zip(lines, results):
             line["correct_aloe"], line["scored_by"] = result.score, JUDGE
             if "vlmevalkit" not in line:  # else VLMEvalKit's exact matching already gave its verdict
                 line["correct"] = result.score
             line["judge"] = {"model": self.judge.name, **result.to_dict()}
+            if result.request_failed and item.error is None:
+                item.error = RecordError("judge_request_failed", result.error, where=item.where)
 
     def _count(self, line: dict) -> None:
         self.tally.done += 1

@@ -112,6 +112,12 @@ def _hub_fetcher(repo_id: str) -> Callable[..., Path | None]:
         raise AloeError(f"cannot load tokenizer {repo_id!r}: {first_line(exc)}") from None
     if isinstance(cached, str):
         return _folder_fetcher(repo_id, Path(cached).parent)
+    from aloe_cli.modeling.hub import check_hub_model
+
+    try:  # not cached: one quick question to the Hub, not minutes of retries per file when it cannot be reached
+        check_hub_model(repo_id, _TOKENIZER_FILE)
+    except AloeError as error:
+        raise AloeError(f"cannot load tokenizer {repo_id!r}: {error}") from None
 
     def fetch_hub(name: str, required: bool = False) -> Path | None:
         try:

@@ -11,8 +11,9 @@
   model runs in half precision on a GPU, else sdpa.
 - `trust_remote_code` stays off unless asked for.
 
-`check_model_reference` validates a local folder without importing torch, so
-a command can refuse a missing model before any slow import. Every loading
+`check_model_reference` validates a local folder without importing torch, and
+asks the Hub about a Hub id once with a short timeout (`hub.py`), so a command
+can refuse a missing or unreachable model in seconds, before any slow import. Every loading
 failure becomes a one-line `AloeError`.
 """
 
@@ -67,10 +68,14 @@ def is_local_reference(name: str) -> bool:
 
 
 def check_model_reference(name: str) -> None:
-    """Refuse a missing or incomplete local model folder (no torch import). Hub ids pass."""
+    """Refuse a missing or incomplete local model folder (no torch import), or a Hub id that cannot be loaded
+    (asked once, in seconds: `hub.check_hub_model`)."""
     if not name or not name.strip():
         raise AloeError("--model is empty")
     if not is_local_reference(name):
+        from aloe_cli.modeling.hub import check_hub_model
+
+        check_hub_model(name)
         return
     path = Path(name).expanduser()
     if not path.exists():

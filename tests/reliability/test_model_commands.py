@@ -181,7 +181,7 @@ def test_an_output_that_is_an_input_is_a_usage_error_and_the_input_survives(case
     asked = len(server.requests)
     result = run(args, env=ENV)
     line = assert_one_line_error(result, 2, "the same file as the input")
-    assert line.startswith(f"Error: Invalid value for {option}:"), line
+    assert line.startswith(f"aloe: error: Invalid value for {option}:"), line
     assert items.read_bytes() == before and len(server.requests) == asked
 
 

@@ -150,7 +150,7 @@ def test_a_bad_option_value_is_a_usage_error(case, data):
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr
     line = last_line(proc.stderr)
-    assert line.startswith("Error: Invalid value for") and option in line and fragment in line, proc.stderr
+    assert line.startswith("aloe: error: Invalid value for") and option in line and fragment in line, proc.stderr
     assert proc.stdout == ""
     assert not (data / "eval.idx").exists()
 
@@ -163,7 +163,7 @@ def test_a_bad_option_value_of_a_model_command_is_a_usage_error(case, data):
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr
     line = last_line(proc.stderr)
-    assert line.startswith("Error: Invalid value for") and option in line and fragment in line, proc.stderr
+    assert line.startswith("aloe: error: Invalid value for") and option in line and fragment in line, proc.stderr
     assert proc.stdout == ""
     assert not (data / "run").exists() and not (data / "out").exists()
 
@@ -183,7 +183,7 @@ def test_the_same_input_twice_is_refused_by_the_inline_mix(data):
                     cwd=data, timeout=60)
         assert proc.returncode == 2, proc.stderr
         line = last_line(proc.stderr)
-        assert line.startswith("Error: Invalid value for -i") and "given twice" in line and second in line, line
+        assert line.startswith("aloe: error: Invalid value for -i") and "given twice" in line and second in line, line
 
 
 # ----------------------------------------------------------------------------- recipe numbers: exit 1, file and key

@@ -15,11 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aloe_cli.errors import UsageError
+from aloe_cli.errors import AloeError, UsageError
 from aloe_cli.modeling.backends import GenerationBackend
+from aloe_cli.modeling.loading import DTYPES
 
 BACKENDS = ("hf", "openai")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def _check_url(value: str) -> None:
@@ -101,6 +101,59 @@ def check_config(config: BackendConfig, prefix: str = "") -> None:
         raise UsageError(f"is for --{prefix}backend openai", f"--{prefix}base-url")
 
 
+def check_backend(config: BackendConfig, prefix: str = "") -> None:
+    """Everything about a backend that can be known before any work, each found once: the options agree; hf: the
+    model folder is there, or the Hub id can be loaded (`modeling.hub`); openai: the key variable is set and the
+    server can be connected to.
+    A one-line error naming the flag, in seconds, instead of a first benchmark line failing after every retry."""
+    check_config(config, prefix)
+    if config.kind == "hf":
+        from aloe_cli.modeling.loading import check_model_reference
+
+        check_model_reference(config.model)
+    else:
+        from aloe_cli.modeling.backends.openai import DEFAULT_BASE_URL, api_key_from_env
+
+        try:
+            api_key_from_env(config.api_key_env)  # an unset key variable first: it needs no network to tell
+        except AloeError as error:
+            raise AloeError(str(error).replace("--api-key-env", f"--{prefix}api-key-env", 1)) from None
+        check_server(config.base_url or DEFAULT_BASE_URL, f"--{prefix}base-url")
+
+
+SERVER_PROBE_TIMEOUT = 10.0  # seconds to open a connection to a server
+_servers_seen: set[str] = set()
+
+
+def check_server(base_url: str, flag: str = "--base-url", timeout: float = SERVER_PROBE_TIMEOUT) -> None:
+    """AloeError naming `flag` and the URL unless a TCP connection to the server (or to the proxy that reaches
+    it, as the client would use) opens within `timeout` seconds. No request is sent, so the server counts and
+    logs nothing; whether it serves the model is its first reply's question."""
+    import socket
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    if base_url in _servers_seen:
+        return
+    parts = urlsplit(base_url.strip())
+    target = (parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+    connect, via = target, ""
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(target[0]):
+        proxy_parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        connect = (proxy_parts.hostname or "", proxy_parts.port or (443 if proxy_parts.scheme == "https" else 80))
+        via = f" through the proxy {connect[0]}:{connect[1]}"
+    try:
+        with socket.create_connection(connect, timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = f"no answer in {timeout:g} s" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise AloeError(f"{flag} {base_url}: cannot connect to {target[0]}:{target[1]}{via} ({reason}); is the "
+                        "server running there?") from None
+    _servers_seen.add(base_url)
+
+
 def build_backend(config: BackendConfig, *, on_ready: Callable[[str], None] | None = None) -> GenerationBackend:
     """The backend `config` asks for. Bad options (a missing model folder, a bad URL, an unset key
     variable) raise AloeError now, before any record is read."""
@@ -158,4 +211,5 @@ def _openai_backend(config: BackendConfig, announce: Callable[[str], None]) -> G
     return backend
 
 
-__all__ = ["BACKENDS", "DTYPES", "BackendConfig", "LazyBackend", "build_backend", "check_config", "option"]
+__all__ = ["BACKENDS", "BackendConfig", "LazyBackend", "build_backend", "check_backend", "check_config", "check_server",
+           "option"]
