@@ -104,6 +104,11 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Records 
 OnErrorOpt = Annotated[
     OnError, typer.Option("--on-error", help="fail: stop at the first bad record (exit 1). skip: send it to --rejects.")
 ]
+# For a command without --rejects (eval): a skipped item is counted, by reason, in its summary.
+OnErrorCountedOpt = Annotated[
+    OnError, typer.Option("--on-error", help="fail: stop at the first bad item (exit 1). skip: leave it out, "
+                          "counted by reason in the summary.")
+]
 KeepAllOpt = Annotated[
     bool, typer.Option("--keep-all", help="Annotate and flag records but drop none (thresholds can be applied later).")
 ]
