@@ -218,6 +218,8 @@ def _name_the_shell(args: list[str]) -> list[str]:
     shell", as Typer's own flag does, while `--show-completion zsh` names one."""
     args = list(args)
     for index, arg in enumerate(args):
+        if not arg.startswith("-"):  # a command: its own options follow
+            break
         if arg in COMPLETION_OPTIONS and (index + 1 == len(args) or args[index + 1].startswith("-")):
             args.insert(index + 1, DETECT_SHELL)
             break
