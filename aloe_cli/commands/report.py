@@ -10,10 +10,12 @@ It refuses reports of different stages, a shard given twice, a missing shard
 Examples:
 
     #SBATCH --array=0-255
-    aloe dedup -i 'raw/*.jsonl.gz' --against eval.idx -o "clean/${SLURM_ARRAY_TASK_ID}.jsonl.gz" \\
+    aloe dedup -i 'raw/*.jsonl.gz' --against eval.idx \\
+        -o "clean/${SLURM_ARRAY_TASK_ID}.jsonl.gz" \\
         --report "reports/${SLURM_ARRAY_TASK_ID}.json" --resume
 
-    # once the array is done: one summary on stderr, the merged JSON to a file (or stdout)
+    # once the array is done: one summary on stderr, the merged JSON to a
+    # file (or stdout)
     aloe report merge reports/*.json -o dedup.json
 
     # the loss and learning rate of two training runs in one picture

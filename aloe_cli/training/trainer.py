@@ -431,14 +431,35 @@ def _check_precision(plan: TrainPlan) -> None:
                         "visible: use --precision fp32 (or --deepspeed none)")
 
 
-def _cap_dataloader_workers(config, log: Callable[[str], None]) -> None:
-    """More data-loader workers than the CPUs this rank may use only adds processes: cap them, with a note."""
+def rank_cpus() -> tuple[int, str]:
+    """The CPUs one rank may use, and why: the task's (SLURM_CPUS_PER_TASK where SLURM set it, at most the
+    process's CPU affinity) shared by the ranks on this node (LOCAL_WORLD_SIZE, set by the launcher)."""
     from aloe_cli.data.shard import available_cpus
 
-    cpus = available_cpus()
-    if config.dataloader_workers > cpus:
+    cpus, why = available_cpus(), "the CPUs this process may use"
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
+    if slurm.isdigit() and 0 < int(slurm) <= cpus:
+        cpus, why = int(slurm), f"SLURM_CPUS_PER_TASK={slurm}"
+    ranks = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    ranks = int(ranks) if ranks.isdigit() and int(ranks) > 0 else 1
+    if ranks > 1:
+        why += f" over {ranks} ranks"
+    return max(1, cpus // ranks), why
+
+
+def _cap_dataloader_workers(config, log: Callable[[str], None]) -> None:
+    """Data-loader workers per rank. Under SLURM, when --dataloader-workers was not given, they follow the task's
+    CPUs: the rank's share minus one for the rank itself. More workers than the rank's share only adds processes:
+    capped, with a note."""
+    cpus, why = rank_cpus()
+    given = "dataloader_workers" in getattr(config, "origins", {})
+    if not given and os.environ.get("SLURM_CPUS_PER_TASK", "").strip().isdigit():
+        config.dataloader_workers = cpus - 1
+        log(f"aloe: data-loader workers per rank: {config.dataloader_workers} ({cpus} CPU(s) per rank from {why}, "
+            "one kept for the rank)")
+    elif config.dataloader_workers > cpus:
         log(f"aloe: note: --dataloader-workers {config.dataloader_workers} is more than the {cpus} CPU(s) this "
-            f"rank may use; using {cpus}")
+            f"rank may use ({why}); using {cpus}")
         config.dataloader_workers = cpus
 
 
