@@ -164,7 +164,8 @@ def test_resolve_in_python_matches_the_cli():
 
 STUBS = {
     # srun runs its command once per node, as SLURM does with one task per node.
-    "srun": '#!/bin/bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
+    # Its own options go to $STUB_LOG.srun.
+    "srun": '#!/bin/bash\nwhile [[ "$1" == --* ]]; do echo "$1" >> "$STUB_LOG.srun"; shift; done\n'
             'for ((node = 0; node < SLURM_NNODES; node++)); do SLURM_NODEID=$node "$@" || exit 1; done\n',
     # A long host list: a script that stops reading after the first line must not die of SIGPIPE under pipefail.
     "scontrol": '#!/bin/bash\n[[ "$1 $2" == "show hostnames" ]] || exit 2\nseq -f "gpu-node-%02g" 7 50006\n',
@@ -199,7 +200,7 @@ def run_with_stubs(tmp_path, script: str) -> list[str]:
     path.write_text(script)
     assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
     log = tmp_path / "calls.log"
-    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_NNODES": "8",
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "SLURM_NNODES": "8", "SLURM_CPUS_PER_TASK": "48",
            "SLURM_JOB_NODELIST": "gpu-node-[07-14]", "ALOE_PYTHON": str(stubs / "python-stub"), "STUB_LOG": str(log)}
     proc = subprocess.run(["bash", str(path)], capture_output=True, text=True, env=env, timeout=30)
     assert proc.returncode == 0, proc.stderr
@@ -220,6 +221,43 @@ def test_the_sbatch_script_runs_torchrun_once_per_node_with_the_node_rank_expand
         # the same flags, passed through (a path with a space arrives as one argument)
         assert call.endswith("[train][--input][mix ture.jsonl][--model][Qwen/Qwen2-VL-7B-Instruct]"
                              "[--output-dir][runs/stage1][--learning-rate][2e-05][--no-gradient-checkpointing]")
+
+
+def test_the_sbatch_script_gives_the_task_a_nodes_cpus_and_srun_passes_them_on(tmp_path):
+    # sinfo reports two node sizes in the partition: the job asks for the smaller, so it fits on every node.
+    stubs = tmp_path / "sinfo-bin"
+    stubs.mkdir()
+    sinfo = stubs / "sinfo"
+    sinfo.write_text('#!/bin/bash\necho "$@" > "$(dirname "$0")/args"\nprintf "  96 \\n  64 \\n  96 \\n"\n')
+    sinfo.chmod(0o755)
+    proc = aloe("train", "--model", MODEL, "--slurm", "--nodes", "8", "--gpus-per-node", "4", "--sbatch",
+                "partition=gpu", cwd=tmp_path, env={"PATH": f"{stubs}:{os.environ['PATH']}"})
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --cpus-per-task=64" in proc.stdout.splitlines()
+    assert "a node's CPUs per sinfo, partition gpu" in proc.stdout and "note" not in proc.stderr
+    assert (stubs / "args").read_text().split() == ["--noheader", "--Node", "--format=%c", "--partition", "gpu"]
+    # srun hands the task's CPUs to the step itself (some SLURM releases do not pass them on).
+    run_with_stubs(tmp_path, proc.stdout)
+    assert "--cpus-per-task=48" in (tmp_path / "calls.log.srun").read_text().split()
+
+
+def test_cpus_per_task_can_be_set_and_falls_back_to_this_machine_with_a_note(tmp_path):
+    script = slurm_script(tmp_path, "--cpus-per-task", "24")
+    assert "#SBATCH --cpus-per-task=24" in script.splitlines()
+    script = slurm_script(tmp_path, "--sbatch", "cpus-per-task=32")
+    assert [line for line in script.splitlines() if "#SBATCH --cpus-per-task" in line] == ["#SBATCH --cpus-per-task=32"]
+    # No sinfo that answers: this machine's count, said on stderr (stdout is the script only).
+    stubs = tmp_path / "no-sinfo"
+    stubs.mkdir()
+    (stubs / "sinfo").write_text("#!/bin/bash\nexit 1\n")
+    (stubs / "sinfo").chmod(0o755)
+    proc = aloe("train", "--model", MODEL, "--slurm", "--nodes", "8", "--gpus-per-node", "4", cwd=tmp_path,
+                env={"PATH": f"{stubs}:{os.environ['PATH']}"})
+    assert proc.returncode == 0, proc.stderr
+    assert f"#SBATCH --cpus-per-task={os.cpu_count()}" in proc.stdout.splitlines()
+    assert "sinfo is not available here" in proc.stderr and "give --cpus-per-task N" in proc.stderr
+    proc = aloe("train", "--model", MODEL, "--slurm", "--cpus-per-task", "0", cwd=tmp_path)
+    assert proc.returncode == 2 and "--cpus-per-task" in proc.stderr
 
 
 def test_the_sbatch_script_can_use_accelerate_launch(tmp_path):

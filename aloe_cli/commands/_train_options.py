@@ -72,6 +72,9 @@ def launch_parameters(command: str) -> list[inspect.Parameter]:
                                                        rich_help_panel=slurm)], 1),
         parameter("gpus_per_node", Annotated[int, typer.Option(
             "--gpus-per-node", min=1, help="--slurm: GPUs (ranks) per node.", rich_help_panel=slurm)], 8),
+        parameter("cpus_per_task", Annotated[int | None, typer.Option(
+            "--cpus-per-task", min=1, help="--slurm: CPUs of the one task per node, shared by its ranks. Default: "
+            "a node's CPUs as sinfo reports them for the partition.", rich_help_panel=slurm)]),
         parameter("launcher", Annotated[str, typer.Option(
             "--launcher", help="--slurm: torchrun or accelerate.", rich_help_panel=slurm)], "torchrun"),
         parameter("sbatch", Annotated[list[str] | None, typer.Option(

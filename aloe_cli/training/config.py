@@ -81,7 +81,8 @@ class TrainConfig:
         "With --on-error skip: fail the run when more than this fraction of the records is lost (unreadable "
         "records, missing or broken images); every loss is counted either way.", minimum=0, maximum=1, group="data"))
     dataloader_workers: int = field(default=4, metadata=option(
-        "Worker processes decoding images and running the processor, per rank; capped at the CPUs a rank may use.",
+        "Worker processes decoding images and running the processor, per rank; capped at the CPUs a rank may use. "
+        "Under SLURM, when not given: SLURM_CPUS_PER_TASK / ranks per node - 1.",
         minimum=0, maximum=1024, group="data"))
 
     # -- optimisation (the published recipe)

@@ -14,7 +14,8 @@ What this adds around `SFTTrainer` (nothing of its loop is re-implemented):
 - the run folder's rules and its ledger `run.json` (`training.ledger`): the folder is claimed (refused, moved
   aside, or resumed from its newest whole checkpoint) before anything is read;
 - samples lost to unreadable records and images, held against `--max-skipped` at every logging step;
-- `log.jsonl` (step, loss, lr, tokens/s, skipped samples), `aloe-train.yaml`,
+- `log.jsonl` (step, loss, lr, tokens/s, skipped samples) and its picture `loss.png` (`training.curves`),
+  the progress people see (`training.progress`), `aloe-train.yaml`,
   the final model + processor in `output_dir`.
 """
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aloe_cli.console import stdout_to_stderr
+from aloe_cli.console import ProgressFactory, null_progress, stdout_to_stderr
 from aloe_cli.data.io import Item
 from aloe_cli.errors import AloeError, Terminated, first_line
 from aloe_cli.training.config import TrainPlan
@@ -310,16 +311,17 @@ def _worker_error(error: AloeError) -> AloeError:
 # ----------------------------------------------------------------------------- the run
 
 def run_training(plan: TrainPlan, items: Callable[[], Iterable[Item]], *, paths: list[str],
-                 log: Callable[[str], None] = lambda message: None, resume_command: str | None = None) -> TrainResult:
+                 log: Callable[[str], None] = lambda message: None, resume_command: str | None = None,
+                 progress: ProgressFactory = null_progress) -> TrainResult:
     """Train `plan.config.model` on the records `items()` yields (read from `paths`, which the run folder's ledger
     records); everything lands in `plan.config.output_dir`. `resume_command`: the command line that resumes this
-    run, for the closing line of an interrupted one."""
+    run, for the closing line of an interrupted one; `progress`: shows the steps (`training.progress`)."""
     config = plan.config
     output_dir = Path(config.output_dir)
     run: dict[str, Any] = {}  # the ledger and the trainer, once there are any
     with stdout_to_stderr():
         try:
-            result = _run(plan, items, paths, output_dir, log, resume_command, run)
+            result = _run(plan, items, paths, output_dir, log, resume_command, run, progress)
             _leave_process_group()
             return result
         except AloeError as error:
@@ -406,6 +408,10 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+# --report-to names whose package is not called as the tracker is.
+_TRACKER_PACKAGES = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "codecarbon": "codecarbon"}
+
+
 def preflight(plan: TrainPlan) -> None:
     """Options that need a package or a known name fail here, in one line, before anything is read or loaded."""
     import importlib.util
@@ -422,7 +428,9 @@ def preflight(plan: TrainPlan) -> None:
         if name not in INTEGRATION_TO_CALLBACK:
             raise AloeError(f"--report-to {name}: unknown (known: {', '.join(sorted(INTEGRATION_TO_CALLBACK))}, none)")
         if name not in get_available_reporting_integrations():
-            raise AloeError(f"--report-to {name}: its package is not installed")
+            package = _TRACKER_PACKAGES.get(name, name)
+            raise AloeError(f"--report-to {name} needs the {package} package, which is not installed "
+                            f"(pip install {package})")
     _check_precision(plan)
 
 
@@ -456,14 +464,35 @@ def _check_precision(plan: TrainPlan) -> None:
                         "visible: use --dtype float32 (or --deepspeed none)")
 
 
-def _cap_dataloader_workers(config, log: Callable[[str], None]) -> None:
-    """More data-loader workers than the CPUs this rank may use only adds processes: cap them, with a note."""
+def rank_cpus() -> tuple[int, str]:
+    """The CPUs one rank may use, and why: the task's (SLURM_CPUS_PER_TASK where SLURM set it, at most the
+    process's CPU affinity) shared by the ranks on this node (LOCAL_WORLD_SIZE, set by the launcher)."""
     from aloe_cli.data.shard import available_cpus
 
-    cpus = available_cpus()
-    if config.dataloader_workers > cpus:
+    cpus, why = available_cpus(), "the CPUs this process may use"
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
+    if slurm.isdigit() and 0 < int(slurm) <= cpus:
+        cpus, why = int(slurm), f"SLURM_CPUS_PER_TASK={slurm}"
+    ranks = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    ranks = int(ranks) if ranks.isdigit() and int(ranks) > 0 else 1
+    if ranks > 1:
+        why += f" over {ranks} ranks"
+    return max(1, cpus // ranks), why
+
+
+def _cap_dataloader_workers(config, log: Callable[[str], None]) -> None:
+    """Data-loader workers per rank. Under SLURM, when --dataloader-workers was not given, they follow the task's
+    CPUs: the rank's share minus one for the rank itself. More workers than the rank's share only adds processes:
+    capped, with a note."""
+    cpus, why = rank_cpus()
+    given = "dataloader_workers" in getattr(config, "origins", {})
+    if not given and os.environ.get("SLURM_CPUS_PER_TASK", "").strip().isdigit():
+        config.dataloader_workers = cpus - 1
+        log(f"aloe: data-loader workers per rank: {config.dataloader_workers} ({cpus} CPU(s) per rank from {why}, "
+            "one kept for the rank)")
+    elif config.dataloader_workers > cpus:
         log(f"aloe: note: --dataloader-workers {config.dataloader_workers} is more than the {cpus} CPU(s) this "
-            f"rank may use; using {cpus}")
+            f"rank may use ({why}); using {cpus}")
         config.dataloader_workers = cpus
 
 
@@ -480,15 +509,17 @@ def _quiet_libraries() -> None:
 
 
 def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume_command: str | None,
-         run: dict) -> TrainResult:
+         run: dict, progress: ProgressFactory) -> TrainResult:
     import torch
     from trl import SFTConfig
 
     from aloe_cli.data.writing import folders_made
     from aloe_cli.training.collator import TrainingCollator
+    from aloe_cli.training.curves import loss_curve_callback
     from aloe_cli.training.data import build_dataset, dataset_path, load_dataset, lost_message
     from aloe_cli.training.guard import VisionGuard
     from aloe_cli.training.ledger import Ledger, claim, completed_step, read_run
+    from aloe_cli.training.progress import TrainProgress
 
     _quiet_libraries()
     preflight(plan)
@@ -575,7 +606,9 @@ def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume
 
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    callbacks = [_log_callback(output_dir / LOG_FILE, log)] + ([ledger.callback()] if ledger else [])
+    shown = TrainProgress(progress, command)
+    callbacks = [_log_callback(output_dir / LOG_FILE, log), loss_curve_callback(output_dir, log), shown] + (
+        [ledger.callback()] if ledger else [])
     try:
         trainer = _trainer_class()(model=model, args=args, data_collator=collator, train_dataset=dataset,
                                    processing_class=processor, callbacks=callbacks, peft_config=lora_config(plan))
@@ -606,6 +639,7 @@ def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume
             log(f"{command}: the model with its adapters merged in: {merged}")
         trainer.accelerator.wait_for_everyone()
     except BaseException as stop:
+        shown.close()
         # Preempted (SIGTERM), interrupted or failed (a full disk) while training or saving: a checkpoint or a final
         # model half written would be taken for a whole one; remove them, so what is left resumes.
         if state.is_main_process:
