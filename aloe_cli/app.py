@@ -24,6 +24,7 @@ except ImportError:  # an older typer, on click itself
 from aloe_cli import __version__
 from aloe_cli.console import ensure_stderr
 from aloe_cli.errors import AloeError, OutputClosed, Terminated, UsageError
+from aloe_cli.options import HelpContext
 
 # name -> (module under aloe_cli.commands, one-line help shown by `aloe --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -43,6 +44,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 class LazyGroup(TyperGroup):
     """Resolve subcommands on demand so unrelated modules are never imported."""
+
+    context_class = HelpContext  # (help wrapped as every command's is)
 
     def list_commands(self, ctx: typer.Context) -> list[str]:
         return list(COMMANDS)
@@ -113,7 +116,7 @@ app = typer.Typer(
     name="aloe",
     help="Build medical vision-language models: leak-free, quality-filtered, token-balanced training data.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=False,  # root() adds Typer's two completion options, with the shell as an optional value
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
@@ -125,9 +128,62 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+SHELLS = ("bash", "zsh", "fish", "powershell", "pwsh")
+
+
+COMPLETION_OPTIONS = ("--install-completion", "--show-completion")
+DETECT_SHELL = ""  # the value main() gives a completion option that names no shell
+
+
+def _completion(action):
+    """Typer's --install-completion / --show-completion callback, for the shell named, or, when none is, the
+    shell this runs in (detected as Typer does)."""
+    def callback(ctx: typer.Context, param, value: str | None):
+        if value is None or ctx.resilient_parsing:
+            return value
+        from typer.completion import completion_init
+
+        completion_init()
+        shell = value.strip().lower() if value != DETECT_SHELL else _current_shell()
+        if shell not in SHELLS:
+            raise typer.BadParameter(f"{shell!r} is not a shell aloe completes: name one of {', '.join(SHELLS)}")
+        return action(ctx, param, shell)
+
+    return callback
+
+
+def _current_shell() -> str:
+    try:
+        import shellingham
+
+        return shellingham.detect_shell()[0]
+    except Exception:  # not installed, or no shell among the parent processes
+        raise typer.BadParameter(f"cannot tell which shell this is: name it ({', '.join(SHELLS)})") from None
+
+
+def _show_completion(ctx: typer.Context, param, shell: str) -> None:
+    from typer.completion import show_callback
+
+    show_callback(ctx, param, shell)
+
+
+def _install_completion(ctx: typer.Context, param, shell: str) -> None:
+    from typer.completion import install_callback
+
+    install_callback(ctx, param, shell)
+
+
 @app.callback()
 def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    install_completion: str | None = typer.Option(
+        None, "--install-completion", metavar="[SHELL]", is_eager=True,
+        expose_value=False, callback=_completion(_install_completion),
+        help="Install tab completion for SHELL (bash, zsh, fish, powershell; default: this shell)."),
+    show_completion: str | None = typer.Option(
+        None, "--show-completion", metavar="[SHELL]", is_eager=True,
+        expose_value=False, callback=_completion(_show_completion),
+        help="Print the completion script for SHELL (default: this shell), to install it by hand."),
     # The deepspeed launcher puts --local_rank=N before the command; training reads the rank from the environment.
     local_rank: int | None = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
 ) -> None:
@@ -138,14 +194,51 @@ def root(
 DEBUG_ENV = "ALOE_DEBUG"
 
 
+def _without_deepspeed_cpu_notice() -> None:
+    """DeepSpeed, imported by transformers/accelerate/TRL in every model command, warns "Setting accelerator to
+    CPU" on every machine without a GPU, where running on the CPU is the plan. A filter on its logger, set before
+    it is imported (its import resets the level, not the filters), drops that one line when torch sees no CUDA
+    device; where torch does see one and DeepSpeed still falls back to the CPU, the warning stays."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Setting accelerator to CPU"):
+            return True
+        torch = sys.modules.get("torch")
+        try:
+            return bool(torch is not None and torch.cuda.device_count() > 0)
+        except Exception:  # a broken CUDA set-up: say what DeepSpeed says
+            return True
+
+    logging.getLogger("DeepSpeed").addFilter(keep)
+
+
+def _name_the_shell(args: list[str]) -> list[str]:
+    """`aloe --show-completion` (or --install-completion) with no shell after it: the option's value says "this
+    shell", as Typer's own flag does, while `--show-completion zsh` names one."""
+    args = list(args)
+    for index, arg in enumerate(args):
+        if not arg.startswith("-"):  # a command: its own options follow
+            break
+        if arg in COMPLETION_OPTIONS and (index + 1 == len(args) or args[index + 1].startswith("-")):
+            args.insert(index + 1, DETECT_SHELL)
+            break
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors, exit 1 for bad input, 2 for bad usage (typer's own),
     130 for Ctrl-C, 143 for SIGTERM."""
     ensure_stderr()
+    _without_deepspeed_cpu_notice()
+    if "_ALOE_COMPLETE" in os.environ:  # the shell asks for completions (the script --show-completion prints)
+        from typer.completion import completion_init
+
+        completion_init()
     _handle_sigterm()
     try:
         try:
-            app(args=argv, prog_name="aloe")
+            app(args=_name_the_shell(sys.argv[1:] if argv is None else argv), prog_name="aloe")
         finally:
             _flush_stdout()  # a closed pipe or a full device surfaces here, not at interpreter shutdown
     except UsageError as error:  # found after option parsing (e.g. in a --config file's flags): one line too

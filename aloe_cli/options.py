@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 # ----------------------------------------------------------------------------- checks shared by the options
 # A value no command can use is a usage error (exit 2), caught while the options are parsed, before any input is
@@ -97,11 +98,16 @@ ResumeOpt = Annotated[
 WorkersOpt = Annotated[
     int, typer.Option("--workers", min=1, callback=_cap_workers,
                       help="Worker processes for CPU-bound work; capped at the CPUs this process may use "
-                      "(its CPU affinity, e.g. SLURM's --cpus-per-task), with a note.")
+                      "(its CPU affinity: taskset, SLURM's CPUs per task, cgroups), with a note.")
 ]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Records per batch.")]
 OnErrorOpt = Annotated[
     OnError, typer.Option("--on-error", help="fail: stop at the first bad record (exit 1). skip: send it to --rejects.")
+]
+# For a command without --rejects (eval): a skipped item is counted, by reason, in its summary.
+OnErrorCountedOpt = Annotated[
+    OnError, typer.Option("--on-error", help="fail: stop at the first bad item (exit 1). skip: leave it out, "
+                          "counted by reason in the summary.")
 ]
 KeepAllOpt = Annotated[
     bool, typer.Option("--keep-all", help="Annotate and flag records but drop none (thresholds can be applied later).")
@@ -134,9 +140,114 @@ BboxFormatOpt = Annotated[
 ]
 
 
+# ----------------------------------------------------------------------------- help that reads at 80 columns
+# Help is click's plain layout (two columns, wrapped at the terminal's width up to 80, long option names with their
+# help on the next line), never a table whose columns cut words with "…". Options keep their help panels as
+# sections; values show a short metavar (N, X, TEXT, PATH, [a|b]), flags none; indented paragraphs of a command's
+# help (its examples) are printed as written, never rewrapped.
+
+_METAVARS = {"int": "N", "int range": "N", "float": "X", "float range": "X", "str": "TEXT", "path": "PATH",
+             "dir": "DIR", "file": "FILE"}
+
+
+def _metavar(label: str) -> str:
+    """typer's `<type>` label as a metavar: `<list[str]>` -> TEXT (repeatable), `<a|b>` -> [a|b]."""
+    label = label.strip("<>")
+    if label.startswith("list[") and label.endswith("]"):
+        label = label[5:-1]
+    if "|" in label:
+        return f"[{label}]"
+    return _METAVARS.get(label, label.upper())
+
+
+def verbatim_code(text: str) -> str:
+    """Mark every indented paragraph (an example block) so that it is printed as written, not rewrapped."""
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join("\b\n" + paragraph if paragraph[:1].isspace() else paragraph for paragraph in paragraphs)
+
+
+_HYPHEN = "\u2011"  # a non-breaking hyphen, while the text is wrapped
+
+
+def _unbroken(text: str) -> str:
+    return re.sub(r"(?<=\w)-(?=\w)", _HYPHEN, text)
+
+
+class HelpFormatter(TyperCommand.context_class.formatter_class):
+    """click's formatter, except that a line never breaks inside a hyphenated word (`--freeze-projector`)."""
+
+    def write_text(self, text: str) -> None:
+        super().write_text(_unbroken(text))
+
+    def write_dl(self, rows, *args, **kwargs) -> None:
+        super().write_dl([(first, _unbroken(second)) for first, second in rows], *args, **kwargs)
+
+    def getvalue(self) -> str:
+        return super().getvalue().replace(_HYPHEN, "-")
+
+
+class HelpContext(TyperCommand.context_class):
+    formatter_class = HelpFormatter
+
+
+class _HelpLayout:
+    """What AloeCommand and AloeGroup share: the help text's examples kept as written, options by panel,
+    subcommands with their whole first paragraph."""
+
+    context_class = HelpContext
+
+    def format_help_text(self, ctx, formatter) -> None:
+        if self.help:
+            formatter.write_paragraph()
+            with formatter.indentation():
+                formatter.write_text(verbatim_code(self.help.partition("\f")[0]))
+
+    def format_options(self, ctx, formatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            if param.param_type_name == "option" and param.metavar is None and not param.is_flag:
+                label = param.display_type(ctx)
+                if label:
+                    param.metavar = _metavar(label)
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            section = "Arguments" if param.param_type_name == "argument" else (
+                getattr(param, "rich_help_panel", None) or "Options")
+            sections.setdefault(section, []).append(record)
+        for name, records in sections.items():
+            with formatter.section(name):
+                formatter.write_dl(records)
+        if hasattr(self, "list_commands"):
+            rows = []
+            for name in self.list_commands(ctx):
+                command = self.get_command(ctx, name)
+                if command is not None and not command.hidden:
+                    summary = command.short_help or inspect.cleandoc(command.help or "").split("\n\n")[0]
+                    rows.append((name, " ".join(summary.split())))
+            if rows:
+                with formatter.section("Commands"):
+                    formatter.write_dl(rows)
+
+
+class AloeCommand(_HelpLayout, TyperCommand):
+    pass
+
+
+class AloeGroup(_HelpLayout, TyperGroup):
+    pass
+
+
+class CommandApp(typer.Typer):
+    """A Typer app whose commands render their help in aloe's layout."""
+
+    def command(self, *args: Any, cls: type | None = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or AloeCommand, **kwargs)
+
+
 def command_app() -> typer.Typer:
     """The Typer app a command module registers its one command on."""
-    return typer.Typer(add_completion=False, rich_markup_mode="rich", pretty_exceptions_enable=False)
+    return CommandApp(cls=AloeGroup, add_completion=False, rich_markup_mode=None, pretty_exceptions_enable=False)
 
 
 # ----------------------------------------------------------------------------- model-backed commands

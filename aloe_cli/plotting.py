@@ -1,4 +1,5 @@
-"""Shared set-up for the --plot options: matplotlib (optional extra) without a display."""
+"""Shared set-up for every picture (the --plot options, loss.png, aloe report plot): matplotlib (optional
+extra) without a display."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ from pathlib import Path
 
 from aloe_cli.errors import AloeError
 
-_MISSING = "--plot needs matplotlib: pip install 'aloe-cli[plot]'"
+_MISSING = "drawing needs matplotlib: pip install 'aloe-cli[plot]'"
 
 
 def require_matplotlib() -> None:
-    """Fail early (before any model is loaded) when --plot cannot work."""
+    """Fail early (before any model is loaded) when a picture cannot be drawn."""
     if importlib.util.find_spec("matplotlib") is None:
         raise AloeError(_MISSING)
 

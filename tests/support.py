@@ -26,6 +26,42 @@ def aloe(*args: str, stdin: str | bytes | None = None, env: dict | None = None, 
     return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode())
 
 
+
+def aloe_on_terminal(*args: str, env: dict | None = None, timeout: float = 120,
+                     columns: int = 160) -> subprocess.CompletedProcess:
+    """Run `python -m aloe_cli ARGS` with stderr on a pseudo-terminal (as in an interactive shell); stdout is
+    captured apart. `stderr` is what the terminal received, escape sequences included."""
+    import pty
+    import threading
+
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_ARRAY")}
+    full_env.update({"COLUMNS": str(columns), "TERM": "xterm-256color", **(env or {})})
+    full_env.pop("NO_COLOR", None)
+    master, slave = pty.openpty()
+    received: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the terminal closed: the process and its children have exited
+                return
+            if not chunk:
+                return
+            received.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "aloe_cli", *args], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=slave, env=full_env, cwd=ROOT, timeout=timeout)
+    finally:
+        os.close(slave)
+        reader.join(timeout=10)
+        os.close(master)
+    text = b"".join(received).decode("utf-8", "replace")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(), text)
+
 def read_jsonl(path_or_text: str | Path) -> list[dict]:
     text = Path(path_or_text).read_text() if isinstance(path_or_text, Path) else path_or_text
     return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -4,6 +4,7 @@ on one benchmark first (accuracy well above chance), a second model's row, pertu
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -80,10 +81,13 @@ def test_every_benchmark_format_end_to_end(tmp_path, tiny_model_dir):
     args = [arg for name, path in benchmarks.items() for arg in ("--benchmark", f"{name}={path}")]
     out = tmp_path / "results"
     result = aloe("eval", "--model", f"tiny={tiny_model_dir}", *args, "-o", str(out), *FAST,
-                  "--judge", str(tiny_model_dir), "--judge-parse-retries", "1", timeout=600)
+                  "--judge", str(tiny_model_dir), "--judge-parse-retries", "1", timeout=600,
+                  env={"ALOE_PROGRESS_INTERVAL": "0"})  # a heartbeat line at every batch
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
-    assert "items/s" in result.stderr and "read = " in result.stderr
+    assert re.search(r"\] aloe eval: tiny on mcq: 6/6 items \(100%\), [\d.e+]+ items/s, done in .*accuracy",
+                     result.stderr), result.stderr
+    assert "read = " in result.stderr
     counts = {"mcq": 6, "yn": 4, "open": 3, "paired": 6, "text": 4}
     for name, count in counts.items():
         lines = read_jsonl(out / "tiny" / name / "predictions.jsonl")

@@ -306,6 +306,7 @@ def test_training_drives_the_loss_down_and_the_saved_model_answers(trained):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == ""  # training writes no data
     assert "optimizer steps" in proc.stderr and "records kept" in proc.stderr
+    assert "Setting accelerator to CPU" not in proc.stderr  # DeepSpeed's notice on machines without a GPU
     log = read_jsonl(run / "log.jsonl")
     losses = [line["loss"] for line in log if "loss" in line]
     assert [line["step"] for line in log if "loss" in line] == [1, 10, 20, 30, 40]
@@ -371,7 +372,7 @@ def test_a_broken_image_is_skipped_in_a_run_and_counted(tmp_path, tiny_model_dir
     (tmp_path / "data" / "3.png").write_bytes(b"not a png")
     proc = train("-i", str(task), "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "run"),
                  "--max-steps", "1", "--micro-batch-size", "8", "--no-shuffle", "--freeze-vision",
-                 "--attn-implementation", "eager", "--max-skipped", "0.2")
+                 "--attn-implementation", "eager", "--on-error", "skip", "--max-skipped", "0.2")
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"samples skipped \(image_corrupt\)\s+1\n", proc.stderr), proc.stderr
     assert re.search(r"records kept\s+7\n", proc.stderr), proc.stderr  # what was trained on
@@ -453,12 +454,15 @@ def test_options_that_need_a_package_fail_before_training(tmp_path, tiny_model_d
 
 
 def test_on_error_fail_stops_at_a_broken_image_with_one_line_naming_the_record(tmp_path, tiny_model_dir):
+    """In a data-loader worker: under SLURM, without --dataloader-workers, the rank's share of
+    SLURM_CPUS_PER_TASK minus one (2 CPUs, one rank: 1 worker)."""
     task = colour_task(tmp_path / "data", count=8)
     (tmp_path / "data" / "3.png").write_bytes(b"not a png")
-    proc = aloe("train", *TRAIN_FLAGS[:-4], "--dataloader-workers", "1", "-i", str(task), "--model",
-                str(tiny_model_dir), "--output-dir", str(tmp_path / "run"), "--max-steps", "1", "--on-error", "fail",
-                env=ENV, timeout=300)
+    proc = aloe("train", *TRAIN_FLAGS[:-4], "-i", str(task), "--model", str(tiny_model_dir), "--output-dir",
+                str(tmp_path / "run"), "--max-steps", "1", "--on-error", "fail",
+                env={**ENV, "SLURM_CPUS_PER_TASK": "2"}, timeout=300)
     assert proc.returncode == 1
+    assert "aloe: data-loader workers per rank: 1 (2 CPU(s) per rank from SLURM_CPUS_PER_TASK=2" in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("aloe: error: ") and "task.jsonl:4" in last and "3.png" in last
     assert "Traceback" not in proc.stderr

@@ -12,6 +12,7 @@ from typing import Any
 import typer
 
 from aloe_cli import console
+from aloe_cli.data.counting import expected_records
 from aloe_cli.data.io import STDIO, expand_inputs, output_folder, print_stdout, read_paths, record_writers
 from aloe_cli.data.records import RecordDefaults
 from aloe_cli.data.shard import Shard
@@ -97,7 +98,8 @@ def run_data_command(stage: Stage, inputs: Iterable[str] | None, *, image_root: 
         # Records from inputs in several folders (or read with --image-root) keep images the next command finds.
         config = replace(config, relocate_images=True,
                          image_folder=None if absolute_image_paths else output_folder(output),
-                         rejects_image_folder=output_folder(str(rejects)) if rejects is not None else None)
+                         rejects_image_folder=output_folder(str(rejects)) if rejects is not None else None,
+                         expected=expected_records(paths, config.shard))
         with record_writers(output, rejects) as (writer, rejects_writer):  # both appear, or neither
             items = read_paths(paths, image_root, config.shard, defaults)
             summary = run_stage(stage, items, writer, rejects_writer, config, progress=console.progress)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from aloe_cli import console
@@ -38,8 +37,8 @@ class ConsoleReport:
     def log(self, message: str) -> None:
         console.log(message)
 
-    def progress(self, label: str, name: str, total: int, stage) -> _ProgressLine:
-        return _ProgressLine(label, name, total, stage)
+    def progress(self, label: str, name: str, total: int, stage) -> _BenchmarkBar:
+        return _BenchmarkBar(label, name, total, stage)
 
     def benchmark_done(self, label: str, run) -> None:
         skipped = sum(run.skipped.values())
@@ -52,29 +51,23 @@ class ConsoleReport:
         print_scores(label, scores)
 
 
-class _ProgressLine:
-    """Items done, items/s and running accuracy, on stderr every few seconds and at the end."""
+class _BenchmarkBar:
+    """The console's progress for one benchmark, with the running accuracy of the unperturbed items."""
 
     def __init__(self, label: str, name: str, total: int, stage) -> None:
-        self.label, self.name, self.total, self.stage = label, name, total, stage
-        self.done = 0
-        self.start = self.last = time.perf_counter()
+        self._context = console.progress(f"aloe eval: {label} on {name}", total, unit="items")
+        self._stage = stage
 
     def __enter__(self):
+        self._bar = self._context.__enter__()
         return self
 
     def advance(self, n: int = 1) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if now - self.last >= 5.0 or self.done >= self.total:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            accuracy = self.stage.tally.accuracy
-            console.log(f"aloe eval: {self.label} on {self.name}: {self.done}/{self.total} items, {rate:.1f} items/s"
-                        + (f", accuracy {accuracy:.1f}%" if accuracy is not None else ""))
+        accuracy = self._stage.tally.accuracy
+        self._bar.advance(n, accuracy=None if accuracy is None else f"{accuracy:.1f}%")
 
-    def __exit__(self, *exc) -> None:
-        return None
+    def __exit__(self, *exc):
+        return self._context.__exit__(*exc)
 
 
 def print_scores(label: str, scores: dict[str, dict]) -> None:

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 PANELS = {"data": "Data and model", "training": "Optimisation (defaults: the published recipe)",
-          "model": "Model options", "run": "Run", "adversarial": "Adversarial stage"}
+          "model": "Model options", "lora": "LoRA / QLoRA (PEFT)", "run": "Run", "adversarial": "Adversarial stage"}
 _TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "bool": bool, "list[str]": list[str]}
 
 
@@ -59,7 +59,8 @@ def launch_parameters(command: str) -> list[inspect.Parameter]:
     slurm = "SLURM"
     return [
         parameter("config", Annotated[Path | None, typer.Option(
-            "--config", help="YAML file whose keys are these flags' names (snake_case); flags given override it.",
+            "--config", help="YAML file whose keys are these flags' names (snake_case), or a `trl sft` config "
+                             "(its keys are mapped, and the mapping printed); flags given override it.",
             rich_help_panel=PANELS["run"])]),
         parameter("dry_run", Annotated[bool, typer.Option(
             "--dry-run", help="Print the resolved configuration (SFTConfig fields, world size, DeepSpeed config) as "
@@ -71,6 +72,9 @@ def launch_parameters(command: str) -> list[inspect.Parameter]:
                                                        rich_help_panel=slurm)], 1),
         parameter("gpus_per_node", Annotated[int, typer.Option(
             "--gpus-per-node", min=1, help="--slurm: GPUs (ranks) per node.", rich_help_panel=slurm)], 8),
+        parameter("cpus_per_task", Annotated[int | None, typer.Option(
+            "--cpus-per-task", min=1, help="--slurm: CPUs of the one task per node, shared by its ranks. Default: "
+            "a node's CPUs as sinfo reports them for the partition.", rich_help_panel=slurm)]),
         parameter("launcher", Annotated[str, typer.Option(
             "--launcher", help="--slurm: torchrun or accelerate.", rich_help_panel=slurm)], "torchrun"),
         parameter("sbatch", Annotated[list[str] | None, typer.Option(

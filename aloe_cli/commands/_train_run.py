@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from aloe_cli import console
 from aloe_cli.training.config import TrainConfig, TrainPlan, resolve, world_size
 
-LAUNCH_OPTIONS = ("config", "dry_run", "slurm", "nodes", "gpus_per_node", "launcher", "sbatch")
+LAUNCH_OPTIONS = ("config", "dry_run", "slurm", "nodes", "gpus_per_node", "cpus_per_task", "launcher", "sbatch")
 
 
 def config_from_options(config_cls: type, options: dict[str, Any]) -> TrainConfig:
@@ -19,7 +20,14 @@ def config_from_options(config_cls: type, options: dict[str, Any]) -> TrainConfi
 
 def print_sbatch(command: str, config_cls: type, config: TrainConfig, options: dict[str, Any]) -> None:
     """--slurm: check the configuration for the job's world size, then print the script on stdout."""
-    from aloe_cli.training.slurm import SlurmJob, flags_from_values, sbatch_script
+    from aloe_cli.training.slurm import (
+        THIS_MACHINE,
+        SlurmJob,
+        cpus_given,
+        default_cpus_per_task,
+        flags_from_values,
+        sbatch_script,
+    )
 
     world = options["nodes"] * options["gpus_per_node"]
     resolve(config, world, command=command)  # a global batch that does not divide fails here, not on the cluster
@@ -28,13 +36,23 @@ def print_sbatch(command: str, config_cls: type, config: TrainConfig, options: d
         argv += ["--config", str(options["config"])]  # relative paths hold: the job runs in this folder (--chdir)
     argv += flags_from_values(config_cls, {k: v for k, v in options.items() if k not in LAUNCH_OPTIONS})
     job = SlurmJob(argv=argv, nodes=options["nodes"], gpus_per_node=options["gpus_per_node"],
-                   launcher=options["launcher"], job_name=f"aloe-{command}", sbatch_options=options.get("sbatch") or [])
+                   launcher=options["launcher"], job_name=f"aloe-{command}", sbatch_options=options.get("sbatch") or [],
+                   cpus_per_task=options.get("cpus_per_task"))
+    if job.cpus_per_task is None and not cpus_given(job):
+        job.cpus_per_task, job.cpus_source = default_cpus_per_task(job.partition())
+        if job.cpus_source == THIS_MACHINE:
+            console.log(f"aloe: note: sinfo is not available here: --cpus-per-task {job.cpus_per_task} is this "
+                        "machine's CPU count; give --cpus-per-task N for the cluster's nodes")
     print(sbatch_script(job), end="")
 
 
 def plan_or_exit(command: str, config_cls: type, options: dict[str, Any]) -> TrainPlan | None:
     """The resolved plan, or None when --slurm / --dry-run already did all there is to do."""
     config = config_from_options(config_cls, options)
+    if config.mapped:
+        console.log(f"aloe {command}: {options['config']}: keys read as aloe's:")
+        for key, flag in config.mapped:
+            console.log(f"  {key} -> {flag}")
     if options.get("slurm"):
         print_sbatch(command, config_cls, config, options)
         return None
@@ -134,7 +152,8 @@ def train_and_report(plan: TrainPlan, items: Callable[[], Iterable], paths: list
     from aloe_cli.training.trainer import run_training
 
     try:
-        result = run_training(plan, items, paths=paths, log=console.log, resume_command=resume_command())
+        result = run_training(plan, items, paths=paths, log=console.log, resume_command=resume_command(),
+                              progress=console.progress)
     except KeyboardInterrupt as interrupt:
         # typer turns Ctrl-C into a silent exit 130 before app.main sees it: say here where to resume from.
         outcome = getattr(interrupt, "outcome", None)
@@ -161,4 +180,5 @@ def train_and_report(plan: TrainPlan, items: Callable[[], Iterable], paths: list
     if result.train_loss is not None:
         console.log(f"  mean training loss {result.train_loss:.4f}")
     console.log("  vision guard: text-only micro batches per rank " + str(result.guard_calls))
-    console.log(f"  model, processor, aloe-train.yaml, log.jsonl and run.json in {result.output_dir}")
+    curve = ", loss.png" if (Path(result.output_dir) / "loss.png").is_file() else ""  # drawn when matplotlib is there
+    console.log(f"  model, processor, aloe-train.yaml, log.jsonl{curve} and run.json in {result.output_dir}")

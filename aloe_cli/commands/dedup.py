@@ -3,18 +3,24 @@
 Examples:
 
     # drop every training record that shares an image (pHash) with a benchmark
-    aloe dedup -i train.jsonl --against vqa_rad.tsv --against slake_test.jsonl \\
-        -o clean.jsonl --rejects leaks.jsonl --report dedup.json
+    aloe dedup -i train.jsonl --against vqa_rad.tsv \\
+        --against slake_test.jsonl -o clean.jsonl \\
+        --rejects leaks.jsonl --report dedup.json
 
-    # near-duplicates too (Hamming distance <= 4), and repeats inside the training set
-    aloe dedup -i 'shards/*.jsonl.gz' --against eval.tsv --max-distance 4 --within --workers 8
+    # near-duplicates too (Hamming distance <= 4), and repeats in the input
+    aloe dedup -i 'shards/*.jsonl.gz' --against eval.tsv \\
+        --max-distance 4 --within --workers 8
 
     # hash the benchmarks once, then let every SLURM array task load the index
-    aloe dedup --against vqa_rad.tsv --against pmc_vqa.tsv --save-index eval.idx
-    aloe dedup -i train.jsonl --against eval.idx --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
+    aloe dedup --against vqa_rad.tsv --against pmc_vqa.tsv \\
+        --save-index eval.idx
+    aloe dedup -i train.jsonl --against eval.idx \\
+        --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
 
-    # a job array that reruns only the shards without a completion marker, then one summary
-    aloe dedup -i 'raw/*.jsonl.gz' --against eval.idx -o clean/$SLURM_ARRAY_TASK_ID.jsonl.gz \
+    # a job array that reruns only the shards without a completion marker,
+    # then one summary
+    aloe dedup -i 'raw/*.jsonl.gz' --against eval.idx \\
+        -o clean/$SLURM_ARRAY_TASK_ID.jsonl.gz \\
         --report reports/$SLURM_ARRAY_TASK_ID.json --resume
     aloe report merge reports/*.json -o dedup.json
 

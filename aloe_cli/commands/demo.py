@@ -7,17 +7,17 @@ the training data. Then runs the real commands in the work folder:
 `aloe dedup | aloe perplexity | aloe score > curated.jsonl` (the judge is a
 rule-based stand-in served on 127.0.0.1), `aloe mix`, `aloe train` (stage 1,
 from a tiny Qwen2-VL built offline), `aloe adv-train` (stage 2), `aloe eval`
-on the untrained, stage-1 and stage-2 models with --perturb, and `aloe infer`
+on the untrained, stage-1 and stage-2 models, perturbed too, and `aloe infer`
 with the predicted box drawn. Every command is printed before it runs; the
 tables at the end are the published ones in miniature, with the recipe's
 claims checked. See docs/demo.md.
 
 Examples:
 
-    aloe demo                                   # in a temporary folder, removed at the end
+    aloe demo          # in a temporary folder, removed at the end
     aloe demo --workdir demo_run --report demo.json
-    aloe demo --seed 1 --check                  # exit 1 unless every claim holds (what CI runs)
-    aloe demo --quick                           # every step in about a minute, claims not expected
+    aloe demo --seed 1 --check    # exit 1 unless every claim holds (CI)
+    aloe demo --quick             # every step, a sliver of the data
 """
 
 from __future__ import annotations

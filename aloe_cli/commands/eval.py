@@ -46,7 +46,7 @@ from aloe_cli.options import (
     ImageRootOpt,
     MaxNewTokensOpt,
     OnError,
-    OnErrorOpt,
+    OnErrorCountedOpt,
     command_app,
     not_empty,
     with_backend_options,
@@ -140,7 +140,7 @@ def eval(  # noqa: A001 - the command's name
         help="JSONL cache of replies (the model's and the judge's): an interrupted run resumes "
              "without asking again.")] = None,
     image_root: ImageRootOpt = None,
-    on_error: OnErrorOpt = OnError.fail,
+    on_error: OnErrorCountedOpt = OnError.fail,
     backend_config: BackendConfig = None,
     judge_config: BackendConfig = None,
 ) -> None:

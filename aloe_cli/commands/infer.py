@@ -6,10 +6,13 @@ TSV, ...) is answered in batches and written in input order, streaming, with alo
 
 Examples:
 
-    aloe infer --model Qwen/Qwen2-VL-7B-Instruct --image scan.png "What abnormality do you see?"
-    aloe infer --model M --image a.png --image b.png "Compare the two scans." --system "You are a radiologist."
+    aloe infer --model Qwen/Qwen2-VL-7B-Instruct --image scan.png \\
+        "What abnormality do you see?"
+    aloe infer --model M --image a.png --image b.png \\
+        "Compare the two scans." --system "You are a radiologist."
     aloe infer --model M -i prompts.jsonl --draw boxes/ > answers.jsonl
-    aloe infer --model served-name --backend openai --base-url http://gpu:8000/v1 -i prompts.jsonl -o out.jsonl
+    aloe infer --model served-name --backend openai \\
+        --base-url http://gpu:8000/v1 -i prompts.jsonl -o out.jsonl
 """
 
 from __future__ import annotations

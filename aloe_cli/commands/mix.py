@@ -12,21 +12,27 @@ deterministic for a seed.
 Examples:
 
     # the recipe way (see docs/mix.md for the format)
-    aloe mix --recipe recipe.yaml -o mixture.jsonl --report mix.json --plot mix_plots/
+    aloe mix --recipe recipe.yaml -o mixture.jsonl --report mix.json \\
+        --plot mix_plots/
 
     # look at the plan first: counts and shares, nothing written
     aloe mix --recipe recipe.yaml --dry-run
 
-    # inline, for small jobs: sources are the records' `source` fields, domains their `domain`
-    aloe mix -i med.jsonl -i general.jsonl --tokenizer Qwen/Qwen2-VL-7B-Instruct \\
+    # inline, for small jobs: sources are the records' `source` fields,
+    # domains their `domain`
+    aloe mix -i med.jsonl -i general.jsonl \\
+        --tokenizer Qwen/Qwen2-VL-7B-Instruct \\
         --share medical/multimodal=0.4 --share medical/text=0.2 \\
-        --share general/multimodal=0.25 --share general/text=0.15 --total-samples 100000 -o mix.jsonl
+        --share general/multimodal=0.25 --share general/text=0.15 \\
+        --total-samples 100000 -o mix.jsonl
 
     # in a pipe
-    cat filtered.jsonl | aloe mix --tokenizer ./qwen2-vl --share medical/multimodal=0.6 \\
-        --share general/multimodal=0.4 > mixture.jsonl
+    cat filtered.jsonl | aloe mix --tokenizer ./qwen2-vl \\
+        --share medical/multimodal=0.6 --share general/multimodal=0.4 \\
+        > mixture.jsonl
 
-    # in a pipeline that must not go on with a mixture off its targets: exit 1, nothing written
+    # in a pipeline that must not go on with a mixture off its targets:
+    # exit 1, nothing written
     aloe mix --recipe recipe.yaml --strict --tolerance 0.02 -o mixture.jsonl
 
 A cell whose achieved share of loss tokens is further than the tolerance (default 0.01, one percentage point)

@@ -7,19 +7,24 @@ or above its max (noisy_answer). Without a thresholds file nothing is dropped.
 
 Examples:
 
-    # look at the distributions first: annotate, keep everything, plot per source
-    aloe perplexity -i train.jsonl --model Qwen/Qwen2-VL-2B-Instruct --keep-all \\
-        --plot ppl_plots/ -o train.ppl.jsonl
+    # the distributions first: annotate, keep everything, plot per source
+    aloe perplexity -i train.jsonl --model Qwen/Qwen2-VL-2B-Instruct \\
+        --keep-all --plot ppl_plots/ -o train.ppl.jsonl
 
-    # then filter with per-source thresholds (absolute or percentiles such as p2/p98)
-    aloe perplexity -i train.jsonl --model Qwen/Qwen2-VL-2B-Instruct --thresholds thresholds.yaml \\
-        -o kept.jsonl --rejects dropped.jsonl --report ppl.json
+    # then filter with per-source thresholds (absolute, or percentiles
+    # such as p2/p98)
+    aloe perplexity -i train.jsonl --model Qwen/Qwen2-VL-2B-Instruct \\
+        --thresholds thresholds.yaml -o kept.jsonl \\
+        --rejects dropped.jsonl --report ppl.json
 
-    # change thresholds later without recomputing (values already in aloe.perplexity)
-    aloe perplexity -i train.ppl.jsonl --model Qwen/Qwen2-VL-2B-Instruct --reuse --thresholds t.yaml -o kept.jsonl
+    # other thresholds later, without recomputing (aloe.perplexity holds
+    # the values)
+    aloe perplexity -i train.ppl.jsonl --model Qwen/Qwen2-VL-2B-Instruct \\
+        --reuse --thresholds t.yaml -o kept.jsonl
 
     # SLURM array, one GPU per task
-    aloe perplexity -i train.jsonl --model M --keep-all -o ppl.$SLURM_ARRAY_TASK_ID.jsonl
+    aloe perplexity -i train.jsonl --model M --keep-all \\
+        -o ppl.$SLURM_ARRAY_TASK_ID.jsonl
 
 thresholds.yaml:
 

@@ -1,19 +1,25 @@
-"""aloe report: work with the JSON summaries (--report) that data stages write.
+"""aloe report: work with the JSON summaries (--report) that data stages write, and training runs' logs.
 
 `aloe report merge` adds the reports of every shard of a job array into one
 summary: records read, kept and rejected per input and per reason, and the
 stage's own counters that add up (hashes, judge requests, scored tokens...).
 It refuses reports of different stages, a shard given twice, a missing shard
 (it says which), and counts that do not satisfy read = kept + rejected.
+`aloe report plot` draws the loss and learning rate of training runs.
 
 Examples:
 
     #SBATCH --array=0-255
-    aloe dedup -i 'raw/*.jsonl.gz' --against eval.idx -o "clean/${SLURM_ARRAY_TASK_ID}.jsonl.gz" \\
+    aloe dedup -i 'raw/*.jsonl.gz' --against eval.idx \\
+        -o "clean/${SLURM_ARRAY_TASK_ID}.jsonl.gz" \\
         --report "reports/${SLURM_ARRAY_TASK_ID}.json" --resume
 
-    # once the array is done: one summary on stderr, the merged JSON to a file (or stdout)
+    # once the array is done: one summary on stderr, the merged JSON to a
+    # file (or stdout)
     aloe report merge reports/*.json -o dedup.json
+
+    # the loss and learning rate of two training runs in one picture
+    aloe report plot runs/stage1 runs/stage2 -o loss.png
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ app = command_app()
 
 @app.callback(help=__doc__)
 def report() -> None:
-    """Work with the JSON summaries that data stages write with --report."""
+    """Work with the JSON summaries that data stages write with --report, and training runs' logs."""
 
 
 @app.command(help="Add the --report files of all shards of one run into one summary (read = kept + rejected "
@@ -69,3 +75,24 @@ def merge(
         print_stdout(json.dumps(merged, indent=2))
     else:
         write_report(output, merged)
+
+
+@app.command(help="Draw the training loss (raw and smoothed), the eval loss and the learning rate of one or more "
+                  "training runs (each run's log.jsonl) over the step, in one picture.")
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders of aloe train or adv-train, or their log.jsonl.",
+                                               metavar="RUN")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The picture to write (.png, .svg or .pdf).")
+                      ] = Path("loss.png"),
+) -> None:
+    from aloe_cli import console
+    from aloe_cli.commands._common import check_io
+    from aloe_cli.plotting import require_matplotlib
+    from aloe_cli.training.curves import draw_curves, log_path, read_runs
+
+    require_matplotlib()
+    check_io(None, records=False, read=[("run", log_path(run)) for run in runs], written=[("-o", str(output))])
+    curves = read_runs(runs)
+    draw_curves(curves, output)
+    console.log(f"aloe report plot: {len(curves)} run(s) ({', '.join(c.label for c in curves)}), "
+                f"{sum(len(c.steps) for c in curves)} logged step(s): wrote {output}")

@@ -3,8 +3,9 @@
 Examples:
 
     aloe sample-data demo_out
-    aloe sample-data demo_out --force     # write it again over an earlier copy
-    aloe dedup -i demo_out/train.jsonl --against demo_out/eval.tsv --rejects demo_out/leaks.jsonl
+    aloe sample-data demo_out --force    # again, over an earlier copy
+    aloe dedup -i demo_out/train.jsonl --against demo_out/eval.tsv \\
+        --rejects demo_out/leaks.jsonl
 """
 
 from __future__ import annotations

@@ -9,19 +9,25 @@ low_score; replies that cannot be parsed after retries as judge_unparseable.
 Examples:
 
     # a local judge (batched greedy generation)
-    aloe score -i train.jsonl --judge Qwen/Qwen2-VL-7B-Instruct --backend hf -o scored.jsonl
+    aloe score -i train.jsonl --judge Qwen/Qwen2-VL-7B-Instruct --backend hf \\
+        -o scored.jsonl
 
-    # an OpenAI-compatible server (vLLM / SGLang / TGI), 64 requests in flight, resumable;
-    # replies are asked for as JSON (structured output) where the server supports it
+    # an OpenAI-compatible server (vLLM / SGLang / TGI), 64 requests in
+    # flight, resumable; replies are asked for as JSON (structured output)
+    # where the server supports it
     vllm serve Qwen/Qwen2-VL-72B-Instruct --port 8000 &
-    aloe score -i train.jsonl --judge Qwen/Qwen2-VL-72B-Instruct --base-url http://localhost:8000/v1 \\
-        --concurrency 64 --cache judge.cache.jsonl --thresholds thresholds.yaml \\
+    aloe score -i train.jsonl --judge Qwen/Qwen2-VL-72B-Instruct \\
+        --base-url http://localhost:8000/v1 --concurrency 64 \\
+        --cache judge.cache.jsonl --thresholds thresholds.yaml \\
         -o kept.jsonl --rejects low.jsonl --report score.json
 
-    # a hosted endpoint: the key is read from the named variable, never printed
-    aloe score -i train.jsonl --judge gpt-4o --base-url https://api.openai.com/v1 --api-key-env OPENAI_API_KEY
+    # a hosted endpoint: the key is read from the named variable, never
+    # printed
+    aloe score -i train.jsonl --judge gpt-4o \\
+        --base-url https://api.openai.com/v1 --api-key-env OPENAI_API_KEY
 
-    aloe score --show-prompt > my_rubric.txt      # edit, then --prompt-file my_rubric.txt
+    # edit the rubric, then use it with --prompt-file my_rubric.txt
+    aloe score --show-prompt > my_rubric.txt
 
 thresholds.yaml:
 

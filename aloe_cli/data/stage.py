@@ -26,23 +26,20 @@ import pickle
 import tempfile
 from array import array
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, suppress
+from collections.abc import Iterable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from aloe_cli.console import null_progress
+from aloe_cli.console import ProgressFactory, null_progress
 from aloe_cli.data.images import relocate
 from aloe_cli.data.io import Item, RecordWriter
 from aloe_cli.data.shard import Shard
 from aloe_cli.errors import AloeError, RecordError
 
 DEFAULT_BATCH_SIZE = 256
-
-# (description, total or None) -> a context manager whose value has advance(n); console.progress is one.
-ProgressFactory = Callable[[str, "int | None"], AbstractContextManager[Any]]
 
 
 class Distribution:
@@ -148,6 +145,7 @@ class RunConfig:
     relocate_images: bool = False
     image_folder: str | None = None
     rejects_image_folder: str | None = None  # the same for the rejects file
+    expected: int | None = None  # records this shard should hold (`io.expected_records`), for progress; None: unknown
 
 
 @dataclass
@@ -211,11 +209,11 @@ def run_stage(stage: Stage, items: Iterable[Item], output: RecordWriter | None, 
     spool: _Spool | None = None
     try:
         if stage.measure_first:
-            spool = _measure(stage, batches, fail_fast, config.spool_dir, progress)
+            spool = _measure(stage, batches, fail_fast, config.spool_dir, progress, config.expected)
             annotated = spool.replay()
         else:
             annotated = stage.annotate_stream(batches)
-        with progress(stage.name, None) as bar:
+        with progress(f"aloe {stage.name}", config.expected) as bar:
             summary = _decide_all(stage, annotated, output, rejects, config, bar)
     finally:
         if spool is not None:
@@ -298,11 +296,11 @@ def _batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
 # ----------------------------------------------------------------------------- measure first
 
 def _measure(stage: Stage, batches: Iterator[list[Item]], fail_fast: bool, spool_dir: str | None,
-             progress: ProgressFactory) -> _Spool:
+             progress: ProgressFactory, expected: int | None) -> _Spool:
     """Annotate every batch now and spool it; with --on-error fail the first bad record raises here."""
     spool = _Spool(spool_dir)
     try:
-        with progress(f"{stage.name} (measuring)", None) as bar:
+        with progress(f"aloe {stage.name} (measuring)", expected) as bar:
             for batch in stage.annotate_stream(_failing_fast(batches) if fail_fast else batches):
                 if fail_fast:
                     _raise_first_error(batch)

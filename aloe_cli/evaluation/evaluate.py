@@ -54,15 +54,16 @@ class BenchmarkRun:
     scores: dict
 
 
-# (model label, benchmark name, units, stage) -> a context manager whose value has advance(n)
-ProgressFactory = Callable[[str, str, int, EvalStage], AbstractContextManager]
+# (model label, benchmark name, units, stage) -> a context manager whose value has advance(n): the console's
+# progress for one benchmark (the runner's `ProgressFactory` is built from it below)
+BenchmarkProgress = Callable[[str, str, int, EvalStage], AbstractContextManager]
 # (benchmark items) -> the perturber for that benchmark (wrong answers come from its own items)
 PerturberFactory = Callable[[list], Perturber]
 
 
 def evaluate_model(label: str, backend: Callable[[], GenerationBackend], plan: EvalPlan, *,
                    judge: OpenJudge | None = None, perturbers: PerturberFactory | None = None,
-                   progress: ProgressFactory | None = None, info: dict | None = None,
+                   progress: BenchmarkProgress | None = None, info: dict | None = None,
                    cache_tag: str = "", keyed: bool = False,
                    on_run: Callable[[BenchmarkRun], None] | None = None) -> list[BenchmarkRun]:
     """Every benchmark of `plan` on one model; `on_run` hears of each benchmark once its files are written.
@@ -102,7 +103,7 @@ def evaluate_model(label: str, backend: Callable[[], GenerationBackend], plan: E
     return runs
 
 
-def _progress_factory(factory: ProgressFactory | None, label: str, name: str, total: int, stage: EvalStage):
+def _progress_factory(factory: BenchmarkProgress | None, label: str, name: str, total: int, stage: EvalStage):
     """The runner's progress factory, showing this benchmark's figures."""
     if factory is None:
         return None

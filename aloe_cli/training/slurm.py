@@ -6,13 +6,22 @@ written or submitted. The master address is the first host of the job's node
 list. The aloe flags travel as a bash array, so values with spaces or quotes
 arrive unchanged.
 
+The task gets `--cpus-per-task` CPUs (default: the CPUs of a node, as
+`sinfo` reports them for the job's partition, divided by the one task per
+node; this machine's count where `sinfo` is missing), and `srun` passes it
+on to the step explicitly (since 22.05, srun does not always inherit it). The
+ranks' data-loader workers follow `SLURM_CPUS_PER_TASK` at run time.
+
     print(sbatch_script(SlurmJob(argv=["train", "-i", "mix.jsonl", ...], nodes=8, gpus_per_node=4)))
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +43,45 @@ class SlurmJob:
     workdir: Path = field(default_factory=Path.cwd)
     python: str = field(default_factory=lambda: sys.executable)
     master_port: int = 29500
+    cpus_per_task: int | None = None  # None: default_cpus_per_task()
+    cpus_source: str = ""  # where cpus_per_task came from, for the script's comment
+
+    def partition(self) -> str | None:
+        """The partition an `--sbatch partition=NAME` option names, if any."""
+        for option in self.sbatch_options:
+            key, _, value = option.partition("=")
+            if key.strip().lstrip("-") in ("partition", "p") and value.strip():
+                return value.strip()
+        return None
+
+
+TASKS_PER_NODE = 1  # one launcher per node, which starts the node's ranks
+
+
+THIS_MACHINE = "this machine's CPUs (sinfo unavailable)"
+
+
+def default_cpus_per_task(partition: str | None = None) -> tuple[int, str]:
+    """A node's CPUs divided by the tasks per node, and where the number came from. A node's CPUs are what
+    `sinfo` reports for `partition` (the fewest, where nodes differ, so the job fits on any of them), else,
+    where `sinfo` is missing or says nothing, this machine's count (THIS_MACHINE)."""
+    command = ["sinfo", "--noheader", "--Node", "--format=%c"] + (["--partition", partition] if partition else [])
+    try:
+        reply = subprocess.run(command, capture_output=True, text=True, timeout=20, check=False)
+        counts = [int(n) for n in re.findall(r"^\s*(\d+)", reply.stdout, re.MULTILINE)] if not reply.returncode \
+            else []
+    except (OSError, subprocess.SubprocessError):
+        counts = []
+    counts = [n for n in counts if n > 0]
+    if counts:
+        source = f"a node's CPUs per sinfo, partition {partition}" if partition else "a node's CPUs per sinfo"
+        return max(1, min(counts) // TASKS_PER_NODE), source
+    return max(1, (os.cpu_count() or 1) // TASKS_PER_NODE), THIS_MACHINE
+
+
+def cpus_given(job: SlurmJob) -> bool:
+    """Whether an `--sbatch cpus-per-task=N` option sets the CPUs itself."""
+    return any(option.partition("=")[0].strip().lstrip("-") in ("cpus-per-task", "c") for option in job.sbatch_options)
 
 
 def _sbatch_line(option: str) -> str:
@@ -60,8 +108,14 @@ def sbatch_script(job: SlurmJob) -> str:
         raise AloeError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {job.launcher!r}")
     custom = [_sbatch_line(option) for option in job.sbatch_options]
     custom_keys = {line.split("=")[0] for line in custom}
-    defaults = [f"#SBATCH --job-name={job.job_name}", f"#SBATCH --nodes={job.nodes}", "#SBATCH --ntasks-per-node=1",
-                f"#SBATCH --gpus-per-node={job.gpus_per_node}", f"#SBATCH --output={job.job_name}-%j.out",
+    cpus_per_task, cpus_source = job.cpus_per_task, job.cpus_source or "as given"
+    if cpus_given(job):
+        cpus_per_task, cpus_source = 1, "from --sbatch"  # (the default line is replaced below)
+    elif cpus_per_task is None:
+        cpus_per_task, cpus_source = default_cpus_per_task(job.partition())
+    defaults = [f"#SBATCH --job-name={job.job_name}", f"#SBATCH --nodes={job.nodes}",
+                f"#SBATCH --ntasks-per-node={TASKS_PER_NODE}", f"#SBATCH --gpus-per-node={job.gpus_per_node}",
+                f"#SBATCH --cpus-per-task={cpus_per_task}", f"#SBATCH --output={job.job_name}-%j.out",
                 f"#SBATCH --chdir={job.workdir}"]
     header = [line for line in defaults if line.split("=")[0] not in custom_keys] + custom
     args = " ".join(shlex.quote(arg) for arg in job.argv)
@@ -69,6 +123,8 @@ def sbatch_script(job: SlurmJob) -> str:
         "#!/bin/bash",
         f"# aloe {job.argv[0]} on {job.nodes} node(s) x {job.gpus_per_node} GPU(s), one task per node.",
         "# Submit with: sbatch THIS_FILE",
+        f"# The task's CPUs (--cpus-per-task, {cpus_source}) are shared by the node's {job.gpus_per_node} rank(s);",
+        "# each rank's data-loader workers default to its share minus one (from SLURM_CPUS_PER_TASK at run time).",
         *header,
         "",
         "set -euo pipefail",
@@ -81,7 +137,9 @@ def sbatch_script(job: SlurmJob) -> str:
         f"ALOE_ARGS=({args})",
         "",
         "# One launcher per node; $SLURM_NODEID is expanded on each node (single quotes).",
-        "srun --nodes=\"$SLURM_NNODES\" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c \\",
+        "# The step gets the task's CPUs explicitly: some SLURM releases do not pass --cpus-per-task to srun.",
+        f"srun --nodes=\"$SLURM_NNODES\" --ntasks-per-node={TASKS_PER_NODE} "
+        "--cpus-per-task=\"$SLURM_CPUS_PER_TASK\" --kill-on-bad-exit=1 bash -c \\",
         f"  'exec {_launch(job)}' \\",
         '  aloe "${ALOE_ARGS[@]}"',
         "",
@@ -111,4 +169,5 @@ def flags_from_values(config_cls: type, values: dict[str, Any]) -> list[str]:
     return argv
 
 
-__all__ = ["LAUNCHERS", "SlurmJob", "flags_from_values", "sbatch_script"]
+__all__ = ["LAUNCHERS", "TASKS_PER_NODE", "SlurmJob", "THIS_MACHINE", "cpus_given",
+           "default_cpus_per_task", "flags_from_values", "sbatch_script"]

@@ -14,7 +14,8 @@ What this adds around `SFTTrainer` (nothing of its loop is re-implemented):
 - the run folder's rules and its ledger `run.json` (`training.ledger`): the folder is claimed (refused, moved
   aside, or resumed from its newest whole checkpoint) before anything is read;
 - samples lost to unreadable records and images, held against `--max-skipped` at every logging step;
-- `log.jsonl` (step, loss, lr, tokens/s, skipped samples), `aloe-train.yaml`,
+- `log.jsonl` (step, loss, lr, tokens/s, skipped samples) and its picture `loss.png` (`training.curves`),
+  the progress people see (`training.progress`), `aloe-train.yaml`,
   the final model + processor in `output_dir`.
 """
 
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aloe_cli.console import stdout_to_stderr
+from aloe_cli.console import ProgressFactory, null_progress, stdout_to_stderr
 from aloe_cli.data.io import Item
 from aloe_cli.errors import AloeError, Terminated, first_line
 from aloe_cli.training.config import TrainPlan
@@ -126,14 +127,27 @@ def load_training_model(plan: TrainPlan, weights: str | None = None):
     from aloe_cli.modeling.loading import resolve_attn_implementation
 
     config = plan.config
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+    half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype)
     # DeepSpeed keeps fp32 master weights itself; without it, autocast needs fp32 weights.
     dtype = half if (half is not None and plan.deepspeed is not None) else torch.float32
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     attn = resolve_attn_implementation(config.attn_implementation, device, half or torch.float32)
+    extra = {}
+    if config.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        # QLoRA as PEFT documents it for ZeRO-3: NF4 weights stored in the training dtype, so DeepSpeed can
+        # partition them like any other; the vision tower stays in full precision.
+        dtype = half or torch.float32
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype, llm_int8_skip_modules=["visual", "lm_head"])
+        if plan.deepspeed is None:
+            extra["device_map"] = {"": torch.cuda.current_device()}
     try:
         model = AutoModelForImageTextToText.from_pretrained(
-            weights or config.model, dtype=dtype, attn_implementation=attn, trust_remote_code=config.trust_remote_code)
+            weights or config.model, dtype=dtype, attn_implementation=attn, trust_remote_code=config.trust_remote_code,
+            **extra)
     except Exception as exc:  # transformers raises many types for a bad checkpoint
         what = f"checkpoint {weights}" if weights else f"model {config.model}"
         raise AloeError(f"cannot load {what}: {first_line(exc)}") from None
@@ -297,16 +311,17 @@ def _worker_error(error: AloeError) -> AloeError:
 # ----------------------------------------------------------------------------- the run
 
 def run_training(plan: TrainPlan, items: Callable[[], Iterable[Item]], *, paths: list[str],
-                 log: Callable[[str], None] = lambda message: None, resume_command: str | None = None) -> TrainResult:
+                 log: Callable[[str], None] = lambda message: None, resume_command: str | None = None,
+                 progress: ProgressFactory = null_progress) -> TrainResult:
     """Train `plan.config.model` on the records `items()` yields (read from `paths`, which the run folder's ledger
     records); everything lands in `plan.config.output_dir`. `resume_command`: the command line that resumes this
-    run, for the closing line of an interrupted one."""
+    run, for the closing line of an interrupted one; `progress`: shows the steps (`training.progress`)."""
     config = plan.config
     output_dir = Path(config.output_dir)
     run: dict[str, Any] = {}  # the ledger and the trainer, once there are any
     with stdout_to_stderr():
         try:
-            result = _run(plan, items, paths, output_dir, log, resume_command, run)
+            result = _run(plan, items, paths, output_dir, log, resume_command, run, progress)
             _leave_process_group()
             return result
         except AloeError as error:
@@ -393,6 +408,10 @@ def _leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+# --report-to names whose package is not called as the tracker is.
+_TRACKER_PACKAGES = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "codecarbon": "codecarbon"}
+
+
 def preflight(plan: TrainPlan) -> None:
     """Options that need a package or a known name fail here, in one line, before anything is read or loaded."""
     import importlib.util
@@ -404,12 +423,34 @@ def preflight(plan: TrainPlan) -> None:
 
     if plan.config.use_liger and importlib.util.find_spec("liger_kernel") is None:
         raise AloeError("--use-liger needs the liger-kernel package (pip install liger-kernel)")
+    _check_lora(plan)
     for name in plan.sft_config_kwargs()["report_to"]:
         if name not in INTEGRATION_TO_CALLBACK:
             raise AloeError(f"--report-to {name}: unknown (known: {', '.join(sorted(INTEGRATION_TO_CALLBACK))}, none)")
         if name not in get_available_reporting_integrations():
-            raise AloeError(f"--report-to {name}: its package is not installed")
+            package = _TRACKER_PACKAGES.get(name, name)
+            raise AloeError(f"--report-to {name} needs the {package} package, which is not installed "
+                            f"(pip install {package})")
     _check_precision(plan)
+
+
+def _check_lora(plan: TrainPlan) -> None:
+    """--lora needs PEFT; --load-in-4bit needs bitsandbytes and a CUDA GPU: one line each, before any work."""
+    import importlib.util
+
+    import torch
+
+    config = plan.config
+    if config.lora and importlib.util.find_spec("peft") is None:
+        raise AloeError("--lora needs the peft package (pip install 'aloe-cli[train]')")
+    if config.load_in_4bit:
+        if not torch.cuda.is_available():
+            raise AloeError("--load-in-4bit (QLoRA) needs bitsandbytes on a CUDA GPU and no CUDA device is visible: "
+                            "train without it (--lora alone), or on a GPU")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise AloeError("--load-in-4bit (QLoRA) needs the bitsandbytes package (pip install bitsandbytes)")
+        if config.dtype == "float32":
+            raise AloeError("--load-in-4bit computes in half precision: use --dtype bfloat16 or float16")
 
 
 def _check_precision(plan: TrainPlan) -> None:
@@ -417,20 +458,41 @@ def _check_precision(plan: TrainPlan) -> None:
     line before anything is read, not in the Trainer's traceback after the records were."""
     import torch
 
-    precision = plan.config.precision
-    if precision != "fp32" and plan.deepspeed is not None and not torch.cuda.is_available():
-        raise AloeError(f"--precision {precision} with --deepspeed {plan.config.deepspeed} needs a GPU and none is "
-                        "visible: use --precision fp32 (or --deepspeed none)")
+    dtype = plan.config.dtype
+    if dtype != "float32" and plan.deepspeed is not None and not torch.cuda.is_available():
+        raise AloeError(f"--dtype {dtype} with --deepspeed {plan.config.deepspeed} needs a GPU and none is "
+                        "visible: use --dtype float32 (or --deepspeed none)")
+
+
+def rank_cpus() -> tuple[int, str]:
+    """The CPUs one rank may use, and why: the task's (SLURM_CPUS_PER_TASK where SLURM set it, at most the
+    process's CPU affinity) shared by the ranks on this node (LOCAL_WORLD_SIZE, set by the launcher)."""
+    from aloe_cli.data.shard import available_cpus
+
+    cpus, why = available_cpus(), "the CPUs this process may use"
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
+    if slurm.isdigit() and 0 < int(slurm) <= cpus:
+        cpus, why = int(slurm), f"SLURM_CPUS_PER_TASK={slurm}"
+    ranks = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    ranks = int(ranks) if ranks.isdigit() and int(ranks) > 0 else 1
+    if ranks > 1:
+        why += f" over {ranks} ranks"
+    return max(1, cpus // ranks), why
 
 
 def _cap_dataloader_workers(config, log: Callable[[str], None]) -> None:
-    """More data-loader workers than the CPUs this rank may use only adds processes: cap them, with a note."""
-    from aloe_cli.data.shard import available_cpus
-
-    cpus = available_cpus()
-    if config.dataloader_workers > cpus:
+    """Data-loader workers per rank. Under SLURM, when --dataloader-workers was not given, they follow the task's
+    CPUs: the rank's share minus one for the rank itself. More workers than the rank's share only adds processes:
+    capped, with a note."""
+    cpus, why = rank_cpus()
+    given = "dataloader_workers" in getattr(config, "origins", {})
+    if not given and os.environ.get("SLURM_CPUS_PER_TASK", "").strip().isdigit():
+        config.dataloader_workers = cpus - 1
+        log(f"aloe: data-loader workers per rank: {config.dataloader_workers} ({cpus} CPU(s) per rank from {why}, "
+            "one kept for the rank)")
+    elif config.dataloader_workers > cpus:
         log(f"aloe: note: --dataloader-workers {config.dataloader_workers} is more than the {cpus} CPU(s) this "
-            f"rank may use; using {cpus}")
+            f"rank may use ({why}); using {cpus}")
         config.dataloader_workers = cpus
 
 
@@ -442,18 +504,22 @@ def _quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    # PEFT asks transformers >= 5.2x by its old name (the answer is the same)
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume_command: str | None,
-         run: dict) -> TrainResult:
+         run: dict, progress: ProgressFactory) -> TrainResult:
     import torch
     from trl import SFTConfig
 
     from aloe_cli.data.writing import folders_made
     from aloe_cli.training.collator import TrainingCollator
+    from aloe_cli.training.curves import loss_curve_callback
     from aloe_cli.training.data import build_dataset, dataset_path, load_dataset, lost_message
     from aloe_cli.training.guard import VisionGuard
     from aloe_cli.training.ledger import Ledger, claim, completed_step, read_run
+    from aloe_cli.training.progress import TrainProgress
 
     _quiet_libraries()
     preflight(plan)
@@ -528,7 +594,7 @@ def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume
 
     # Without DeepSpeed the Trainer cannot restore Qwen2-VL weights itself (see AloeSFTTrainer); DeepSpeed restores
     # its own per-rank states.
-    weights_from = resume_from if resume_from and plan.deepspeed is None else None
+    weights_from = resume_from if resume_from and plan.deepspeed is None and not config.lora else None
     model = load_training_model(plan, weights_from)
     if config.freeze_vision or config.freeze_projector:
         freeze(model, vision=config.freeze_vision, projector=config.freeze_projector)
@@ -540,9 +606,18 @@ def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume
 
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    callbacks = [_log_callback(output_dir / LOG_FILE, log)] + ([ledger.callback()] if ledger else [])
-    trainer = _trainer_class()(model=model, args=args, data_collator=collator, train_dataset=dataset,
-                               processing_class=processor, callbacks=callbacks)
+    shown = TrainProgress(progress, command)
+    callbacks = [_log_callback(output_dir / LOG_FILE, log), loss_curve_callback(output_dir, log), shown] + (
+        [ledger.callback()] if ledger else [])
+    try:
+        trainer = _trainer_class()(model=model, args=args, data_collator=collator, train_dataset=dataset,
+                                   processing_class=processor, callbacks=callbacks, peft_config=lora_config(plan))
+    except ValueError as exc:  # PEFT and TRL refuse adapter settings they cannot train (a module not found, ...)
+        if not config.lora:
+            raise
+        raise AloeError(f"--lora: {first_line(exc)}") from None
+    if config.lora and state.is_main_process:
+        log(f"{command}: LoRA r={config.lora_r}, alpha={config.lora_alpha}: {describe_model(trainer.model)}")
     trainer.skipped = Counter()
     trainer.lost_budget = _LostBudget(dict(records.get("reasons") or {}), int(records.get("read") or 0),
                                       config.max_skipped)
@@ -557,7 +632,14 @@ def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume
         skipped = _sum_over_ranks(trainer.accelerator, trainer.skipped)
         trainer.lost_budget.check(skipped)  # the steps after the last logged one
         save_final(trainer, processor, output_dir)
+        if config.lora and state.is_main_process:
+            _record_base_path(output_dir, config.model)
+        if config.lora and config.merge_lora and state.is_main_process:
+            merged = merge_adapter(plan, output_dir, processor)
+            log(f"{command}: the model with its adapters merged in: {merged}")
+        trainer.accelerator.wait_for_everyone()
     except BaseException as stop:
+        shown.close()
         # Preempted (SIGTERM), interrupted or failed (a full disk) while training or saving: a checkpoint or a final
         # model half written would be taken for a whole one; remove them, so what is left resumes.
         if state.is_main_process:
@@ -572,6 +654,58 @@ def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume
     return TrainResult(output_dir=output_dir, records=records, global_step=trainer.state.global_step,
                        train_loss=output.training_loss, skipped=skipped, guard_calls=guard_calls.tolist(),
                        resumed_from=resume_from, is_main=trainer.accelerator.is_main_process)
+
+
+def lora_config(plan: TrainPlan):
+    """PEFT's LoraConfig for --lora (None without): TRL wraps the model with it (and prepares a 4-bit one)."""
+    kwargs = plan.lora_config_kwargs()
+    if kwargs is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(**kwargs)
+
+
+MERGED = "merged"
+
+
+def _record_base_path(output_dir: Path, model: str) -> None:
+    """The adapter names its base model as --model was given; a relative folder would not be found from elsewhere,
+    so a local one is recorded as an absolute path."""
+    from aloe_cli.modeling.loading import is_local_reference
+
+    path = output_dir / "adapter_config.json"
+    if not path.is_file() or not is_local_reference(model):
+        return
+    adapter = json.loads(path.read_text(encoding="utf-8"))
+    adapter["base_model_name_or_path"] = str(Path(model).expanduser().resolve())
+    path.write_text(json.dumps(adapter, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def merge_adapter(plan: TrainPlan, output_dir: Path, processor) -> Path:
+    """--merge-lora: the base model (full precision, whatever --load-in-4bit trained on) with the run's adapters
+    merged in, saved with the processor to <output_dir>/merged, complete or not at all. Done from the saved
+    adapter, so it is the same under ZeRO-3 (whose live weights are partitioned)."""
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    config = plan.config
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype, torch.float32)
+    unset_hf_deepspeed_config()  # training is over: the base loads whole, not partitioned by ZeRO-3
+    base = AutoModelForImageTextToText.from_pretrained(config.model, dtype=dtype,
+                                                       trust_remote_code=config.trust_remote_code)
+    model = PeftModel.from_pretrained(base, str(output_dir)).merge_and_unload()
+    target, staging = output_dir / MERGED, output_dir / f".{MERGED}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging))
+    processor.save_pretrained(str(staging))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
 
 
 @dataclass
