@@ -123,7 +123,8 @@ def example_commands(text: str) -> list[str]:
 
 
 # Flags of other commands that a help text refers to on purpose.
-ELSEWHERE = {("report",): {"--report"}, ("report", "merge"): {"--report"}}
+ELSEWHERE = {("report",): {"--report", "--output-dir"}, ("report", "merge"): {"--report"},
+             ("report", "plot"): {"--output-dir"}}
 
 
 def wrong_flags(path: tuple[str, ...], text: str) -> list[str]:
