@@ -80,7 +80,7 @@ def merge(
 @app.command(help="Draw the training loss (raw and smoothed), the eval loss and the learning rate of one or more "
                   "training runs (each run's log.jsonl) over the step, in one picture.")
 def plot(
-    runs: Annotated[list[Path], typer.Argument(help="Training run folders (--output-dir), or their log.jsonl.",
+    runs: Annotated[list[Path], typer.Argument(help="Run folders of aloe train or adv-train, or their log.jsonl.",
                                                metavar="RUN")],
     output: Annotated[Path, typer.Option("-o", "--output", help="The picture to write (.png, .svg or .pdf).")
                       ] = Path("loss.png"),
