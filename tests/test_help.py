@@ -123,8 +123,7 @@ def example_commands(text: str) -> list[str]:
 
 
 # Flags of other commands that a help text refers to on purpose.
-ELSEWHERE = {("report",): {"--report", "--output-dir"}, ("report", "merge"): {"--report"},
-             ("report", "plot"): {"--output-dir"}}
+ELSEWHERE = {("report",): {"--report"}, ("report", "merge"): {"--report"}}
 
 
 def wrong_flags(path: tuple[str, ...], text: str) -> list[str]:
