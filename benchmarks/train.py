@@ -1,6 +1,6 @@
 """Benchmark: aloe train's data path, its vision guard, and its start-up on a million records (CPU).
 
-Three measurements, each against a baseline run in the same process:
+Four measurements, each against a baseline run beside it:
 
 1. Collator throughput, one worker: 512x512 JPEGs decoded + the processor
    (Qwen2-VL's own pixel limits, so an image is 324 visual tokens) + labels,
@@ -16,10 +16,16 @@ Three measurements, each against a baseline run in the same process:
    default): wall time from launching `aloe train` to its first optimizer step,
    and peak RSS, beside the same run on 1,000 records (the model, libraries and
    a trivial mixture); goal: under 2 GiB above it.
+4. Step time: `aloe train` beside TRL's `SFTTrainer` with TRL's own vision
+   collator, on the same records (64 colour scans), the tiny model and the same
+   SFTConfig values (aloe's resolved plan), 200 steps, each run in its own
+   process with one thread; with and without LoRA. Seconds per step is the
+   Trainer's `train_runtime` / steps for both; goal: aloe <= 1.05x TRL.
 
     python benchmarks/train.py                       # all three (several minutes; writes ~400 MB of JSONL)
     python benchmarks/train.py --only collator guard
     python benchmarks/train.py --records 200000      # a smaller start-up test
+    python benchmarks/train.py --only steps --repeats 2
 """
 
 from __future__ import annotations
@@ -214,7 +220,7 @@ def time_to_first_step(mixture: Path, model_dir: Path, output: Path) -> tuple[fl
     """(seconds to the first optimizer step, total seconds, peak RSS in GiB) of one `aloe train` run."""
     command = [sys.executable, "-m", "aloe_cli", "train", "-i", str(mixture), "--model", str(model_dir),
                "--output-dir", str(output), "--max-steps", "1", "--global-batch-size", "16", "--micro-batch-size",
-               "16", "--deepspeed", "none", "--precision", "fp32", "--no-gradient-checkpointing",
+               "16", "--deepspeed", "none", "--dtype", "float32", "--no-gradient-checkpointing",
                "--dataloader-workers", "0", "--logging-steps", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
@@ -248,10 +254,134 @@ def bench_startup(scratch: Path, model_dir: Path, records: int) -> None:
     print(f"[start-up] the dataset file: {arrow.stat().st_size / 2**20:.0f} MiB, memory-mapped")
 
 
+# ----------------------------------------------------------------------------- step time: aloe train vs TRL
+
+STEP_SETTINGS = dict(global_batch_size=8, micro_batch_size=8, learning_rate=1e-3, lr_scheduler="constant",
+                     warmup_ratio=0.0, dtype="float32", gradient_checkpointing=False, deepspeed="none",
+                     dataloader_workers=0, logging_steps=50, save_steps=100_000, attn_implementation="sdpa")
+
+
+def scan_records(folder: Path, count: int) -> Path:
+    """`count` records of a colour-scan question on 56x56 PNG files (16 image tokens, ~50 tokens a sample)."""
+    import orjson
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "scans.jsonl"
+    with path.open("wb") as handle:
+        for index in range(count):
+            colour, answer = (("red", "Red."), ("blue", "Blue."))[index % 2]
+            image = folder / f"{index}.png"
+            Image.new("RGB", (56, 56), colour).save(image)
+            handle.write(orjson.dumps({
+                "messages": [{"role": "user", "content": [{"type": "image"},
+                                                          {"type": "text", "text": "What colour is the scan?"}]},
+                             {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
+                "images": [str(image)]}, option=orjson.OPT_APPEND_NEWLINE))
+    return path
+
+
+def step_config(model_dir: Path, data: Path, output: Path, steps: int, lora: bool):
+    from aloe_cli.training.config import TrainConfig, resolve
+
+    config = TrainConfig(input=[str(data)], model=str(model_dir), output_dir=str(output), max_steps=steps, lora=lora,
+                         **STEP_SETTINGS)
+    config.validate()
+    return resolve(config, 1)
+
+
+def run_trl_baseline(spec: str) -> None:
+    """The baseline, in its own process: TRL's SFTTrainer with TRL's own vision collator on the same records, model
+    and SFTConfig values (aloe's plan, minus aloe's data path); prints the Trainer's train_runtime as JSON."""
+    import json
+
+    import datasets
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from trl import SFTConfig, SFTTrainer
+
+    from aloe_cli.training.trainer import _current_names, lora_config
+
+    torch.set_num_threads(1)
+    options = json.loads(spec)
+    plan = step_config(Path(options["model"]), Path(options["data"]), Path(options["output"]), options["steps"],
+                       options["lora"])
+    kwargs = plan.sft_config_kwargs()
+    kwargs.pop("dataset_kwargs")  # aloe's own data path skips TRL's preparation; TRL's vision path needs none
+    kwargs.update(use_cpu=True, dataloader_pin_memory=False, disable_tqdm=True)
+    args = SFTConfig(**_current_names(SFTConfig, kwargs))
+    rows = [json.loads(line) for line in Path(options["data"]).read_text().splitlines()]
+    dataset = datasets.Dataset.from_list(rows).cast_column("images", datasets.Sequence(datasets.Image()))
+    processor = AutoProcessor.from_pretrained(options["model"])
+    model = AutoModelForImageTextToText.from_pretrained(options["model"], dtype=torch.float32,
+                                                        attn_implementation="sdpa")
+    model.config.use_cache = False
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
+                         peft_config=lora_config(plan))
+    metrics = trainer.train().metrics
+    print(json.dumps({"train_runtime": metrics["train_runtime"], "steps": trainer.state.global_step}))
+
+
+def aloe_step_run(model_dir: Path, data: Path, output: Path, steps: int, lora: bool) -> float:
+    """Seconds per optimizer step of one `aloe train` run (the Trainer's train_runtime, as for the baseline)."""
+    import json
+
+    plan = step_config(model_dir, data, output, steps, lora)
+    from aloe_cli.training.slurm import flags_from_values
+
+    values = {key: value for key, value in plan.config.to_dict().items() if key in STEP_SETTINGS or key in (
+        "input", "model", "output_dir", "max_steps", "lora")}
+    command = [sys.executable, "-m", "aloe_cli", "train", *flags_from_values(type(plan.config), values)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=_step_env())
+    if proc.returncode != 0:
+        raise SystemExit(f"aloe train failed:\n{proc.stderr[-3000:]}")
+    summary = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    runtime = next(line["train_runtime"] for line in reversed(summary) if "train_runtime" in line)
+    return runtime / steps
+
+
+def trl_step_run(model_dir: Path, data: Path, output: Path, steps: int, lora: bool) -> float:
+    import json
+
+    spec = json.dumps({"model": str(model_dir), "data": str(data), "output": str(output), "steps": steps,
+                       "lora": lora})
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--trl-baseline", spec],
+                          capture_output=True, text=True, env=_step_env())
+    if proc.returncode != 0:
+        raise SystemExit(f"the TRL baseline failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result["train_runtime"] / result["steps"]
+
+
+def _step_env() -> dict[str, str]:
+    """The same process settings for both: one thread, no tokenizer threads, the checkout's aloe."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def bench_steps(scratch: Path, model_dir: Path, steps: int, repeats: int) -> None:
+    data = scan_records(scratch / "scans", 64)
+    for lora in (False, True):
+        label = "LoRA" if lora else "full"
+        ours, theirs = [], []
+        for repeat in range(repeats):  # alternated, so a change in the machine's load reaches both alike
+            theirs.append(trl_step_run(model_dir, data, scratch / f"trl-{label}-{repeat}", steps, lora))
+            ours.append(aloe_step_run(model_dir, data, scratch / f"aloe-{label}-{repeat}", steps, lora))
+        best_ours, best_theirs = min(ours), min(theirs)
+        print(f"[steps] {label:4}: aloe train {best_ours * 1000:6.1f} ms/step, TRL SFTTrainer "
+              f"{best_theirs * 1000:6.1f} ms/step over {steps} steps (best of {repeats}) -> "
+              f"{best_ours / best_theirs:.3f}x (goal <= 1.05x)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", nargs="+", choices=("collator", "guard", "startup"),
-                        default=["collator", "guard", "startup"])
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--trl-baseline":
+        sys.path.insert(0, str(ROOT))
+        run_trl_baseline(sys.argv[2])
+        return 0
+    parser.add_argument("--only", nargs="+", choices=("collator", "guard", "startup", "steps"),
+                        default=["collator", "guard", "startup", "steps"])
+    parser.add_argument("--steps", type=int, default=200, help="steps: optimizer steps per run")
+    parser.add_argument("--repeats", type=int, default=1, help="steps: runs of each, alternated (the best counts)")
     parser.add_argument("--samples", type=int, default=96, help="collator: samples (512x512 JPEGs)")
     parser.add_argument("--batch", type=int, default=16, help="collator: micro batch")
     parser.add_argument("--guard-steps", type=int, default=100, help="guard: steps with and without")
@@ -272,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_guard(scratch, model_dir, args.guard_steps, 16)
         if "startup" in args.only:
             bench_startup(scratch, model_dir, args.records)
+        if "steps" in args.only:
+            bench_steps(scratch, model_dir, args.steps, args.repeats)
     return 0
 
 

@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             input=[str(data)], model=str(folder), output_dir=str(scratch / "run"),
             global_batch_size=args.micro_batch, micro_batch_size=args.micro_batch, max_steps=args.steps,
             learning_rate=1e-5, lr_scheduler="constant", warmup_ratio=0.0, max_length=args.seq + 64,
-            precision="bf16" if args.device == "cuda" else "fp32", gradient_checkpointing=True, deepspeed="none",
+            dtype="bfloat16" if args.device == "cuda" else "float32", gradient_checkpointing=True, deepspeed="none",
             dataloader_workers=args.workers if args.device == "cuda" else 0, logging_steps=1,
             save_steps=10 * args.steps, attn_implementation=args.attn_implementation)
         config.validate()
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     total = (shapes["text_params"] + shapes["vision_params"]) / 1e9
     shape = "random Qwen2-VL-2B shape" + (" (overridden)" if args.layers or args.vision_depth or args.hidden else "")
     print(f"card: {card}; torch {torch.__version__}; model: {shape}, {total:.2f} B parameters "
-          f"({shapes['vision_params'] / 1e9:.2f} B vision), {config.precision}, gradient checkpointing, micro batch "
+          f"({shapes['vision_params'] / 1e9:.2f} B vision), {config.dtype}, gradient checkpointing, micro batch "
           f"{args.micro_batch}, ~{seq:.0f} tokens per sample ({(IMAGE_SIDE // 28) ** 2} visual)")
     print(f"tokens/s: {tokens_per_s:,.0f} (mean of steps {args.warmup + 1}-{args.steps}); "
           f"model FLOPs/s: {achieved / 1e12:.1f} TFLOPs")

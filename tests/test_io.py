@@ -1,6 +1,7 @@
 import base64
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -8,7 +9,7 @@ from PIL import Image
 from aloe_cli.data.images import load_image
 from aloe_cli.data.io import RecordWriter, read_items
 from aloe_cli.errors import AloeError
-from support import chat, jpeg_bytes, read_jsonl, scan, write_jsonl
+from support import aloe, chat, jpeg_bytes, read_jsonl, scan, write_jsonl
 
 
 def records_of(items):
@@ -92,9 +93,63 @@ def test_hf_dataset_folder_with_image_feature(tmp_path):
     assert [r["messages"][1]["content"][0]["text"] for r in back] == ["a0", "a1", "a2"]
     assert load_image(back[1]["images"][0]).size == (128, 128)
     assert len(list(read_items([str(tmp_path / "dd")]))) == 4
-    (tmp_path / "plain_folder").mkdir()
-    with pytest.raises(AloeError, match="save_to_disk"):
+    (tmp_path / "plain_folder").mkdir()  # no saved dataset and no data files: load_dataset finds nothing
+    with pytest.raises(AloeError, match="cannot load dataset folder .*plain_folder"):
         list(read_items([str(tmp_path / "plain_folder")]))
+
+
+def dataset_repository(folder, datasets, splits: dict[str, int]):
+    """A dataset repository folder as the Hub serves one (data/<split>-00000-of-00001.parquet), in TRL's
+    conversational vision schema with an Image feature, like HuggingFaceH4/llava-instruct-mix-vsft."""
+    (folder / "data").mkdir(parents=True)
+    for split, count in splits.items():
+        ds = datasets.Dataset.from_dict({
+            "messages": [chat("What is shown?", f"{split} {i}", ["x"])["messages"] for i in range(count)],
+            "images": [[scan(i, size=64)] for i in range(count)],
+        }).cast_column("images", datasets.Sequence(datasets.Image()))
+        ds.to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+    return folder
+
+
+def cache_as_hub_dataset(repo, repo_id: str, hf_home, datasets):
+    """Put `repo` into the datasets cache under HF_HOME as if `load_dataset(repo_id)` had downloaded it, so it
+    reads with HF_DATASETS_OFFLINE=1 (the machine that trains often has no network)."""
+    import shutil
+
+    loaded = datasets.load_dataset(str(repo), cache_dir=str(hf_home / "datasets"))
+    cached = Path(next(iter(loaded.values())).cache_files[0]["filename"]).parent
+    namespace, name = repo_id.split("/")
+    target = hf_home / "datasets" / f"{namespace}___{name}" / "default" / "0.0.0" / cached.name
+    shutil.copytree(cached, target)
+    for arrow in target.glob(f"{repo.name}-*.arrow"):
+        arrow.rename(target / arrow.name.replace(repo.name, name, 1))
+
+
+def test_hub_dataset_ids_and_repository_folders_are_read_through_load_dataset(tmp_path):
+    """-i ORG/NAME[:SPLIT] and a dataset repository folder: the train split unless one is named; offline, from the
+    cache; an id that is not cached is one line naming it; a missing file path stays "not found"."""
+    datasets = pytest.importorskip("datasets")
+    repo = dataset_repository(tmp_path / "llava-instruct-mix-vsft", datasets, {"train": 3, "test": 2})
+    home = tmp_path / "hf_home"
+    cache_as_hub_dataset(repo, "HuggingFaceH4/llava-instruct-mix-vsft", home, datasets)
+    env = {"HF_HOME": str(home), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    for reference, answers in ((str(repo), ["train 0", "train 1", "train 2"]),
+                               ("HuggingFaceH4/llava-instruct-mix-vsft", ["train 0", "train 1", "train 2"]),
+                               ("HuggingFaceH4/llava-instruct-mix-vsft:test", ["test 0", "test 1"])):
+        proc = aloe("dedup", "--within", "--max-distance", "0", "-i", reference, "--keep-all", env=env)
+        assert proc.returncode == 0, proc.stderr
+        back = read_jsonl(proc.stdout)
+        assert [r["messages"][1]["content"][0]["text"] for r in back] == answers, reference
+        assert load_image(back[0]["images"][0]).size == (64, 64)
+        assert "Using the latest cached version" not in proc.stderr  # datasets' own chatter stays quiet
+    proc = aloe("dedup", "--within", "-i", "HuggingFaceH4/not-cached", env=env)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "aloe: error: cannot load Hub dataset HuggingFaceH4/not-cached (HF_DATASETS_OFFLINE is set and it is not in "
+        "the cache): ConnectionError: Couldn't reach 'HuggingFaceH4/not-cached' on the Hub (OfflineModeIsEnabled)"]
+    proc = aloe("dedup", "--within", "-i", "HuggingFaceH4/llava-instruct-mix-vsft:validation", env=env)
+    assert proc.returncode == 1 and proc.stderr.strip().endswith("no split 'validation' (it has train, test)")
+    proc = aloe("dedup", "--within", "-i", "data/train.jsonl", env=env)  # a path, not an id: never sent to the Hub
+    assert proc.returncode == 1 and proc.stderr.strip() == "aloe: error: input not found: data/train.jsonl"
 
 
 def write_tsv(path, header, rows):

@@ -372,7 +372,7 @@ def test_a_broken_image_is_skipped_in_a_run_and_counted(tmp_path, tiny_model_dir
     (tmp_path / "data" / "3.png").write_bytes(b"not a png")
     proc = train("-i", str(task), "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "run"),
                  "--max-steps", "1", "--micro-batch-size", "8", "--no-shuffle", "--freeze-vision",
-                 "--attn-implementation", "eager", "--max-skipped", "0.2")
+                 "--attn-implementation", "eager", "--on-error", "skip", "--max-skipped", "0.2")
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"samples skipped \(image_corrupt\)\s+1\n", proc.stderr), proc.stderr
     assert re.search(r"records kept\s+7\n", proc.stderr), proc.stderr  # what was trained on

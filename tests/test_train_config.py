@@ -109,7 +109,8 @@ def test_bad_config_files_are_one_line_errors(tmp_path, content, message):
 
 @pytest.mark.parametrize(("args", "message"), [
     (("--micro-batch-size", "0"), "--micro-batch-size: must be at least 1, got 0"),
-    (("--precision", "fp8"), "--precision: must be one of bf16, fp16, fp32"),
+    (("--precision", "fp8"), "--dtype: must be one of bfloat16, float16, float32"),
+    (("--dtype", "int4"), "--dtype: must be one of bfloat16, float16, float32"),
     (("--truncate", "images"), "--truncate: must be one of none, text"),
     (("--warmup-ratio", "3"), "--warmup-ratio: must be at most 0.999"),
     (("--deepspeed", "zero9"), "--deepspeed: must be zero3, zero2, none or a DeepSpeed JSON file; no such file: zero9"),
@@ -287,3 +288,112 @@ def test_shipped_example_scripts_are_valid_bash():
     for path in examples:
         proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
         assert proc.returncode == 0, (path, proc.stderr)
+
+
+TRL_SFT_YAML = """\
+# a `trl sft` config, as TRL's documentation writes one
+model_name_or_path: Qwen/Qwen2-VL-7B-Instruct
+dataset_name: HuggingFaceH4/llava-instruct-mix-vsft
+per_device_train_batch_size: 8
+gradient_accumulation_steps: 4
+learning_rate: 2.0e-4
+lr_scheduler_type: cosine
+warmup_ratio: 0.03
+num_train_epochs: 1
+max_length: 2048
+bf16: true
+gradient_checkpointing: true
+deepspeed: zero3
+output_dir: runs/qwen2-vl-sft
+use_peft: true
+lora_r: 32
+lora_alpha: 16
+lora_dropout: 0.1
+lora_target_modules: [q_proj, v_proj]
+"""
+
+
+def test_a_trl_sft_config_is_read_as_is_and_the_mapping_printed(tmp_path):
+    config = tmp_path / "trl_sft.yaml"
+    config.write_text(TRL_SFT_YAML)
+    proc = aloe("train", "--config", str(config), "--dry-run", env={"WORLD_SIZE": "2"})
+    assert proc.returncode == 0, proc.stderr
+    resolved = yaml.safe_load(proc.stdout)
+    sft, settings = resolved["sft_config"], resolved["aloe"]
+    assert (sft["per_device_train_batch_size"], sft["gradient_accumulation_steps"]) == (8, 4)
+    assert resolved["effective_global_batch_size"] == 64  # 8 x 4 x 2 ranks, as TRL computes it
+    assert sft["learning_rate"] == pytest.approx(2e-4) and sft["max_length"] == 2048 and sft["bf16"] is True
+    assert settings["model"] == "Qwen/Qwen2-VL-7B-Instruct" and settings["input"] == [
+        "HuggingFaceH4/llava-instruct-mix-vsft"]
+    assert settings["dtype"] == "bfloat16" and settings["output_dir"] == "runs/qwen2-vl-sft"
+    assert (settings["lora"], settings["lora_r"], settings["lora_alpha"]) == (True, 32, 16)
+    assert settings["lora_target_modules"] == "q_proj,v_proj"
+    assert resolved["peft"]["r"] == 32 and resolved["peft"]["target_modules"] == ["q_proj", "v_proj"]
+    assert proc.stderr.splitlines() == [
+        f"aloe train: {config}: keys read as aloe's:",
+        "  bf16: true -> --dtype bfloat16",
+        "  model_name_or_path -> --model",
+        "  dataset_name -> --input",
+        "  per_device_train_batch_size -> --micro-batch-size",
+        "  lr_scheduler_type -> --lr-scheduler",
+        "  num_train_epochs -> --epochs",
+        "  use_peft -> --lora"]
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("learnig_rate: 1e-5\n", "unknown key 'learnig_rate'; did you mean 'learning_rate'?"),
+    ("per_device_train_batch: 4\n",
+     "unknown key 'per_device_train_batch'; did you mean 'per_device_train_batch_size'?"),
+    ("learning_rate: 1e-5\nseed: 1\nlearning_rate: 2e-5\n",
+     "line 3: key 'learning_rate' given twice (first on line 1)"),
+    ("bf16: true\nfp16: true\n", "keys 'bf16' and 'fp16' are both true: choose one"),
+    ("bf16: true\ndtype: float32\n", "keys 'bf16' and 'dtype' both set the precision: keep one"),
+    ("micro_batch_size: 4\nper_device_train_batch_size: 8\n",
+     "keys 'micro_batch_size' and 'per_device_train_batch_size' both set 'micro_batch_size': keep one"),
+])
+def test_config_mistakes_are_one_line_errors_with_a_suggestion(tmp_path, content, message):
+    config = tmp_path / "train.yaml"
+    config.write_text(content)
+    proc = dry_run("--config", str(config))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"aloe: error: {config}: {message}"]
+
+
+def test_a_binary_config_file_is_a_one_line_error(tmp_path):
+    config = tmp_path / "model.safetensors"
+    config.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    proc = dry_run("--config", str(config))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"aloe: error: {config}: not a text file (byte 0: invalid start byte); --config takes a YAML file"]
+
+
+def test_precision_has_one_vocabulary_and_on_error_fails_by_default(tmp_path):
+    """--dtype bfloat16|float16|float32 as in eval, infer, score and perplexity; train's former --precision and the
+    short names are aliases. A bad record stops every command unless --on-error skip is given."""
+    for args in (("--dtype", "float16"), ("--precision", "fp16"), ("--dtype", "FP16")):
+        proc = dry_run(*args)
+        assert proc.returncode == 0, proc.stderr
+        resolved = yaml.safe_load(proc.stdout)
+        assert resolved["aloe"]["dtype"] == "float16" and resolved["sft_config"]["fp16"] is True, args
+        assert resolved["aloe"]["on_error"] == "fail"
+    config = tmp_path / "old.yaml"
+    config.write_text("precision: fp32\n")
+    proc = dry_run("--config", str(config))
+    assert proc.returncode == 0 and yaml.safe_load(proc.stdout)["aloe"]["dtype"] == "float32"
+    assert "  precision -> --dtype" in proc.stderr
+    from aloe_cli.modeling.loading import canonical_dtype
+
+    assert [canonical_dtype(name) for name in ("bf16", "bfloat16", "auto", "int8")] == [
+        "bfloat16", "bfloat16", "auto", None]
+
+
+def test_lora_options_need_lora_and_accumulation_excludes_the_global_batch():
+    proc = dry_run("--lora-r", "8")
+    assert proc.returncode == 2 and "--lora-r: needs --lora (LoRA is off)" in proc.stderr
+    proc = dry_run("--gradient-accumulation-steps", "2", "--global-batch-size", "64")
+    assert proc.returncode == 2 and "--gradient-accumulation-steps: and --global-batch-size exclude each other" in (
+        proc.stderr)
+    proc = dry_run("--load-in-4bit")  # QLoRA is LoRA
+    assert proc.returncode == 0, proc.stderr
+    assert yaml.safe_load(proc.stdout)["aloe"]["lora"] is True

@@ -136,7 +136,8 @@ def test_samples_lost_on_one_rank_stop_every_rank_at_the_same_step(tmp_path, tin
     flags = [flag if flag != "zero3" else "none" for flag in FLAGS]
     proc = launch(TORCHRUN, ["train", "-i", str(task), "--model", str(tiny_model_dir), "--output-dir",
                              str(tmp_path / "run"), *flags, "--no-gradient-checkpointing", "--global-batch-size", "2",
-                             "--micro-batch-size", "1", "--max-steps", "4", "--no-shuffle"], tmp_path)
+                             "--micro-batch-size", "1", "--max-steps", "4", "--no-shuffle", "--on-error",
+                             "skip"], tmp_path)
     assert proc.returncode != 0, proc.stderr[-4000:]
     line = ("aloe: error: 1 of 8 records lost (image_corrupt=1): more than --max-skipped 0.1% of 8 = 0 allows; fix "
             "the inputs (image paths, files) or raise --max-skipped")

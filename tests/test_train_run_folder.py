@@ -219,7 +219,7 @@ def failed_run(tiny_model_dir, tmp_path_factory):
     (folder / "img" / "12.png").write_bytes(b"not a png")  # read at step 4 (no shuffling, 4 per step)
     run = folder / "run"
     proc = train("-i", str(data), "--model", str(tiny_model_dir), "--output-dir", str(run), "--max-steps", "6",
-                 "--save-steps", "1")
+                 "--save-steps", "1", "--on-error", "skip")
     png(folder / "img" / "12.png")
     return run, data, proc
 
@@ -237,7 +237,7 @@ def test_a_run_fails_when_images_it_cannot_read_exceed_max_skipped(failed_run):
 
 def resume(run: Path, data: Path, model: Path, *extra: str):
     return train("-i", str(data), "--model", str(model), "--output-dir", str(run), "--max-steps", "6",
-                 "--save-steps", "1", "--resume", *extra)
+                 "--save-steps", "1", "--on-error", "skip", "--resume", *extra)
 
 
 def test_a_failed_run_resumes_from_its_newest_checkpoint_to_the_end(failed_run, tiny_model_dir, tmp_path):
@@ -312,13 +312,14 @@ def test_missing_images_are_counted_and_fail_the_run_above_max_skipped(tiny_mode
         records[i]["images"] = [f"elsewhere/{i}.png"]
     data = write_jsonl(tmp_path / "mixture.jsonl", records)
     run = tmp_path / "run"
-    proc = train("-i", str(data), "--model", str(tiny_model_dir), "--output-dir", str(run), "--max-steps", "1")
+    proc = train("-i", str(data), "--model", str(tiny_model_dir), "--output-dir", str(run), "--max-steps", "1",
+                 "--on-error", "skip")
     line = one_line_error(proc, 1)
     assert line == ("aloe: error: 2 of 8 records lost (image_missing=2): more than --max-skipped 0.1% of 8 = 0 "
                     "allows; fix the inputs (image paths, files) or raise --max-skipped")
     assert not run.exists()  # nothing was trained: no run folder is left behind
     proc = train("-i", str(data), "--model", str(tiny_model_dir), "--output-dir", str(run), "--max-steps", "1",
-                 "--max-skipped", "0.25")
+                 "--on-error", "skip", "--max-skipped", "0.25")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ("aloe: warning: 2 of 8 records lost (image_missing=2): not trained on (within --max-skipped 25% of 8 = 2)"
             in proc.stderr)

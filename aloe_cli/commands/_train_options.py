@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 PANELS = {"data": "Data and model", "training": "Optimisation (defaults: the published recipe)",
-          "model": "Model options", "run": "Run", "adversarial": "Adversarial stage"}
+          "model": "Model options", "lora": "LoRA / QLoRA (PEFT)", "run": "Run", "adversarial": "Adversarial stage"}
 _TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "bool": bool, "list[str]": list[str]}
 
 
@@ -59,7 +59,8 @@ def launch_parameters(command: str) -> list[inspect.Parameter]:
     slurm = "SLURM"
     return [
         parameter("config", Annotated[Path | None, typer.Option(
-            "--config", help="YAML file whose keys are these flags' names (snake_case); flags given override it.",
+            "--config", help="YAML file whose keys are these flags' names (snake_case), or a `trl sft` config "
+                             "(its keys are mapped, and the mapping printed); flags given override it.",
             rich_help_panel=PANELS["run"])]),
         parameter("dry_run", Annotated[bool, typer.Option(
             "--dry-run", help="Print the resolved configuration (SFTConfig fields, world size, DeepSpeed config) as "

@@ -49,6 +49,10 @@ def print_sbatch(command: str, config_cls: type, config: TrainConfig, options: d
 def plan_or_exit(command: str, config_cls: type, options: dict[str, Any]) -> TrainPlan | None:
     """The resolved plan, or None when --slurm / --dry-run already did all there is to do."""
     config = config_from_options(config_cls, options)
+    if config.mapped:
+        console.log(f"aloe {command}: {options['config']}: keys read as aloe's:")
+        for key, flag in config.mapped:
+            console.log(f"  {key} -> {flag}")
     if options.get("slurm"):
         print_sbatch(command, config_cls, config, options)
         return None

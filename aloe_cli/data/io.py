@@ -12,8 +12,10 @@ Formats, chosen by suffix: JSONL (`.jsonl`, `.json`, `.ndjson`, optionally
 `.gz`; an input whose first character is `[` is one JSON array of records,
 as LLaVA and LLaMA-Factory write `.json` files), parquet, a folder written by `datasets.Dataset.save_to_disk` (or
 `DatasetDict.save_to_disk`), and VLMEvalKit TSV (rows -> records in
-`data.tsv`). `-` is stdin/stdout (JSONL, gzip detected on input). Pipes,
-FIFOs, `/dev/stdin` and process substitutions are read exactly once
+`data.tsv`). A Hub dataset id (`org/name[:split]`) or any other folder (a
+dataset repository) is read through `datasets.load_dataset` (`data.hub`).
+`-` is stdin/stdout (JSONL, gzip detected on input). Pipes, FIFOs,
+`/dev/stdin` and process substitutions are read exactly once
 (`data.streams`); a stream without a known suffix is JSONL.
 
 `read_items(..., shard=Shard(K, N))` reads only shard K: whole files when
@@ -37,6 +39,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from aloe_cli.data.dicom import scrub_embedded_dicom
+from aloe_cli.data.hub import dataset_rows, hub_dataset_rows, is_dataset_id
 from aloe_cli.data.parquet import parquet_rows
 from aloe_cli.data.records import RecordDefaults, normalize
 from aloe_cli.data.shard import ALL, Shard, Units, shard_lines
@@ -82,7 +85,7 @@ def expand_inputs(patterns: Iterable[str] | None) -> list[str]:
             if not matches:
                 raise AloeError(f"input pattern matches no file: {pattern}")
             paths.extend(matches)
-        elif not os.path.exists(pattern):
+        elif not os.path.exists(pattern) and not is_dataset_id(pattern):
             raise AloeError(f"input not found: {pattern}")
         else:
             paths.append(pattern)
@@ -96,8 +99,9 @@ def input_format(path: str) -> str:
     if p.is_dir():
         if (p / "state.json").is_file() or (p / "dataset_dict.json").is_file():
             return "hf_dataset"
-        raise AloeError(f"{path}: a folder must be a dataset saved with datasets' save_to_disk "
-                        "(no state.json or dataset_dict.json found)")
+        return "hub_dataset"  # a dataset repository folder: load_dataset finds its data files
+    if is_dataset_id(path):
+        return "hub_dataset"
     name = p.name.lower()
     if name.endswith(".gz"):
         name = name[:-3]
@@ -168,6 +172,8 @@ def read_file(path: str, image_root: str | os.PathLike | None = None, *, require
         items = _read_rows(path, parquet_rows(path, units))
     elif fmt == "hf_dataset":
         items = _read_rows(path, _hf_dataset_rows(path, units))
+    elif fmt == "hub_dataset":
+        items = _read_rows(path, hub_dataset_rows(path, units))
     else:
         items = _read_tsv(path, require_images=require_images, units=units)
     for item in items:
@@ -383,16 +389,7 @@ def _hf_dataset_rows(path: str, units: Units | None) -> Iterator[tuple[int, dict
     except Exception as exc:  # datasets raises several kinds for a damaged folder
         raise AloeError(f"{path}: unreadable dataset folder ({exc})") from None
     splits = list(loaded.values()) if isinstance(loaded, datasets.DatasetDict) else [loaded]
-    first_row = 0
-    for split in splits:
-        table = split.with_format("arrow")  # Arrow rows: Image features stay {bytes, path} structs
-        rows = len(split)
-        picks = range(rows) if units is None else units.take_many(rows)
-        for start in range(0, len(picks), 1024):
-            chunk = picks[start:start + 1024]
-            batch = table[chunk.start:chunk.stop] if isinstance(chunk, range) else table[chunk]
-            yield from zip((first_row + pick for pick in chunk), batch.to_pylist())
-        first_row += rows
+    yield from dataset_rows(splits, units)
 
 
 # ----------------------------------------------------------------------------- VLMEvalKit TSV

@@ -25,12 +25,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aloe_cli.data.hub import HUB_ID
 from aloe_cli.errors import AloeError
 
 DEVICES = ("auto", "cpu", "cuda")
-# `name` or `org/name`: letters, digits, '-', '_', '.'; not starting with '.' or '-'.
-HUB_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+ADAPTER_CONFIG = "adapter_config.json"  # a PEFT adapter folder
+# One precision vocabulary for every command: torch's names; the short ones (train's former --precision values,
+# TRL's bf16/fp16 switches) are read as aliases.
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def canonical_dtype(name: str | None) -> str | None:
+    """`bf16` -> `bfloat16` (any case); a name of DTYPES as it is; None for anything else."""
+    normal = (name or "").strip().lower()
+    normal = DTYPE_ALIASES.get(normal, normal)
+    return normal if normal in DTYPES else None
+
+
+def check_dtype_name(name: str) -> None:
+    """`--dtype` spelled right (no torch import)."""
+    if canonical_dtype(name) is None:
+        raise AloeError(f"--dtype must be one of {', '.join(DTYPES)} (or bf16, fp16, fp32), got {name!r}")
 
 
 @dataclass(frozen=True)
@@ -82,8 +98,24 @@ def check_model_reference(name: str) -> None:
         raise AloeError(f"model folder not found: {name}")
     if not path.is_dir():
         raise AloeError(f"model must be a folder (with config.json) or a Hub id, got a file: {name}")
-    if not (path / "config.json").is_file():
-        raise AloeError(f"model folder has no config.json: {name}")
+    if not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
+        raise AloeError(f"model folder has no config.json (nor a LoRA adapter's {ADAPTER_CONFIG}): {name}")
+
+
+def adapter_base(name: str) -> str | None:
+    """The base model a PEFT adapter folder (`aloe train --lora`'s run folder) names; None for a whole model."""
+    import json
+
+    path = Path(name).expanduser() / ADAPTER_CONFIG
+    if (Path(name).expanduser() / "config.json").is_file() or not path.is_file():
+        return None
+    try:
+        base = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError) as exc:
+        raise AloeError(f"{path}: unreadable adapter config ({exc})") from None
+    if not base:
+        raise AloeError(f"{path}: names no base model (base_model_name_or_path)")
+    return base
 
 
 _DEVICE_NAME = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -117,16 +149,13 @@ def resolve_device(name: str):
 def resolve_dtype(name: str, device):
     import torch
 
-    name = (name or "auto").strip().lower()
+    check_dtype_name(name or "auto")
+    name = canonical_dtype(name or "auto")
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    choices = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-               "float32": torch.float32, "fp32": torch.float32}
-    if name not in choices:
-        raise AloeError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    return choices[name]
+    return getattr(torch, name)
 
 
 def flash_attention_installed() -> bool:
@@ -166,8 +195,12 @@ def load_processor(spec: ModelSpec):
     check_model_reference(spec.name)
     from transformers import AutoProcessor
 
+    base = adapter_base(spec.name)
+    # An adapter folder aloe wrote holds the processor; a bare one takes its base model's.
+    source = base if base and not (Path(spec.name).expanduser() / "preprocessor_config.json").is_file() and not (
+        Path(spec.name).expanduser() / "processor_config.json").is_file() else spec.name
     try:
-        return AutoProcessor.from_pretrained(spec.name, trust_remote_code=spec.trust_remote_code)
+        return AutoProcessor.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
     except Exception as exc:  # transformers raises many types for a bad or unreachable checkpoint
         raise AloeError(f"cannot load the processor of {spec.name}{_where(spec.name)}: {_one_line(exc)}") from None
 
@@ -188,15 +221,32 @@ def load_model(spec: ModelSpec) -> LoadedModel:
                               "trust_remote_code": spec.trust_remote_code}
     if device.type == "cuda":
         kwargs["device_map"] = {"": str(device)}  # load straight onto the GPU
+    base = adapter_base(spec.name)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(spec.name, **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(base or spec.name, **kwargs)
     except Exception as exc:
-        raise AloeError(f"cannot load model {spec.name}{_where(spec.name)}: {_one_line(exc)}") from None
+        what = f"the base model {base} of the adapter {spec.name}" if base else f"model {spec.name}"
+        raise AloeError(f"cannot load {what}{_where(base or spec.name)}: {_one_line(exc)}") from None
+    if base:
+        model = _with_adapter(model, spec.name)
     if device.type != "cuda":
         model = model.to(device)
     model.eval()
     return LoadedModel(spec=spec, model=model, processor=processor, device=device, dtype=dtype,
                        attn_implementation=attn)
+
+
+def _with_adapter(model, folder: str):
+    """The base model with a PEFT adapter folder's weights merged in (generation then runs at the base's speed)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise AloeError(f"{folder} is a LoRA adapter: loading it needs the peft package "
+                        "(pip install 'aloe-cli[train]')") from None
+    try:
+        return PeftModel.from_pretrained(model, folder).merge_and_unload()
+    except Exception as exc:  # peft raises several kinds for a mismatched or damaged adapter
+        raise AloeError(f"cannot load the adapter {folder}: {_one_line(exc)}") from None
 
 
 __all__ = ["DEVICES", "DTYPES", "LoadedModel", "ModelSpec", "check_device_name", "check_model_reference", "load_model",

@@ -76,18 +76,27 @@ class TrainingCollator:
     def encode(self, example: dict) -> Encoded:
         """One row -> input ids and labels (and its images' pixels); Unusable if it cannot be trained on."""
         try:
+            chat = self._chats.encode(self._conversation(example))
+        except RecordError as error:  # the template rejects the conversation (raise_exception, bad roles)
+            if self.on_error == "fail":
+                raise AloeError(f"{example.get('where', '?')}: {error.message}") from None
+            raise Unusable(error.reason, error.message) from None
+        return self._labelled(chat)
+
+    def _conversation(self, example: dict) -> list[dict]:
+        """The row's messages with its images decoded; Unusable (or, with --on-error fail, the error) if one
+        cannot be read."""
+        try:
             images = [load_image(entry) for entry in example["images"]]
         except RecordError as error:
             if self.on_error == "fail":
                 where = example.get("where", "?")
                 raise AloeError(f"{where}: {error.message} (--on-error skip would skip it)") from None
             raise Unusable(error.reason, error.message) from None
-        try:
-            chat = self._chats.encode(chat_messages(example["messages"], images))
-        except RecordError as error:  # the template rejects the conversation (raise_exception, bad roles)
-            if self.on_error == "fail":
-                raise AloeError(f"{example.get('where', '?')}: {error.message}") from None
-            raise Unusable(error.reason, error.message) from None
+        return chat_messages(example["messages"], images)
+
+    def _labelled(self, chat) -> Encoded:
+        """An encoded conversation -> labels on its loss tokens, cut or refused when over-long."""
         input_ids = chat.input_ids
         labels = [token if learned else IGNORE_INDEX for token, learned in zip(input_ids, chat.loss_mask)]
         mm_types = chat.mm_token_type_ids
@@ -127,13 +136,35 @@ class TrainingCollator:
                         f"trained on ({', '.join(f'{k}={v}' for k, v in skipped.items())}); check --max-length, "
                         "--truncate and the images")
 
+    def _encode_all(self, examples: list[dict], skipped: Counter) -> list[Encoded]:
+        """Every row of a micro batch in one processor call (one call per row costs more than the step itself on
+        small samples); a row that cannot be used goes the one-row way (`encode_or_replace`), which counts it,
+        replaces it or stops the run exactly as alone."""
+        conversations: dict[int, list[dict]] = {}
+        for index, example in enumerate(examples):
+            try:
+                conversations[index] = self._conversation(example)
+            except Unusable:
+                pass
+        chats = dict(zip(conversations, self._chats.encode_many(list(conversations.values()))))
+        encoded = []
+        for index, example in enumerate(examples):
+            chat = chats.get(index)
+            try:
+                if chat is None or isinstance(chat, RecordError):
+                    raise Unusable("", "")
+                encoded.append(self._labelled(chat))
+            except Unusable:
+                encoded.append(self.encode_or_replace(example, skipped))
+        return encoded
+
     # ------------------------------------------------------------------ the batch
 
     def __call__(self, examples: list[dict]) -> dict[str, Any]:
         import torch
 
         skipped: Counter = Counter()
-        encoded = [self.encode_or_replace(example, skipped) for example in examples]
+        encoded = self._encode_all(examples, skipped)
         width = max(len(e.input_ids) for e in encoded)
         batch_size = len(encoded)
         input_ids = torch.full((batch_size, width), self.pad_id, dtype=torch.long)

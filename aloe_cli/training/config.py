@@ -24,14 +24,21 @@ from pathlib import Path
 from typing import Any
 
 from aloe_cli.errors import AloeError, ConfigValueError, UsageError
+from aloe_cli.modeling.loading import canonical_dtype
 from aloe_cli.perturb.names import KINDS
 
-PRECISIONS = ("bf16", "fp16", "fp32")
+# One vocabulary for precision in every command: torch's dtype names (what transformers' `dtype=` and TRL's
+# `dtype` key take); the short names are read as aliases (`aloe_cli.modeling.dtypes`).
+PRECISIONS = ("bfloat16", "float16", "float32")
 # transformers' SchedulerType values that need no extra arguments.
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                  "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 TRUNCATE_MODES = ("none", "text")
-ON_ERROR_MODES = ("skip", "fail")
+ON_ERROR_MODES = ("fail", "skip")
+# The language model's attention and MLP projections, never the vision tower's (Qwen2.5-VL's vision MLP is also
+# named gate/up/down_proj): a regular expression PEFT matches against whole module names.
+LORA_DEFAULT_TARGETS = r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+LORA_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_modules_to_save", "merge_lora")
 PERTURB_KINDS_DEFAULT = ",".join(KINDS)
 CONFIG_FILE = "aloe-train.yaml"
 
@@ -67,11 +74,12 @@ class TrainConfig:
         group="data"))
     truncate: str = field(default="none", metadata=option(
         "Over-long samples: none = drop them (counted); text = cut their text, never image tokens.", group="data"))
-    on_error: str = field(default="skip", metadata=option(
-        "A record with a missing or broken image: skip (counted) or fail (stop the run).", group="data"))
+    on_error: str = field(default="fail", metadata=option(
+        "A bad record or a missing or broken image: fail (stop, naming it) or skip (counted, within "
+        "--max-skipped).", group="data"))
     max_skipped: float = field(default=0.001, metadata=option(
-        "Fail the run when more than this fraction of the records is lost (unreadable records, missing or broken "
-        "images); every loss is counted either way.", minimum=0, maximum=1, group="data"))
+        "With --on-error skip: fail the run when more than this fraction of the records is lost (unreadable "
+        "records, missing or broken images); every loss is counted either way.", minimum=0, maximum=1, group="data"))
     dataloader_workers: int = field(default=4, metadata=option(
         "Worker processes decoding images and running the processor, per rank; capped at the CPUs a rank may use. "
         "Under SLURM, when not given: SLURM_CPUS_PER_TASK / ranks per node - 1.",
@@ -83,6 +91,9 @@ class TrainConfig:
         maximum=2 ** 24))
     micro_batch_size: int = field(default=16, metadata=option("Samples per forward pass per rank.", minimum=1,
                                                               maximum=2 ** 16))
+    gradient_accumulation_steps: int | None = field(default=None, metadata=option(
+        "Micro batches per optimizer step; given, it sets the global batch (micro x this x world size) instead "
+        "of --global-batch-size.", minimum=1, maximum=2 ** 24))
     epochs: float = field(default=1.0, metadata=option("Passes over the data.", minimum=0, maximum=10_000))
     max_steps: int | None = field(default=None, metadata=option(
         "Stop after this many optimizer steps (overrides --epochs).", minimum=1, maximum=INT_MAX))
@@ -95,7 +106,8 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata=option("AdamW weight decay.", minimum=0))
     max_length: int = field(default=4096, metadata=option(
         "Longest sample in tokens, image tokens included.", minimum=1, maximum=2 ** 20))
-    precision: str = field(default="bf16", metadata=option("bf16, fp16 or fp32."))
+    dtype: str = field(default="bfloat16", metadata=option(
+        "Training precision: bfloat16, float16 or float32 (bf16, fp16, fp32 also read).", "--dtype", "--precision"))
     gradient_checkpointing: bool = field(default=True, metadata=option(
         "Recompute activations in the backward pass (less memory, ~30% more compute).",
         "--gradient-checkpointing/--no-gradient-checkpointing"))
@@ -119,6 +131,28 @@ class TrainConfig:
         "Use Liger kernels (needs the liger-kernel package).", group="model"))
     trust_remote_code: bool = field(default=False, metadata=option(
         "Allow the checkpoint to run its own Python code.", group="model"))
+
+    # -- LoRA / QLoRA (PEFT)
+    lora: bool = field(default=False, metadata=option(
+        "Train LoRA adapters (PEFT) instead of every weight; the run folder holds the adapter.",
+        "--lora/--no-lora", group="lora"))
+    lora_r: int = field(default=16, metadata=option("--lora: rank of the adapters.", minimum=1, maximum=65536,
+                                                    group="lora"))
+    lora_alpha: int = field(default=32, metadata=option("--lora: scaling numerator (scale = alpha / r).", minimum=1,
+                                                        maximum=2 ** 20, group="lora"))
+    lora_dropout: float = field(default=0.05, metadata=option("--lora: dropout on the adapters' input.", minimum=0,
+                                                              maximum=0.999, group="lora"))
+    lora_target_modules: str | None = field(default=None, metadata=option(
+        "--lora: module names to adapt, comma-separated, or all-linear. Default: the language model's attention "
+        "and MLP projections (the vision tower stays frozen unless named).", group="lora"))
+    lora_modules_to_save: str | None = field(default=None, metadata=option(
+        "--lora: modules trained in full beside the adapters, comma-separated (e.g. a new output layer).",
+        group="lora"))
+    load_in_4bit: bool = field(default=False, metadata=option(
+        "QLoRA: load the base weights in 4 bits (bitsandbytes NF4, CUDA only) and train LoRA adapters on them "
+        "(implies --lora).", group="lora"))
+    merge_lora: bool = field(default=False, metadata=option(
+        "--lora: also write the base model with the adapters merged in, to <output-dir>/merged.", group="lora"))
 
     # -- run
     save_steps: int = field(default=500, metadata=option("Save a checkpoint every N optimizer steps.", minimum=1,
@@ -146,8 +180,11 @@ class TrainConfig:
         error naming the file and the key (exit 1)."""
         values: dict[str, Any] = {}
         origins: dict[str, str] = {}
+        mapped: list[tuple[str, str]] = []
         if yaml_path is not None:
-            values.update(load_yaml(yaml_path, cls))
+            loaded = read_config(yaml_path, cls)
+            values.update(loaded.values)
+            mapped = loaded.mapped
             origins.update(dict.fromkeys(values, str(yaml_path)))
         names = {f.name for f in dataclasses.fields(cls)}
         given = {key: value for key, value in flags.items() if key in names and value not in (None, [])}
@@ -155,6 +192,7 @@ class TrainConfig:
         origins.update(dict.fromkeys(given, FLAG))
         config = cls(**values)
         config.origins = origins
+        config.mapped = mapped  # the --config keys read as aloe's, for the command to show
         try:
             config.validate()
         except ConfigValueError as error:
@@ -176,7 +214,8 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             _check_value(f, value)
-        _choice("precision", self.precision, PRECISIONS)
+        self.dtype = canonical_dtype(self.dtype) or self.dtype
+        _choice("dtype", self.dtype, PRECISIONS)
         _choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _choice("truncate", self.truncate, TRUNCATE_MODES)
         _choice("on_error", self.on_error, ON_ERROR_MODES)
@@ -186,6 +225,15 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ConfigValueError(("overwrite", "resume"), "and --resume exclude each other: --resume continues "
                                    "the run, --overwrite replaces it")
+        if self.load_in_4bit:
+            self.lora = True  # QLoRA trains adapters on the quantized weights
+        origins = getattr(self, "origins", {})
+        stray = [name for name in LORA_OPTIONS if name in origins and not self.lora]
+        if stray:
+            raise ConfigValueError((stray[0],), "needs --lora (LoRA is off)")
+        if self.gradient_accumulation_steps is not None and "global_batch_size" in origins:
+            raise ConfigValueError(("gradient_accumulation_steps", "global_batch_size"),
+                                   "and --global-batch-size exclude each other: give one")
         if self.epochs == 0 and self.max_steps is None:
             raise ConfigValueError(("epochs", "max_steps"), "0 trains nothing; give --max-steps or a positive --epochs")
 
@@ -271,28 +319,135 @@ def _bound(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
+# `trl sft` config keys (SFTConfig, ModelConfig, ScriptArguments) that mean one of aloe's: read as aloe's, and
+# the mapping printed. Keys TRL and aloe spell alike (learning_rate, warmup_ratio, max_length, seed, ...) need none;
+# bf16/fp16 and the batch keys are handled in `_map_foreign`.
+FOREIGN_KEYS = {
+    "model_name_or_path": "model",
+    "dataset_name": "input",
+    "per_device_train_batch_size": "micro_batch_size",
+    "lr_scheduler_type": "lr_scheduler",
+    "num_train_epochs": "epochs",
+    "max_seq_length": "max_length",  # TRL before 0.20
+    "torch_dtype": "dtype",
+    "precision": "dtype",  # aloe's own former name
+    "dataloader_num_workers": "dataloader_workers",
+    "use_liger_kernel": "use_liger",
+    "use_peft": "lora",
+}
+PRECISION_SWITCHES = ("bf16", "fp16")  # TRL's booleans; aloe has one dtype key
+
+
+@dataclass
+class LoadedConfig:
+    """The values of a --config file, by aloe's field names, and the foreign keys read as aloe's (key, flag)."""
+
+    values: dict[str, Any]
+    mapped: list[tuple[str, str]]
+
+
 def load_yaml(path: str | os.PathLike, cls: type = TrainConfig) -> dict[str, Any]:
     """The keys of a YAML (or JSON) config file, checked against the dataclass and converted to its types."""
+    return read_config(path, cls).values
+
+
+def read_config(path: str | os.PathLike, cls: type = TrainConfig) -> LoadedConfig:
+    """A config file's keys as aloe's fields: aloe's own keys, or `trl sft`'s (FOREIGN_KEYS, bf16/fp16). A key
+    given twice, an unknown key (with the nearest known ones), a file that is not text: one-line errors."""
     import yaml
 
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise AloeError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+        if "\0" in text:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\0"), raw.index(b"\0") + 1, "NUL byte")
+    except UnicodeDecodeError as exc:
+        raise AloeError(f"{path}: not a text file (byte {exc.start}: {exc.reason}); --config takes a YAML file") \
+            from None
+    try:
+        data = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise AloeError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise AloeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if data is None:
-        return {}
+        return LoadedConfig({}, [])
     if not isinstance(data, dict):
         raise AloeError(f"{path}: a config file must be a mapping of keys to values")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
+    values: dict[str, Any] = {}
+    mapped: list[tuple[str, str]] = []
+    given: dict[str, str] = {}  # aloe field -> the key that gave it
+    data = _map_foreign(path, data, mapped)
     for key, value in data.items():
         name = str(key).replace("-", "_")
-        if name not in fields:
-            raise AloeError(f"{path}: unknown key {key!r} (known keys: {', '.join(fields)})")
-        values[name] = _convert(path, name, value, fields[name])
-    return values
+        target = FOREIGN_KEYS.get(name, name)
+        if target not in fields:
+            raise AloeError(f"{path}: unknown key {key!r}{_did_you_mean(name, fields)}")
+        if target in given:
+            raise AloeError(f"{path}: keys {given[target]!r} and {key!r} both set {target!r}: keep one")
+        given[target] = str(key)
+        if target != name:
+            mapped.append((str(key), describe(target)))
+        values[target] = _convert(path, target, value, fields[target])
+    return LoadedConfig(values, mapped)
+
+
+def _map_foreign(path, data: dict, mapped: list[tuple[str, str]]) -> dict:
+    """TRL's bf16/fp16 switches -> dtype; per_device_train_batch_size x gradient_accumulation_steps stays as
+    TRL means it (the global batch follows from the world size, see `resolve`)."""
+    switches = {key: data[key] for key in PRECISION_SWITCHES if key in data}
+    if not switches:
+        return data
+    for key, value in switches.items():
+        if not isinstance(value, bool):
+            raise AloeError(f"{path}: key {key!r} must be true or false, got {value!r}")
+    if switches.get("bf16") and switches.get("fp16"):
+        raise AloeError(f"{path}: keys 'bf16' and 'fp16' are both true: choose one")
+    if "dtype" in data or "torch_dtype" in data or "precision" in data:
+        raise AloeError(f"{path}: keys {', '.join(repr(k) for k in switches)} and 'dtype' both set the precision: "
+                        "keep one")
+    dtype = "bfloat16" if switches.get("bf16") else "float16" if switches.get("fp16") else "float32"
+    rest = {key: value for key, value in data.items() if key not in switches}
+    rest["dtype"] = dtype
+    mapped.append((", ".join(f"{key}: {str(value).lower()}" for key, value in switches.items()), f"--dtype {dtype}"))
+    return rest
+
+
+def _did_you_mean(name: str, fields: dict) -> str:
+    import difflib
+
+    known = list(fields) + list(FOREIGN_KEYS) + list(PRECISION_SWITCHES)
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    if close:
+        return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
+    return f" (known keys: {', '.join(fields)})"
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_key_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """SafeLoader that refuses a mapping key given twice (plain YAML keeps the last one silently)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _DuplicateKey(f"line {line}: key {key!r} given twice (first on line {seen[key]})")
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 def _convert(path, name: str, value: Any, f: dataclasses.Field) -> Any:
@@ -304,6 +459,8 @@ def _convert(path, name: str, value: Any, f: dataclasses.Field) -> Any:
     try:
         if kind.startswith("list"):
             return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+        if kind.startswith("str") and isinstance(value, list):  # TRL's lists (lora_target_modules, report_to)
+            return ",".join(str(v) for v in value)
         if kind.startswith("bool"):
             if isinstance(value, bool):
                 return value
@@ -394,8 +551,8 @@ class TrainPlan:
             "weight_decay": c.weight_decay,
             "optim": "adamw_torch",
             "max_length": c.max_length,
-            "bf16": c.precision == "bf16",
-            "fp16": c.precision == "fp16",
+            "bf16": c.dtype == "bfloat16",
+            "fp16": c.dtype == "float16",
             "gradient_checkpointing": c.gradient_checkpointing,
             "gradient_checkpointing_kwargs": {"use_reentrant": False} if c.gradient_checkpointing else None,
             "seed": c.seed,
@@ -415,6 +572,19 @@ class TrainPlan:
             "deepspeed": self.deepspeed,
         }
 
+    def lora_config_kwargs(self) -> dict[str, Any] | None:
+        """Keyword arguments for PEFT's LoraConfig (None without --lora)."""
+        c = self.config
+        if not c.lora:
+            return None
+        targets: str | list[str] = LORA_DEFAULT_TARGETS
+        if c.lora_target_modules:
+            names = [name.strip() for name in c.lora_target_modules.split(",") if name.strip()]
+            targets = "all-linear" if names == ["all-linear"] else names
+        saved = [name.strip() for name in (c.lora_modules_to_save or "").split(",") if name.strip()] or None
+        return {"r": c.lora_r, "lora_alpha": c.lora_alpha, "lora_dropout": c.lora_dropout,
+                "target_modules": targets, "modules_to_save": saved, "bias": "none", "task_type": "CAUSAL_LM"}
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "command": self.command,
@@ -423,6 +593,7 @@ class TrainPlan:
             # SFTConfig's `deepspeed` field receives the `deepspeed` section below.
             "sft_config": {key: value for key, value in self.sft_config_kwargs().items() if key != "deepspeed"},
             "deepspeed": self.deepspeed,
+            "peft": self.lora_config_kwargs(),  # LoraConfig, or null without --lora
             "aloe": self.config.to_dict(),
         }
 
@@ -436,6 +607,8 @@ class TrainPlan:
 def resolve(config: TrainConfig, world: int, *, command: str = "train") -> TrainPlan:
     """Gradient accumulation for `world` ranks, and the DeepSpeed config with its batch sizes filled in."""
     per_step = config.micro_batch_size * world
+    if config.gradient_accumulation_steps is not None:  # TRL's way: the global batch follows from it
+        config.global_batch_size = per_step * config.gradient_accumulation_steps
     if config.global_batch_size % per_step:
         raise config.blame(ConfigValueError(
             ("global_batch_size", "micro_batch_size"), f"{config.global_batch_size} is not a multiple of "
@@ -445,12 +618,12 @@ def resolve(config: TrainConfig, world: int, *, command: str = "train") -> Train
 
     try:
         deepspeed = deepspeed_config(config.deepspeed, micro_batch_size=config.micro_batch_size,
-                                     precision=config.precision, accumulation=accumulation, world=world)
+                                     precision=config.dtype, accumulation=accumulation, world=world)
     except ConfigValueError as error:
         raise config.blame(error) from None
     return TrainPlan(config=config, world_size=world, gradient_accumulation_steps=accumulation,
                      deepspeed=deepspeed, command=command)
 
 
-__all__ = ["AdvTrainConfig", "CONFIG_FILE", "ConfigValueError", "TrainConfig", "TrainPlan", "describe", "load_yaml",
-           "resolve", "world_size"]
+__all__ = ["AdvTrainConfig", "CONFIG_FILE", "ConfigValueError", "FOREIGN_KEYS", "TrainConfig", "TrainPlan", "describe",
+           "load_yaml", "read_config", "resolve", "world_size"]

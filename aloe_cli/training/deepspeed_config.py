@@ -47,10 +47,10 @@ def deepspeed_config(choice: str, *, micro_batch_size: int, precision: str, accu
               "train_batch_size": micro_batch_size * accumulation * world}
     for key, value in wanted.items():
         _fill(ds, key, value, choice)
-    for name in ("bf16", "fp16"):
+    for name, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
         section = ds.get(name)
         if isinstance(section, dict):
-            _fill(section, "enabled", precision == name, choice, f"{name}.")
+            _fill(section, "enabled", precision == dtype, choice, f"{name}.")
     return ds
 
 

@@ -170,7 +170,9 @@ def read_run(output_dir: Path) -> dict[str, Any] | None:
 
 
 def has_final_model(output_dir: Path) -> bool:
-    return (output_dir / "config.json").is_file() and any(output_dir.glob("model*.safetensors*"))
+    """A model, or a LoRA adapter (--lora), saved in the folder."""
+    return ((output_dir / "config.json").is_file() and any(output_dir.glob("model*.safetensors*"))) or (
+        (output_dir / "adapter_config.json").is_file() and any(output_dir.glob("adapter_model*.safetensors")))
 
 
 def _alive(record: dict[str, Any]) -> bool | None:

@@ -127,14 +127,27 @@ def load_training_model(plan: TrainPlan, weights: str | None = None):
     from aloe_cli.modeling.loading import resolve_attn_implementation
 
     config = plan.config
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+    half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype)
     # DeepSpeed keeps fp32 master weights itself; without it, autocast needs fp32 weights.
     dtype = half if (half is not None and plan.deepspeed is not None) else torch.float32
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     attn = resolve_attn_implementation(config.attn_implementation, device, half or torch.float32)
+    extra = {}
+    if config.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        # QLoRA as PEFT documents it for ZeRO-3: NF4 weights stored in the training dtype, so DeepSpeed can
+        # partition them like any other; the vision tower stays in full precision.
+        dtype = half or torch.float32
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype, llm_int8_skip_modules=["visual", "lm_head"])
+        if plan.deepspeed is None:
+            extra["device_map"] = {"": torch.cuda.current_device()}
     try:
         model = AutoModelForImageTextToText.from_pretrained(
-            weights or config.model, dtype=dtype, attn_implementation=attn, trust_remote_code=config.trust_remote_code)
+            weights or config.model, dtype=dtype, attn_implementation=attn, trust_remote_code=config.trust_remote_code,
+            **extra)
     except Exception as exc:  # transformers raises many types for a bad checkpoint
         what = f"checkpoint {weights}" if weights else f"model {config.model}"
         raise AloeError(f"cannot load {what}: {first_line(exc)}") from None
@@ -410,6 +423,7 @@ def preflight(plan: TrainPlan) -> None:
 
     if plan.config.use_liger and importlib.util.find_spec("liger_kernel") is None:
         raise AloeError("--use-liger needs the liger-kernel package (pip install liger-kernel)")
+    _check_lora(plan)
     for name in plan.sft_config_kwargs()["report_to"]:
         if name not in INTEGRATION_TO_CALLBACK:
             raise AloeError(f"--report-to {name}: unknown (known: {', '.join(sorted(INTEGRATION_TO_CALLBACK))}, none)")
@@ -420,15 +434,34 @@ def preflight(plan: TrainPlan) -> None:
     _check_precision(plan)
 
 
+def _check_lora(plan: TrainPlan) -> None:
+    """--lora needs PEFT; --load-in-4bit needs bitsandbytes and a CUDA GPU: one line each, before any work."""
+    import importlib.util
+
+    import torch
+
+    config = plan.config
+    if config.lora and importlib.util.find_spec("peft") is None:
+        raise AloeError("--lora needs the peft package (pip install 'aloe-cli[train]')")
+    if config.load_in_4bit:
+        if not torch.cuda.is_available():
+            raise AloeError("--load-in-4bit (QLoRA) needs bitsandbytes on a CUDA GPU and no CUDA device is visible: "
+                            "train without it (--lora alone), or on a GPU")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise AloeError("--load-in-4bit (QLoRA) needs the bitsandbytes package (pip install bitsandbytes)")
+        if config.dtype == "float32":
+            raise AloeError("--load-in-4bit computes in half precision: use --dtype bfloat16 or float16")
+
+
 def _check_precision(plan: TrainPlan) -> None:
     """Half precision under DeepSpeed needs a GPU (without DeepSpeed, bf16 also runs on the CPU): say so in one
     line before anything is read, not in the Trainer's traceback after the records were."""
     import torch
 
-    precision = plan.config.precision
-    if precision != "fp32" and plan.deepspeed is not None and not torch.cuda.is_available():
-        raise AloeError(f"--precision {precision} with --deepspeed {plan.config.deepspeed} needs a GPU and none is "
-                        "visible: use --precision fp32 (or --deepspeed none)")
+    dtype = plan.config.dtype
+    if dtype != "float32" and plan.deepspeed is not None and not torch.cuda.is_available():
+        raise AloeError(f"--dtype {dtype} with --deepspeed {plan.config.deepspeed} needs a GPU and none is "
+                        "visible: use --dtype float32 (or --deepspeed none)")
 
 
 def rank_cpus() -> tuple[int, str]:
@@ -471,6 +504,8 @@ def _quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    # PEFT asks transformers >= 5.2x by its old name (the answer is the same)
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume_command: str | None,
@@ -559,7 +594,7 @@ def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume
 
     # Without DeepSpeed the Trainer cannot restore Qwen2-VL weights itself (see AloeSFTTrainer); DeepSpeed restores
     # its own per-rank states.
-    weights_from = resume_from if resume_from and plan.deepspeed is None else None
+    weights_from = resume_from if resume_from and plan.deepspeed is None and not config.lora else None
     model = load_training_model(plan, weights_from)
     if config.freeze_vision or config.freeze_projector:
         freeze(model, vision=config.freeze_vision, projector=config.freeze_projector)
@@ -574,8 +609,15 @@ def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume
     shown = TrainProgress(progress, command)
     callbacks = [_log_callback(output_dir / LOG_FILE, log), loss_curve_callback(output_dir, log), shown] + (
         [ledger.callback()] if ledger else [])
-    trainer = _trainer_class()(model=model, args=args, data_collator=collator, train_dataset=dataset,
-                               processing_class=processor, callbacks=callbacks)
+    try:
+        trainer = _trainer_class()(model=model, args=args, data_collator=collator, train_dataset=dataset,
+                                   processing_class=processor, callbacks=callbacks, peft_config=lora_config(plan))
+    except ValueError as exc:  # PEFT and TRL refuse adapter settings they cannot train (a module not found, ...)
+        if not config.lora:
+            raise
+        raise AloeError(f"--lora: {first_line(exc)}") from None
+    if config.lora and state.is_main_process:
+        log(f"{command}: LoRA r={config.lora_r}, alpha={config.lora_alpha}: {describe_model(trainer.model)}")
     trainer.skipped = Counter()
     trainer.lost_budget = _LostBudget(dict(records.get("reasons") or {}), int(records.get("read") or 0),
                                       config.max_skipped)
@@ -590,6 +632,12 @@ def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume
         skipped = _sum_over_ranks(trainer.accelerator, trainer.skipped)
         trainer.lost_budget.check(skipped)  # the steps after the last logged one
         save_final(trainer, processor, output_dir)
+        if config.lora and state.is_main_process:
+            _record_base_path(output_dir, config.model)
+        if config.lora and config.merge_lora and state.is_main_process:
+            merged = merge_adapter(plan, output_dir, processor)
+            log(f"{command}: the model with its adapters merged in: {merged}")
+        trainer.accelerator.wait_for_everyone()
     except BaseException as stop:
         shown.close()
         # Preempted (SIGTERM), interrupted or failed (a full disk) while training or saving: a checkpoint or a final
@@ -606,6 +654,58 @@ def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume
     return TrainResult(output_dir=output_dir, records=records, global_step=trainer.state.global_step,
                        train_loss=output.training_loss, skipped=skipped, guard_calls=guard_calls.tolist(),
                        resumed_from=resume_from, is_main=trainer.accelerator.is_main_process)
+
+
+def lora_config(plan: TrainPlan):
+    """PEFT's LoraConfig for --lora (None without): TRL wraps the model with it (and prepares a 4-bit one)."""
+    kwargs = plan.lora_config_kwargs()
+    if kwargs is None:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(**kwargs)
+
+
+MERGED = "merged"
+
+
+def _record_base_path(output_dir: Path, model: str) -> None:
+    """The adapter names its base model as --model was given; a relative folder would not be found from elsewhere,
+    so a local one is recorded as an absolute path."""
+    from aloe_cli.modeling.loading import is_local_reference
+
+    path = output_dir / "adapter_config.json"
+    if not path.is_file() or not is_local_reference(model):
+        return
+    adapter = json.loads(path.read_text(encoding="utf-8"))
+    adapter["base_model_name_or_path"] = str(Path(model).expanduser().resolve())
+    path.write_text(json.dumps(adapter, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def merge_adapter(plan: TrainPlan, output_dir: Path, processor) -> Path:
+    """--merge-lora: the base model (full precision, whatever --load-in-4bit trained on) with the run's adapters
+    merged in, saved with the processor to <output_dir>/merged, complete or not at all. Done from the saved
+    adapter, so it is the same under ZeRO-3 (whose live weights are partitioned)."""
+    import shutil
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    config = plan.config
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype, torch.float32)
+    unset_hf_deepspeed_config()  # training is over: the base loads whole, not partitioned by ZeRO-3
+    base = AutoModelForImageTextToText.from_pretrained(config.model, dtype=dtype,
+                                                       trust_remote_code=config.trust_remote_code)
+    model = PeftModel.from_pretrained(base, str(output_dir)).merge_and_unload()
+    target, staging = output_dir / MERGED, output_dir / f".{MERGED}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(str(staging))
+    processor.save_pretrained(str(staging))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
 
 
 @dataclass

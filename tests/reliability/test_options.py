@@ -107,7 +107,7 @@ MODEL_USAGE_ERRORS = {
     "train-seed-huge": ((*TRAIN, "--seed", str(2 ** 40)), "--seed", "at most 4294967295"),
     "train-max-length": ((*TRAIN, "--max-length", "0"), "--max-length", "at least 1"),
     "train-save-steps": ((*TRAIN, "--save-steps", "0"), "--save-steps", "at least 1"),
-    "train-precision": ((*TRAIN, "--precision", "fp8"), "--precision", "bf16, fp16, fp32"),
+    "train-precision": ((*TRAIN, "--precision", "fp8"), "--dtype", "bfloat16, float16, float32"),
     "train-pixels": ((*TRAIN, "--min-pixels", "100", "--max-pixels", "10"), "--min-pixels", "larger than"),
     "train-no-output-dir": (TRAIN[:-2], "--output-dir", "is required"),
     "adv-train-perturb": ((*ADV, "--perturb", "blur"), "--perturb", "distinct names"),

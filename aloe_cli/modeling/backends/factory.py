@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 from aloe_cli.errors import AloeError, UsageError
 from aloe_cli.modeling.backends import GenerationBackend
-from aloe_cli.modeling.loading import DTYPES
 
 BACKENDS = ("hf", "openai")
 
@@ -32,6 +31,12 @@ def _check_device(value: str) -> None:
     from aloe_cli.modeling.loading import check_device_name
 
     check_device_name(value)
+
+
+def _check_dtype(value: str) -> None:
+    from aloe_cli.modeling.loading import check_dtype_name
+
+    check_dtype_name(value)
 
 
 def option(help: str, *, minimum: float | None = None, maximum: float | None = None,
@@ -72,7 +77,8 @@ class BackendConfig:
     device: str = field(default="auto", metadata=option(
         "auto (cuda when available, else cpu), cpu, cuda or cuda:N.", check=_check_device))
     dtype: str = field(default="auto", metadata=option(
-        "Weights/compute dtype. auto: bfloat16 on a GPU, float32 on the CPU.", choices=DTYPES))
+        "Weights/compute dtype: auto, bfloat16, float16 or float32 (bf16, fp16, fp32 also read). auto: bfloat16 "
+        "on a GPU, float32 on the CPU.", check=_check_dtype))
     trust_remote_code: bool = field(default=False, metadata=option(
         "Allow the checkpoint to run its own Python code (off by default).", own=True))
     attn_implementation: str | None = field(default=None, metadata=option(
