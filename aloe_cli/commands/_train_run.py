@@ -74,7 +74,7 @@ def check_run_paths(config: TrainConfig, emit: str | None = None) -> list[str]:
     from aloe_cli.errors import UsageError
     from aloe_cli.training.config import CONFIG_FILE
     from aloe_cli.training.data import dataset_path
-    from aloe_cli.training.trainer import LOG_FILE
+    from aloe_cli.training.run_folder import LOG_FILE
 
     paths = expand_inputs(config.input)
     if config.image_root and not Path(config.image_root).is_dir():

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aloe_cli.errors import AloeError
-from aloe_cli.training.trainer import LOG_FILE as LOG_NAME
+from aloe_cli.training.run_folder import LOG_FILE as LOG_NAME
 
 CURVE_FILE = "loss.png"
 # A logging step redraws loss.png only when the last drawing is at least this old (seconds): a picture costs

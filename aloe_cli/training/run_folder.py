@@ -34,6 +34,7 @@ def write_plan(plan: TrainPlan, output_dir: Path) -> Path:
     return path
 
 
+LOG_FILE = "log.jsonl"  # one line per logging step: step, loss, lr, tokens/s (loss.png is drawn from it)
 TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: a checkpoint without it is incomplete
 FINAL_STAGING = ".aloe-final.tmp"  # the final model is saved here, then moved into the run folder
 

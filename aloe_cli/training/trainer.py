@@ -38,6 +38,7 @@ from aloe_cli.data.io import Item
 from aloe_cli.errors import AloeError, Terminated, first_line
 from aloe_cli.training.config import TrainPlan
 from aloe_cli.training.run_folder import (
+    LOG_FILE,
     disk_full,
     last_checkpoint,
     remove_incomplete,
@@ -45,8 +46,6 @@ from aloe_cli.training.run_folder import (
     stopped,
     write_plan,
 )
-
-LOG_FILE = "log.jsonl"
 
 
 @dataclass
@@ -727,4 +726,4 @@ class _LostBudget:
             raise AloeError(verdict[1])
 
 
-__all__ = ["LOG_FILE", "TrainResult", "freeze", "last_checkpoint", "run_training", "write_plan"]
+__all__ = ["TrainResult", "freeze", "last_checkpoint", "run_training", "write_plan"]
