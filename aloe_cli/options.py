@@ -212,6 +212,8 @@ class _HelpLayout:
             record = param.get_help_record(ctx)
             if record is None:
                 continue
+            if param.param_type_name == "argument":  # its name says what it is: no `<type>` after it
+                record = (re.sub(r" <[^<>]*>$", "", record[0]), record[1])
             section = "Arguments" if param.param_type_name == "argument" else (
                 getattr(param, "rich_help_panel", None) or "Options")
             sections.setdefault(section, []).append(record)

@@ -435,8 +435,8 @@ def test_cli_bad_inline_options_are_usage_errors(tmp_path, args, expected):
     path = write_jsonl(tmp_path / "a.jsonl", [chat("q", "a")])
     proc = aloe("mix", "-i", str(path), "--tokenizer", "unused", *args)
     assert proc.returncode == 2
-    errors = [line for line in proc.stderr.splitlines() if "Error" in line]
-    assert len(errors) == 1 and expected in errors[0], proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("aloe: error:")]
+    assert len(errors) == 1 and expected in errors[0] and "--" in errors[0], proc.stderr
 
 
 def test_missing_tokenizer_is_one_line(tmp_path):

@@ -228,16 +228,25 @@ def test_the_sbatch_script_gives_the_task_a_nodes_cpus_and_srun_passes_them_on(t
     stubs = tmp_path / "sinfo-bin"
     stubs.mkdir()
     sinfo = stubs / "sinfo"
-    sinfo.write_text('#!/bin/bash\necho "$@" > "$(dirname "$0")/args"\nprintf "  96 \\n  64 \\n  96 \\n"\n')
+    sinfo.write_text('#!/bin/bash\necho "$@" > "$(dirname "$0")/args"\n'
+                     'if [[ "$*" == *--partition* ]]; then printf "96 gpu\\n64 gpu\\n96 gpu\\n"\n'
+                     'else printf "8 debug\\n128 cpu*\\n96 gpu\\n"; fi\n')
     sinfo.chmod(0o755)
+    path = {"PATH": f"{stubs}:{os.environ['PATH']}"}
     proc = aloe("train", "--model", MODEL, "--slurm", "--nodes", "8", "--gpus-per-node", "4", "--sbatch",
-                "partition=gpu", cwd=tmp_path, env={"PATH": f"{stubs}:{os.environ['PATH']}"})
+                "partition=gpu", cwd=tmp_path, env=path)
     assert proc.returncode == 0, proc.stderr
     assert "#SBATCH --cpus-per-task=64" in proc.stdout.splitlines()
     assert "a node's CPUs per sinfo, partition gpu" in proc.stdout and "note" not in proc.stderr
-    assert (stubs / "args").read_text().split() == ["--noheader", "--Node", "--format=%c", "--partition", "gpu"]
+    assert (stubs / "args").read_text().split() == ["--noheader", "--Node", "--format=%c", "%P", "--partition",
+                                                    "gpu"]
+    script = proc.stdout
+    # no partition named: the default one, which sinfo marks with *
+    proc = aloe("train", "--model", MODEL, "--slurm", "--nodes", "8", "--gpus-per-node", "4", cwd=tmp_path, env=path)
+    assert proc.returncode == 0 and "#SBATCH --cpus-per-task=128" in proc.stdout.splitlines()
+    assert "partition cpu" in proc.stdout
     # srun hands the task's CPUs to the step itself (some SLURM releases do not pass them on).
-    run_with_stubs(tmp_path, proc.stdout)
+    run_with_stubs(tmp_path, script)
     assert "--cpus-per-task=48" in (tmp_path / "calls.log.srun").read_text().split()
 
 

@@ -12,16 +12,20 @@ perturbation and which wrong answer it carries (aloe.perturb).
 
 Examples:
 
-    # the published stage 2: 17.2 K perturbed samples, from the stage-1 run folder
-    torchrun --nproc-per-node 8 -m aloe_cli adv-train -i medical.jsonl --base runs/stage1 --output-dir runs/stage2
+    # the published stage 2: 17.2 K perturbed samples from the stage-1 run
+    torchrun --nproc-per-node 8 -m aloe_cli adv-train -i medical.jsonl \\
+        --base runs/stage1 --output-dir runs/stage2
 
-    # look at the perturbed records first (no model is loaded), then train on them as they are
-    aloe adv-train -i medical.jsonl --base runs/stage1 --perturb cap,syc --samples 2000 \\
-        --emit adversarial.jsonl --emit-only
-    aloe adv-train -i adversarial.jsonl --base runs/stage1 --output-dir runs/stage2 --perturb none
+    # look at the perturbed records first (no model is loaded), then train
+    # on them as they are
+    aloe adv-train -i medical.jsonl --base runs/stage1 --perturb cap,syc \\
+        --samples 2000 --emit adversarial.jsonl --emit-only
+    aloe adv-train -i adversarial.jsonl --base runs/stage1 \\
+        --output-dir runs/stage2 --perturb none
 
     # on SLURM, like aloe train
-    aloe adv-train --config stage2.yaml --slurm --nodes 8 --gpus-per-node 4 > stage2.sbatch
+    aloe adv-train --config stage2.yaml --slurm --nodes 8 \\
+        --gpus-per-node 4 > stage2.sbatch
 """
 
 from __future__ import annotations

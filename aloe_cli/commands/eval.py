@@ -17,20 +17,29 @@ recognised by name or VLMEvalKit file name (PathMMU_TEST.tsv, MMMU_DEV_VAL.tsv, 
 Examples:
 
     # a local model, batched greedy generation
-    aloe eval --model Qwen/Qwen2-VL-7B-Instruct --benchmark PathMMU.tsv --benchmark probmed.jsonl -o results/
+    aloe eval --model Qwen/Qwen2-VL-7B-Instruct --benchmark PathMMU.tsv \\
+        --benchmark probmed.jsonl -o results/
 
-    # a served model (vLLM / SGLang), a served judge for the open-ended set, the robustness table
-    aloe eval --model aloe-72b --backend openai --base-url http://gpu-node:8000/v1 --concurrency 64 \\
-        --benchmark SLAKE=slake_open.jsonl --benchmark adv=adversarial.jsonl --perturb base,cap,pmt,syc,leg \\
-        --judge Qwen/Qwen2.5-VL-72B-Instruct --judge-backend openai --judge-base-url http://judge:8000/v1 -o results/
+    # a served model (vLLM / SGLang), a served judge for the open-ended
+    # set, the robustness table
+    aloe eval --model aloe-72b --backend openai \\
+        --base-url http://gpu-node:8000/v1 --concurrency 64 \\
+        --benchmark SLAKE=slake_open.jsonl \\
+        --benchmark adv=adversarial.jsonl --perturb base,cap,pmt,syc,leg \\
+        --judge Qwen/Qwen2.5-VL-72B-Instruct --judge-backend openai \\
+        --judge-base-url http://judge:8000/v1 -o results/
 
-    # text-only benchmarks through lm-evaluation-harness (pip install 'aloe-cli[eval]')
-    aloe eval --model runs/stage2 --lm-eval-tasks medqa_4options,medmcqa,pubmedqa -o results/
+    # text-only benchmarks through lm-evaluation-harness
+    # (pip install 'aloe-cli[eval]')
+    aloe eval --model runs/stage2 \\
+        --lm-eval-tasks medqa_4options,medmcqa,pubmedqa -o results/
 
-    aloe eval --table results/                          # print the tables again from saved scores
-    aloe eval --table results/ --robustness-columns all  # cls Leg, det Region, ... too
-    aloe eval --rescore results/m/PathMMU/predictions.jsonl -o rescored/   # new rules, no model
-    aloe eval --show-judge-prompt                       # the judge's rubric
+    # the tables again, from the saved scores (all: cls Leg, det Region too)
+    aloe eval --table results/
+    aloe eval --table results/ --robustness-columns all
+    # scores again under new rules, no model
+    aloe eval --rescore results/m/PathMMU/predictions.jsonl -o rescored/
+    aloe eval --show-judge-prompt    # the judge's rubric
 """
 
 from __future__ import annotations

@@ -21,16 +21,18 @@ or broken images) fails the run.
 Examples:
 
     # look at the resolved configuration for 32 GPUs (nothing is loaded)
-    WORLD_SIZE=32 aloe train -i mixture.jsonl --model Qwen/Qwen2-VL-7B-Instruct --output-dir runs/stage1 --dry-run
+    WORLD_SIZE=32 aloe train -i mixture.jsonl \\
+        --model Qwen/Qwen2-VL-7B-Instruct --output-dir runs/stage1 --dry-run
 
     # one node, 8 GPUs
-    torchrun --nproc-per-node 8 -m aloe_cli train -i mixture.jsonl --model Qwen/Qwen2-VL-7B-Instruct \\
-        --output-dir runs/stage1
+    torchrun --nproc-per-node 8 -m aloe_cli train -i mixture.jsonl \\
+        --model Qwen/Qwen2-VL-7B-Instruct --output-dir runs/stage1
     accelerate launch --num_processes 8 -m aloe_cli train --config train.yaml
     deepspeed --num_gpus 8 --module aloe_cli train --config train.yaml
 
     # 8 nodes x 4 GPUs on SLURM: write the job script, then submit it
-    aloe train --config train.yaml --slurm --nodes 8 --gpus-per-node 4 --sbatch partition=gpu > job.sbatch
+    aloe train --config train.yaml --slurm --nodes 8 --gpus-per-node 4 \\
+        --sbatch partition=gpu > job.sbatch
     sbatch job.sbatch
 
     # continue after a preemption (the same inputs and configuration only)

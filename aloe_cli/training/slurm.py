@@ -63,19 +63,21 @@ THIS_MACHINE = "this machine's CPUs (sinfo unavailable)"
 
 def default_cpus_per_task(partition: str | None = None) -> tuple[int, str]:
     """A node's CPUs divided by the tasks per node, and where the number came from. A node's CPUs are what
-    `sinfo` reports for `partition` (the fewest, where nodes differ, so the job fits on any of them), else,
-    where `sinfo` is missing or says nothing, this machine's count (THIS_MACHINE)."""
-    command = ["sinfo", "--noheader", "--Node", "--format=%c"] + (["--partition", partition] if partition else [])
+    `sinfo` reports for `partition` (else for the default partition, the one it marks with `*`), the fewest
+    where nodes differ, so the job fits on any of them; where `sinfo` is missing or says nothing, this machine's
+    count (THIS_MACHINE)."""
+    command = ["sinfo", "--noheader", "--Node", "--format=%c %P"] + (["--partition", partition] if partition else [])
     try:
         reply = subprocess.run(command, capture_output=True, text=True, timeout=20, check=False)
-        counts = [int(n) for n in re.findall(r"^\s*(\d+)", reply.stdout, re.MULTILINE)] if not reply.returncode \
-            else []
+        rows = re.findall(r"^\s*(\d+)\s+(\S+)", reply.stdout, re.MULTILINE) if not reply.returncode else []
     except (OSError, subprocess.SubprocessError):
-        counts = []
-    counts = [n for n in counts if n > 0]
+        rows = []
+    if not partition and any(name.endswith("*") for _, name in rows):
+        rows = [(cpus, name) for cpus, name in rows if name.endswith("*")]
+    counts = [int(cpus) for cpus, _ in rows if int(cpus) > 0]
     if counts:
-        source = f"a node's CPUs per sinfo, partition {partition}" if partition else "a node's CPUs per sinfo"
-        return max(1, min(counts) // TASKS_PER_NODE), source
+        named = partition or rows[0][1].rstrip("*")
+        return max(1, min(counts) // TASKS_PER_NODE), f"a node's CPUs per sinfo, partition {named}"
     return max(1, (os.cpu_count() or 1) // TASKS_PER_NODE), THIS_MACHINE
 
 
