@@ -76,7 +76,7 @@ def main() -> None:
 
     from aloe_cli import console
     from aloe_cli.modeling.chat_template import apply_training_chat_template
-    from aloe_cli.testing.tiny import build_tiny_qwen2vl
+    from aloe_cli.modeling.tiny import build_tiny_qwen2vl
     from aloe_cli.training.collator import TrainingCollator
     from aloe_cli.training.progress import TrainProgress
 
