@@ -45,12 +45,14 @@ def test_a_reversed_and_an_oversized_box_print_the_answer_and_draw(tmp_path, ser
     assert result.stdout.startswith("<|object_ref_start|>lesion<|object_ref_end|><|box_start|>(800,700),(100,200)")
     assert "flagged: reversed (drawn with its corners in order)" in result.stderr
     assert "flagged: outside_grid (not drawn)" in result.stderr
-    drawn = Image.open(tmp_path / "drawn" / "answer.png")
-    assert drawn.size == Image.open(photo).size
+    drawn, original = Image.open(tmp_path / "drawn" / "answer.png").convert("RGB"), Image.open(photo)
+    factor = drawn.width / original.width  # a small image is drawn enlarged, keeping its shape
+    assert factor >= 1 and drawn.height == round(original.height * factor)
     # the reversed box is drawn where its corners in order put it: its left edge (x = 9.6) in the first colour
-    red = ImageColor.getrgb(BOX_COLOURS[0])
-    assert red in {drawn.convert("RGB").getpixel((x, 40)) for x in (9, 10)}
-    assert red not in {drawn.convert("RGB").getpixel((x, 40)) for x in range(20, 70)}  # nothing inside it
+    red, y = ImageColor.getrgb(BOX_COLOURS[0]), round(40 * factor)
+    left = round(9.6 * factor)
+    assert red in {drawn.getpixel((x, y)) for x in range(left - 1, left + 2)}
+    assert red not in {drawn.getpixel((x, y)) for x in range(round(20 * factor), round(70 * factor))}  # nothing inside
 
 
 def test_boxes_outside_the_grid_are_flagged_in_the_records_and_the_summary(tmp_path, server, photo):
