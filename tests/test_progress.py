@@ -111,6 +111,41 @@ def test_training_draws_loss_png_in_the_run_folder(tmp_path, tiny_model_dir):
 
 
 
+def test_loss_png_is_redrawn_only_when_drawing_stays_under_one_percent_of_the_run(tmp_path, monkeypatch):
+    """The callback's clock is set by hand: no picture in the first 30 s, then one; the next waits 30 s, or 100
+    times the last drawing when that drawing was slow (a slow disk)."""
+    from types import SimpleNamespace
+
+    from aloe_cli.training import curves
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(curves.time, "monotonic", lambda: clock["now"])
+    write_jsonl(tmp_path / "log.jsonl", [{"step": 1, "loss": 2.0, "learning_rate": 1e-4}])
+    callback = curves.loss_curve_callback(tmp_path, print)
+    state = SimpleNamespace(is_world_process_zero=True)
+    picture = tmp_path / curves.CURVE_FILE
+
+    def log_at(seconds: float) -> bool:
+        clock["now"] = 1000.0 + seconds
+        picture.unlink(missing_ok=True)
+        callback.on_log(None, state, None, logs={"loss": 2.0})
+        return picture.exists()
+
+    callback.on_train_begin(None, state, None)
+    assert [log_at(t) for t in (1, 29.9, 30)] == [False, False, True]
+    assert [log_at(t) for t in (59.9, 60)] == [False, True]
+    real_draw = curves.draw_curves
+
+    def slow_draw(*args, **kwargs):
+        clock["now"] += 2.0  # this drawing takes 2 s: the next one waits 200 s
+        return real_draw(*args, **kwargs)
+
+    monkeypatch.setattr(curves, "draw_curves", slow_draw)
+    assert [log_at(t) for t in (90, 120, 291.9, 292)] == [True, False, False, True]
+    callback.on_train_end(None, state, None)
+    assert picture.exists()  # the end always draws
+
+
 def test_training_without_matplotlib_notes_once_and_draws_nothing(tmp_path, tiny_model_dir):
     import os
 

@@ -23,9 +23,11 @@ from aloe_cli.errors import AloeError
 from aloe_cli.training.run_folder import LOG_FILE as LOG_NAME
 
 CURVE_FILE = "loss.png"
-# A logging step redraws loss.png only when the last drawing is at least this old (seconds): a picture costs
-# tens of milliseconds, a step of a real model seconds, a step of the tiny model milliseconds.
-REDRAW_SECONDS = 10.0
+# A logging step redraws loss.png only when the run has trained this long since the last drawing (or since it
+# began), and at least DRAW_COST_SHARE times as long as that drawing took: a picture costs a tenth of a second or
+# more (the first one also imports matplotlib), so drawing takes under 1% of the run whatever its step time.
+REDRAW_SECONDS = 30.0
+DRAW_COST_SHARE = 100
 
 
 @dataclass
@@ -151,10 +153,12 @@ def loss_curve_callback(output_dir: Path, note: Callable[[str], None]):
 
     class LossCurve(TrainerCallback):
         def __init__(self):
-            self.drawn_at: float | None = None
+            self.drawn_at = time.monotonic()  # the run's start stands for the last drawing until there is one
+            self.wait = REDRAW_SECONDS
             self.enabled: bool | None = None  # known at the first drawing
 
         def _draw(self) -> None:
+            started = time.monotonic()
             if self.enabled is None:
                 self.enabled = _matplotlib_works()
                 if not self.enabled:
@@ -166,11 +170,13 @@ def loss_curve_callback(output_dir: Path, note: Callable[[str], None]):
             except AloeError:
                 return  # nothing logged yet, or the folder cannot take it: training goes on
             self.drawn_at = time.monotonic()
+            self.wait = max(REDRAW_SECONDS, DRAW_COST_SHARE * (self.drawn_at - started))
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.drawn_at = time.monotonic()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero:
-                return
-            if self.drawn_at is None or time.monotonic() - self.drawn_at >= REDRAW_SECONDS:
+            if state.is_world_process_zero and time.monotonic() - self.drawn_at >= self.wait:
                 self._draw()
 
         def on_train_end(self, args, state, control, **kwargs):
