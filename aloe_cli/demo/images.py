@@ -90,8 +90,12 @@ def lesion_scan(rng: np.random.Generator, quadrant: int | None,
     pixels = _background(rng, size)
     box = None
     if quadrant is not None:
-        radius = rng.uniform(3.5, 5.0)
-        jitter = size / 28
+        # The tiny model sees one image token per quadrant and answers a box near its quadrant's usual one. With a
+        # radius of 4-5 pixels and the centre within a pixel of the quadrant's, every box a pixel from the usual one
+        # still overlaps the lesion by IoU >= 0.5 in about 98% of scans, so the detection score counts finding
+        # the lesion, not which of those near-equal boxes greedy decoding happens to prefer (docs/demo-task.md).
+        radius = rng.uniform(4.0, 5.0)
+        jitter = size / 56
         cx = size / 4 * (1 + 2 * (quadrant % 2)) + rng.uniform(-jitter, jitter)
         cy = size / 4 * (1 + 2 * (quadrant // 2)) + rng.uniform(-jitter, jitter)
         yy, xx = np.mgrid[0:size, 0:size]
