@@ -6,7 +6,9 @@ stdout is reserved for records. When stderr is a terminal we use rich
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -149,6 +151,15 @@ class _Heartbeat:
               file=sys.stderr, flush=True)
 
 
+_HEARTBEAT = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] (.+)$")
+
+
+def heartbeat_text(line: str) -> str | None:
+    """What a heartbeat line (as `_Heartbeat` writes it) says, without its time stamp; None for other lines."""
+    found = _HEARTBEAT.match(line.rstrip("\r\n"))
+    return found.group(1) if found else None
+
+
 class _RichProgress:
     def __init__(self, progress, task):
         self._progress = progress
@@ -223,6 +234,30 @@ def _rate_column_class():
 
 def _RateColumn(unit: str):  # noqa: N802 - a column; rich.progress is imported only when a bar is drawn
     return _rate_column_class()(unit)
+
+
+@contextmanager
+def live_line(interval: float | None = None) -> Iterator[Callable[[str], None]]:
+    """One line that follows a job someone waits for (a subprocess's newest heartbeat): its value, show(text),
+    redraws it in place on a terminal; otherwise prints it when it has changed and the last one printed is at
+    least `interval` seconds old (the heartbeat interval by default), so a log gets a line now and then."""
+    if interactive():
+        from rich.live import Live
+        from rich.text import Text
+
+        with Live(Text(""), console=console(), transient=True, refresh_per_second=REDRAWS_PER_SECOND) as live:
+            yield lambda text: live.update(Text(text, no_wrap=True, overflow="ellipsis"))
+        return
+    every = _interval() if interval is None else interval
+    last = {"at": -math.inf, "text": ""}
+
+    def show(text: str) -> None:
+        now = time.monotonic()
+        if text != last["text"] and now - last["at"] >= every:
+            last.update(at=now, text=text)
+            print(text, file=sys.stderr, flush=True)
+
+    yield show
 
 
 def print_table(title: str, headers: list[str], rows: list[list[object]]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -69,12 +70,44 @@ def test_demo_refuses_a_folder_that_holds_files_and_a_report_that_is_a_folder(tm
 
 
 @pytest.mark.timeout(1800)
+def test_the_console_follows_the_newest_heartbeat_a_step_writes_to_its_log(tmp_path, capsys):
+    """LogTail reads what was appended since it last looked (a line half written waits for its end) and keeps
+    the newest heartbeat; live_line prints a changed line, at most once per interval, when stderr is no terminal."""
+    from aloe_cli.console import live_line
+    from aloe_cli.demo.run import LogTail
+
+    log = tmp_path / "stage1.log"
+    log.write_bytes(b"aloe train: 3200 training record(s) of 3200 read\n")
+    tail = LogTail(log)
+    assert tail.newest_heartbeat() is None
+    with log.open("ab") as handle:
+        handle.write(b"[2026-12-07 12:40:29] aloe train: 330/1200 steps (28%), ETA 1:19, loss 0.9128\n\xff\xfe\n"
+                     b"[2026-12-07 12:40:59] aloe train: 658/1200 st")
+    assert tail.newest_heartbeat() == "aloe train: 330/1200 steps (28%), ETA 1:19, loss 0.9128"
+    with log.open("ab") as handle:
+        handle.write(b"eps (55%), ETA 0:50, loss 0.3587\nTraceback (not a heartbeat)\n")
+    assert tail.newest_heartbeat() == "aloe train: 658/1200 steps (55%), ETA 0:50, loss 0.3587"
+
+    with live_line(interval=0) as show:
+        for text in ("a 1", "a 1", "a 2"):
+            show(text)
+    with live_line(interval=3600) as show:
+        show("b 1")
+        show("b 2")  # too soon after the first
+    assert capsys.readouterr().err.splitlines() == ["a 1", "a 2", "b 1"]
+
+
 def test_demo_shows_the_recipe_learning(tmp_path):
     """The README's first command, as CI runs it: every stage, every claim, the report's shape."""
     work, report_path = tmp_path / "run", tmp_path / "demo.json"
     result = aloe("demo", "--workdir", str(work), "--report", str(report_path), timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout == ""  # stdout carries data only; the demo has none
+    # The console followed the training steps and the evaluation while they ran (stderr is no terminal here:
+    # a line at most every 30 s; on a terminal one line redrawn in place).
+    assert re.search(r"^  aloe train: \d+/1200 steps \(\d+%\), .*ETA \d+:\d\d", result.stderr, re.M), result.stderr
+    assert re.search(r"^  aloe adv-train: \d+/600 steps ", result.stderr, re.M), result.stderr
+    assert re.search(r"^  aloe eval: \w+ on demo-med: \d+/\d+ items ", result.stderr, re.M), result.stderr
     for heading in ("aloe dedup", "| aloe perplexity", "| aloe score", "aloe mix", "aloe train", "aloe adv-train",
                     "aloe eval", "aloe infer", "Curation", "Robustness on demo-med", "The published table in miniature",
                     "Cls Base", "Det Leg", "The recipe's claims", "--replay mixture.jsonl",

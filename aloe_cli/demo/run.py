@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aloe_cli.console import stdout_to_stderr
+from aloe_cli.console import heartbeat_text, live_line, stdout_to_stderr
 from aloe_cli.demo.task import DETECT_QUESTION, DemoConfig, item_prompt, write_demo_data
 from aloe_cli.errors import AloeError
 from aloe_cli.perturb.names import KINDS, PUBLISHED_COLUMNS
@@ -44,6 +44,7 @@ TABLE_COLUMNS = tuple(PUBLISHED_COLUMNS.items())
 MEDICAL = "demo-med"
 GENERAL = "demo-general"
 CURATION_STAGES = ("dedup", "perplexity", "score", "mix")
+STEP_HEARTBEAT = "2"  # seconds between the commands' heartbeat lines in logs/<step>.log (ALOE_PROGRESS_INTERVAL)
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,10 @@ class Runner:
         self.logs.mkdir(parents=True, exist_ok=True)
         # A fixed thread count: the figures depend on it. Waiting threads sleep rather than spin (OpenMP's passive
         # policy): the same figures, and on a busy machine several times faster (docs/demo.md).
-        self.env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "OMP_NUM_THREADS": str(threads),
-                    "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+        # The commands' heartbeat lines go to the step's log every STEP_HEARTBEAT seconds; the demo's console
+        # follows the newest (a line redrawn on a terminal, printed now and then otherwise).
+        self.env = {"OMP_WAIT_POLICY": "PASSIVE", "ALOE_PROGRESS_INTERVAL": STEP_HEARTBEAT, **os.environ,
+                    "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
         self.seconds: dict[str, float] = {}
         self.number = 0
 
@@ -109,13 +112,21 @@ class Runner:
         python = shlex.quote(sys.executable)
         script = " | ".join(f"{python} -m aloe_cli {shlex.join(c)}" for c in commands)
         script = f"set -o pipefail; {script}" + (f" > {shlex.quote(stdout)}" if stdout else "")
-        with log.open("wb") as handle:
+        with log.open("wb") as handle, live_line() as show:
             # Its own session, so that on Ctrl-C or SIGTERM the whole pipe is stopped, not just bash.
             process = subprocess.Popen([self.bash, "-c", script], cwd=self.workdir, env=self.env, stderr=handle,
                                        stdout=None if stdout else handle, stdin=subprocess.DEVNULL,
                                        start_new_session=True)
+            tail = LogTail(log)
             try:
-                returncode = process.wait()
+                while True:
+                    try:
+                        returncode = process.wait(timeout=0.5)
+                        break
+                    except subprocess.TimeoutExpired:
+                        newest = tail.newest_heartbeat()
+                        if newest:
+                            show(f"  {newest}")
             except BaseException:
                 _stop(process)
                 raise
@@ -124,6 +135,31 @@ class Runner:
             tail = log.read_text(errors="replace").strip().splitlines()[-15:]
             raise AloeError(f"demo step {step!r} failed (exit {returncode}); the end of {log}:\n" + "\n".join(tail))
         self.say(f"  done in {self.seconds[step]:.0f} s")
+
+
+class LogTail:
+    """Reads what a step's commands add to its log and keeps the newest heartbeat line (console.progress's)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = 0
+        self.partial = b""
+        self.newest: str | None = None
+
+    def newest_heartbeat(self) -> str | None:
+        try:
+            with self.path.open("rb") as handle:
+                handle.seek(self.offset)
+                chunk = handle.read()
+        except OSError:
+            return self.newest
+        self.offset += len(chunk)
+        *lines, self.partial = (self.partial + chunk).split(b"\n")
+        for line in lines:
+            text = heartbeat_text(line.decode("utf-8", errors="replace"))
+            if text:
+                self.newest = text
+        return self.newest
 
 
 def _stop(process: subprocess.Popen) -> None:
