@@ -422,3 +422,46 @@ def test_damage_is_found_in_sharded_and_deepspeed_checkpoints_without_loading_th
         "global_step3/zero_pp_rank_0_optim_states.pt is truncated or corrupt")
     point, damaged = resume_point(tmp_path)
     assert point == whole and [folder for folder, _ in damaged] == [cut_states, missing_shard]
+
+
+# ----------------------------------------------------------------------------- SLURM requeue
+
+def test_a_requeued_job_resumes_its_run_though_its_script_says_overwrite(failed_run, tiny_model_dir, tmp_path):
+    """SLURM runs a requeued job's script again, flags and all: --overwrite would move its own run aside."""
+    run, data, _ = failed_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    proc = aloe("train", *FLAGS, "-i", str(data), "--model", str(tiny_model_dir), "--output-dir", str(copy),
+                "--max-steps", "6", "--save-steps", "1", "--on-error", "skip", "--overwrite",
+                env={**ENV, "SLURM_RESTART_COUNT": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SLURM requeued this job (SLURM_RESTART_COUNT=1): it continues its run" in proc.stderr
+    assert f"resuming from {copy / 'checkpoint-3'}" in proc.stderr
+    assert not list(tmp_path.glob("run.replaced-*"))
+    record = json.loads((copy / "run.json").read_text())
+    assert record["state"] == "complete" and record["resumed_from"] == ["checkpoint-3"]
+
+
+def test_a_requeued_job_that_stopped_before_its_first_checkpoint_starts_again(tiny_model_dir, tmp_path):
+    import signal
+
+    from reliability.hostile import environment, start, terminate_when
+
+    data = write_jsonl(tmp_path / "items.jsonl", [chat(f"Question {i}?", "Answer.") for i in range(8)])
+    run = tmp_path / "run"
+    args = ["-i", str(data), "--model", str(tiny_model_dir), "--output-dir", str(run), "--max-steps", "200",
+            "--save-steps", "1000"]
+    first = start(["train", *FLAGS, *args], env=environment(**ENV))  # preempted at its first logged step
+    stderr = terminate_when(lambda: (run / "log.jsonl").is_file(), first, timeout=240, grace=120,
+                            signum=signal.SIGTERM)
+    assert first.returncode == 143 and not list(run.glob("checkpoint-*")), stderr[-3000:]
+    proc = aloe("train", *FLAGS, *args, env={**ENV, "SLURM_RESTART_COUNT": "2"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SLURM_RESTART_COUNT=2" in proc.stderr
+    assert "requeued before its run's first checkpoint: the run starts again" in proc.stderr
+    record = json.loads((run / "run.json").read_text())
+    assert record["state"] == "complete" and record["global_step"] == 200 and record["resumed_from"] == []
+    # A job requeued before it made its folder starts it.
+    fresh = tmp_path / "fresh"
+    proc = aloe("train", *FLAGS, *args[:5], str(fresh), "--max-steps", "2", env={**ENV, "SLURM_RESTART_COUNT": "1"})
+    assert proc.returncode == 0 and json.loads((fresh / "run.json").read_text())["state"] == "complete", proc.stderr

@@ -16,7 +16,10 @@
 - --resume continues the same run only: its inputs (size and SHA-256), its model and every configuration value
   that changes what is learnt must be those recorded, else a one-line error says what differs. A complete run is
   left as it is. The checkpoint is the newest complete one that is whole (`run_folder.resume_point`); damaged ones
-  are set aside and named.
+  are set aside and named;
+- a job SLURM requeued (SLURM_RESTART_COUNT > 0) runs its script again, flags and all: it resumes its own run
+  (`requeued`: --overwrite would move it aside and start over), and where that run stopped before its first
+  checkpoint it starts again.
 
 Inputs are hashed in full (SHA-256 at disk speed: seconds per GB); a model is identified by its path and the sizes
 of its files, since hashing its weights on every start would cost minutes. Input that cannot be read twice (a pipe,
@@ -43,6 +46,7 @@ from aloe_cli.training.run_folder import (
     resume_point,
     set_aside,
 )
+from aloe_cli.training.slurm import restart_count
 
 RUN_FILE = "run.json"
 RUNNING, COMPLETE, FAILED = "running", "complete", "failed"
@@ -239,6 +243,25 @@ class Claim:
     fingerprint: dict[str, Any] = field(default_factory=dict)
 
 
+def requeued(config, log) -> None:
+    """On a job SLURM requeued, --overwrite and a plain start are read as --resume (`claim` then starts the run again
+    when it stopped before its first checkpoint). Every rank calls it, with the same environment."""
+    restarts = restart_count()
+    if not restarts or config.resume:
+        return
+    config.resume, config.overwrite = True, False
+    log(f"SLURM requeued this job (SLURM_RESTART_COUNT={restarts}): it continues its run in {config.output_dir} "
+        "from the newest checkpoint (--resume) instead of starting again")
+
+
+def _move_aside(output_dir: Path, result: Claim, what: str) -> None:
+    aside = output_dir.with_name(f"{output_dir.name}.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    os.replace(output_dir, aside)
+    output_dir.mkdir()
+    result.notes.append(f"{what} in {output_dir} was moved aside to {aside} (delete it when it is no longer needed)")
+    result.record = None
+
+
 def claim(plan: TrainPlan, paths: list[str]) -> Claim:
     """Apply the run folder's rules (see the module); returns what the run does. Raises before changing anything
     when the folder is refused."""
@@ -253,12 +276,7 @@ def claim(plan: TrainPlan, paths: list[str]) -> Claim:
             raise UsageError(f"{output_dir} holds {held}: --resume continues it, --overwrite moves it aside and "
                              "starts a new run, or name another folder", "--output-dir")
         if held:
-            aside = output_dir.with_name(f"{output_dir.name}.replaced-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
-            os.replace(output_dir, aside)
-            output_dir.mkdir()
-            result.notes.append(f"--overwrite: the old run in {output_dir} was moved aside to {aside} (delete it "
-                                "when it is no longer needed)")
-            result.record = None
+            _move_aside(output_dir, result, "--overwrite: the old run")
         return result
 
     # Only a live process on this machine is known to be training: a run marked running elsewhere is taken for one
@@ -270,6 +288,12 @@ def claim(plan: TrainPlan, paths: list[str]) -> Claim:
     complete = final_step is not None
     point, damaged = resume_point(output_dir)
     if not complete and point is None and not damaged:
+        if restart_count() and (record is None or not differences(record, current)):
+            # Requeued before its first checkpoint: nothing to continue, so the job's run starts again.
+            if output_dir.is_dir() and what_it_holds(output_dir, record):
+                _move_aside(output_dir, result, "the stopped run")
+            result.notes.append("the job was requeued before its run's first checkpoint: the run starts again")
+            return result
         if record is not None:
             raise AloeError(f"--resume: no checkpoint-* folder in {output_dir}: the run stopped before its first "
                             "checkpoint; run it again without --resume")

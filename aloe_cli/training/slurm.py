@@ -61,6 +61,15 @@ TASKS_PER_NODE = 1  # one launcher per node, which starts the node's ranks
 THIS_MACHINE = "this machine's CPUs (sinfo unavailable)"
 
 
+def restart_count() -> int:
+    """How many times SLURM has requeued this job (preempted, or its node failed): SLURM_RESTART_COUNT, 0 on a
+    job's first run and outside SLURM."""
+    try:
+        return max(0, int(os.environ.get("SLURM_RESTART_COUNT", "0")))
+    except ValueError:
+        return 0
+
+
 def default_cpus_per_task(partition: str | None = None) -> tuple[int, str]:
     """A node's CPUs divided by the tasks per node, and where the number came from. A node's CPUs are what
     `sinfo` reports for `partition` (else for the default partition, the one it marks with `*`), the fewest

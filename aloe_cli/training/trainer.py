@@ -517,7 +517,7 @@ def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume
     from aloe_cli.training.curves import loss_curve_callback
     from aloe_cli.training.data import build_dataset, dataset_path, load_dataset, lost_message
     from aloe_cli.training.guard import VisionGuard
-    from aloe_cli.training.ledger import Ledger, claim, completed_step, read_run
+    from aloe_cli.training.ledger import Ledger, claim, completed_step, read_run, requeued
     from aloe_cli.training.progress import TrainProgress
 
     _quiet_libraries()
@@ -529,6 +529,7 @@ def _run(plan: TrainPlan, items, paths: list[str], output_dir: Path, log, resume
     from accelerate import PartialState
 
     state = state or PartialState()
+    requeued(config, lambda message: log(f"{command}: {message}") if state.is_main_process else None)
 
     # The folder's rules, on the main process only (the others wait): refuse, move an old run aside, set damaged
     # checkpoints aside, or find the run complete.
