@@ -97,6 +97,44 @@ def test_the_console_follows_the_newest_heartbeat_a_step_writes_to_its_log(tmp_p
     assert capsys.readouterr().err.splitlines() == ["a 1", "a 2", "b 1"]
 
 
+def test_on_a_terminal_the_live_line_is_redrawn_in_place_and_leaves_nothing_behind():
+    """On a terminal, live_line is one rich line: each text drawn over the last (cursor moved back up), and
+    erased when the step ends, so the lines printed after it follow on."""
+    import pty
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys, time
+        from aloe_cli.console import live_line, log
+        with live_line() as show:
+            show("aloe train: 1/2 steps (50%), ETA 0:01")
+            time.sleep(0.7)
+            show("aloe train: 2/2 steps (100%), ETA 0:00")
+            time.sleep(0.7)
+        log("  done in 1 s")
+    """)
+    master, slave = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "100"}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.run([sys.executable, "-c", code], stderr=slave, stdout=subprocess.PIPE, env=env, timeout=60)
+    os.close(slave)
+    received = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        received += chunk
+    os.close(master)
+    screen = received.decode("utf-8", "replace")
+    assert proc.returncode == 0 and proc.stdout == b""
+    assert "1/2 steps (50%)" in screen and "2/2 steps (100%)" in screen, screen
+    assert "\x1b[?25l" in screen and "\x1b[2K" in screen, screen  # cursor hidden, the line erased to redraw it
+    assert screen.rstrip().endswith("done in 1 s"), screen
+
+
 def test_demo_shows_the_recipe_learning(tmp_path):
     """The README's first command, as CI runs it: every stage, every claim, the report's shape."""
     work, report_path = tmp_path / "run", tmp_path / "demo.json"
