@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# What one worker may need at its peak: pytest with torch loaded, and a training or demo subprocess beside it.
+WORKER_MEMORY_GIB = 4
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: a worker per CPU this process may use, no more than memory allows."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return cpus
+    return max(1, min(cpus, int(memory_gib // WORKER_MEMORY_GIB)))
 
 
 @pytest.fixture(scope="session")
