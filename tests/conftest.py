@@ -12,7 +12,9 @@ WORKER_MEMORY_GIB = 4
 
 def pytest_xdist_auto_num_workers(config):
     """`-n auto`: a worker per CPU this process may use, no more than memory allows."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from aloe_cli.data.shard import available_cpus
+
+    cpus = available_cpus()
     try:
         memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
